@@ -1,0 +1,1 @@
+"""Checkpoint loading, quantization, export and the bundle format."""

@@ -1,0 +1,1 @@
+"""Backends, sampling and the pipelined decode loop."""

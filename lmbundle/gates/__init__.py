@@ -1,0 +1,1 @@
+"""Numeric gates against the fp32 transformers oracle."""

@@ -1,0 +1,1 @@
+"""Graph definitions, one per architecture, shared by every backend and the exporter."""
