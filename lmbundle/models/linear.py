@@ -1,0 +1,84 @@
+"""Linear layers of the graph: dense (fp32/fp16/bf16) or int8 with symmetric absmax scales.
+
+int8 weights are stored as `qweight` int8 [out, in] and `scales` fp16 [out, in // block] with
+w = qweight * scale (block = 32 along the input dim, or block = in for per-channel). Never clipped:
+absmax keeps every outlier row exact to within half a step, which is what keeps top-1 stable.
+
+How an int8 linear is computed is a backend choice (dequantize-then-matmul here, a fused Triton
+GEMV on CUDA, Core AI's blockwise constant in the exporter), swapped through `set_int8_matmul`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK = 32
+
+
+def quantize_absmax(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 over blocks of `block` input columns; returns (qweight, fp16 scales)."""
+    out_features, in_features = weight.shape
+    if in_features % block:
+        raise ValueError(f"input dim {in_features} is not a multiple of the block {block}")
+    w = weight.float().reshape(out_features, in_features // block, block)
+    scale = w.abs().amax(dim=-1, keepdim=True) / 127.0
+    scale = scale.to(torch.float16).float()  # quantize against the scale we store
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(w / safe), -127, 127).to(torch.int8)
+    return q.reshape(out_features, in_features), scale.squeeze(-1).to(torch.float16)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out_features, in_features = qweight.shape
+    block = in_features // scales.shape[1]
+    w = qweight.reshape(out_features, -1, block).to(dtype) * scales.to(dtype).unsqueeze(-1)
+    return w.reshape(out_features, in_features)
+
+
+def _dequantize_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, dequantize(qweight, scales, x.dtype))
+
+
+_int8_matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = _dequantize_matmul
+
+
+def set_int8_matmul(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
+    """Install the backend's int8 matmul (x, qweight, scales) -> y; None restores the reference."""
+    global _int8_matmul
+    _int8_matmul = fn or _dequantize_matmul
+
+
+class Linear(nn.Module):
+    """A bias-free linear layer that is either dense (`weight`) or int8 (`qweight` + `scales`)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight: torch.Tensor | None = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.qweight: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.qweight is not None
+
+    def quantize_(self, block: int = BLOCK) -> None:
+        """Replace the dense weight by int8 + scales (block = in_features gives per-channel)."""
+        q, s = quantize_absmax(self.weight.data, block)
+        del self.weight
+        self.weight = None
+        self.qweight = nn.Buffer(q)
+        self.scales = nn.Buffer(s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return _int8_matmul(x, self.qweight, self.scales)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        kind = f"int8/{self.in_features // self.scales.shape[1]}" if self.quantized else str(self.weight.dtype)
+        return f"{self.in_features} -> {self.out_features}, {kind}"

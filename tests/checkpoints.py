@@ -1,0 +1,77 @@
+"""Tiny Qwen3.5 checkpoints made by transformers' classes (random init, save_pretrained).
+
+Each config varies what the graph must get right: the layer pattern, GQA ratios, head dims,
+key vs value head counts of the GDN layers, tied vs untied heads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BASE = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=32,
+    linear_conv_kernel_dim=4,
+    tie_word_embeddings=False,
+)
+
+TINY_CONFIGS = {
+    "base": dict(BASE),
+    "tied_mha": dict(BASE, tie_word_embeddings=True, num_key_value_heads=4, head_dim=16),
+    "deep_pattern": dict(
+        BASE,
+        num_hidden_layers=6,
+        layer_types=["linear_attention", "full_attention", "linear_attention",
+                     "linear_attention", "linear_attention", "full_attention"],
+        num_attention_heads=8, num_key_value_heads=1, head_dim=64,
+    ),
+    "equal_gdn_heads": dict(
+        BASE, linear_num_key_heads=4, linear_num_value_heads=4, linear_key_head_dim=32,
+        linear_value_head_dim=16, linear_conv_kernel_dim=3, hidden_size=96, intermediate_size=160,
+    ),
+}
+
+# The real configs (random weights): qwen-facts.md, checked against the installed transformers.
+REAL_CONFIGS = {
+    "Qwen3.5-0.8B": dict(
+        vocab_size=248320, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+        linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_conv_kernel_dim=4, tie_word_embeddings=True, max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+        eos_token_id=248044,
+    ),
+}
+REAL_CONFIGS["Qwen3.5-2B"] = dict(REAL_CONFIGS["Qwen3.5-0.8B"], hidden_size=2048, intermediate_size=6144)
+
+
+def make_qwen35(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> Path:
+    """Save a random-init Qwen3_5ForCausalLM with the given text config; returns the folder."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Qwen3_5TextConfig(**config)
+    model = Qwen3_5ForCausalLM(cfg).to(dtype)
+    _spread_gdn_params(model)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _spread_gdn_params(model: torch.nn.Module) -> None:
+    """Random-init norms are all zeros/ones; give them spread so norm conventions are actually tested."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("dt_bias"):
+                p.add_(torch.randn_like(p) * 0.1)
