@@ -1,0 +1,160 @@
+"""Export the one-token decode step to an Apple Core AI `.aimodel` (torch.export -> coreai-torch).
+
+The exported `main` function follows the seed engine's run contract:
+
+- inputs  `input_ids` [1, 1] int32 and `position_ids` [1, t + 1] int32, the ramp 0..t whose last entry
+  is the position of the token (the seed's contract; the ramp's length is a dynamic dim, which the
+  Linux runtime accepts, so the same file serves Apple's engine unchanged). `ramp=False` exports a
+  static [1, 1] position instead.
+- outputs `logits` [1, 1, V] fp32 and `next_token` [1, 1] int32 (the argmax, so the host never needs
+  the logits in greedy decode), named explicitly because the runtime's output order is not stable.
+- states `keyCache`, `valueCache` [n_full, 1, kv_heads, capacity, head_dim] and `convState`,
+  `recState` (fp32), updated in place by the graph; the caller zero-fills them on reset.
+
+The KV capacity is fixed at export time and positions past the current one are masked: a KV cache of
+dynamic length updated in place fails to lower on the Linux runtime ("index_put currently only
+supports dynamic batch dimension"), so a bundle is exported for the context it will serve.
+
+int8 layers (`Linear` with qweight + scales) become Core AI blockwise-dequantised constants
+(`coreai.blockwise_shift_scale`), so the asset stores 1 byte per weight plus the scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LmbundleError
+from ..models import linear as linear_module
+
+STATE_NAMES = {"key": "keyCache", "value": "valueCache", "conv": "convState", "rec": "recState"}
+INPUT_NAMES = ["input_ids", "position_ids"]
+OUTPUT_NAMES = ["logits", "next_token"]
+COMPILED_NAME = "main-unspecialized.odix"
+
+
+def _import_coreai_torch():
+    try:
+        import coreai_torch
+        import coreai_torch._compression.custom_layers  # noqa: F401  (registers torch.ops.coreai.*)
+    except ImportError as exc:
+        raise LmbundleError("Core AI export needs coreai-torch: pip install 'lmbundle[coreai]'") from exc
+    return coreai_torch
+
+
+def coreai_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 linear as a Core AI blockwise constant: w = qweight * scale per block of input columns.
+
+    The scales are cast to the compute dtype first (the op's output dtype is its scale's); the converter
+    folds that cast, so the asset holds int8 weights + scales and the runtime dequantises.
+    """
+    weight = torch.ops.coreai.constexpr_blockwise_shift_scale(qweight, scales.to(x.dtype))
+    return torch.nn.functional.linear(x, weight.to(x.dtype))
+
+
+class StepGraph(nn.Module):
+    """The step as torch.export sees it: the decode state lives in buffers named per the contract,
+    so the in-place updates of `model.step` become Core AI states."""
+
+    def __init__(self, model: nn.Module, capacity: int, dtype: torch.dtype, ramp: bool):
+        super().__init__()
+        self.model, self.capacity, self.ramp = model, capacity, ramp
+        state = model.new_state(capacity, device="cpu", dtype=dtype)
+        self._state_type = type(state)
+        for field in dataclasses.fields(state):
+            self.register_buffer(STATE_NAMES[field.name], getattr(state, field.name))
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        position = position_ids[0, -1:].long()
+        state = self._state_type(**{field: getattr(self, name) for field, name in STATE_NAMES.items()})
+        logits = self.model.step(input_ids, position, state, self.capacity)
+        return logits, logits.argmax(dim=-1).to(torch.int32)
+
+
+def _state_order(exported: torch.export.ExportedProgram) -> list[str]:
+    """The state buffers in the order the converter numbers states (the program's input order)."""
+    mutated = set(exported.graph_signature.buffers_to_mutate.values())
+    order = [spec.target for spec in exported.graph_signature.input_specs if spec.target in mutated]
+    if sorted(order) != sorted(STATE_NAMES.values()):
+        raise LmbundleError(f"the step graph mutates {order}, expected exactly {sorted(STATE_NAMES.values())}")
+    return order
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    seconds: float
+    bytecode_bytes: int
+    compiled: bool
+
+
+def export_aimodel(
+    model: nn.Module,
+    capacity: int,
+    out_path: Path | str,
+    *,
+    dtype: torch.dtype | None = None,
+    ramp: bool = True,
+    compile_for_linux: bool = False,
+) -> ExportReport:
+    """Write `out_path` (a `.aimodel` folder) holding the step of `model` at a fixed KV `capacity`.
+
+    `dtype` is the activation/state dtype (default: the embedding's). `compile_for_linux` also stores
+    the compiled `main-unspecialized.odix`, which the Linux runtime needs to load the folder by path;
+    it roughly doubles the folder, so bundles leave it out and `CoreAIBackend` compiles into its cache.
+    """
+    coreai_torch = _import_coreai_torch()
+    out_path = Path(out_path)
+    if out_path.suffix != ".aimodel":
+        raise LmbundleError(f"{out_path}: a Core AI asset must end in .aimodel")
+    dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
+    start = time.perf_counter()
+    graph = StepGraph(model, capacity, dtype, ramp).eval()
+    ids = torch.zeros(1, 1, dtype=torch.int32)
+    positions = torch.arange(2 if ramp else 1, dtype=torch.int32).view(1, -1)
+    dynamic = ({}, {1: torch.export.Dim("positions", min=1, max=capacity)}) if ramp else None
+
+    previous_matmul = linear_module._int8_matmul
+    linear_module.set_int8_matmul(coreai_int8_matmul)
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(graph, (ids, positions), dynamic_shapes=dynamic, strict=False)
+        exported = exported.run_decompositions(coreai_torch.get_decomp_table())
+    finally:
+        linear_module.set_int8_matmul(previous_matmul)
+
+    converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
+    converter.add_exported_program(
+        exported, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, state_names=_state_order(exported)
+    )
+    program = converter.to_coreai()
+    asset = program.save_asset(out_path)
+    del exported, converter, program
+    if compile_for_linux:
+        compile_asset(out_path, out_path, COMPILED_NAME)
+    return ExportReport(
+        path=out_path,
+        seconds=time.perf_counter() - start,
+        bytecode_bytes=(out_path / "main.mlirb").stat().st_size,
+        compiled=compile_for_linux,
+    )
+
+
+def compile_asset(aimodel: Path, out_dir: Path, name: str = "main-universal.odix") -> None:
+    """Lower `aimodel`'s bytecode to the runtime's compiled form (ODIX) at out_dir / name.
+
+    coreai-core 1.0.0b3 has no public call that keeps the compiled program (`executable()` compiles to a
+    temporary folder each time); `AIModelAsset._write_odix` is the one private call we rely on.
+    """
+    from coreai.authoring.asset import AIModelAsset
+
+    asset = AIModelAsset.load(aimodel)
+    asset._write_odix(out_dir)  # writes main-universal.odix (+ .dbginfo)
+    if name != "main-universal.odix":
+        (out_dir / "main-universal.odix").rename(out_dir / name)
+        (out_dir / "main-universal.dbginfo").unlink(missing_ok=True)

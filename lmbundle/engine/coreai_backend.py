@@ -1,0 +1,224 @@
+"""Run an exported `.aimodel` step with Apple's Core AI runtime (coreai-core).
+
+On Linux the runtime is a CPU reference interpreter: it proves that the shipped file computes the
+right tokens, not how fast a Mac runs it. The runtime loads a compiled program (ODIX), not the
+bytecode, so the first load compiles and keeps the result in a content-keyed cache
+(`$LMBUNDLE_CACHE/coreai/` or `~/.cache/lmbundle/coreai/`): the key is the bytecode's sha256 and the
+coreai-core version, an entry is built in a temporary folder and renamed into place, and an entry whose
+files do not match its manifest is rebuilt.
+
+Steps are enqueued on the runtime's event loop (a thread of ours) and run in order: `step` returns a
+handle at once, so the engine can enqueue step n + 1, feeding it step n's handle as its token (the
+token then never visits the host), before it reads step n's token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LmbundleError
+
+COMPILED_FILE = "main-universal.odix"
+MANIFEST = "manifest.json"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("LMBUNDLE_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "lmbundle") / "coreai"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _runtime():
+    try:
+        import coreai.runtime
+        from coreai._version import __version__
+        from coreai.authoring.asset import AIModelAsset
+    except ImportError as exc:
+        raise LmbundleError("the Core AI backend needs coreai-core: pip install 'lmbundle[coreai]'") from exc
+    return __version__, coreai.runtime, AIModelAsset
+
+
+def check_asset(aimodel: Path) -> str:
+    """The sha256 of a well-formed asset's bytecode; LmbundleError if it is missing or damaged."""
+    bytecode, digest = aimodel / "main.mlirb", aimodel / "main.hash"
+    if not (aimodel / "metadata.json").is_file() or not bytecode.is_file() or not digest.is_file():
+        raise LmbundleError(f"{aimodel}: not a Core AI asset (needs metadata.json, main.mlirb, main.hash)")
+    sha = _sha256(bytecode)
+    if digest.read_bytes() != bytes.fromhex(sha):
+        raise LmbundleError(f"{aimodel}: main.mlirb does not match main.hash (damaged or partly copied)")
+    return sha
+
+
+def _entry_is_complete(entry: Path) -> bool:
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+        return bool(manifest["files"]) and all(
+            (entry / name).stat().st_size == meta["size"] and _sha256(entry / name) == meta["sha256"]
+            for name, meta in manifest["files"].items()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _discard(entry: Path) -> None:
+    """Move a bad entry out of the way first (a rename is atomic), then delete it."""
+    trash = entry.with_name(f".trash-{entry.name}-{uuid.uuid4().hex}")
+    try:
+        entry.rename(trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def compiled_entry(aimodel: Path, root: Path | None = None) -> tuple[Path, bool]:
+    """The cache folder holding the compiled program of `aimodel`, built if needed; (path, was_cached)."""
+    version, _, AIModelAsset = _runtime()
+    sha = check_asset(aimodel)
+    key = hashlib.sha256(f"{sha}:{version}".encode()).hexdigest()[:32]
+    root = root or cache_root()
+    entry = root / f"{key}.aimodelx"
+    if _entry_is_complete(entry):
+        return entry, True
+    if entry.exists():
+        _discard(entry)
+    root.mkdir(parents=True, exist_ok=True)
+    building = root / f".tmp-{key}-{uuid.uuid4().hex}.aimodelx"
+    building.mkdir()
+    try:
+        try:
+            AIModelAsset.load(aimodel)._write_odix(building)
+        except RuntimeError as exc:
+            raise LmbundleError(f"{aimodel}: Core AI could not compile it ({exc})") from exc
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in building.iterdir()}
+        manifest = {"source_sha256": sha, "coreai_core": version, "files": files}
+        (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        try:
+            building.rename(entry)
+        except OSError:  # another process finished the same entry first
+            if not _entry_is_complete(entry):
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return entry, False
+
+
+class StepHandle:
+    """One enqueued step: `done` completes when it ran; `outputs` is filled in by the loop thread."""
+
+    def __init__(self) -> None:
+        self.done: Future | None = None
+        self.outputs: dict | None = None
+
+
+class CoreAIBackend:
+    """The step interface of the engine (reset / step / read_token / read_logits) on a Core AI asset."""
+
+    def __init__(self, aimodel: Path | str, cache: Path | None = None):
+        _, runtime, _ = _runtime()
+        self._runtime = runtime
+        self.aimodel = Path(aimodel)
+        self.compiled, self.cache_hit = compiled_entry(self.aimodel, cache)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="coreai-steps", daemon=True)
+        self._thread.start()
+        self._lock = asyncio.Lock()
+        try:
+            self._function = self._call(self._load()).result()
+        except RuntimeError:
+            # A cache entry that verifies but does not load is rebuilt once; the asset decides after that.
+            _discard(self.compiled)
+            self.compiled, self.cache_hit = compiled_entry(self.aimodel, cache)
+            try:
+                self._function = self._call(self._load()).result()
+            except RuntimeError as exc:
+                self.close()
+                raise LmbundleError(f"{self.aimodel}: the Core AI runtime could not load it ({exc})") from exc
+        desc = self._function.desc
+        self.ramp = desc.input_descriptor("position_ids").shape[1] == -1
+        self._state_layout = {
+            name: (tuple(desc.state_descriptor(name).shape), np.dtype(desc.state_descriptor(name).dtype))
+            for name in desc.state_names
+        }
+        self.states: dict = {}
+        self.capacity = int(desc.state_descriptor("keyCache").shape[3])
+        self.reset()
+
+    async def _load(self):
+        model = await self._runtime.AIModel.load(self.compiled)
+        return model.load_function("main")
+
+    def _call(self, coroutine) -> Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    async def _zero(self) -> None:
+        async with self._lock:
+            self.states = {
+                name: self._runtime.NDArray(np.zeros(shape, dtype)) for name, (shape, dtype) in self._state_layout.items()
+            }
+
+    def reset(self) -> None:
+        """Fresh zeroed states (after the steps in flight). Built from numpy zeros: memory from
+        `NDArray.from_descriptor` is uninitialised and its `.numpy()` is a copy, so it cannot be zeroed in place."""
+        self._call(self._zero()).result()
+
+    def _position_ids(self, position: int) -> np.ndarray:
+        if position >= self.capacity:
+            raise LmbundleError(f"position {position} is past the asset's KV capacity {self.capacity}")
+        if self.ramp:
+            return np.arange(position + 1, dtype=np.int32).reshape(1, -1)
+        return np.array([[position]], dtype=np.int32)
+
+    async def _step(self, handle: StepHandle, token: int | StepHandle, position_ids: np.ndarray) -> None:
+        NDArray = self._runtime.NDArray
+        async with self._lock:
+            if isinstance(token, StepHandle):
+                if token.outputs is None:
+                    raise RuntimeError("the step that feeds this one failed")
+                ids = token.outputs["next_token"]
+            else:
+                ids = NDArray(np.array([[token]], dtype=np.int32))
+            inputs = {"input_ids": ids, "position_ids": NDArray(position_ids)}
+            handle.outputs = await self._function(inputs, self.states)
+
+    def step(self, token: int | StepHandle, position: int) -> StepHandle:
+        """Enqueue one step: `token` is an id or the handle of the step whose argmax feeds this one."""
+        handle = StepHandle()
+        handle.done = self._call(self._step(handle, token, self._position_ids(position)))
+        return handle
+
+    def read_token(self, handle: StepHandle) -> int:
+        handle.done.result()
+        return int(handle.outputs["next_token"].numpy().reshape(-1)[0])
+
+    def read_logits(self, handle: StepHandle) -> torch.Tensor:
+        """Logits [1, 1, V] fp32 (a copy: the runtime owns its output buffers)."""
+        handle.done.result()
+        return torch.from_numpy(np.array(handle.outputs["logits"].numpy(), dtype=np.float32, copy=True))
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> "CoreAIBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
