@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..engine.coreai_backend import compile_asset
 from ..errors import LmbundleError
 from ..models import linear as linear_module
 
@@ -136,25 +137,12 @@ def export_aimodel(
     asset = program.save_asset(out_path)
     del exported, converter, program
     if compile_for_linux:
-        compile_asset(out_path, out_path, COMPILED_NAME)
+        compile_asset(out_path, out_path)
+        (out_path / "main-universal.odix").rename(out_path / COMPILED_NAME)
+        (out_path / "main-universal.dbginfo").unlink(missing_ok=True)
     return ExportReport(
         path=out_path,
         seconds=time.perf_counter() - start,
         bytecode_bytes=(out_path / "main.mlirb").stat().st_size,
         compiled=compile_for_linux,
     )
-
-
-def compile_asset(aimodel: Path, out_dir: Path, name: str = "main-universal.odix") -> None:
-    """Lower `aimodel`'s bytecode to the runtime's compiled form (ODIX) at out_dir / name.
-
-    coreai-core 1.0.0b3 has no public call that keeps the compiled program (`executable()` compiles to a
-    temporary folder each time); `AIModelAsset._write_odix` is the one private call we rely on.
-    """
-    from coreai.authoring.asset import AIModelAsset
-
-    asset = AIModelAsset.load(aimodel)
-    asset._write_odix(out_dir)  # writes main-universal.odix (+ .dbginfo)
-    if name != "main-universal.odix":
-        (out_dir / "main-universal.odix").rename(out_dir / name)
-        (out_dir / "main-universal.dbginfo").unlink(missing_ok=True)

@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import uuid
 from concurrent.futures import Future
@@ -47,10 +49,9 @@ def _runtime():
     try:
         import coreai.runtime
         from coreai._version import __version__
-        from coreai.authoring.asset import AIModelAsset
     except ImportError as exc:
         raise LmbundleError("the Core AI backend needs coreai-core: pip install 'lmbundle[coreai]'") from exc
-    return __version__, coreai.runtime, AIModelAsset
+    return __version__, coreai.runtime
 
 
 def check_asset(aimodel: Path) -> str:
@@ -85,9 +86,25 @@ def _discard(entry: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def compile_asset(aimodel: Path, out_dir: Path) -> None:
+    """Lower the asset's bytecode to ODIX (`main-universal.odix`) in out_dir, in a child process:
+    the compiler aborts the whole process on some malformed bytecode, and its peak memory goes with it.
+
+    coreai-core 1.0.0b3 has no public call that keeps the compiled program (`executable()` compiles to a
+    temporary folder each time); `AIModelAsset._write_odix` is the one private call we rely on.
+    """
+    script = "import sys, pathlib; from coreai.authoring.asset import AIModelAsset as A; " \
+        "A.load(sys.argv[1])._write_odix(pathlib.Path(sys.argv[2]))"
+    done = subprocess.run([sys.executable, "-c", script, str(aimodel), str(out_dir)], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line.split("error:", 1)[1] for line in done.stderr.splitlines() if "error:" in line]
+        reason = "; ".join(line.strip() for line in lines) or f"exit status {done.returncode}"
+        raise LmbundleError(f"{aimodel}: Core AI could not compile it ({reason})")
+
+
 def compiled_entry(aimodel: Path, root: Path | None = None) -> tuple[Path, bool]:
     """The cache folder holding the compiled program of `aimodel`, built if needed; (path, was_cached)."""
-    version, _, AIModelAsset = _runtime()
+    version, _ = _runtime()
     sha = check_asset(aimodel)
     key = hashlib.sha256(f"{sha}:{version}".encode()).hexdigest()[:32]
     root = root or cache_root()
@@ -100,10 +117,7 @@ def compiled_entry(aimodel: Path, root: Path | None = None) -> tuple[Path, bool]
     building = root / f".tmp-{key}-{uuid.uuid4().hex}.aimodelx"
     building.mkdir()
     try:
-        try:
-            AIModelAsset.load(aimodel)._write_odix(building)
-        except RuntimeError as exc:
-            raise LmbundleError(f"{aimodel}: Core AI could not compile it ({exc})") from exc
+        compile_asset(aimodel, building)
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in building.iterdir()}
         manifest = {"source_sha256": sha, "coreai_core": version, "files": files}
         (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -129,7 +143,7 @@ class CoreAIBackend:
     """The step interface of the engine (reset / step / read_token / read_logits) on a Core AI asset."""
 
     def __init__(self, aimodel: Path | str, cache: Path | None = None):
-        _, runtime, _ = _runtime()
+        _, runtime = _runtime()
         self._runtime = runtime
         self.aimodel = Path(aimodel)
         self.compiled, self.cache_hit = compiled_entry(self.aimodel, cache)

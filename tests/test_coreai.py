@@ -1,0 +1,127 @@
+"""The exported `.aimodel` step, run by Core AI's (Linux CPU) runtime, against the torch graph's step.
+
+fp32 and int8 (block-32 blockwise constants) assets on the tiny checkpoint: teacher-forced logits
+within 1e-4 and the same argmax over 16 steps; a pipelined greedy rollout (each step fed the previous
+step's on-runtime argmax) equal to torch's; the compile cache hit, rebuilt when damaged; a damaged asset
+is a LmbundleError, never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("coreai.runtime")
+pytest.importorskip("coreai_torch")
+
+from lmbundle.convert.checkpoint import load_text_model, open_checkpoint  # noqa: E402
+from lmbundle.convert.coreai_export import export_aimodel  # noqa: E402
+from lmbundle.engine.coreai_backend import COMPILED_FILE, MANIFEST, CoreAIBackend  # noqa: E402
+from lmbundle.errors import LmbundleError  # noqa: E402
+from lmbundle.models.linear import Linear, quantize_absmax  # noqa: E402
+
+CAPACITY, STEPS = 32, 16
+
+
+def quantize_all(model: torch.nn.Module, block: int = 32) -> torch.nn.Module:
+    """int8 every Linear (block-32 absmax), the layout the exporter turns into blockwise constants."""
+    for module in model.modules():
+        if isinstance(module, Linear) and not module.quantized:
+            qweight, scales = quantize_absmax(module.weight.data, block)
+            del module.weight, module.qweight, module.scales
+            module.weight = None
+            module.register_buffer("qweight", qweight)
+            module.register_buffer("scales", scales)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_qwen35, tmp_path_factory):
+    """{kind: (torch model, .aimodel path)} for fp32 and int8."""
+    folder = tmp_path_factory.mktemp("coreai")
+    models = {
+        "fp32": load_text_model(open_checkpoint(tiny_qwen35)),
+        "int8": quantize_all(load_text_model(open_checkpoint(tiny_qwen35))),
+    }
+    return {kind: (model, export_aimodel(model, CAPACITY, folder / f"{kind}.aimodel").path) for kind, model in models.items()}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("coreai-cache")
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_steps_match_torch(exported, cache, kind):
+    model, path = exported[kind]
+    tokens = torch.randint(0, model.cfg.vocab_size, (STEPS,), generator=torch.Generator().manual_seed(1))
+    state = model.new_state(CAPACITY)
+    with CoreAIBackend(path, cache) as backend:
+        worst = 0.0
+        for position, token in enumerate(tokens.tolist()):
+            handle = backend.step(token, position)
+            with torch.no_grad():
+                ref = model.step(torch.tensor([[token]]), torch.tensor([position]), state, CAPACITY)
+            logits = backend.read_logits(handle)
+            worst = max(worst, (logits - ref).abs().max().item())
+            assert backend.read_token(handle) == ref.argmax().item(), f"argmax differs at step {position}"
+        assert worst < 1e-4, f"{kind}: max |logits diff| {worst:.2e}"
+
+        backend.reset()
+        handles = [backend.step(int(tokens[0]), 0)]
+        for position in range(1, STEPS):
+            handles.append(backend.step(handles[-1], position))  # enqueued before any token is read
+        ours = [backend.read_token(h) for h in handles]
+
+    state, token, greedy = model.new_state(CAPACITY), int(tokens[0]), []
+    with torch.no_grad():
+        for position in range(STEPS):
+            token = model.step(torch.tensor([[token]]), torch.tensor([position]), state, CAPACITY).argmax().item()
+            greedy.append(token)
+    assert ours == greedy
+
+
+def test_int8_asset_is_smaller(exported):
+    size = {kind: sum(f.stat().st_size for f in path.iterdir()) for kind, (_, path) in exported.items()}
+    assert size["int8"] < 0.45 * size["fp32"], size
+
+
+def test_compile_cache_hit_and_rebuild(exported, tmp_path):
+    _, path = exported["int8"]
+    with CoreAIBackend(path, tmp_path) as first:
+        assert not first.cache_hit
+        entry, token = first.compiled, first.read_token(first.step(3, 0))
+    with CoreAIBackend(path, tmp_path) as second:
+        assert second.cache_hit and second.compiled == entry
+
+    compiled = entry / COMPILED_FILE
+    data = bytearray(compiled.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    compiled.write_bytes(data)
+    with CoreAIBackend(path, tmp_path) as rebuilt:
+        assert not rebuilt.cache_hit
+        assert rebuilt.read_token(rebuilt.step(3, 0)) == token
+
+    (entry / MANIFEST).unlink()  # an entry cut short before its manifest
+    with CoreAIBackend(path, tmp_path) as rebuilt:
+        assert not rebuilt.cache_hit
+    assert [p.name for p in tmp_path.iterdir()] == [entry.name]
+
+
+def test_damaged_asset_is_a_user_error(exported, tmp_path):
+    _, path = exported["fp32"]
+    damaged = shutil.copytree(path, tmp_path / "damaged.aimodel")
+    bytecode = damaged / "main.mlirb"
+    bytecode.write_bytes(bytecode.read_bytes()[:1000])
+    with pytest.raises(LmbundleError, match="does not match main.hash"):
+        CoreAIBackend(damaged, tmp_path / "cache")
+
+    (damaged / "main.hash").write_bytes(hashlib.sha256(bytecode.read_bytes()).digest())
+    with pytest.raises(LmbundleError, match="could not compile"):
+        CoreAIBackend(damaged, tmp_path / "cache")
+
+    with pytest.raises(LmbundleError, match="not a Core AI asset"):
+        CoreAIBackend(tmp_path / "missing.aimodel", tmp_path / "cache")
