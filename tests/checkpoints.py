@@ -75,3 +75,36 @@ def _spread_gdn_params(model: torch.nn.Module) -> None:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("dt_bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A small model speaks plain English. "
+    "Once upon a time there was a little cat who lived in a house by the sea. "
+)
+
+
+def make_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer with Qwen's chat tokens and template, sized to fit the model's vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
+def make_qwen35_with_tokenizer(folder: Path, **config) -> Path:
+    make_qwen35(folder, **config)
+    make_tokenizer(folder, config["vocab_size"])
+    return folder

@@ -10,4 +10,6 @@ from tests import checkpoints
 @pytest.fixture(scope="session")
 def tiny_qwen35(tmp_path_factory):
     """The default tiny Qwen3.5 text checkpoint (3 GDN + 1 attention layer, untied head)."""
-    return checkpoints.make_qwen35(tmp_path_factory.mktemp("ckpt") / "qwen35", **checkpoints.TINY_CONFIGS["base"])
+    return checkpoints.make_qwen35_with_tokenizer(
+        tmp_path_factory.mktemp("ckpt") / "qwen35", **checkpoints.TINY_CONFIGS["base"]
+    )

@@ -59,8 +59,8 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight: torch.Tensor | None = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.qweight: torch.Tensor | None = None
-        self.scales: torch.Tensor | None = None
+        self.register_buffer("qweight", None)  # int8 [out, in] once quantized
+        self.register_buffer("scales", None)  # fp16 [out, in // block]
 
     @property
     def quantized(self) -> bool:
@@ -71,8 +71,14 @@ class Linear(nn.Module):
         q, s = quantize_absmax(self.weight.data, block)
         del self.weight
         self.weight = None
-        self.qweight = nn.Buffer(q)
-        self.scales = nn.Buffer(s)
+        self.qweight, self.scales = q, s
+
+    def as_int8_(self, block: int = BLOCK) -> None:
+        """Make room for int8 weights to be loaded (a bundle's layout, read from its metadata)."""
+        del self.weight
+        self.weight = None
+        self.qweight = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
+        self.scales = torch.empty(self.out_features, self.in_features // block, dtype=torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:

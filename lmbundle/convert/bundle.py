@@ -1,0 +1,172 @@
+"""The bundle format: a folder with metadata.json, tokenizer/, weights.safetensors and NAME.aimodel.
+
+metadata.json is a superset of Apple's LanguageBundle schema 0.2 (so Apple's tools can read it) with our
+own `lmbundle` section: architecture and config, quant recipe, state layout, inputs/outputs, bytes read
+per token and the sha256 of every file. Bundles are written to a temporary folder beside the target and
+renamed into place at the end, so a failed or interrupted convert leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import LmbundleError
+
+BUNDLE_VERSION = 1
+METADATA = "metadata.json"
+WEIGHTS = "weights.safetensors"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_PATTERNS = (
+    "tokenizer*.json", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+    "chat_template*", "*.jinja", "preprocessor_config.json", "processor_config.json",
+    "video_preprocessor_config.json", "generation_config.json", "*.model", "*.tiktoken",
+)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_tree(root: Path, skip: tuple[str, ...] = (METADATA,)) -> dict[str, str]:
+    """sha256 of every file under root (relative paths), metadata.json itself excluded."""
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
+
+
+def copy_tokenizer(checkpoint: Path, dest: Path) -> list[str]:
+    """Copy the checkpoint's tokenizer files (chat template and processor config included) as they are."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for pattern in TOKENIZER_PATTERNS:
+        for src in checkpoint.glob(pattern):
+            if src.is_file() and not (dest / src.name).exists():
+                shutil.copy2(src, dest / src.name)
+                copied.append(src.name)
+    if not any(name.startswith("tokenizer") for name in copied):
+        raise LmbundleError(f"{checkpoint}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    return sorted(copied)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; it becomes `out` only if the block finishes."""
+    out = Path(out)
+    if out.exists():
+        raise LmbundleError(f"{out}: already exists (remove it or choose another output folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def language_bundle_metadata(
+    name: str, vocab_size: int, max_context: int, hf_model_id: str | None, compression: dict | None,
+    aimodel: str | None,
+) -> dict[str, Any]:
+    """The keys Apple's LanguageBundle loader (schema 0.2) reads."""
+    return {
+        "metadata_version": "0.2",
+        "kind": "llm",
+        "name": name,
+        "assets": {"main": aimodel} if aimodel else {},
+        "language": {
+            "tokenizer": TOKENIZER_DIR,
+            "vocab_size": vocab_size,
+            "max_context_length": max_context,
+            "embedded_tokenizer": True,
+            "function_map": {"main": ["main"]},
+        },
+        "source": {"model_definition": "torch", "hf_model_id": hf_model_id, "hf_revision": None},
+        "compression": compression,
+        "compilation": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "targets": []},
+    }
+
+
+def write_metadata(folder: Path, metadata: dict[str, Any]) -> None:
+    metadata["lmbundle"]["files"] = hash_tree(folder)
+    metadata["lmbundle"]["size_on_disk"] = sum((folder / f).stat().st_size for f in metadata["lmbundle"]["files"])
+    (folder / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.metadata["lmbundle"]
+
+    @property
+    def name(self) -> str:
+        return self.metadata["name"]
+
+    @property
+    def max_context(self) -> int:
+        return int(self.metadata["language"]["max_context_length"])
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_DIR
+
+    @property
+    def aimodel_path(self) -> Path | None:
+        asset = self.metadata.get("assets", {}).get("main")
+        return self.path / asset if asset else None
+
+    def verify(self, files: list[str] | None = None) -> None:
+        """Check the sha256 of the named files (all by default) against metadata.json."""
+        recorded = self.info.get("files", {})
+        for rel in files or list(recorded):
+            path = self.path / rel
+            if rel not in recorded:
+                raise LmbundleError(f"{path}: not listed in {self.path / METADATA}")
+            if not path.exists():
+                raise LmbundleError(f"{path}: missing from the bundle")
+            if sha256_file(path) != recorded[rel]:
+                raise LmbundleError(f"{path}: sha256 does not match metadata.json (damaged or modified bundle)")
+
+
+def open_bundle(path: str | os.PathLike) -> Bundle:
+    path = Path(path).expanduser()
+    meta_path = path / METADATA
+    if not path.is_dir():
+        raise LmbundleError(f"{path}: no such bundle folder")
+    if not meta_path.exists():
+        raise LmbundleError(f"{path}: not a bundle (no {METADATA})")
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LmbundleError(f"{meta_path}: not valid JSON ({exc})") from None
+    info = metadata.get("lmbundle") if isinstance(metadata, dict) else None
+    if not isinstance(info, dict):
+        raise LmbundleError(f"{meta_path}: not an lmbundle bundle (no 'lmbundle' section)")
+    version = info.get("bundle_version")
+    if version != BUNDLE_VERSION:
+        raise LmbundleError(
+            f"{meta_path}: bundle version {version} is not supported by lmbundle {__version__} "
+            f"(expects {BUNDLE_VERSION}); convert the checkpoint again"
+        )
+    return Bundle(path, metadata)

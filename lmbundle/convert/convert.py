@@ -1,0 +1,166 @@
+"""`lmbundle convert`: checkpoint -> bundle, and the inverse: bundle -> runnable graph."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import LmbundleError
+from .bundle import (
+    BUNDLE_VERSION,
+    WEIGHTS,
+    Bundle,
+    atomic_folder,
+    copy_tokenizer,
+    language_bundle_metadata,
+    write_metadata,
+)
+from .checkpoint import load_weights, open_checkpoint, text_model_class
+from .quantize import apply_layout, bytes_per_token, check_mode, quantize_model
+
+BACKENDS = ("all", "torch", "coreai")
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def coreai_available() -> str | None:
+    """None if the Core AI exporter can run here, else the reason it cannot."""
+    if importlib.util.find_spec("coreai_torch") is None or importlib.util.find_spec("coreai") is None:
+        return "coreai-core / coreai-torch are not installed (pip install 'lmbundle[coreai]'; Linux x86_64 or macOS)"
+    return None
+
+
+def _checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
+def state_layout(model: torch.nn.Module, capacity: int) -> dict[str, Any]:
+    state = model.new_state(capacity, device="meta")
+    return {
+        name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+               "grows": name in ("key", "value")}
+        for name, t in state.tensors().items()
+    }
+
+
+def convert(
+    source: str,
+    out: str | os.PathLike,
+    quant: str = "int8hu",
+    head_quant: str = "block32",
+    backend: str = "all",
+    max_context: int = DEFAULT_MAX_CONTEXT,
+    name: str | None = None,
+    log=print,
+) -> Path:
+    """Convert a checkpoint folder or hub id into a bundle at `out` (atomically)."""
+    check_mode(quant, head_quant)
+    if backend not in BACKENDS:
+        raise LmbundleError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})")
+    out = Path(out)
+    if out.exists():
+        raise LmbundleError(f"{out}: already exists (remove it or choose another output folder)")
+    ckpt = open_checkpoint(source)
+    name = name or re.sub(r"[^\w.-]+", "_", f"{ckpt.path.name}_{quant}")
+    coreai_reason = coreai_available() if backend in ("all", "coreai") else "not requested"
+    if backend == "coreai" and coreai_reason:
+        raise LmbundleError(f"cannot export .aimodel: {coreai_reason}")
+    steps = ["load", "quantize", "write weights", "tokenizer"] + ([] if coreai_reason else ["export .aimodel"])
+    progress = tqdm(total=len(steps), desc=f"convert {name}", unit="step", disable=log is None)
+
+    with atomic_folder(out) as tmp:
+        progress.set_postfix_str("load")
+        model_class = text_model_class(ckpt.architecture)
+        cfg = model_class.config_class.from_hf(ckpt.text_config, ckpt.tie_word_embeddings)
+        model = model_class(cfg).to(_checkpoint_dtype(ckpt.config))
+        if cfg.tie_word_embeddings:
+            model.tie_head()
+        load_weights(model, ckpt.text_tensors(), ckpt.path)
+        progress.update()
+
+        progress.set_postfix_str("quantize")
+        recipe = quantize_model(model, quant, head_quant)
+        gc.collect()
+        progress.update()
+
+        progress.set_postfix_str("write weights")
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+        if recipe["tied_head"]:
+            tensors.pop("lm_head.weight", None)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lmbundle": __version__})
+        del tensors
+        progress.update()
+
+        progress.set_postfix_str("tokenizer")
+        copy_tokenizer(ckpt.path, tmp / "tokenizer")
+        progress.update()
+
+        aimodel = None
+        if not coreai_reason:
+            from .coreai_export import export_aimodel
+
+            progress.set_postfix_str("export .aimodel")
+            aimodel = f"{name}.aimodel"
+            export_aimodel(model, capacity=max_context, out_path=tmp / aimodel)
+            progress.update()
+        progress.close()
+        if coreai_reason and backend == "all" and log:
+            log(f"note: no .aimodel in this bundle: {coreai_reason}")
+
+        compression = None if quant == "fp16" else {"scheme": quant, "granularity": "per_block_32",
+                                                    "head": recipe["head"], "symmetric": "absmax"}
+        metadata = language_bundle_metadata(
+            name, cfg.vocab_size, max_context, ckpt.config.get("_name_or_path") or str(source), compression, aimodel
+        )
+        metadata["lmbundle"] = {
+            "bundle_version": BUNDLE_VERSION,
+            "lmbundle_version": __version__,
+            "architecture": ckpt.architecture,
+            "config": dataclasses.asdict(cfg),
+            "hf_config": ckpt.config,
+            "quant": recipe,
+            "weights": WEIGHTS,
+            "state": state_layout(model, max_context),
+            "inputs": {"input_ids": [1, 1], "position": [1]},
+            "outputs": {"logits": [1, 1, cfg.vocab_size], "next_token": [1, 1]},
+            "bytes_per_token": bytes_per_token(model),
+        }
+        write_metadata(tmp, metadata)
+    return out
+
+
+def load_graph(bundle: Bundle, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               verify: bool = True) -> torch.nn.Module:
+    """Build the bundle's graph from its metadata and load its weights (checked against their sha256)."""
+    info = bundle.info
+    weights = bundle.path / info["weights"]
+    if verify:
+        bundle.verify([info["weights"]])
+    model_class = text_model_class(info["architecture"])
+    cfg = model_class.config_class(**info["config"])
+    model = model_class(cfg)
+    apply_layout(model, info["quant"])
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            load_weights(model, ((k, handle.get_tensor(k)) for k in handle.keys()), weights)
+    except LmbundleError:
+        raise
+    except Exception as exc:
+        raise LmbundleError(f"{weights}: unreadable weights ({str(exc).splitlines()[0][:200]})") from None
+    from .quantize import cast_float_weights
+
+    cast_float_weights(model, dtype)
+    if info["quant"]["tied_head"]:
+        model.tie_head()
+    return model.to(device).eval()

@@ -1,0 +1,124 @@
+"""The PyTorch backend: the shared graph on CPU, CUDA (step captured in CUDA graphs) or MPS.
+
+The next token never leaves the device between steps: `step` takes the previous step's token tensor,
+so the host can enqueue step n+1 before it reads token n. The KV part of the state is pre-grown to
+the request's length in chunks (powers of two), never per token; on CUDA each attention-window bucket
+has its own captured graph, so the steady state is one graph replay per token and no host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.qwen35 import State
+from .sampling import Sampling, sample
+
+MIN_CAPACITY = 256
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def bucket(length: int, capacity: int) -> int:
+    """The attention window for a step that sees `length` positions: a power of two, at most capacity."""
+    size = MIN_CAPACITY
+    while size < length:
+        size *= 2
+    return min(size, capacity)
+
+
+@dataclass
+class StepHandle:
+    logits: torch.Tensor  # [1, 1, V] fp32 on the device
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, max_context: int, cuda_graphs: bool = True):
+        self.model, self.device, self.max_context = model, device, max_context
+        self.state: State | None = None
+        self.use_graphs = cuda_graphs and device.type == "cuda"
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._token_in = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self._position_in = torch.zeros(1, dtype=torch.long, device=device)
+
+    # -- state ----------------------------------------------------------------------------------
+    def reset(self, length: int) -> None:
+        """Zero the state and make room for `length` positions (grown in chunks, kept across calls)."""
+        capacity = min(bucket(length, 1 << 30), self.max_context)
+        if self.state is None:
+            self.state = self.model.new_state(capacity, device=self.device)
+        elif capacity > self.state.capacity:
+            self.state = self.state.grown(capacity)
+            self._graphs.clear()  # graphs hold the old tensors' addresses
+        self.state.zero_()
+
+    def grow(self, length: int) -> None:
+        """More room mid-stream: a device-side copy into a larger cache."""
+        if length > self.state.capacity:
+            self.state = self.state.grown(min(bucket(length, 1 << 30), self.max_context))
+            self._graphs.clear()
+
+    # -- steps ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], chunk: int = 0) -> StepHandle:
+        """Feed the prompt: S=1 steps (chunk 0), or chunks of `chunk` tokens. Returns the last step."""
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if chunk <= 0:
+            handle = None
+            for pos in range(len(ids)):
+                handle = self.step(tokens[pos].view(1, 1), pos)
+            return handle
+        for start in range(0, len(ids), chunk):
+            piece = tokens[start : start + chunk]
+            logits = self.model.forward_tokens(piece, start, self.state, last_only=True)
+        return StepHandle(logits.view(1, 1, -1))
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, position: int) -> StepHandle:
+        """Enqueue one decode step for `token` ([1, 1] device tensor) at `position`."""
+        window = bucket(position + 1, self.state.capacity)
+        if not self.use_graphs:
+            pos = torch.tensor([position], device=self.device)
+            return StepHandle(self.model.step(token.view(1, 1), pos, self.state, window))
+        graph, logits = self._graphs.get(window) or self._capture(window)
+        self._token_in.copy_(token.view(1, 1))
+        self._position_in.fill_(position)
+        graph.replay()
+        return StepHandle(logits)
+
+    def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        snapshot = {k: v.clone() for k, v in self.state.tensors().items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm the allocator outside capture
+            self.model.step(self._token_in, self._position_in, self.state, window)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.model.step(self._token_in, self._position_in, self.state, window)
+        for k, v in self.state.tensors().items():  # capture ran the step: undo its writes
+            v.copy_(snapshot[k])
+        self._graphs[window] = (graph, logits)
+        return graph, logits
+
+    def next_token(self, handle: StepHandle, sampling: Sampling, generator) -> torch.Tensor:
+        """The chosen token as a device tensor [1, 1] (a copy: graph outputs are reused)."""
+        return sample(handle.logits, sampling, generator).clone()
+
+    @staticmethod
+    def read_token(token: torch.Tensor) -> int:
+        return int(token.item())
+
+    def logits(self, handle: StepHandle) -> torch.Tensor:
+        return handle.logits.reshape(-1).float().cpu()
