@@ -225,14 +225,12 @@ class Qwen3VLForStep(Qwen35ForStep):
             return positions.unsqueeze(0).expand(3, -1)
         images = self.images
         is_image, slot = self._slots(ids)
-        within = slot % images.tokens_per_image
+        _, within = _divmod(slot, images.tokens_per_image)
         ended = positions.unsqueeze(-1) >= images.rope_shift_start.to(positions.dtype)  # [S, M]
-        shift = (ended * images.rope_shift_amount.to(positions.dtype)).sum(-1)
-        base = positions - shift - torch.where(is_image, within, torch.zeros_like(within))
-        gw = images.grid[1]
-        zero = torch.zeros_like(within)
-        rows = torch.where(is_image, within // gw, zero)
-        cols = torch.where(is_image, within % gw, zero)
+        amount = images.rope_shift_amount.to(positions.dtype).expand_as(ended)
+        shift = torch.where(ended, amount, torch.zeros_like(amount)).sum(-1)
+        base = positions - shift - within
+        rows, cols = _divmod(within, images.grid[1])  # both 0 for text tokens
         return torch.stack((base, base + rows, base + cols))
 
     def decoder_hook(self, layer_index: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -242,3 +240,9 @@ class Qwen3VLForStep(Qwen35ForStep):
         is_image, slot = self._slots(ids)
         rows = self.images.deepstack_embeds[layer_index * self.images.slots + slot].to(x.dtype)
         return x + torch.where(is_image.unsqueeze(-1), rows, torch.zeros_like(rows))
+
+
+def _divmod(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Floor quotient and remainder of non-negative ints, as ops Core AI lowers (it has no aten.remainder)."""
+    quotient = torch.div(a, b, rounding_mode="floor")
+    return quotient, a - quotient * b

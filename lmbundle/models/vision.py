@@ -202,22 +202,24 @@ class VisionEncoder(nn.Module):
         self.deepstack_merger_list = nn.ModuleList(
             PatchMerger(config, norm_after_fold=True) for _ in config.deepstack_visual_indexes
         )
+        self._tables = grid_tables(config, grid_side)
 
     @property
     def num_tokens(self) -> int:
         return self.grid_side**2 // self.config.spatial_merge_size**2
 
     def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self._tables
         x = self.patch_embed(patches.to(self._dtype))
-        rows, cols = patch_coordinates(self.grid_side, self.config.spatial_merge_size, x.device)
-        x = x + self.position_embeddings(rows, cols).to(x.dtype)
-        cos, sin = self.rotary_angles(rows, cols)
-        taps = self.config.deepstack_visual_indexes
+        taps = self.pos_embed.weight[tables.pos_index.to(x.device)]  # [N, 4, hidden]
+        x = x + (taps * tables.pos_weight.to(x.device).unsqueeze(-1)).sum(1).to(x.dtype)
+        cos, sin = tables.cos.to(x.device), tables.sin.to(x.device)
+        deepstack_at = self.config.deepstack_visual_indexes
         deepstack = []  # in block order, which is the order the decoder layers add them in
         for index, block in enumerate(self.blocks):
             x = block(x, cos, sin)
-            if index in taps:
-                deepstack.append(self.deepstack_merger_list[taps.index(index)](x))
+            if index in deepstack_at:
+                deepstack.append(self.deepstack_merger_list[deepstack_at.index(index)](x))
         image_embeds = self.merger(x)
         if deepstack:
             deepstack_embeds = torch.cat(deepstack, dim=0)
@@ -229,28 +231,37 @@ class VisionEncoder(nn.Module):
     def _dtype(self) -> torch.dtype:
         return self.pos_embed.weight.dtype
 
-    def position_embeddings(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """The learned square table resampled bilinearly (corner-aligned) to the grid: [grid^2, hidden], fp32."""
-        side = int(round(self.config.num_position_embeddings**0.5))
-        row_taps, row_weights = _bilinear_taps(rows, self.grid_side, side)
-        col_taps, col_weights = _bilinear_taps(cols, self.grid_side, side)
-        index = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
-        weight = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
-        return (self.pos_embed.weight[index] * weight[..., None]).sum(1)
 
-    def rotary_angles(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """2D rotary: half the frequencies follow the row, half the column. cos, sin [grid^2, head_dim], fp32."""
-        half = self.config.head_dim // 2
-        steps = torch.arange(0, half, 2, dtype=torch.float32, device=rows.device)
-        inv_freq = 1.0 / (self.config.rope_theta ** (steps / half))
-        angles = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=-1)
-        angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos(), angles.sin()
+@dataclass(frozen=True)
+class GridTables:
+    """Constants of a fixed grid, fp32 whatever the weights' dtype, kept out of the graph's arithmetic
+    (and out of the state dict: they are not checkpoint tensors)."""
+
+    pos_index: torch.Tensor  # [N, 4] rows of the learned table around each patch
+    pos_weight: torch.Tensor  # [N, 4] their bilinear weights
+    cos: torch.Tensor  # [N, head_dim] 2D rotary
+    sin: torch.Tensor
 
 
-def patch_coordinates(grid_side: int, merge: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_tables(config: VisionConfig, grid_side: int) -> GridTables:
+    rows, cols = patch_coordinates(grid_side, config.spatial_merge_size)
+    # the learned square table resampled bilinearly, corners aligned, to the grid
+    side = int(round(config.num_position_embeddings**0.5))
+    row_taps, row_weights = _bilinear_taps(rows, grid_side, side)
+    col_taps, col_weights = _bilinear_taps(cols, grid_side, side)
+    pos_index = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
+    pos_weight = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
+    # 2D rotary: half the frequencies follow the row, half the column
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half))
+    angles = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=-1)
+    angles = torch.cat([angles, angles], dim=-1)
+    return GridTables(pos_index, pos_weight, angles.cos(), angles.sin())
+
+
+def patch_coordinates(grid_side: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, col) of every patch in merge-window order (the order of the preprocessor's rows)."""
-    index = torch.arange(grid_side * grid_side, device=device)
+    index = torch.arange(grid_side * grid_side)
     in_col = index % merge
     in_row = (index // merge) % merge
     window = index // (merge * merge)
@@ -264,7 +275,7 @@ def _bilinear_taps(position: torch.Tensor, size: int, side: int) -> tuple[torch.
     """The two table rows around each of `size` corner-aligned sample points on a `side`-long axis, and their weights."""
     source = position.to(torch.float32) * (side - 1) / max(size - 1, 1)
     floor = torch.floor(source)
-    offsets = torch.arange(2, device=position.device)
+    offsets = torch.arange(2)
     taps = (floor.long()[:, None] + offsets).clamp(0, side - 1)
     weights = (1 - (source[:, None] - floor[:, None] - offsets).abs()).clamp(min=0)
     return taps, weights
