@@ -69,6 +69,10 @@ class TorchBackend:
             self.state = self.state.grown(min(bucket(length, 1 << 30), self.max_context))
             self._graphs.clear()
 
+    def load_state(self, write) -> None:
+        """Let `write(state)` fill the state in place (the gates seed it from the oracle's cache)."""
+        write(self.state)
+
     # -- steps ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, ids: list[int], chunk: int = 0) -> StepHandle:

@@ -1,0 +1,245 @@
+"""The `lmbundle` command: convert, run, chat, bench, gate, serve, info.
+
+Problems with the user's input end as one line `error: ...` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import LmbundleError
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="bundle folder (made by `lmbundle convert`)")
+    p.add_argument("--backend", choices=["torch", "coreai"], help="default: the fastest present (PyTorch on Linux)")
+    p.add_argument("--device", help="torch device (cpu, cuda, mps); default: the best present")
+    p.add_argument("--prefill", choices=["s1", "chunked"], default="s1",
+                   help="feed the prompt as S=1 steps (default, the seed's contract) or in chunks")
+    p.add_argument("--chunk", type=int, default=256, help="chunk size of --prefill chunked")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-g", "--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmbundle", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="checkpoint folder or hub id -> bundle")
+    p.add_argument("source", help="checkpoint folder or hub id (e.g. Qwen/Qwen3.5-2B)")
+    p.add_argument("-o", "--out", required=True, help="output bundle folder (must not exist)")
+    p.add_argument("--quant", default="int8hu", help="fp16 | int8lin | int8hu (default int8hu)")
+    p.add_argument("--head-quant", default="block32", help="block32 | perchan (int8hu's head)")
+    p.add_argument("--backend", default="all", help="all | torch | coreai: which graphs the bundle carries")
+    p.add_argument("--max-context", type=int, default=4096, help="largest prompt + output, in tokens")
+    p.add_argument("--name", help="bundle name (default: from the source and quant mode)")
+
+    p = sub.add_parser("run", help="generate from a prompt, streaming")
+    _add_engine_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--image", action="append", default=[], help="image file (VLM bundles); repeatable")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed at the end")
+
+    p = sub.add_parser("chat", help="interactive chat (/image PATH attaches an image, /reset, /quit)")
+    _add_engine_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--image", action="append", default=[], help="image for the first turn (VLM bundles)")
+
+    p = sub.add_parser("bench", help="prefill and decode speed, and % of the memory-bandwidth ceiling")
+    _add_engine_args(p)
+    p.add_argument("-p", "--prompt-tokens", type=int, default=128)
+    p.add_argument("-g", "--gen-tokens", type=int, default=256)
+    p.add_argument("-n", "--trials", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("gate", help="numeric gates against the fp32 transformers oracle")
+    p.add_argument("bundle")
+    p.add_argument("--oracle", required=True, help="the original checkpoint (folder or hub id)")
+    p.add_argument("--against", help="another bundle (e.g. fp16) that greedy rollouts must equal")
+    p.add_argument("--backend", choices=["torch", "coreai"])
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page")
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this bearer token on every request")
+    p.add_argument("--allow-remote", action="store_true", help="needed to listen on a non-loopback address")
+    p.add_argument("--queue-size", type=int, default=16)
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request time limit in seconds")
+
+    p = sub.add_parser("info", help="what a bundle holds: config, quant, sizes, bytes per token")
+    p.add_argument("bundle")
+    return parser
+
+
+def _engine(args):
+    from .engine.engine import Engine
+
+    return Engine(args.bundle, backend=args.backend, device=args.device)
+
+
+def _sampling(args):
+    from .engine.sampling import Sampling
+
+    return Sampling(args.temperature, args.top_p, args.top_k, args.seed)
+
+
+def cmd_convert(args) -> None:
+    from .convert.convert import convert
+    from .convert.bundle import open_bundle
+
+    out = convert(args.source, args.out, quant=args.quant, head_quant=args.head_quant, backend=args.backend,
+                  max_context=args.max_context, name=args.name)
+    _print_info(open_bundle(out))
+
+
+def _print_info(bundle) -> None:
+    info = bundle.info
+    bpt = info["bytes_per_token"]
+    print(f"{bundle.path}: {bundle.name} ({info['architecture']}, {info['quant']['mode']}, head {info['quant']['head']})")
+    print(f"  size on disk {info['size_on_disk'] / 1e6:.2f} MB; reads {bpt['total_at_empty_context'] / 1e6:.2f} MB "
+          f"per token (weights {bpt['weights'] / 1e6:.2f} MB + GDN state {bpt['gdn_state'] / 1e6:.2f} MB) "
+          f"+ {bpt['kv_per_position']} B per cached position")
+    assets = ", ".join(bundle.metadata.get("assets", {}).values()) or "none (PyTorch weights only)"
+    print(f"  max context {bundle.max_context}; Core AI asset: {assets}")
+
+
+def cmd_info(args) -> None:
+    from .convert.bundle import open_bundle
+
+    _print_info(open_bundle(args.bundle))
+
+
+def _generate_kwargs(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "sampling": _sampling(args),
+            "prefill_chunk": args.chunk if args.prefill == "chunked" else 0}
+
+
+def cmd_run(args) -> None:
+    from .engine.engine import GenerationStats
+
+    engine = _engine(args)
+    sampling_kwargs = _generate_kwargs(args)
+    if args.image or args.chat:
+        ids = engine.chat_ids([_user_message(engine, args.prompt, args.image)])
+    else:
+        ids = engine.encode(args.prompt)
+    engine.check_length(len(ids), args.max_new_tokens)
+    engine.warmup()
+    stats = GenerationStats()
+    for piece in engine.generate_text(ids, stats=stats, **sampling_kwargs):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats:
+        print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; prefill "
+              f"{stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s; stop: {stats.stop_reason}]",
+              file=sys.stderr)
+
+
+def _user_message(engine, text: str, images: list[str]) -> dict:
+    if not images:
+        return {"role": "user", "content": text}
+    attach = getattr(engine, "attach_images", None)
+    if attach is None:
+        raise LmbundleError(f"{engine.bundle.path}: this bundle has no vision encoder; --image needs a VLM bundle")
+    return {"role": "user", "content": [*attach(images), {"type": "text", "text": text}]}
+
+
+def cmd_chat(args) -> None:
+    engine = _engine(args)
+    kwargs = _generate_kwargs(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    pending_images = list(args.image)
+    engine.warmup()
+    print(f"{engine.name}: chat ({engine.backend_name} on {engine.device}). /image PATH, /reset, /quit")
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            history, pending_images = history[:1] if args.system else [], []
+            continue
+        if text.startswith("/image "):
+            pending_images.append(text.split(maxsplit=1)[1])
+            continue
+        try:
+            history.append(_user_message(engine, text, pending_images))
+            pending_images = []
+            ids = engine.chat_ids(history)
+            reply = []
+            for piece in engine.generate_text(ids, **kwargs):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+            print()
+            history.append({"role": "assistant", "content": "".join(reply)})
+        except LmbundleError as exc:
+            history = history[:-1]
+            print(f"error: {exc}", file=sys.stderr)
+
+
+def cmd_bench(args) -> None:
+    from .engine.bench import bench, format_bench
+
+    result = bench(_engine(args), args.prompt_tokens, args.gen_tokens, args.trials,
+                   prefill_chunk=args.chunk if args.prefill == "chunked" else 0)
+    print(json.dumps(result) if args.json else format_bench(result))
+
+
+def cmd_gate(args) -> None:
+    from .engine.engine import Engine
+    from .gates.gate import run_gate
+    from .gates.oracle import Oracle
+
+    engine = Engine(args.bundle, backend=args.backend, device=args.device)
+    against = Engine(args.against, backend=args.backend, device=args.device) if args.against else None
+    report = run_gate(engine, Oracle(args.oracle), against)
+    print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
+    if not report.passed:
+        raise SystemExit(1)
+
+
+def cmd_serve(args) -> None:
+    from .serve.server import serve
+
+    serve(args)
+
+
+COMMANDS = {"convert": cmd_convert, "run": cmd_run, "chat": cmd_chat, "bench": cmd_bench, "gate": cmd_gate,
+            "serve": cmd_serve, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        COMMANDS[args.command](args)
+    except LmbundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

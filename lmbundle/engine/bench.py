@@ -1,0 +1,95 @@
+"""`lmbundle bench`: the seed's llm-benchmark protocol on our engine.
+
+A synthetic prompt of p tokens, g generated tokens, n trials after a 1-token warm-up. Prefill tok/s =
+p / time to first token; decode tok/s = (g - 1) / time after the first token (medians). The bandwidth
+figure divides bytes read per token by the time per token and compares it with a device copy measured
+in the same run (the achievable ceiling, not the data-sheet number).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from .. import __version__
+from .engine import Engine, GenerationStats
+
+
+def measured_bandwidth(device: torch.device, size: int = 1 << 28) -> float:
+    """Bytes/s of a device-to-device copy (read + write), the practical ceiling for a decode step."""
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def bench(engine: Engine, prompt_tokens: int = 128, gen_tokens: int = 256, trials: int = 3,
+          prefill_chunk: int = 0) -> dict:
+    vocab = engine.bundle.info["config"]["vocab_size"]
+    ids = [(17 + 31 * i) % min(vocab, 1000) for i in range(prompt_tokens)]  # synthetic, like llm-benchmark
+    engine.check_length(prompt_tokens, gen_tokens)
+    engine.warmup()
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runs = []
+    for _ in range(trials):
+        stats = GenerationStats()
+        for _token in engine.generate(ids, gen_tokens, stop=False, prefill_chunk=prefill_chunk, stats=stats):
+            pass
+        runs.append(stats)
+    decode = statistics.median(r.decode_tok_s for r in runs)
+    prefill = statistics.median(r.prefill_tok_s for r in runs)
+    ttft = statistics.median(r.prefill_seconds for r in runs)
+    bpt = engine.bundle.info["bytes_per_token"]
+    mean_context = prompt_tokens + gen_tokens / 2
+    bytes_per_token = bpt["total_at_empty_context"] + bpt["kv_per_position"] * mean_context
+    ceiling = measured_bandwidth(engine.device) if engine.backend_name == "torch" else None
+    if engine.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+        device_name = torch.cuda.get_device_name()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        device_name = f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+    achieved = bytes_per_token * decode
+    return {
+        "bundle": engine.name, "backend": engine.backend_name, "device": device_name,
+        "quant": engine.bundle.info["quant"]["mode"], "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+        "trials": trials, "prefill": "chunked" if prefill_chunk else "s1",
+        "prefill_tok_s": round(prefill, 2), "decode_tok_s": round(decode, 2), "ttft_s": round(ttft, 4),
+        "peak_memory_bytes": peak, "bytes_per_token": int(bytes_per_token),
+        "achieved_bandwidth_gb_s": round(achieved / 1e9, 2),
+        "measured_copy_bandwidth_gb_s": round(ceiling / 1e9, 2) if ceiling else None,
+        "bandwidth_fraction": round(achieved / ceiling, 4) if ceiling else None,
+        "lmbundle": __version__, "torch": torch.__version__,
+    }
+
+
+def format_bench(r: dict) -> str:
+    lines = [
+        f"{r['bundle']} [{r['quant']}] on {r['device']} ({r['backend']} backend), "
+        f"p={r['prompt_tokens']} g={r['gen_tokens']} n={r['trials']}, prefill {r['prefill']}",
+        f"  prefill {r['prefill_tok_s']:.1f} tok/s (TTFT {1000 * r['ttft_s']:.1f} ms)   decode {r['decode_tok_s']:.1f} tok/s",
+        f"  reads {r['bytes_per_token'] / 1e6:.2f} MB/token -> {r['achieved_bandwidth_gb_s']:.1f} GB/s"
+        + (f" = {100 * r['bandwidth_fraction']:.1f}% of the measured copy bandwidth "
+           f"({r['measured_copy_bandwidth_gb_s']:.0f} GB/s)" if r["bandwidth_fraction"] else ""),
+        f"  peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB",
+    ]
+    return "\n".join(lines)
