@@ -191,3 +191,51 @@ def test_positions_at_the_shipped_448_grid(tiny_vl):
     model.set_images(context)
     assert torch.equal(model.rope_positions(new_ids, torch.arange(ids.numel())), expected[:, 0])
     assert delta.item() == -2 * 182
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen35_vl(tmp_path_factory):
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=48)
+    text = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=16, linear_value_head_dim=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.5,
+                                 "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    config = Qwen3_5Config(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                           vision_start_token_id=START, vision_end_token_id=END)
+    model = Qwen3_5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "dt_bias" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("qwen35vl")
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def test_qwen35_image_prompt_logits(tiny_qwen35_vl):
+    """The same mechanism on the GDN hybrid (no DeepStack): positions and logits vs transformers."""
+    from lmbundle.convert.checkpoint import load_weights
+    from lmbundle.models.qwen35 import Qwen35Config
+    from lmbundle.models.qwen3vl import Qwen35ImageForStep
+
+    folder, ref = tiny_qwen35_vl
+    ids = _prompt([1, 2], "img", [3, 4], "img", [5, 6, 7])
+    pixels, grid_thw, images = _encode_images(folder, 2)
+    assert images[0][1].shape[0] == 0  # no DeepStack rows
+    with torch.no_grad():
+        expected = ref(**_hf_inputs(ids, pixels, grid_thw)).logits[0]
+    expected_positions, _ = ref.model.get_rope_index(ids[None], (ids == IMAGE).int()[None], grid_thw)
+    checkpoint = open_checkpoint(folder)
+    model = Qwen35ImageForStep(Qwen35Config.from_hf(checkpoint.text_config, checkpoint.tie_word_embeddings))
+    load_weights(model, checkpoint.text_tensors(), folder)
+    new_ids, context = prepare_image_prompt(ids, IMAGE, VOCAB, images, MERGED, max_images=2)
+    model.eval().set_images(context)
+    assert torch.equal(model.rope_positions(new_ids, torch.arange(ids.numel())), expected_positions[:, 0])
+    with torch.no_grad():
+        ours = model.forward_tokens(new_ids, 0, model.new_state(ids.numel()))
+    worst = (ours - expected).abs().max().item()
+    assert worst < TOLERANCE, f"worst logit difference {worst:.3g}"

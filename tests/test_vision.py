@@ -167,6 +167,11 @@ def test_bad_images_are_named(data, words):
     assert "\n" not in str(info.value)
 
 
+def test_lazily_opened_truncated_pil_image():
+    with pytest.raises(LmbundleError, match="truncated"):
+        load_image(Image.open(io.BytesIO(_encoded("JPEG")[:900])))
+
+
 def test_missing_image_file(tmp_path):
     with pytest.raises(LmbundleError, match="not found"):
         load_image(tmp_path / "nope.jpg")

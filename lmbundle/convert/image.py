@@ -134,19 +134,22 @@ class PreparedImage:
 
 
 def load_image(source: ImageSource) -> Image.Image:
-    """Open, validate and decode an image; any problem becomes one LmbundleError line naming it."""
+    """Open, validate and decode an image as RGB; any problem becomes one LmbundleError line naming it.
+
+    The pixel count is checked from the header, before anything is decoded. EXIF orientation is not
+    applied (neither does the HF processor, and parity with it is the point).
+    """
     name = _describe(source)
-    if isinstance(source, Image.Image):
-        image = source
-        _check_pixels(image.size, name)
-    else:
-        image = _open(source, name)
-        _check_pixels(image.size, name)
-        try:
-            image.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise LmbundleError(f"{name}: truncated or corrupt image data ({exc})") from None
-    return _to_rgb(image)
+    image = source if isinstance(source, Image.Image) else _open(source, name)
+    _check_pixels(image.size, name)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise LmbundleError(f"{name}: truncated or corrupt image data ({exc})") from None
+    try:
+        return _to_rgb(image)
+    except (OSError, ValueError) as exc:
+        raise LmbundleError(f"{name}: cannot convert its {image.mode} pixels to RGB ({exc})") from None
 
 
 def preprocess_image(source: ImageSource, spec: ImageSpec) -> PreparedImage:

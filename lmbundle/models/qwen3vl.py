@@ -1,4 +1,5 @@
-"""Qwen3-VL text decoder with image prompts, in the single-step form of qwen35.py (same layers, same `State`).
+"""Qwen3-VL text decoder with image prompts, in the single-step form of qwen35.py (same layers, same `State`),
+and the same image-prompt mechanism for Qwen3.5 (`Qwen35ImageForStep`).
 
 Images reach a text-only step graph through the id space, as in the seed: the host rewrites the
 k-th image placeholder of the prompt to id `vocab + k` and sets four static inputs once per prompt
@@ -170,40 +171,16 @@ def prepare_image_prompt(
     return ids, context
 
 
-class Qwen3VLForStep(Qwen35ForStep):
-    """The Qwen3-VL decoder: every layer plain attention (no output gate), plain w * x RMSNorm,
-    interleaved M-RoPE over the full head dim; images through `set_images`."""
+class ImagePromptGraph:
+    """Image prompts for a step graph (mixed in before `Qwen35ForStep`, whose hooks it fills): the
+    id-space embedding, in-graph M-RoPE and DeepStack adds of the module docstring. With no
+    `ImageContext` set the graph is the plain text model."""
 
-    config_class = Qwen3VLConfig
-    zero_centered_norm = False
-
-    def __init__(self, cfg: Qwen3VLConfig):
-        nn.Module.__init__(self)  # the Qwen3.5 constructor would build GDN / gated layers; the rest is shared
-        self.cfg = cfg
-        layers = [
-            DecoderLayer(cfg, "full_attention", GatedAttention(cfg, output_gate=False, zero_centered=False))
-            for _ in range(cfg.num_hidden_layers)
-        ]
-        self.model = TextModel(cfg, layers)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
-            self.tie_head()
-        self.inv_freq = nn.Buffer(rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
-        self.images: ImageContext | None = None
+    images: ImageContext | None = None
 
     def set_images(self, images: ImageContext | None) -> None:
         """The host's per-prompt static inputs (None: text only)."""
         self.images = images
-
-    def new_state(self, capacity: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
-        """KV caches only; the GDN parts are empty."""
-        cfg = self.cfg
-        dtype = dtype or self.model.embed_tokens.weight.dtype
-        device = device or self.model.embed_tokens.weight.device
-        shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        empty = torch.zeros(0, dtype=dtype, device=device)
-        return State(conv=empty, rec=empty.float(), key=torch.zeros(shape, dtype=dtype, device=device),
-                     value=torch.zeros(shape, dtype=dtype, device=device))
 
     def _slots(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(is_image [S], slot [S]) of tokens; slot is 0 for text tokens."""
@@ -240,6 +217,42 @@ class Qwen3VLForStep(Qwen35ForStep):
         is_image, slot = self._slots(ids)
         rows = self.images.deepstack_embeds[layer_index * self.images.slots + slot].to(x.dtype)
         return x + torch.where(is_image.unsqueeze(-1), rows, torch.zeros_like(rows))
+
+
+class Qwen3VLForStep(ImagePromptGraph, Qwen35ForStep):
+    """The Qwen3-VL decoder: every layer plain attention (no output gate), plain w * x RMSNorm,
+    interleaved M-RoPE over the full head dim."""
+
+    config_class = Qwen3VLConfig
+    zero_centered_norm = False
+
+    def __init__(self, cfg: Qwen3VLConfig):
+        nn.Module.__init__(self)  # the Qwen3.5 constructor would build GDN / gated layers; the rest is shared
+        self.cfg = cfg
+        layers = [
+            DecoderLayer(cfg, "full_attention", GatedAttention(cfg, output_gate=False, zero_centered=False))
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        self.model = TextModel(cfg, layers)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.tie_head()
+        self.inv_freq = nn.Buffer(rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+
+    def new_state(self, capacity: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
+        """KV caches only; the GDN parts are empty."""
+        cfg = self.cfg
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        device = device or self.model.embed_tokens.weight.device
+        shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        empty = torch.zeros(0, dtype=dtype, device=device)
+        return State(conv=empty, rec=empty.float(), key=torch.zeros(shape, dtype=dtype, device=device),
+                     value=torch.zeros(shape, dtype=dtype, device=device))
+
+
+class Qwen35ImageForStep(ImagePromptGraph, Qwen35ForStep):
+    """Qwen3.5 (GDN hybrid) with image prompts: the same trick without DeepStack (its ImageContext
+    has no deepstack rows). Text-only it is exactly `Qwen35ForStep`."""
 
 
 def _divmod(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
