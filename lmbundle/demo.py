@@ -1,0 +1,69 @@
+"""`make demo`: the whole product on the embedded small model, start to finish.
+
+Converts the shipped demo checkpoint (a small Qwen3.5-architecture model trained by
+scripts/train_demo_model.py) to fp16 and int8hu bundles, gates them against the fp32 transformers
+oracle, answers a chat prompt and prints the speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import LmbundleError
+
+DEMO_DIR = Path(__file__).parent / "data" / "demo"
+PROMPT = "Tell me a short story about a king and his three sons."
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lmbundle.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out/demo", help="where the demo bundles are written")
+    parser.add_argument("--backend", default="all", help="bundle backends to build (all | torch)")
+    args = parser.parse_args(argv)
+    try:
+        run(Path(args.out), args.backend)
+    except LmbundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(out: Path, backend: str) -> None:
+    from .convert.bundle import open_bundle
+    from .convert.convert import convert
+    from .engine.bench import bench, format_bench
+    from .engine.engine import Engine
+    from .gates.gate import run_gate
+    from .gates.oracle import Oracle
+
+    checkpoint = DEMO_DIR / "qwen35-tiny"
+    shutil.rmtree(out, ignore_errors=True)
+    bundles = {}
+    for quant in ("fp16", "int8hu"):
+        bundles[quant] = convert(str(checkpoint), out / f"qwen35-tiny-{quant}", quant=quant, backend=backend)
+        info = open_bundle(bundles[quant]).info
+        print(f"  {quant}: {info['size_on_disk'] / 1e6:.2f} MB on disk, "
+              f"{info['bytes_per_token']['total_at_empty_context'] / 1e6:.2f} MB read per token")
+
+    oracle = Oracle(str(checkpoint))
+    fp16, int8hu = Engine(bundles["fp16"]), Engine(bundles["int8hu"])
+    passed = True
+    for engine, against in ((fp16, None), (int8hu, fp16)):
+        report = run_gate(engine, oracle, against)
+        print("\n".join(report.lines()))
+        passed &= report.passed
+
+    ids = int8hu.chat_ids([{"role": "user", "content": PROMPT}])
+    print(f"\nuser: {PROMPT}\nassistant: ", end="", flush=True)
+    for piece in int8hu.generate_text(ids, max_new_tokens=80):
+        print(piece, end="", flush=True)
+    print("\n")
+    print(format_bench(bench(int8hu, prompt_tokens=64, gen_tokens=128, trials=3)))
+    if not passed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
