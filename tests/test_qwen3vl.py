@@ -164,6 +164,8 @@ def test_prepare_image_prompt_rejects_mismatches():
         prepare_image_prompt(_prompt([1], "img"), IMAGE, VOCAB, [image, image], MERGED)
     with pytest.raises(LmbundleError, match="at most 1"):
         prepare_image_prompt(_prompt("img", "img"), IMAGE, VOCAB, [image, image], MERGED, max_images=1)
+    ids, context = prepare_image_prompt(torch.tensor([1, 2, 3]), IMAGE, VOCAB, [], MERGED)
+    assert ids.tolist() == [1, 2, 3] and context is None
     split = torch.tensor([IMAGE] * (TOKENS - 1) + [1, IMAGE])
     with pytest.raises(LmbundleError, match="not contiguous"):
         prepare_image_prompt(split, IMAGE, VOCAB, [image], MERGED)

@@ -134,11 +134,12 @@ def prepare_image_prompt(
     images: Sequence[tuple[torch.Tensor, torch.Tensor]],
     grid: tuple[int, int],
     max_images: int | None = None,
-) -> tuple[torch.Tensor, ImageContext]:
+) -> tuple[torch.Tensor, ImageContext | None]:
     """Host side of an image prompt: rewrite placeholders to `vocab + slot` and build the ImageContext.
 
     `ids` hold T = gh * gw image_token_id placeholders per image, in the order of `images`, each a
     (image_embeds [T, hidden], deepstack_embeds [n_deepstack * T, hidden]) pair from the encoder.
+    With no images the context is None (text only).
     """
     ids = torch.as_tensor(ids, dtype=torch.long).clone()
     per_image = grid[0] * grid[1]
@@ -150,15 +151,17 @@ def prepare_image_prompt(
         )
     if len(images) > max_images:
         raise LmbundleError(f"prompt has {len(images)} images; this decoder takes at most {max_images}")
-    starts = placeholders[::per_image] if images else placeholders
+    if not images:
+        return ids, None
+    starts = placeholders[::per_image]
     for k, start in enumerate(starts.tolist()):
         if not torch.equal(placeholders[k * per_image : (k + 1) * per_image], torch.arange(start, start + per_image)):
             raise LmbundleError(f"image {k + 1}'s {per_image} placeholder tokens are not contiguous in the prompt")
     ids[placeholders] = vocab_size + torch.arange(placeholders.numel())
 
-    hidden = images[0][0].shape[-1] if images else 1
-    num_deepstack = images[0][1].shape[0] // per_image if images else 0
-    context = ImageContext.empty(hidden, max_images, grid, num_deepstack, dtype=images[0][0].dtype if images else torch.float32)
+    embeds, deepstack = images[0]
+    context = ImageContext.empty(embeds.shape[-1], max_images, grid, deepstack.shape[0] // per_image, embeds.dtype)
+    num_deepstack = context.num_deepstack
     slots = context.slots
     for k, (embeds, deepstack) in enumerate(images):
         first = k * per_image
