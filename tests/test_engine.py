@@ -1,0 +1,108 @@
+"""The pipelined engine and the CLI as a user drives them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmbundle.convert.convert import convert
+from lmbundle.engine.engine import Engine, GenerationStats, StreamDecoder
+from lmbundle.engine.sampling import Sampling
+from lmbundle.errors import LmbundleError
+from lmbundle.gates.oracle import Oracle
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tiny_qwen35, tmp_path_factory):
+    return convert(str(tiny_qwen35), tmp_path_factory.mktemp("b") / "fp16", quant="fp16", backend="torch", log=None)
+
+
+@pytest.fixture(scope="module")
+def engine(fp16_bundle):
+    return Engine(fp16_bundle, backend="torch", device="cpu")
+
+
+def test_greedy_equals_oracle_and_chunked_prefill(engine, tiny_qwen35):
+    ids = engine.encode("Once upon a time there was a little cat")
+    expected = Oracle(str(tiny_qwen35)).greedy(ids, 24)
+    assert list(engine.generate(ids, 24, stop=False)) == expected
+    assert list(engine.generate(ids, 24, stop=False, prefill_chunk=4)) == expected
+
+
+def test_kv_grows_across_requests_without_changing_results(engine):
+    ids = engine.encode("The quick brown fox")
+    short = list(engine.generate(ids, 8, stop=False))
+    long_prompt = engine.encode("The quick brown fox " * 60)  # > 256 positions: a bigger KV chunk
+    list(engine.generate(long_prompt, 4, stop=False))
+    assert engine.backend.state.capacity >= 512
+    assert list(engine.generate(ids, 8, stop=False)) == short
+
+
+def test_sampling_is_seeded_and_topk1_is_greedy(engine):
+    ids = engine.encode("The old man")
+    a = list(engine.generate(ids, 16, Sampling(temperature=1.0, top_p=0.9, seed=7), stop=False))
+    b = list(engine.generate(ids, 16, Sampling(temperature=1.0, top_p=0.9, seed=7), stop=False))
+    greedy = list(engine.generate(ids, 16, stop=False))
+    assert a == b
+    assert list(engine.generate(ids, 16, Sampling(temperature=0.8, top_k=1, seed=3), stop=False)) == greedy
+    with pytest.raises(LmbundleError, match="top_p"):
+        Sampling(top_p=0)
+
+
+def test_stop_tokens_end_generation(engine):
+    ids = engine.encode("The king")
+    first = next(iter(engine.generate(ids, 1, stop=False)))
+    engine.stop_ids = engine.stop_ids | {first}
+    stats = GenerationStats()
+    try:
+        assert list(engine.generate(ids, 10, stats=stats)) == []
+    finally:
+        engine.stop_ids = engine.stop_ids - {first}
+    assert stats.stop_reason == "stop"
+
+
+def test_context_too_long_before_any_work(engine):
+    with pytest.raises(LmbundleError, match="context too long: 4000 prompt tokens \\+ 200 new tokens"):
+        list(engine.generate([5] * 4000, 200))
+
+
+def test_stream_decoder_matches_full_decode(engine):
+    text = "Héllo wörld — a café by the sea 🌊 and more"
+    ids = engine.encode(text)
+    decoder = StreamDecoder(engine.tokenizer)
+    assert "".join(decoder.push(t) for t in ids) == engine.tokenizer.decode(ids)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "lmbundle", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_run_streams_and_bench_reports(fp16_bundle, engine):
+    out = _cli("run", str(fp16_bundle), "--prompt", "Once upon a time", "-g", "12", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    ids = engine.encode("Once upon a time")
+    expected = engine.tokenizer.decode(list(engine.generate(ids, 12)), skip_special_tokens=True)
+    assert out.stdout.rstrip("\n") == expected
+    bench = _cli("bench", str(fp16_bundle), "-p", "16", "-g", "16", "-n", "1", "--json", "--device", "cpu")
+    assert bench.returncode == 0, bench.stderr
+    import json
+
+    result = json.loads(bench.stdout)
+    assert result["decode_tok_s"] > 0 and result["bytes_per_token"] > 0 and 0 < result["bandwidth_fraction"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "/nonexistent/bundle", "--prompt", "x"], "error: /nonexistent/bundle: no such bundle folder"),
+    (["convert", "/nonexistent/ckpt", "-o", "/tmp/never"], "error: /nonexistent/ckpt: no such checkpoint folder"),
+    (["convert", "{ckpt}", "-o", "{tmp}/x", "--quant", "int4"], "error: unknown quant mode 'int4'"),
+    (["run", "{bundle}", "--prompt", "word " * 5000], "error: context too long"),
+])
+def test_cli_bad_input_is_one_line_exit_2(args, message, fp16_bundle, tiny_qwen35, tmp_path):
+    args = [a.format(ckpt=tiny_qwen35, tmp=tmp_path, bundle=fp16_bundle) for a in args]
+    out = _cli(*args)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(message)
+    assert "Traceback" not in out.stderr
