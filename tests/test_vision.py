@@ -185,6 +185,12 @@ def test_spec_from_checkpoint(vl_checkpoint, tmp_path):
     bad = dict(PROCESSOR, patch_size=14)
     with pytest.raises(LmbundleError, match="patch_size"):
         ImageSpec.from_configs({"patch_size": 16}, bad)
+    # transformers 5 writes the processor as processor_config.json with the image processor nested
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(LmbundleError, match="no image processor settings"):
+        ImageSpec.from_checkpoint(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": PROCESSOR}))
+    assert ImageSpec.from_checkpoint(tmp_path) == spec
 
 
 def test_sanitize_is_idempotent_and_takes_both_prefixes(vl_checkpoint):

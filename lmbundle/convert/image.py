@@ -107,7 +107,7 @@ class ImageSpec:
         config = _read_json(checkpoint / "config.json")
         if "vision_config" not in config:
             raise LmbundleError(f"{checkpoint / 'config.json'} has no vision_config: not an image-text checkpoint")
-        return cls.from_configs(config["vision_config"], _read_json(checkpoint / "preprocessor_config.json"), image_size)
+        return cls.from_configs(config["vision_config"], _processor_config(checkpoint), image_size)
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,17 @@ def _describe(source: ImageSource) -> str:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"image bytes ({len(source)} B)"
     return f"image {source}"
+
+
+def _processor_config(checkpoint: Path) -> dict:
+    """The image processor's settings: preprocessor_config.json (Hub checkpoints), else the
+    `image_processor` entry of processor_config.json (what transformers 5 writes)."""
+    legacy, unified = checkpoint / "preprocessor_config.json", checkpoint / "processor_config.json"
+    if legacy.is_file():
+        return _read_json(legacy)
+    if unified.is_file() and isinstance(_read_json(unified).get("image_processor"), dict):
+        return _read_json(unified)["image_processor"]
+    raise LmbundleError(f"{checkpoint}: no image processor settings (preprocessor_config.json or processor_config.json)")
 
 
 def _read_json(path: Path) -> dict:
