@@ -241,3 +241,16 @@ def test_qwen35_image_prompt_logits(tiny_qwen35_vl):
         ours = model.forward_tokens(new_ids, 0, model.new_state(ids.numel()))
     worst = (ours - expected).abs().max().item()
     assert worst < TOLERANCE, f"worst logit difference {worst:.3g}"
+
+
+def test_config_reads_both_rope_layouts():
+    """Hub config.json (rope_scaling + rope_theta) and transformers 5 (rope_parameters) give the same config."""
+    from lmbundle.models.qwen3vl import Qwen3VLConfig
+
+    base = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+    hub = dict(base, rope_theta=5000000, rope_scaling={"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                                       "rope_type": "default"})
+    v5 = dict(base, rope_parameters={"rope_theta": 5000000, "mrope_section": [24, 20, 20], "rope_type": "default"})
+    assert Qwen3VLConfig.from_hf(hub) == Qwen3VLConfig.from_hf(v5)
+    assert Qwen3VLConfig.from_hf(hub).rope_theta == 5000000 and Qwen3VLConfig.from_hf(hub).tie_word_embeddings
