@@ -41,7 +41,8 @@ def _vl_model(family: str, deepstack: list[int]):
     model = Model(Config(vision_config=vision, text_config=TEXT)).eval()
     with torch.no_grad():  # random init leaves norms at 1/0 and biases at 0: spread them so they are tested
         for name, p in model.model.visual.named_parameters():
-            p.add_(torch.randn_like(p) * (0.1 if "norm" in name or name.endswith("bias") else 0.0))
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
     return model
 
 
