@@ -216,13 +216,9 @@ def _is_derived(module: torch.nn.Module, name: str) -> bool:
 
 def text_model_class(architecture: str):
     """The graph class of an architecture (one per architecture, shared by every backend)."""
-    if architecture == "qwen3_5":
-        from ..models.qwen35 import Qwen35ForStep
+    from ..models.qwen3vl import Qwen35ImageForStep, Qwen3VLForStep
 
-        return Qwen35ForStep
-    from ..models.qwen3vl import Qwen3VLForStep
-
-    return Qwen3VLForStep
+    return Qwen35ImageForStep if architecture == "qwen3_5" else Qwen3VLForStep
 
 
 def load_text_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -32,6 +32,13 @@ def rope_inv_freq(head_dim: int, theta: float, partial_rotary_factor: float = 1.
     return 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
 
 
+def mrope_axes(n_freqs: int, section: list[int]) -> list[int]:
+    """Which position row (0 = T, 1 = H, 2 = W) drives each frequency: a constant of the config, so
+    exported graphs carry no index arithmetic."""
+    return [1 if i % 3 == 1 and i < 3 * section[1] else 2 if i % 3 == 2 and i < 3 * section[2] else 0
+            for i in range(n_freqs)]
+
+
 def mrope_cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section: list[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,10 +54,7 @@ def mrope_cos_sin(
     if mrope_section is None:
         merged = freqs[0]
     else:
-        idx = torch.arange(inv_freq.numel(), device=positions.device)
-        axis = torch.zeros_like(idx)
-        axis = torch.where((idx % 3 == 1) & (idx < 3 * mrope_section[1]), 1, axis)
-        axis = torch.where((idx % 3 == 2) & (idx < 3 * mrope_section[2]), 2, axis)
+        axis = torch.tensor(mrope_axes(inv_freq.numel(), mrope_section), device=positions.device)
         merged = torch.gather(freqs, 0, axis.view(1, 1, -1).expand(1, freqs.shape[1], -1)).squeeze(0)
     emb = torch.cat((merged, merged), dim=-1)
     return emb.cos(), emb.sin()
@@ -92,11 +96,11 @@ def gated_delta_step(
     """One token of the gated delta rule, loop-free, fp32. q,k [H, Dk], v [H, Dv], g, beta [H],
     state [H, Dk, Dv] updated in place. Returns o [H, Dv]."""
     s = state * g.exp().view(-1, 1, 1)
-    memory = torch.einsum("hk,hkv->hv", k, s)
+    memory = (k.unsqueeze(-1) * s).sum(-2)  # elementwise + reduce: no batched matmul of tiny shapes
     delta = beta.unsqueeze(-1) * (v - memory)
     s = s + k.unsqueeze(-1) * delta.unsqueeze(-2)
     state.copy_(s)
-    return torch.einsum("hk,hkv->hv", q, s)
+    return (q.unsqueeze(-1) * s).sum(-2)
 
 
 def gated_delta_chunk(

@@ -64,7 +64,7 @@ class Qwen35Config:
         args["partial_rotary_factor"] = rope.get(
             "partial_rotary_factor", text_config.get("partial_rotary_factor", 1.0)
         )
-        args["mrope_section"] = rope.get("mrope_section")
+        args["mrope_section"] = rope.get("mrope_section", [11, 11, 10])  # transformers' default
         if tie_word_embeddings is not None:
             args["tie_word_embeddings"] = tie_word_embeddings
         eos = text_config.get("eos_token_id")
