@@ -1,0 +1,105 @@
+"""One decode at a time: a single worker thread serves jobs in arrival order from a bounded queue.
+
+The engine holds one model and one state cache, so requests cannot interleave; a FIFO keeps waiting
+fair and the bound turns overload into an immediate "busy" answer instead of an ever-growing wait.
+A job talks back to its request (on the event loop) through an asyncio queue of events, and the
+request tells the job to stop (client gone, time limit) through a flag the job checks every token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class QueueFull(Exception):
+    """Every waiting slot is taken."""
+
+
+class JobStopped(Exception):
+    """The job was told to stop: its client went away or its time limit passed."""
+
+
+@dataclass
+class Event:
+    kind: str  # what the job produced: "prompt", "text", "done", "error"; the worker adds "end" last
+    value: object = None
+
+
+class Job:
+    def __init__(self, work: Callable[["Job"], None], loop: asyncio.AbstractEventLoop, deadline: float):
+        self.work = work
+        self.loop = loop
+        self.deadline = deadline  # time.monotonic() value
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def emit(self, kind: str, value: object = None) -> None:
+        """Called on the worker thread; delivers to the request's event loop."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, Event(kind, value))
+
+    @property
+    def timed_out(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def check(self) -> None:
+        """Raise JobStopped if the job should stop now (called between tokens)."""
+        if self.cancelled.is_set() or self.timed_out:
+            raise JobStopped()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Worker:
+    """The thread that runs jobs one after another."""
+
+    def __init__(self, queue_size: int):
+        self.queue_size = queue_size
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self.running: Job | None = None
+        self.served = 0
+        self.stopped = 0  # jobs ended early: client gone or time limit
+        self._thread = threading.Thread(target=self._loop, name="lmbundle-decode", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def submit(self, work: Callable[[Job], None], timeout: float) -> Job:
+        """Queue `work` (run as work(job) on the worker thread) or raise QueueFull."""
+        job = Job(work, asyncio.get_running_loop(), time.monotonic() + timeout)
+        with self._lock:
+            if self._waiting >= self.queue_size:
+                raise QueueFull()
+            self._waiting += 1
+        self._queue.put(job)
+        return job
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            with self._lock:
+                self._waiting -= 1
+            self.running = job
+            try:
+                job.check()
+                job.work(job)
+                self.served += 1
+            except JobStopped:
+                self.stopped += 1
+            except Exception as exc:  # reported to the request, never kills the worker
+                job.emit("error", exc)
+            finally:
+                self.running = None
+                job.emit("end")
