@@ -22,6 +22,7 @@ from lmbundle.convert.coreai_export import export_aimodel  # noqa: E402
 from lmbundle.engine.coreai_backend import COMPILED_FILE, MANIFEST, CoreAIBackend  # noqa: E402
 from lmbundle.errors import LmbundleError  # noqa: E402
 from lmbundle.models.linear import Linear, quantize_absmax  # noqa: E402
+from tests import checkpoints  # noqa: E402
 
 CAPACITY, STEPS = 32, 16
 
@@ -39,12 +40,16 @@ def quantize_all(model: torch.nn.Module, block: int = 32) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_qwen35, tmp_path_factory):
-    """{kind: (torch model, .aimodel path)} for fp32 and int8."""
+def exported(tmp_path_factory):
+    """{kind: (torch model, .aimodel path)} for fp32 and int8, from a tiny checkpoint with the real
+    models' interleaved M-RoPE (its `i % 3` is an op the converter must lower)."""
     folder = tmp_path_factory.mktemp("coreai")
+    rope = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    checkpoint = checkpoints.make_qwen35(folder / "ckpt", **dict(checkpoints.TINY_CONFIGS["base"], rope_parameters=rope))
     models = {
-        "fp32": load_text_model(open_checkpoint(tiny_qwen35)),
-        "int8": quantize_all(load_text_model(open_checkpoint(tiny_qwen35))),
+        "fp32": load_text_model(open_checkpoint(checkpoint)),
+        "int8": quantize_all(load_text_model(open_checkpoint(checkpoint))),
     }
     return {kind: (model, export_aimodel(model, CAPACITY, folder / f"{kind}.aimodel").path) for kind, model in models.items()}
 
@@ -125,3 +130,16 @@ def test_damaged_asset_is_a_user_error(exported, tmp_path):
 
     with pytest.raises(LmbundleError, match="not a Core AI asset"):
         CoreAIBackend(tmp_path / "missing.aimodel", tmp_path / "cache")
+
+
+def test_static_position_input(exported, tmp_path):
+    """ramp=False: `position_ids` is the [1, 1] position itself; same logits as the torch step."""
+    model, _ = exported["fp32"]
+    path = export_aimodel(model, CAPACITY, tmp_path / "static.aimodel", ramp=False).path
+    state = model.new_state(CAPACITY)
+    with CoreAIBackend(path, tmp_path / "cache") as backend:
+        assert not backend.ramp
+        for position, token in enumerate([7, 3, 11, 5]):
+            with torch.no_grad():
+                ref = model.step(torch.tensor([[token]]), torch.tensor([position]), state, CAPACITY)
+            assert (backend.read_logits(backend.step(token, position)) - ref).abs().max() < 1e-4

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,9 @@ COMPILED_NAME = "main-unspecialized.odix"
 
 def _import_coreai_torch():
     try:
-        import coreai_torch
+        with warnings.catch_warnings():  # "only validated with torch<=2.13.0; found 2.13.0+cpu"
+            warnings.filterwarnings("ignore", message="coreai-torch has only been validated")
+            import coreai_torch
         import coreai_torch._compression.custom_layers  # noqa: F401  (registers torch.ops.coreai.*)
     except ImportError as exc:
         raise LmbundleError("Core AI export needs coreai-torch: pip install 'lmbundle[coreai]'") from exc
@@ -75,6 +78,14 @@ class StepGraph(nn.Module):
         state = self._state_type(**{field: getattr(self, name) for field, name in STATE_NAMES.items()})
         logits = self.model.step(input_ids, position, state, self.capacity)
         return logits, logits.argmax(dim=-1).to(torch.int32)
+
+
+def _add_missing_lowerings(converter) -> None:
+    """coreai-torch 0.4.3 lowers `remainder.Tensor` but not `remainder.Scalar` (M-RoPE's `i % 3`):
+    the same lowering (x - floor(x / y) * y) serves both."""
+    from coreai_torch._aten_to_core import replace_remainder
+
+    converter.register_torch_lowering("aten::remainder.Scalar", allow_override=True)(replace_remainder)
 
 
 def _state_order(exported: torch.export.ExportedProgram) -> list[str]:
@@ -130,6 +141,7 @@ def export_aimodel(
         linear_module.set_int8_matmul(previous_matmul)
 
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
+    _add_missing_lowerings(converter)
     converter.add_exported_program(
         exported, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, state_names=_state_order(exported)
     )
