@@ -79,9 +79,13 @@ def test_gated_delta_rule_step_and_chunk():
     )
     qn = layers.l2_normalize(q[0]) * dk**-0.5
     kn = layers.l2_normalize(k[0])
-    state = init[0].clone()
-    out = layers.gated_delta_chunk(qn, kn, v[0], g[0], beta[0], state)
-    close(out, ref_out[0], 1e-5), close(state, ref_state[0], 1e-5)
+    for chunk in (64, 4, 3):  # one padded chunk, several exact chunks, several with padding
+        state = init[0].clone()
+        out = layers.gated_delta_chunk(qn, kn, v[0], g[0], beta[0], state, chunk=chunk)
+        close(out, ref_out[0], 1e-5), close(state, ref_state[0], 1e-5)
+    state = init[0].clone()  # and token by token, as the decode step runs it
+    steps = torch.stack([layers.gated_delta_step(qn[t], kn[t], v[0, t], g[0, t], beta[0, t], state) for t in range(seq)])
+    close(steps, ref_out[0], 1e-5), close(state, ref_state[0], 1e-5)
 
 
 def test_gqa_attention_with_cache_slots():
