@@ -1,0 +1,390 @@
+"""`lmbundle serve`: a real server process on a tiny bundle, driven by the official openai client.
+
+Answers are compared with the engine run in this process on the same prompt (greedy), not just
+checked for shape. Load: 100 concurrent requests against a queue of 4 must end as 200s and 429s
+only, leave the server serving, and leave its memory where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+from PIL import Image
+
+from lmbundle.convert.convert import convert
+from lmbundle.engine.engine import Engine, GenerationStats
+from lmbundle.engine.sampling import Sampling
+from lmbundle.errors import LmbundleError
+from lmbundle.serve.images import ImageError, decode_image_url
+from lmbundle.serve.openai_api import StopMatcher
+from lmbundle.serve.server import check_host, serve
+from lmbundle.serve.worker import QueueFull, Worker
+
+API_KEY = "test-key"
+QUEUE_SIZE = 4
+MAX_CONTEXT = 512
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- a server process --------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundle: Path, *extra: str, timeout: float = 90) -> tuple[subprocess.Popen, str]:
+    """`python -m lmbundle serve` on a free loopback port; returns once /health answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmbundle", "serve", str(bundle), "--port", str(port),
+                             "--backend", "torch", "--device", "cpu", *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+        try:
+            status, _ = request("GET", f"127.0.0.1:{port}", "/health", key=API_KEY)
+            if status == 200:
+                return proc, f"127.0.0.1:{port}"
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not answer /health in time")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def request(method: str, host: str, path: str, body: bytes | dict | None = None, key: str | None = API_KEY,
+            timeout: float = 60) -> tuple[int, dict | str]:
+    """One plain HTTP request (for what the openai client cannot send: bad JSON, no key)."""
+    conn = http.client.HTTPConnection(host, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    payload = json.dumps(body).encode() if isinstance(body, dict) else body
+    try:
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        raw = response.read().decode()
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(raw)
+    except json.JSONDecodeError:
+        return response.status, raw
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_qwen35, tmp_path_factory):
+    return convert(str(tiny_qwen35), tmp_path_factory.mktemp("serve") / "tiny", quant="fp16", backend="torch",
+                   max_context=MAX_CONTEXT, log=None)
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    proc, host = start_server(bundle, "--api-key", API_KEY, "--queue-size", str(QUEUE_SIZE), "--timeout", "60")
+    yield proc, host
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://{server[1]}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def engine(bundle):
+    return Engine(bundle, backend="torch", device="cpu")
+
+
+def reference(engine, ids: list[int], max_tokens: int) -> tuple[str, int, str]:
+    """Greedy text, token count and stop reason of the engine itself on the same prompt ids."""
+    stats = GenerationStats()
+    text = "".join(engine.generate_text(ids, max_new_tokens=max_tokens, sampling=Sampling(), stats=stats))
+    return text, stats.generated_tokens, stats.stop_reason
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox"}]
+
+
+# -- the API -------------------------------------------------------------------------------------
+def test_models_and_health(client, server, engine):
+    models = client.models.list().data
+    assert [m.id for m in models] == [engine.name]
+    assert models[0].model_extra["max_context"] == MAX_CONTEXT and models[0].model_extra["vision"] is False
+    status, health = request("GET", server[1], "/health")
+    assert status == 200 and health["status"] == "ok" and health["queue_size"] == QUEUE_SIZE
+
+
+def test_chat_greedy_equals_engine(client, engine):
+    text, n, reason = reference(engine, engine.chat_ids(MESSAGES), 12)
+    out = client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert out.choices[0].message.content == text
+    assert out.choices[0].finish_reason == reason
+    assert out.usage.prompt_tokens == len(engine.chat_ids(MESSAGES))
+    assert out.usage.completion_tokens == n and out.usage.total_tokens == len(engine.chat_ids(MESSAGES)) + n
+
+
+def test_chat_stream_equals_engine(client, engine):
+    text, n, reason = reference(engine, engine.chat_ids(MESSAGES), 12)
+    chunks = list(client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=12,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == [reason]
+    assert finals[0].model_extra["timings"]["decode_tok_s"] >= 0
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completions_equal_engine(client, engine):
+    prompt = "Once upon a time"
+    text, n, reason = reference(engine, engine.encode(prompt), 10)
+    out = client.completions.create(model=engine.name, prompt=prompt, max_tokens=10, temperature=0)
+    assert out.choices[0].text == text and out.choices[0].finish_reason == reason
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(engine.encode(prompt)), n)
+    streamed = client.completions.create(model=engine.name, prompt=prompt, max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text
+
+
+def test_stop_string_cuts_text_and_generation(client, engine):
+    full, _, _ = reference(engine, engine.chat_ids(MESSAGES), 24)
+    visible = full.replace("\ufffd", "")
+    assert len(visible) >= 6, f"tiny model gave too little text to pick a stop string from: {full!r}"
+    stop = visible[len(visible) // 2: len(visible) // 2 + 2]
+    expected = full[: full.find(stop)]
+    out = client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=24, temperature=0,
+                                         stop=[stop, "never-appears"])
+    assert out.choices[0].message.content == expected and out.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=24, temperature=0,
+                                              stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+
+
+def test_seeded_sampling_repeats(client, engine):
+    def sampled(seed):
+        return client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=8, temperature=1.0,
+                                              top_p=0.9, seed=seed).choices[0].message.content
+    assert sampled(7) == sampled(7)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def test_malformed_json_and_bad_fields(server):
+    status, body = request("POST", server[1], "/v1/chat/completions", body=b'{"messages": [')
+    assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["type"] == "invalid_request_error"
+    status, body = request("POST", server[1], "/v1/chat/completions", body={"messages": "hi"})
+    assert status == 400 and body["error"]["param"].startswith("messages")
+    status, body = request("POST", server[1], "/v1/chat/completions",
+                           body={"messages": MESSAGES, "temperature": -1})
+    assert status == 400 and body["error"]["param"] == "temperature"
+    status, body = request("POST", server[1], "/v1/chat/completions", body={"messages": MESSAGES, "n": 3})
+    assert status == 400
+    status, body = request("GET", server[1], "/v1/nothing-here")
+    assert status == 404 and "error" in body
+
+
+def test_api_key_required_but_page_public(server):
+    status, body = request("GET", server[1], "/v1/models", key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert request("GET", server[1], "/health", key="wrong")[0] == 401
+    status, page = request("GET", server[1], "/", key=None)
+    assert status == 200 and "<title>lmbundle chat</title>" in page
+    assert request("GET", server[1], "/static/app.js", key=None)[0] == 200
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=2)
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_prompt_past_the_context_is_400(client, engine):
+    long = "The quick brown fox jumps over the lazy dog. " * 60
+    assert len(engine.encode(long)) > MAX_CONTEXT
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=engine.name, prompt=long, max_tokens=4)
+    assert err.value.body["code"] == "context_length_exceeded" and "context too long" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError):  # fits alone, not with the requested output
+        client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=MAX_CONTEXT)
+
+
+def png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_message(url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is this?"}]}]
+
+
+def chat_error(client, engine, messages) -> dict:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=engine.name, messages=messages, max_tokens=2)
+    return err.value.body
+
+
+def test_bad_images_are_400(client, engine):
+    garbage = "data:image/png;base64," + base64.b64encode(b"certainly not a png" * 10).decode()
+    assert "not an image" in chat_error(client, engine, image_message(garbage))["message"]
+    png = base64.b64decode(png_data_url(Image.new("RGB", (64, 64), "red")).split(",")[1])
+    truncated = "data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()
+    assert "truncated" in chat_error(client, engine, image_message(truncated))["message"]
+    huge = png_data_url(Image.new("1", (8000, 7000)))  # 56 megapixels, a few kB of PNG
+    assert "megapixel" in chat_error(client, engine, image_message(huge))["message"]
+    big = "data:image/png;base64," + base64.b64encode(os.urandom(21 * 2**20)).decode()
+    assert "20 MB" in chat_error(client, engine, image_message(big))["message"]
+    assert "fetch" in chat_error(client, engine, image_message("https://example.com/cat.png"))["message"]
+
+
+def test_valid_image_to_text_bundle_is_400(client, engine):
+    body = chat_error(client, engine, image_message(png_data_url(Image.new("RGB", (32, 32), "blue"))))
+    assert "this bundle has no vision encoder" in body["message"]
+
+
+def test_file_urls_only_inside_allowed_folders(tmp_path):
+    inside, outside = tmp_path / "allowed", tmp_path / "other"
+    inside.mkdir(), outside.mkdir()
+    Image.new("RGB", (20, 10), "green").save(inside / "ok.png")
+    Image.new("RGB", (20, 10), "green").save(outside / "no.png")
+    (inside / "link.png").symlink_to(outside / "no.png")
+    assert decode_image_url(f"file://{inside / 'ok.png'}", [inside]).size == (20, 10)
+    for path in (outside / "no.png", inside / "link.png", inside / ".." / "other" / "no.png"):
+        with pytest.raises(ImageError, match="outside"):
+            decode_image_url(f"file://{path}", [inside])
+    with pytest.raises(ImageError, match="disabled"):
+        decode_image_url(f"file://{inside / 'ok.png'}", [])
+
+
+# -- load, disconnects, memory ----------------------------------------------------------------------
+def test_client_disconnect_stops_generation(server, engine):
+    host = server[1]
+    before = request("GET", host, "/health")[1]["stopped"]
+    conn = http.client.HTTPConnection(host, timeout=30)
+    conn.request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                 body=json.dumps({"messages": MESSAGES, "stream": True, "max_tokens": MAX_CONTEXT - 100,
+                                  "temperature": 0.8, "seed": 1}))
+    response = conn.getresponse()
+    assert response.status == 200
+    response.fp.readline()  # the first event arrived: decoding has started
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        health = request("GET", host, "/health")[1]
+        if health["stopped"] > before and not health["running"]:
+            break
+        time.sleep(0.05)
+    assert health["stopped"] == before + 1 and not health["running"]
+
+
+def test_100_concurrent_requests_bounded_queue_and_memory(server, engine):
+    proc, host = server
+    body = {"model": engine.name, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    for _ in range(3):  # steady state before measuring
+        assert request("POST", host, "/v1/chat/completions", body=body)[0] == 200
+    rss_before = rss_mb(proc.pid)
+    start = time.monotonic()
+    with ThreadPoolExecutor(100) as pool:
+        results = list(pool.map(lambda _: request("POST", host, "/v1/chat/completions", body=body), range(100)))
+    seconds = time.monotonic() - start
+    statuses = [status for status, _ in results]
+    ok, busy = statuses.count(200), statuses.count(429)
+    print(f"\n100 concurrent: {ok} x 200, {busy} x 429 in {seconds:.2f} s; "
+          f"RSS {rss_before:.1f} -> {rss_mb(proc.pid):.1f} MB")
+    assert ok + busy == 100 and ok >= 1 and busy >= 1, statuses
+    assert all(b["error"]["code"] == "queue_full" for s, b in results if s == 429)
+    texts = {b["choices"][0]["message"]["content"] for s, b in results if s == 200}
+    assert len(texts) == 1  # every admitted greedy request got the same answer
+    assert request("POST", host, "/v1/chat/completions", body=body)[0] == 200  # still serving
+    health = request("GET", host, "/health")[1]
+    assert health["waiting"] == 0 and not health["running"]
+    assert rss_mb(proc.pid) < rss_before + 40
+
+
+# -- parts, in process ----------------------------------------------------------------------------
+@pytest.mark.parametrize("pieces", [["ab", "cST", "OPde"], ["abcS", "T", "O", "Pde"], ["abcSTOPde"]])
+def test_stop_matcher_cuts_at_first_stop_over_any_split(pieces):
+    matcher = StopMatcher(["STOP", "zz"])
+    out, hit = "", False
+    for piece in pieces:
+        text, hit = matcher.push(piece)
+        out += text
+        if hit:
+            break
+    assert (out, hit) == ("abc", True)
+    matcher = StopMatcher(["STOP"])
+    assert matcher.push("xxST") == ("xx", False) and matcher.push("x") == ("STx", False)
+    assert matcher.push("S") == ("", False) and matcher.flush() == "S"
+
+
+def test_worker_is_fifo_bounded_and_stops_late_jobs():
+    async def scenario():
+        worker = Worker(queue_size=2)
+        order = []
+
+        def slow(tag, seconds):
+            def work(job):
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    job.check()
+                    time.sleep(0.005)
+                order.append(tag)
+            return work
+
+        first = worker.submit(slow("a", 0.2), timeout=10)
+        await asyncio.sleep(0.05)  # "a" is running, the queue is empty
+        worker.submit(slow("b", 0.01), timeout=10)
+        late = worker.submit(slow("c", 5), timeout=0.3)
+        with pytest.raises(QueueFull):
+            worker.submit(slow("d", 0), timeout=10)
+        while (await late.events.get()).kind != "end":
+            pass
+        assert (await first.events.get()).kind == "end"
+        worker.close()
+        return order, worker.stopped
+
+    order, stopped = asyncio.run(scenario())
+    assert order == ["a", "b"] and stopped == 1  # "c" ran past its time limit and was stopped
+
+
+def test_remote_host_needs_allow_remote():
+    assert check_host("127.0.0.1", False) and check_host("::1", False) and check_host("localhost", False)
+    with pytest.raises(LmbundleError, match="--allow-remote"):
+        check_host("0.0.0.0", False)
+    assert check_host("0.0.0.0", True) is False
+    args = Namespace(host="192.168.1.20", allow_remote=False, bundle="unused", port=1)
+    with pytest.raises(LmbundleError, match="refusing to listen on 192.168.1.20"):
+        serve(args)  # refused before any bundle is opened
