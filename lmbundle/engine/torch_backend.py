@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
+
 import torch
 
+from ..models.linear import set_int8_matmul, set_int8_swiglu
 from ..models.qwen35 import State
 from .sampling import Sampling, sample
 
@@ -26,6 +29,14 @@ def pick_device(requested: str | None = None) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _install_cuda_kernels() -> None:
+    """The fused int8 dequant + GEMV kernels (Triton) for every int8 linear on CUDA."""
+    from .kernels import int8_matmul, int8_swiglu
+
+    set_int8_matmul(int8_matmul)
+    set_int8_swiglu(int8_swiglu)
 
 
 def bucket(length: int, capacity: int) -> int:
@@ -44,13 +55,19 @@ class StepHandle:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, max_context: int, cuda_graphs: bool = True):
+    def __init__(self, model: torch.nn.Module, device: torch.device, max_context: int, cuda_graphs: bool = True,
+                 compile: bool | None = None):
         self.model, self.device, self.max_context = model, device, max_context
         self.state: State | None = None
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._token_in = torch.zeros(1, 1, dtype=torch.long, device=device)
         self._position_in = torch.zeros(1, dtype=torch.long, device=device)
+        self._step = model.step
+        if device.type == "cuda":
+            _install_cuda_kernels()
+            if compile if compile is not None else os.environ.get("LMBUNDLE_COMPILE", "1") != "0":
+                self._step = torch.compile(model.step, dynamic=False)
 
     # -- state ----------------------------------------------------------------------------------
     def reset(self, length: int) -> None:
@@ -91,10 +108,13 @@ class TorchBackend:
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: int) -> StepHandle:
         """Enqueue one decode step for `token` ([1, 1] device tensor) at `position`."""
-        window = bucket(position + 1, self.state.capacity)
         if not self.use_graphs:
+            window = bucket(position + 1, self.state.capacity)
             pos = torch.tensor([position], device=self.device)
             return StepHandle(self.model.step(token.view(1, 1), pos, self.state, window))
+        # one graph per KV capacity: the step attends over the whole (masked) cache, which costs
+        # kv_per_position bytes per slot and saves a capture per window
+        window = self.state.capacity
         graph, logits = self._graphs.get(window) or self._capture(window)
         self._token_in.copy_(token.view(1, 1))
         self._position_in.fill_(position)
@@ -105,12 +125,13 @@ class TorchBackend:
         snapshot = {k: v.clone() for k, v in self.state.tensors().items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm the allocator outside capture
-            self.model.step(self._token_in, self._position_in, self.state, window)
+        with torch.cuda.stream(stream):  # compile and warm the allocator outside capture
+            for _ in range(2):
+                self._step(self._token_in, self._position_in, self.state, window)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.model.step(self._token_in, self._position_in, self.state, window)
+            logits = self._step(self._token_in, self._position_in, self.state, window)
         for k, v in self.state.tensors().items():  # capture ran the step: undo its writes
             v.copy_(snapshot[k])
         self._graphs[window] = (graph, logits)

@@ -52,6 +52,22 @@ def set_int8_matmul(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tor
     _int8_matmul = fn or _dequantize_matmul
 
 
+_int8_swiglu: Callable[..., torch.Tensor] | None = None
+
+
+def set_int8_swiglu(fn: Callable[..., torch.Tensor] | None) -> None:
+    """Install a fused silu(x @ gate.T) * (x @ up.T) over two int8 weights; None: two matmuls."""
+    global _int8_swiglu
+    _int8_swiglu = fn
+
+
+def swiglu(x: torch.Tensor, gate: "Linear", up: "Linear") -> torch.Tensor:
+    """The MLP's gated activation, one fused pass over both weights where the backend has one."""
+    if _int8_swiglu is not None and gate.quantized and up.quantized:
+        return _int8_swiglu(x, gate.qweight, gate.scales, up.qweight, up.scales)
+    return F.silu(gate(x)) * up(x)
+
+
 class Linear(nn.Module):
     """A bias-free linear layer that is either dense (`weight`) or int8 (`qweight` + `scales`)."""
 

@@ -28,7 +28,7 @@ from .layers import (
     rms_norm,
     rope_inv_freq,
 )
-from .linear import Linear
+from .linear import Linear, swiglu
 
 
 @dataclass
@@ -230,7 +230,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(x, self.gate_proj, self.up_proj))
 
 
 class DecoderLayer(nn.Module):
