@@ -28,6 +28,7 @@ from .bundle import (
 )
 from .checkpoint import load_weights, open_checkpoint, text_model_class
 from .quantize import apply_layout, bytes_per_token, check_mode, quantize_model
+from .vision_bundle import write_vision
 
 BACKENDS = ("all", "torch", "coreai")
 DEFAULT_MAX_CONTEXT = 4096
@@ -104,6 +105,7 @@ def convert(
 
         progress.set_postfix_str("tokenizer")
         copy_tokenizer(ckpt.path, tmp / "tokenizer")
+        vision = write_vision(ckpt, tmp, cfg.hidden_size) if ckpt.has_vision else None
         progress.update()
 
         aimodel = None
@@ -136,6 +138,8 @@ def convert(
             "outputs": {"logits": [1, 1, cfg.vocab_size], "next_token": [1, 1]},
             "bytes_per_token": bytes_per_token(model),
         }
+        if vision:
+            metadata["vision"] = vision
         write_metadata(tmp, metadata)
     return out
 

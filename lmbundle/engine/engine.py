@@ -19,6 +19,7 @@ from ..convert.convert import load_graph
 from ..errors import LmbundleError
 from .sampling import Sampling
 from .torch_backend import TorchBackend, pick_device
+from .vision import ImagePrompts, split_images
 
 BACKENDS = ("torch", "coreai")
 _STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -91,16 +92,31 @@ class Engine:
             dtype = {"cuda": torch.bfloat16, "mps": torch.float16}.get(self.device.type, torch.float32)
             model = load_graph(self.bundle, self.device, dtype, verify=verify)
             self.backend = TorchBackend(model, self.device, self.max_context)
+            self.vision = ImagePrompts.for_bundle(self.bundle, self.device, dtype, verify=verify)
+            if self.vision:  # one context for the engine's life, rewritten in place per prompt
+                model.set_images(self.vision.context)
         else:
             from .coreai_backend import CoreAIBackend
 
             self.device = torch.device("cpu")
             self.backend = CoreAIBackend(self.bundle, verify=verify)
+            self.vision = None  # image inputs of the Core AI decoder are not wired yet
         self.backend_name = backend
 
     @property
     def name(self) -> str:
         return self.bundle.name
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.vision is not None
+
+    def attach_images(self, sources: list) -> list[dict]:
+        """Images (paths, bytes, PIL) -> chat content parts; a resize notice goes to stderr once."""
+        if self.vision is None:
+            raise LmbundleError(f"{self.bundle.path}: this bundle has no vision encoder ({self.backend_name} "
+                                "backend); images need a VLM bundle")
+        return self.vision.attach(sources)
 
     def _stop_ids(self) -> set[int]:
         ids = set(self.bundle.info["config"].get("eos_token_id") or [])
@@ -123,10 +139,13 @@ class Engine:
     def chat_ids(self, messages: list[dict]) -> list[int]:
         if not self.tokenizer.chat_template:
             raise LmbundleError(f"{self.bundle.tokenizer_path}: the tokenizer has no chat template")
+        messages, images = split_images(messages)
+        if images and self.vision is None:
+            raise LmbundleError(f"{self.bundle.path}: this bundle has no vision encoder; images need a VLM bundle")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
-        return list(ids)
+        return self.vision.image_prompt(list(ids), images) if images else list(ids)
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len == 0:
@@ -151,6 +170,8 @@ class Engine:
         self.check_length(len(ids), max_new_tokens)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
+        if self.vision is not None:
+            self.vision.activate(ids)
         backend = self.backend
         generator = sampling.generator(self.device)
         start = time.perf_counter()

@@ -69,6 +69,9 @@ class Qwen3VLConfig:
         args["eos_token_id"] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         return cls(**args)
 
+    # GDN sizes, which shared code multiplies by the number of GDN layers (none here)
+    conv_dim = linear_conv_kernel_dim = linear_num_value_heads = linear_key_head_dim = linear_value_head_dim = 0
+
     @property
     def layer_types(self) -> list[str]:
         return ["full_attention"] * self.num_hidden_layers
