@@ -41,7 +41,7 @@ def test_interleaved_mrope_matches_transformers(section):
     pos = torch.stack([torch.arange(9), torch.arange(9) * 2 + 1, torch.arange(9) % 4])  # distinct t, h, w
     cos_ref, sin_ref = rotary(torch.zeros(1), pos[:, None, :])
     inv = layers.rope_inv_freq(BASE["head_dim"], 1e4, 0.25)
-    cos, sin = layers.mrope_cos_sin(pos, inv, section)
+    cos, sin = layers.mrope_cos_sin(pos, inv, torch.tensor(layers.mrope_axes(inv.numel(), section)))
     close(cos, cos_ref[0]), close(sin, sin_ref[0])
 
 

@@ -211,7 +211,7 @@ def load_weights(module: torch.nn.Module, tensors: Iterator[tuple[str, torch.Ten
 
 def _is_derived(module: torch.nn.Module, name: str) -> bool:
     """Buffers computed from the config (rope frequencies) are not read from checkpoints."""
-    return name.endswith("inv_freq")
+    return name.endswith(("inv_freq", "rope_axes"))
 
 
 def text_model_class(architecture: str):

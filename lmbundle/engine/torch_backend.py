@@ -33,8 +33,9 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 def _install_cuda_kernels() -> None:
     """The fused int8 dequant + GEMV kernels (Triton) for every int8 linear on CUDA."""
-    from .kernels import int8_matmul, int8_swiglu
+    from .kernels.ops import int8_matmul, int8_swiglu
 
+    torch._dynamo.config.recompile_limit = 64  # one compiled step per KV capacity
     set_int8_matmul(int8_matmul)
     set_int8_swiglu(int8_swiglu)
 

@@ -40,22 +40,20 @@ def mrope_axes(n_freqs: int, section: list[int]) -> list[int]:
 
 
 def mrope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section: list[int] | None
+    positions: torch.Tensor, inv_freq: torch.Tensor, axes: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [S, rot] for positions [3, S] (t, h, w) with interleaved M-RoPE.
 
-    Frequency i takes the H position if i % 3 == 1 and i < 3 * section[1], the W position if
-    i % 3 == 2 and i < 3 * section[2], else T. With text only the three rows are equal and this is
-    plain RoPE; positions [S] are taken as text.
+    `axes` (from `mrope_axes`, None for plain RoPE) says which row drives each frequency. With text
+    only the three rows are equal and this is plain RoPE; positions [S] are taken as text.
     """
     if positions.dim() == 1:
         positions = positions.unsqueeze(0).expand(3, -1)
     freqs = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)  # [3, S, rot/2]
-    if mrope_section is None:
+    if axes is None:
         merged = freqs[0]
     else:
-        axis = torch.tensor(mrope_axes(inv_freq.numel(), mrope_section), device=positions.device)
-        merged = torch.gather(freqs, 0, axis.view(1, 1, -1).expand(1, freqs.shape[1], -1)).squeeze(0)
+        merged = torch.gather(freqs, 0, axes.view(1, 1, -1).expand(1, freqs.shape[1], -1)).squeeze(0)
     emb = torch.cat((merged, merged), dim=-1)
     return emb.cos(), emb.sin()
 

@@ -24,6 +24,7 @@ from .layers import (
     gated_delta_step,
     gated_rms_norm,
     l2_normalize,
+    mrope_axes,
     mrope_cos_sin,
     rms_norm,
     rope_inv_freq,
@@ -274,6 +275,13 @@ class Qwen35ForStep(nn.Module):
         self.inv_freq = nn.Buffer(
             rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.partial_rotary_factor), persistent=False
         )
+        self.set_rope_axes()
+
+    def set_rope_axes(self) -> None:
+        """The M-RoPE axis of each rotary frequency, a constant buffer (no index math in the graph)."""
+        section = self.cfg.mrope_section
+        axes = None if section is None else torch.tensor(mrope_axes(self.inv_freq.numel(), section))
+        self.rope_axes = nn.Buffer(axes, persistent=False)
 
     def tie_head(self) -> None:
         """Make lm_head read the embedding table (the tied fp16 head of fp16 / int8lin bundles)."""
@@ -309,7 +317,7 @@ class Qwen35ForStep(nn.Module):
         """The final-normed hidden states [S, hidden] of tokens ids [S] at positions [S]."""
         cfg = self.cfg
         x = self.embed(ids)
-        cos, sin = mrope_cos_sin(self.rope_positions(ids, positions), self.inv_freq, cfg.mrope_section)
+        cos, sin = mrope_cos_sin(self.rope_positions(ids, positions), self.inv_freq, self.rope_axes)
         n_lin = n_full = 0
         for i, layer in enumerate(self.model.layers):
             h = rms_norm(x, layer.input_layernorm.weight, cfg.rms_norm_eps, self.zero_centered_norm)
