@@ -21,7 +21,8 @@ from lmbundle.convert.checkpoint import load_text_model, open_checkpoint  # noqa
 from lmbundle.convert.coreai_export import export_aimodel  # noqa: E402
 from lmbundle.engine.coreai_backend import COMPILED_FILE, MANIFEST, CoreAIBackend  # noqa: E402
 from lmbundle.errors import LmbundleError  # noqa: E402
-from lmbundle.models.linear import Linear, quantize_absmax  # noqa: E402
+from lmbundle.engine.sampling import Sampling  # noqa: E402
+from lmbundle.models.linear import Linear  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
 CAPACITY, STEPS = 32, 16
@@ -31,11 +32,7 @@ def quantize_all(model: torch.nn.Module, block: int = 32) -> torch.nn.Module:
     """int8 every Linear (block-32 absmax), the layout the exporter turns into blockwise constants."""
     for module in model.modules():
         if isinstance(module, Linear) and not module.quantized:
-            qweight, scales = quantize_absmax(module.weight.data, block)
-            del module.weight, module.qweight, module.scales
-            module.weight = None
-            module.register_buffer("qweight", qweight)
-            module.register_buffer("scales", scales)
+            module.quantize_(block)
     return model
 
 
@@ -75,17 +72,22 @@ def test_steps_match_torch(exported, cache, kind):
             assert backend.read_token(handle) == ref.argmax().item(), f"argmax differs at step {position}"
         assert worst < 1e-4, f"{kind}: max |logits diff| {worst:.2e}"
 
-        backend.reset()
-        handles = [backend.step(int(tokens[0]), 0)]
-        for position in range(1, STEPS):
-            handles.append(backend.step(handles[-1], position))  # enqueued before any token is read
-        ours = [backend.read_token(h) for h in handles]
+        # the engine's greedy pipeline: each step is fed the previous step's in-graph argmax, and all
+        # are enqueued before any token is read
+        prompt = tokens[:4].tolist()
+        backend.reset(len(prompt) + STEPS)
+        tokens_in_flight = [backend.next_token(backend.prefill(prompt), Sampling(), None)]
+        for position in range(len(prompt), len(prompt) + STEPS - 1):
+            tokens_in_flight.append(backend.next_token(backend.step(tokens_in_flight[-1], position), Sampling(), None))
+        ours = [backend.read_token(t) for t in tokens_in_flight]
 
-    state, token, greedy = model.new_state(CAPACITY), int(tokens[0]), []
+    state, greedy = model.new_state(CAPACITY), []
     with torch.no_grad():
-        for position in range(STEPS):
-            token = model.step(torch.tensor([[token]]), torch.tensor([position]), state, CAPACITY).argmax().item()
-            greedy.append(token)
+        for position in range(len(prompt) + STEPS - 1):
+            token = prompt[position] if position < len(prompt) else greedy[-1]
+            logits = model.step(torch.tensor([[token]]), torch.tensor([position]), state, CAPACITY)
+            if position >= len(prompt) - 1:
+                greedy.append(logits.argmax().item())
     assert ours == greedy
 
 
@@ -143,3 +145,18 @@ def test_static_position_input(exported, tmp_path):
             with torch.no_grad():
                 ref = model.step(torch.tensor([[token]]), torch.tensor([position]), state, CAPACITY)
             assert (backend.read_logits(backend.step(token, position)) - ref).abs().max() < 1e-4
+
+
+def test_load_state_seeds_the_runtime(exported, cache):
+    """A state written on the host (as the HF-seeded gate does) is the one the next step reads."""
+    model, path = exported["fp32"]
+    state = model.new_state(CAPACITY)
+    with torch.no_grad():
+        for position, token in enumerate([9, 4, 17, 2, 30]):
+            model.step(torch.tensor([[token]]), torch.tensor([position]), state, CAPACITY)
+    with CoreAIBackend(path, cache) as backend:
+        backend.load_state(lambda target: [t.copy_(s) for t, s in zip(target.tensors().values(), state.tensors().values())])
+        logits = backend.read_logits(backend.step(12, 5))
+    with torch.no_grad():
+        ref = model.step(torch.tensor([[12]]), torch.tensor([5]), state, CAPACITY)
+    assert (logits - ref).abs().max() < 1e-4

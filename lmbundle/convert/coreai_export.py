@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..engine.coreai_backend import compile_asset
+from ..engine.coreai_backend import STATE_NAMES, compile_asset
 from ..errors import LmbundleError
 from ..models import linear as linear_module
 
-STATE_NAMES = {"key": "keyCache", "value": "valueCache", "conv": "convState", "rec": "recState"}
 INPUT_NAMES = ["input_ids", "position_ids"]
 OUTPUT_NAMES = ["logits", "next_token"]
 COMPILED_NAME = "main-unspecialized.odix"
@@ -58,7 +57,7 @@ def coreai_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     folds that cast, so the asset holds int8 weights + scales and the runtime dequantises.
     """
     weight = torch.ops.coreai.constexpr_blockwise_shift_scale(qweight, scales.to(x.dtype))
-    return torch.nn.functional.linear(x, weight.to(x.dtype))
+    return torch.nn.functional.linear(x, weight)
 
 
 class StepGraph(nn.Module):
@@ -131,14 +130,16 @@ def export_aimodel(
     positions = torch.arange(2 if ramp else 1, dtype=torch.int32).view(1, -1)
     dynamic = ({}, {1: torch.export.Dim("positions", min=1, max=capacity)}) if ramp else None
 
-    previous_matmul = linear_module._int8_matmul
+    previous = linear_module._int8_matmul, linear_module._int8_swiglu
     linear_module.set_int8_matmul(coreai_int8_matmul)
+    linear_module.set_int8_swiglu(None)  # a device kernel (Triton) must not end up in the graph
     try:
         with torch.no_grad():
             exported = torch.export.export(graph, (ids, positions), dynamic_shapes=dynamic, strict=False)
         exported = exported.run_decompositions(coreai_torch.get_decomp_table())
     finally:
-        linear_module.set_int8_matmul(previous_matmul)
+        linear_module.set_int8_matmul(previous[0])
+        linear_module.set_int8_swiglu(previous[1])
 
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
     _add_missing_lowerings(converter)
@@ -146,7 +147,7 @@ def export_aimodel(
         exported, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, state_names=_state_order(exported)
     )
     program = converter.to_coreai()
-    asset = program.save_asset(out_path)
+    program.save_asset(out_path)
     del exported, converter, program
     if compile_for_linux:
         compile_asset(out_path, out_path)

@@ -34,6 +34,8 @@ import torch
 from ..errors import LmbundleError
 
 COMPILED_FILE = "main-universal.odix"
+STATE_NAMES = {"key": "keyCache", "value": "valueCache", "conv": "convState", "rec": "recState"}
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
 MANIFEST = "manifest.json"
 
 
@@ -146,6 +148,21 @@ def compiled_entry(aimodel: Path, root: Path | None = None) -> tuple[Path, bool]
     return entry, False
 
 
+def _asset_of(source, verify: bool) -> Path:
+    """The `.aimodel` of a bundle (its `main` asset) or a path to one. With `verify`, the asset's small
+    files (main.hash above all) are checked against the bundle's record; the bytecode is checked against
+    main.hash whenever it is compiled, so a cache hit never reads the gigabytes again."""
+    if not hasattr(source, "aimodel_path"):
+        return Path(source)
+    aimodel = source.aimodel_path
+    if aimodel is None:
+        raise LmbundleError(f"{source.path}: this bundle has no .aimodel (convert with --backend all or coreai)")
+    small = [rel for rel in source.info.get("files", {}) if rel.startswith(f"{aimodel.name}/") and not rel.endswith(".mlirb")]
+    if verify and small:
+        source.verify(small)
+    return aimodel
+
+
 class StepHandle:
     """One enqueued step: `done` completes when it ran; `outputs` is filled in by the loop thread."""
 
@@ -155,12 +172,15 @@ class StepHandle:
 
 
 class CoreAIBackend:
-    """The step interface of the engine (reset / step / read_token / read_logits) on a Core AI asset."""
+    """The engine's backend interface (reset / prefill / step / next_token / read_token / logits) on a
+    Core AI asset: a bundle (its `main` asset) or a bare `.aimodel` folder."""
 
-    def __init__(self, aimodel: Path | str, cache: Path | None = None):
+    name = "coreai"
+
+    def __init__(self, source, cache: Path | None = None, verify: bool = True):
         _, runtime = _runtime()
         self._runtime = runtime
-        self.aimodel = Path(aimodel)
+        self.aimodel = _asset_of(source, verify)
         self.compiled, self.cache_hit = compiled_entry(self.aimodel, cache)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="coreai-steps", daemon=True)
@@ -194,16 +214,33 @@ class CoreAIBackend:
     def _call(self, coroutine) -> Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
-    async def _zero(self) -> None:
-        async with self._lock:
-            self.states = {
-                name: self._runtime.NDArray(np.zeros(shape, dtype)) for name, (shape, dtype) in self._state_layout.items()
-            }
+    async def _set_states(self, arrays: dict[str, np.ndarray]) -> None:
+        async with self._lock:  # after the steps in flight
+            self.states = {name: self._runtime.NDArray(array) for name, array in arrays.items()}
 
-    def reset(self) -> None:
-        """Fresh zeroed states (after the steps in flight). Built from numpy zeros: memory from
+    def reset(self, length: int = 0) -> None:
+        """Fresh zeroed states with room for `length` positions. Built from numpy zeros: memory from
         `NDArray.from_descriptor` is uninitialised and its `.numpy()` is a copy, so it cannot be zeroed in place."""
-        self._call(self._zero()).result()
+        self.grow(length)
+        zeros = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self._state_layout.items()}
+        self._call(self._set_states(zeros)).result()
+
+    def grow(self, length: int) -> None:
+        """The KV capacity is fixed at export: a longer context is a user error, not a resize."""
+        if length > self.capacity:
+            raise LmbundleError(f"{length} positions do not fit the asset's KV capacity {self.capacity} "
+                                "(export it with a larger capacity)")
+
+    def load_state(self, write) -> None:
+        """Let `write(state)` fill a torch `State` (the gates seed it from the oracle's cache); it becomes
+        the runtime's state."""
+        from ..models.qwen35 import State
+
+        tensors = {field: torch.zeros(*self._state_layout[name][0], dtype=_TORCH_DTYPES[self._state_layout[name][1]])
+                   for field, name in STATE_NAMES.items()}
+        write(State(**tensors))
+        arrays = {STATE_NAMES[field]: tensor.numpy() for field, tensor in tensors.items()}
+        self._call(self._set_states(arrays)).result()
 
     def _position_ids(self, position: int) -> np.ndarray:
         if position >= self.capacity:
@@ -224,20 +261,43 @@ class CoreAIBackend:
             inputs = {"input_ids": ids, "position_ids": NDArray(position_ids)}
             handle.outputs = await self._function(inputs, self.states)
 
-    def step(self, token: int | StepHandle, position: int) -> StepHandle:
-        """Enqueue one step: `token` is an id or the handle of the step whose argmax feeds this one."""
+    def step(self, token: int | torch.Tensor | StepHandle, position: int) -> StepHandle:
+        """Enqueue one step: `token` is an id ([1, 1] tensor or int) or the handle of the step whose
+        in-graph argmax feeds this one (the greedy pipeline: the token stays in the runtime)."""
+        if isinstance(token, torch.Tensor):
+            token = int(token.item())
         handle = StepHandle()
         handle.done = self._call(self._step(handle, token, self._position_ids(position)))
         return handle
 
-    def read_token(self, handle: StepHandle) -> int:
-        handle.done.result()
-        return int(handle.outputs["next_token"].numpy().reshape(-1)[0])
+    def prefill(self, ids: list[int], chunk: int = 0) -> StepHandle:
+        """The prompt as S=1 steps (the asset has one `main` function; `chunk` does not apply)."""
+        handle = None
+        for position, token in enumerate(ids):
+            handle = self.step(token, position)
+        return handle
+
+    def next_token(self, handle: StepHandle, sampling, generator) -> StepHandle | torch.Tensor:
+        """Greedy: the step itself (its `next_token` output feeds the next step); else sampled on the host."""
+        if sampling.greedy:
+            return handle
+        from .sampling import sample
+
+        return sample(self.read_logits(handle), sampling, generator)
+
+    def read_token(self, token: StepHandle | torch.Tensor | int) -> int:
+        if isinstance(token, StepHandle):
+            token.done.result()
+            return int(token.outputs["next_token"].numpy().reshape(-1)[0])
+        return int(token.item()) if isinstance(token, torch.Tensor) else int(token)
 
     def read_logits(self, handle: StepHandle) -> torch.Tensor:
         """Logits [1, 1, V] fp32 (a copy: the runtime owns its output buffers)."""
         handle.done.result()
         return torch.from_numpy(np.array(handle.outputs["logits"].numpy(), dtype=np.float32, copy=True))
+
+    def logits(self, handle: StepHandle) -> torch.Tensor:
+        return self.read_logits(handle).reshape(-1)
 
     def close(self) -> None:
         if self._loop.is_running():
