@@ -20,8 +20,8 @@ pytest.importorskip("coreai_torch")
 from lmbundle.convert.checkpoint import load_text_model, open_checkpoint  # noqa: E402
 from lmbundle.convert.coreai_export import export_aimodel  # noqa: E402
 from lmbundle.engine.coreai_backend import COMPILED_FILE, MANIFEST, CoreAIBackend  # noqa: E402
-from lmbundle.errors import LmbundleError  # noqa: E402
 from lmbundle.engine.sampling import Sampling  # noqa: E402
+from lmbundle.errors import LmbundleError  # noqa: E402
 from lmbundle.models.linear import Linear  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
@@ -43,12 +43,14 @@ def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("coreai")
     rope = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25,
             "mrope_section": [2, 1, 1], "mrope_interleaved": True}
-    checkpoint = checkpoints.make_qwen35(folder / "ckpt", **dict(checkpoints.TINY_CONFIGS["base"], rope_parameters=rope))
+    config = dict(checkpoints.TINY_CONFIGS["base"], rope_parameters=rope)
+    checkpoint = checkpoints.make_qwen35(folder / "ckpt", **config)
     models = {
         "fp32": load_text_model(open_checkpoint(checkpoint)),
         "int8": quantize_all(load_text_model(open_checkpoint(checkpoint))),
     }
-    return {kind: (model, export_aimodel(model, CAPACITY, folder / f"{kind}.aimodel").path) for kind, model in models.items()}
+    return {kind: (model, export_aimodel(model, CAPACITY, folder / f"{kind}.aimodel").path)
+            for kind, model in models.items()}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +157,7 @@ def test_load_state_seeds_the_runtime(exported, cache):
         for position, token in enumerate([9, 4, 17, 2, 30]):
             model.step(torch.tensor([[token]]), torch.tensor([position]), state, CAPACITY)
     with CoreAIBackend(path, cache) as backend:
-        backend.load_state(lambda target: [t.copy_(s) for t, s in zip(target.tensors().values(), state.tensors().values())])
+        backend.load_state(lambda target: [target.tensors()[k].copy_(v) for k, v in state.tensors().items()])
         logits = backend.read_logits(backend.step(12, 5))
     with torch.no_grad():
         ref = model.step(torch.tensor([[12]]), torch.tensor([5]), state, CAPACITY)

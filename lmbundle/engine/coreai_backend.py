@@ -157,7 +157,8 @@ def _asset_of(source, verify: bool) -> Path:
     aimodel = source.aimodel_path
     if aimodel is None:
         raise LmbundleError(f"{source.path}: this bundle has no .aimodel (convert with --backend all or coreai)")
-    small = [rel for rel in source.info.get("files", {}) if rel.startswith(f"{aimodel.name}/") and not rel.endswith(".mlirb")]
+    recorded = source.info.get("files", {})
+    small = [rel for rel in recorded if rel.startswith(f"{aimodel.name}/") and not rel.endswith(".mlirb")]
     if verify and small:
         source.verify(small)
     return aimodel
