@@ -78,10 +78,10 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def request(method: str, host: str, path: str, body: bytes | dict | None = None, key: str | None = API_KEY,
-            timeout: float = 60) -> tuple[int, dict | str]:
+            timeout: float = 60, **extra_headers: str) -> tuple[int, dict | str]:
     """One plain HTTP request (for what the openai client cannot send: bad JSON, no key)."""
     conn = http.client.HTTPConnection(host, timeout=timeout)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **{k.replace("_", "-"): v for k, v in extra_headers.items()}}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     payload = json.dumps(body).encode() if isinstance(body, dict) else body
@@ -214,6 +214,15 @@ def test_malformed_json_and_bad_fields(server):
     assert status == 404 and "error" in body
 
 
+def test_foreign_host_and_non_json_posts_are_refused(server):
+    port = server[1].rsplit(":", 1)[1]
+    status, body = request("GET", server[1], "/v1/models", Host=f"attacker.example:{port}")
+    assert status == 403 and body["error"]["code"] == "forbidden_host"  # DNS rebinding
+    assert request("GET", server[1], "/v1/models", Host=f"localhost:{port}")[0] == 200
+    status, body = request("POST", server[1], "/v1/completions", body={"prompt": "x"}, Content_Type="text/plain")
+    assert status == 415  # what a cross-site form could send without a CORS preflight
+
+
 def test_api_key_required_but_page_public(server):
     status, body = request("GET", server[1], "/v1/models", key=None)
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
@@ -289,16 +298,23 @@ def test_file_urls_only_inside_allowed_folders(tmp_path):
 
 
 # -- load, disconnects, memory ----------------------------------------------------------------------
-def test_client_disconnect_stops_generation(server, engine):
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_stops_generation(server, engine, stream):
     host = server[1]
     before = request("GET", host, "/health")[1]["stopped"]
     conn = http.client.HTTPConnection(host, timeout=30)
-    conn.request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                 body=json.dumps({"messages": MESSAGES, "stream": True, "max_tokens": MAX_CONTEXT - 100,
+    conn.request("POST", "/v1/chat/completions",
+                 headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+                 body=json.dumps({"messages": MESSAGES, "stream": stream, "max_tokens": MAX_CONTEXT - 100,
                                   "temperature": 0.8, "seed": 1}))
-    response = conn.getresponse()
-    assert response.status == 200
-    response.fp.readline()  # the first event arrived: decoding has started
+    if stream:
+        response = conn.getresponse()
+        assert response.status == 200
+        response.fp.readline()  # the first event arrived: decoding has started
+    else:
+        deadline = time.monotonic() + 20
+        while not request("GET", host, "/health")[1]["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     deadline = time.monotonic() + 20

@@ -8,6 +8,7 @@ what the client can fix. The server listens on loopback unless the operator expl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -42,6 +43,7 @@ class Options:
     timeout: float = 300.0
     queue_size: int = 16
     allowed_dirs: list[Path] = field(default_factory=list)
+    hosts: set[str] | None = None  # accepted Host headers; None accepts any
 
 
 @dataclass
@@ -128,22 +130,38 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-class ApiKeyCheck:
-    """ASGI middleware: every request but the page itself needs `Authorization: Bearer <key>`."""
+class Guard:
+    """ASGI middleware for what every request must pass, before any route runs:
+    - the API key (when set), on everything but the page itself, which asks for it on a 401;
+    - a Host header naming this server when it listens on loopback, so a web page elsewhere cannot
+      reach the model through DNS rebinding;
+    - JSON bodies declared as such: a cross-site form or text/plain POST is refused, never run."""
 
-    def __init__(self, app, key: str):
+    def __init__(self, app, key: str | None, hosts: set[str] | None):
         self.app = app
-        self.expected = f"Bearer {key}".encode()
+        self.expected = f"Bearer {key}".encode() if key else None
+        self.hosts = hosts
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS and not scope["path"].startswith("/static/"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                body = ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                                code="invalid_api_key").body()
-                await JSONResponse(body, status_code=401)(scope, receive, send)
-                return
+        if scope["type"] == "http" and (problem := self.problem(scope)):
+            await JSONResponse(problem.body(), status_code=problem.status)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+    def problem(self, scope) -> ApiError | None:
+        headers = dict(scope["headers"])
+        if self.hosts is not None and headers.get(b"host", b"").decode("latin-1").lower() not in self.hosts:
+            return ApiError(403, "Host header does not name this server", code="forbidden_host")
+        path = scope["path"]
+        public = path in PUBLIC_PATHS or path.startswith("/static/")
+        if self.expected and not public and not hmac.compare_digest(headers.get(b"authorization", b""),
+                                                                    self.expected):
+            return ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                            code="invalid_api_key")
+        if scope["method"] == "POST" and not headers.get(b"content-type", b"").startswith(b"application/json"):
+            return ApiError(415, "send the request body as Content-Type: application/json",
+                            code="unsupported_media_type")
+        return None
 
 
 def default_sampling(engine) -> dict:
@@ -159,11 +177,15 @@ def create_app(engine, options: Options) -> FastAPI:
     worker = Worker(options.queue_size)
     defaults = default_sampling(engine)
     vision = bool(getattr(engine, "is_vlm", False))
-    app = FastAPI(title="lmbundle", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.close()
+
+    app = FastAPI(title="lmbundle", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker = worker
-    app.router.add_event_handler("shutdown", worker.close)
-    if options.api_key:
-        app.add_middleware(ApiKeyCheck, key=options.api_key)
+    app.add_middleware(Guard, key=options.api_key, hosts=options.hosts)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -331,6 +353,10 @@ def check_host(host: str, allow_remote: bool) -> bool:
     return loopback
 
 
+def loopback_hosts(port: int) -> set[str]:
+    return {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
+
+
 def serve(args) -> None:
     import uvicorn
 
@@ -340,7 +366,8 @@ def serve(args) -> None:
     if args.queue_size < 0 or args.timeout <= 0:
         raise LmbundleError("--queue-size must be >= 0 and --timeout > 0")
     options = Options(api_key=args.api_key, timeout=args.timeout, queue_size=args.queue_size,
-                      allowed_dirs=resolve_dirs(getattr(args, "allow_files", None) or []))
+                      allowed_dirs=resolve_dirs(getattr(args, "allow_files", None) or []),
+                      hosts=loopback_hosts(args.port) if loopback else None)
     engine = Engine(args.bundle, backend=args.backend, device=args.device)
     engine.warmup()
     app = create_app(engine, options)

@@ -66,6 +66,7 @@ class Worker:
         self.running: Job | None = None
         self.served = 0
         self.stopped = 0  # jobs ended early: client gone or time limit
+        self._closing = False
         self._thread = threading.Thread(target=self._loop, name="lmbundle-decode", daemon=True)
         self._thread.start()
 
@@ -84,6 +85,10 @@ class Worker:
         return job
 
     def close(self) -> None:
+        """Stop the running job, drop the waiting ones, end the thread."""
+        self._closing = True
+        if (job := self.running) is not None:
+            job.cancel()
         self._queue.put(None)
         self._thread.join(timeout=5)
 
@@ -92,6 +97,8 @@ class Worker:
             with self._lock:
                 self._waiting -= 1
             self.running = job
+            if self._closing:
+                job.cancel()
             try:
                 job.check()
                 job.work(job)

@@ -166,6 +166,7 @@ async function send(text) {
       state.history.pop();
       reply.bubble.classList.add("error");
       reply.text.textContent = error.message;
+      scrollDown();
     }
   } finally {
     reply.turn.classList.remove("streaming");
