@@ -96,7 +96,9 @@ def _prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
 def _seeded_step(engine: Engine, cache, ids: list[int], token: int) -> torch.Tensor:
     backend = engine.backend
     backend.reset(len(ids) + 1)
-    backend.load_state(lambda state: state_from_cache(cache, engine.bundle.info["config"]["layer_types"], state))
+    config = engine.bundle.info["config"]  # Qwen3-VL configs name no layer_types: every layer is attention
+    layer_types = config.get("layer_types") or ["full_attention"] * config["num_hidden_layers"]
+    backend.load_state(lambda state: state_from_cache(cache, layer_types, state))
     return backend.logits(backend.step(torch.tensor([[token]], device=engine.device), len(ids)))
 
 
