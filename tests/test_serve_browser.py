@@ -1,7 +1,10 @@
-"""The chat page in a real headless Chromium (Debian's, driven by Python playwright).
+"""The chat page in a real headless Chromium (Debian's, driven by Python playwright), on a tiny
+Qwen3.5-with-vision bundle.
 
-Types a message, watches the answer stream in, checks it against the engine's own greedy output,
-stops a long answer with the Stop button, and saves a screenshot to tests/artifacts/.
+Types a message and watches the answer stream in, checked against the engine's own greedy output;
+stops a long answer with the Stop button (the server stops decoding); attaches an image with the
+picker and by drag and drop, and checks that answer against the engine on the same image; shows a
+server error in the conversation. Screenshots go to tests/artifacts/.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
 from tests.test_serve import reference, request, start_server, stop_server
+from tests.test_vlm_e2e import _make_checkpoint
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 CHROMIUM = "/usr/bin/chromium"
@@ -24,13 +30,22 @@ if not shutil.which(CHROMIUM):
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).parent / "artifacts"
-MAX_CONTEXT = 1024
+MAX_CONTEXT = 1024  # an image is 196 tokens
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_qwen35, tmp_path_factory):
-    return convert(str(tiny_qwen35), tmp_path_factory.mktemp("browser") / "tiny", quant="fp16", backend="torch",
-                   max_context=MAX_CONTEXT, log=None)
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    _make_checkpoint("qwen3_5", root / "ckpt")
+    return convert(str(root / "ckpt"), root / "tiny-vlm", quant="fp16", backend="torch", max_context=MAX_CONTEXT,
+                   log=None)
+
+
+@pytest.fixture(scope="module")
+def engine(bundle):
+    engine = Engine(bundle, backend="torch", device="cpu")
+    assert engine.is_vlm
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +59,7 @@ def server(bundle):
 def page(server):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 760})
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
         page.goto(f"http://{server}/")
         yield page
         browser.close()
@@ -62,10 +77,21 @@ def close_settings(page) -> None:
         page.click("#settings-toggle")
 
 
-def test_chat_streams_the_engines_answer_and_stops(page, server, bundle):
-    engine = Engine(bundle, backend="torch", device="cpu")
+def last_answer(page):
+    return page.locator(".turn.assistant").last
+
+
+def send(page, text: str) -> None:
+    page.fill("#prompt", text)
+    page.keyboard.press("Enter")
+
+
+def finished(page):
+    sync_api.expect(last_answer(page).locator(".meta")).to_contain_text("tok/s", timeout=30_000)
+
+
+def test_chat_streams_the_engines_answer_and_stops(page, server, engine):
     sync_api.expect(page.locator("#model-name")).to_have_text(engine.name)
-    assert page.locator("#attach").is_hidden()  # a text bundle: no image upload
     set_field(page, "#temperature", "0")
     set_field(page, "#max-tokens", "24")
     close_settings(page)
@@ -75,28 +101,25 @@ def test_chat_streams_the_engines_answer_and_stops(page, server, bundle):
             document.getElementById('conversation'), {subtree: true, childList: true, characterData: true});
     }""")
 
-    question = "The quick brown fox"
-    page.fill("#prompt", question)
-    page.keyboard.press("Enter")
-    answer = page.locator(".turn.assistant").last
-    sync_api.expect(answer.locator(".meta")).to_contain_text("tok/s", timeout=30_000)
+    question = "A cat sat on the mat"
+    send(page, question)
+    finished(page)
     expected, n, _ = reference(engine, engine.chat_ids([{"role": "user", "content": question}]), 24)
-    assert answer.locator(".bubble").evaluate("node => node.textContent") == expected
-    assert f"{n} tokens" in answer.locator(".meta").inner_text()
+    assert last_answer(page).locator(".bubble").evaluate("node => node.textContent") == expected
+    prompt_tokens = len(engine.chat_ids([{"role": "user", "content": question}]))
+    assert f"{prompt_tokens} prompt + {n} tokens" in last_answer(page).locator(".meta").inner_text()
     assert page.evaluate("window.updates") > 3  # pieces arrived one by one, not as one block
 
     stopped_before = request("GET", server, "/health")[1]["stopped"]
     set_field(page, "#max-tokens", "800")
-    page.fill("#prompt", "Tell me a long story about a little cat")
-    page.keyboard.press("Enter")
-    streaming = page.locator(".turn.assistant.streaming .bubble")
-    sync_api.expect(streaming).not_to_have_text("", timeout=30_000)  # the first pieces are in
-    last = page.locator(".turn.assistant").last
+    close_settings(page)
+    send(page, "Tell me a long story about a little cat")
+    sync_api.expect(page.locator(".turn.assistant.streaming .bubble")).not_to_have_text("", timeout=30_000)
     try:
         page.click("#stop", timeout=5_000)
     except sync_api.Error:
-        raise AssertionError(f"the answer ended before Stop: {last.inner_text()!r}") from None
-    sync_api.expect(page.locator(".turn.assistant").last.locator(".meta")).to_have_text("stopped")
+        raise AssertionError(f"the answer ended before Stop: {last_answer(page).inner_text()!r}") from None
+    sync_api.expect(last_answer(page).locator(".meta")).to_have_text("stopped")
     sync_api.expect(page.locator("#send")).to_be_visible()
     deadline = time.monotonic() + 10
     while request("GET", server, "/health")[1]["stopped"] == stopped_before and time.monotonic() < deadline:
@@ -104,19 +127,64 @@ def test_chat_streams_the_engines_answer_and_stops(page, server, bundle):
     assert request("GET", server, "/health")[1]["stopped"] == stopped_before + 1  # the server stopped decoding
 
     set_field(page, "#max-tokens", "24")
-    page.fill("#prompt", "One more, please")
-    page.keyboard.press("Enter")
-    sync_api.expect(page.locator(".turn.assistant").last.locator(".meta")).to_contain_text("tok/s",
-                                                                                            timeout=30_000)
     close_settings(page)
+    send(page, "One more, please")
+    finished(page)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "serve_chat.png"))
 
 
+def test_image_by_picker_and_drop_answers_like_the_engine(page, engine, tmp_path):
+    path = tmp_path / "photo.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (180, 240, 3), dtype=np.uint8)
+    pixels[40:140, 60:180] = (230, 120, 40)  # an orange block, so the thumbnail shows something
+    Image.fromarray(pixels).save(path)
+    page.click("#new-chat")
+    set_field(page, "#max-tokens", "16")
+    close_settings(page)
+    assert page.locator("#attach").is_visible()  # a vision bundle offers image upload
+
+    page.set_input_files("#file-picker", str(path))
+    sync_api.expect(page.locator(".thumb")).to_have_count(1)
+    drop = page.evaluate_handle("""async (url) => {
+        const blob = await (await fetch(url)).blob();
+        const data = new DataTransfer();
+        data.items.add(new File([blob], "dropped.png", {type: "image/png"}));
+        return data;
+    }""", page.locator(".thumb img").get_attribute("src"))
+    page.dispatch_event("#composer", "dragenter", {"dataTransfer": drop})
+    sync_api.expect(page.locator("#drop-hint")).to_be_visible()
+    page.dispatch_event("#composer", "drop", {"dataTransfer": drop})
+    sync_api.expect(page.locator(".thumb")).to_have_count(2)
+    sync_api.expect(page.locator("#drop-hint")).to_be_hidden()
+    page.locator(".thumb button").last.click()  # remove the dropped copy again
+    sync_api.expect(page.locator(".thumb")).to_have_count(1)
+
+    question = "What is in this picture?"
+    send(page, question)
+    finished(page)
+    sync_api.expect(page.locator(".turn.user img")).to_have_count(1)
+    image = Image.open(path)
+    ids = engine.chat_ids([{"role": "user", "content": [{"type": "image", "image": image},
+                                                         {"type": "text", "text": question}]}])
+    expected, n, _ = reference(engine, ids, 16)
+    assert last_answer(page).locator(".bubble").evaluate("node => node.textContent") == expected
+    assert f"{len(ids)} prompt + {n} tokens" in last_answer(page).locator(".meta").inner_text()  # 196 image tokens
+    page.screenshot(path=str(ARTIFACTS / "serve_chat_image.png"))
+
+
 def test_server_errors_show_in_the_conversation(page):
     set_field(page, "#max-tokens", str(MAX_CONTEXT + 1))
-    page.fill("#prompt", "Too much")
-    page.keyboard.press("Enter")
-    sync_api.expect(page.locator(".turn.assistant").last.locator(".bubble.error")).to_contain_text(
-        "context too long")
+    send(page, "Too much")
+    sync_api.expect(last_answer(page).locator(".bubble.error")).to_contain_text("context too long")
     page.screenshot(path=str(ARTIFACTS / "serve_chat_error.png"))
+
+
+def test_text_bundle_hides_image_upload(page):
+    """What the page does with /api/info of a text-only bundle (answered here by the browser)."""
+    info = request("GET", page.url.split("/")[2], "/api/info")[1]
+    page.route("**/api/info", lambda route: route.fulfill(json={**info, "vision": False}))
+    page.reload()
+    sync_api.expect(page.locator("#model-name")).to_have_text(info["id"])
+    assert page.locator("#attach").is_hidden()
+    page.unroute("**/api/info")

@@ -153,7 +153,7 @@ async function send(text) {
     }
     state.history.push({ role: "assistant", content: answer });
     const parts = [];
-    if (usage) parts.push(`${usage.completion_tokens} tokens`);
+    if (usage) parts.push(`${usage.prompt_tokens} prompt + ${usage.completion_tokens} tokens`);
     if (timings) parts.push(`${timings.decode_tok_s.toFixed(1)} tok/s`);
     parts.push(`${((performance.now() - started) / 1000).toFixed(1)} s`);
     if (finish === "length") parts.push("stopped at max tokens");
