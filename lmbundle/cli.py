@@ -213,9 +213,18 @@ def cmd_gate(args) -> None:
 
     engine = Engine(args.bundle, backend=args.backend, device=args.device)
     against = Engine(args.against, backend=args.backend, device=args.device) if args.against else None
-    report = run_gate(engine, Oracle(args.oracle), against)
-    print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
-    if not report.passed:
+    oracle = Oracle(args.oracle)
+    report = run_gate(engine, oracle, against)
+    image = None
+    if engine.is_vlm:
+        from .gates.image_gate import run_image_gate
+
+        image = run_image_gate(engine, oracle)
+    if args.json:
+        print(json.dumps(report.to_dict() | ({"image": image.to_dict()} if image else {})))
+    else:
+        print("\n".join(report.lines() + (image.lines() if image else [])))
+    if not report.passed or (image and not image.passed):
         raise SystemExit(1)
 
 

@@ -279,3 +279,15 @@ def test_cli_run_image_prints_the_notice_once(vlm, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: image file not found"), err
+
+
+def test_image_gate_passes(vlm):
+    """`lmbundle gate`'s image part on one prompt: positions, vision cosine and the S=1 sweep."""
+    from types import SimpleNamespace
+
+    from lmbundle.gates.image_gate import PROMPTS, run_image_gate
+
+    _, ref, engines = vlm
+    report = run_image_gate(engines["fp16"], SimpleNamespace(model=ref), PROMPTS[1:2])
+    assert report.passed, report.lines()
+    assert report.positions_exact == 1 and report.sweep_positions == 16 and report.vision_min_cosine >= 0.9997
