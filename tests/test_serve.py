@@ -23,6 +23,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from PIL import Image
 
 from lmbundle.convert.convert import convert
@@ -30,13 +31,13 @@ from lmbundle.engine.engine import Engine, GenerationStats
 from lmbundle.engine.sampling import Sampling
 from lmbundle.errors import LmbundleError
 from lmbundle.serve.images import ImageError, decode_image_url
-from lmbundle.serve.openai_api import StopMatcher
-from lmbundle.serve.server import check_host, serve
-from lmbundle.serve.worker import QueueFull, Worker
+from lmbundle.serve.openai_api import ApiError, StopMatcher
+from lmbundle.serve.server import JobEvents, check_host, serve
+from lmbundle.serve.worker import Job, QueueFull, Worker
 
 API_KEY = "test-key"
 QUEUE_SIZE = 4
-MAX_CONTEXT = 512
+MAX_CONTEXT = 2048
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -102,6 +103,16 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The reference engine runs here on the main thread: a tiny model is ~10x slower there with 2 threads
+    spinning against each other on a busy 2-core machine (the server decodes on its own worker thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +250,7 @@ def test_unknown_model_is_404(client):
 
 
 def test_prompt_past_the_context_is_400(client, engine):
-    long = "The quick brown fox jumps over the lazy dog. " * 60
+    long = "The quick brown fox jumps over the lazy dog. " * 250
     assert len(engine.encode(long)) > MAX_CONTEXT
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=engine.name, prompt=long, max_tokens=4)
@@ -394,6 +405,22 @@ def test_worker_is_fifo_bounded_and_stops_late_jobs():
 
     order, stopped = asyncio.run(scenario())
     assert order == ["a", "b"] and stopped == 1  # "c" ran past its time limit and was stopped
+
+
+def test_request_side_time_limit_is_504():
+    """A job still waiting (or silent) when its time is up answers 504."""
+    class Connected:
+        async def is_disconnected(self):
+            return False
+
+    async def scenario():
+        job = Job(lambda j: None, asyncio.get_running_loop(), time.monotonic() + 0.3)
+        with pytest.raises(ApiError) as err:
+            await JobEvents(job, Connected(), 0.3, watch=True).next()
+        return err.value
+
+    error = asyncio.run(scenario())
+    assert error.status == 504 and error.body()["error"]["code"] == "timeout"
 
 
 def test_remote_host_needs_allow_remote():

@@ -100,30 +100,40 @@ def as_api_error(exc: BaseException) -> ApiError:
     return ApiError(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
 
 
-async def next_event(job: Job, request: Request, timeout: float, watch: bool):
-    """The job's next event; raises ApiError for its errors and for the time limit, ClientGone when
-    `watch` is on and the client has left (streams leave that to Starlette, which cancels them)."""
-    last_look = time.monotonic()
-    while True:
-        remaining = job.deadline - time.monotonic()
-        if remaining <= 0:
-            raise ApiError(504, f"request timed out after {timeout:g} s", code="timeout")
-        try:
-            event = await asyncio.wait_for(job.events.get(), timeout=min(remaining, 0.25))
-        except asyncio.TimeoutError:
-            event = None
-        if watch and time.monotonic() - last_look >= 0.25:
-            last_look = time.monotonic()
-            if await request.is_disconnected():
-                raise ClientGone()
-        if event is None:
-            continue
-        if event.kind == "error":
-            raise as_api_error(event.value)
-        if event.kind == "end":  # the worker stopped the job early
-            raise ApiError(504, f"request timed out after {timeout:g} s", code="timeout") if job.timed_out \
-                else ClientGone()
-        return event
+class JobEvents:
+    """The request's side of a job: its events in order, its time limit, and, when `watch` is on, a
+    look every 0.25 s at whether the client is still there (streams leave that to Starlette, which
+    cancels them when the client goes)."""
+
+    def __init__(self, job: Job, request: Request, timeout: float, watch: bool):
+        self.job, self.request, self.timeout, self.watch = job, request, timeout, watch
+        self.last_look = time.monotonic()
+
+    async def next(self):
+        """The next event; raises ApiError for the job's errors and its time limit, ClientGone."""
+        job = self.job
+        while True:
+            remaining = job.deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.timed_out()
+            try:
+                event = await asyncio.wait_for(job.events.get(), timeout=min(remaining, 0.25))
+            except asyncio.TimeoutError:
+                event = None
+            if self.watch and time.monotonic() - self.last_look >= 0.25:
+                self.last_look = time.monotonic()
+                if await self.request.is_disconnected():
+                    raise ClientGone()
+            if event is None:
+                continue
+            if event.kind == "error":
+                raise as_api_error(event.value)
+            if event.kind == "end":  # the worker stopped the job early
+                raise self.timed_out() if job.timed_out else ClientGone()
+            return event
+
+    def timed_out(self) -> ApiError:
+        return ApiError(504, f"request timed out after {self.timeout:g} s", code="timeout")
 
 
 def sse(data: dict | str) -> str:
@@ -189,7 +199,8 @@ def create_app(engine, options: Options) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
@@ -296,14 +307,16 @@ def create_app(engine, options: Options) -> FastAPI:
         except QueueFull:
             raise ApiError(429, "server busy: the request queue is full, retry later", code="queue_full") from None
         shapes = Shapes(chat, engine.name)
+        events = JobEvents(job, request, options.timeout, watch=True)
         try:
-            prompt_tokens = (await next_event(job, request, options.timeout, watch=True)).value
+            prompt_tokens = (await events.next()).value
             if req.stream:
-                return StreamingResponse(stream(job, request, shapes, prompt_tokens, req.include_usage),
+                events.watch = False
+                return StreamingResponse(stream(events, shapes, prompt_tokens, req.include_usage),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             pieces = []
-            while (event := await next_event(job, request, options.timeout, watch=True)).kind == "text":
+            while (event := await events.next()).kind == "text":
                 pieces.append(event.value)
             finish, stats = event.value
             return shapes.full("".join(pieces), finish, usage(prompt_tokens, stats.generated_tokens), timings(stats))
@@ -311,11 +324,11 @@ def create_app(engine, options: Options) -> FastAPI:
             job.cancel()
             raise
 
-    async def stream(job: Job, request: Request, shapes: Shapes, prompt_tokens: int, include_usage: bool):
+    async def stream(events: JobEvents, shapes: Shapes, prompt_tokens: int, include_usage: bool):
         try:
             if shapes.chat:
                 yield sse(shapes.chunk(first=True))
-            while (event := await next_event(job, request, options.timeout, watch=False)).kind == "text":
+            while (event := await events.next()).kind == "text":
                 yield sse(shapes.chunk(event.value))
             finish, stats = event.value
             yield sse(shapes.chunk(finish_reason=finish, timings=timings(stats)))
@@ -325,7 +338,7 @@ def create_app(engine, options: Options) -> FastAPI:
         except ApiError as exc:  # headers are gone: the error travels as a data event
             yield sse(exc.body())
         finally:
-            job.cancel()
+            events.job.cancel()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
