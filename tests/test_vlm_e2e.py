@@ -101,14 +101,14 @@ def _make_checkpoint(family, folder):
 
 @pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_5"])
 def vlm(request, tmp_path_factory):
-    """(family, reference model, {quant: Engine}) for one tiny checkpoint converted twice."""
+    """(family, reference model, {quant: Engine}, checkpoint folder) for one tiny checkpoint converted twice."""
     root = tmp_path_factory.mktemp(request.param)
     ref = _make_checkpoint(request.param, root / "ckpt")
     engines = {}
     for quant, context in (("fp16", 4096), ("int8hu", SMALL_CONTEXT)):
         bundle = convert(str(root / "ckpt"), root / quant, quant=quant, backend="torch", max_context=context, log=None)
         engines[quant] = Engine(bundle, backend="torch", device="cpu")
-    return request.param, ref, engines
+    return request.param, ref, engines, root / "ckpt"
 
 
 def _image(seed, width, height):
@@ -153,7 +153,7 @@ def _compare(ours, expected, min_cosine):
 
 @pytest.mark.parametrize("quant, count, min_cosine", [("fp16", 2, 0.9999), ("int8hu", 1, 0.999)])
 def test_image_prompt_logits_match_transformers(vlm, quant, count, min_cosine):
-    _, ref, engines = vlm
+    _, ref, engines, _ = vlm
     engine = engines[quant]
     images = [_image(1, 500, 300), _image(2, 448, 448)][:count]  # one stretched, one at the fixed size
     ids = engine.chat_ids(_message(images))
@@ -164,7 +164,7 @@ def test_image_prompt_logits_match_transformers(vlm, quant, count, min_cosine):
 
 
 def test_greedy_identical_fp16(vlm):
-    _, ref, engines = vlm
+    _, ref, engines, _ = vlm
     engine = engines["fp16"]
     images = [_image(3, 640, 480)]
     ids = engine.chat_ids(_message(images, "What is in it?"))
@@ -176,7 +176,7 @@ def test_greedy_identical_fp16(vlm):
 
 def test_text_only_unchanged_by_the_image_context(vlm):
     """After an image prompt, a text prompt runs on the zeroed context: bit-identical to no context."""
-    _, ref, engines = vlm
+    _, ref, engines, _ = vlm
     engine = engines["fp16"]
     model = engine.backend.model
     _teacher_forced(engine, engine.chat_ids(_message([_image(4, 448, 448)])))
@@ -195,7 +195,7 @@ def test_text_only_unchanged_by_the_image_context(vlm):
 
 
 def test_each_image_is_encoded_once(vlm):
-    _, _, engines = vlm
+    _, _, engines, _ = vlm
     vision = engines["int8hu"].vision
     before = len(vision.encode_seconds)
     image = _image(5, 320, 240)
@@ -219,7 +219,7 @@ def _png_header(width, height):
 
 
 def test_bad_input_is_one_clear_line(vlm, tmp_path):
-    _, _, engines = vlm
+    _, _, engines, _ = vlm
     engine = engines["int8hu"]
     text_file = tmp_path / "notes.png"
     text_file.write_text("not pixels")
@@ -248,7 +248,7 @@ def test_bad_input_is_one_clear_line(vlm, tmp_path):
 
 
 def test_bundle_vision_section(vlm):
-    family, ref, engines = vlm
+    family, ref, engines, _ = vlm
     bundle = engines["fp16"].bundle
     vision = bundle.metadata["vision"]
     deepstack = 2 if family == "qwen3_vl" else 0
@@ -266,7 +266,7 @@ def test_bundle_vision_section(vlm):
 
 
 def test_cli_run_image_prints_the_notice_once(vlm, tmp_path, capsys):
-    _, _, engines = vlm
+    _, _, engines, _ = vlm
     path = tmp_path / "photo.png"
     _image(8, 500, 300).save(path)
     cli_main(["run", str(engines["fp16"].bundle.path), "--image", str(path), "--image", str(path),
@@ -287,7 +287,39 @@ def test_image_gate_passes(vlm):
 
     from lmbundle.gates.image_gate import PROMPTS, run_image_gate
 
-    _, ref, engines = vlm
+    _, ref, engines, _ = vlm
     report = run_image_gate(engines["fp16"], SimpleNamespace(model=ref), PROMPTS[1:2])
     assert report.passed, report.lines()
     assert report.positions_exact == 1 and report.sweep_positions == 16 and report.vision_min_cosine >= 0.9997
+
+
+def test_vision_aimodel_runs_on_core_ai(vlm, tmp_path):
+    """The bundle's optional vision asset: exported by `write_vision`, compiled and run by the Core AI
+    runtime, vs the checkpoint's fp32 vision tower (fp32 here: the Linux runtime's fp16 is ~100x slower)."""
+    pytest.importorskip("coreai_torch")
+    import asyncio
+
+    import coreai.runtime as runtime
+
+    from lmbundle.convert.checkpoint import open_checkpoint
+    from lmbundle.convert.vision_bundle import write_vision
+    from lmbundle.engine.coreai_backend import compile_asset
+
+    family, ref, _, checkpoint = vlm
+    if family != "qwen3_vl":
+        pytest.skip("one family is enough: the export does not depend on it")
+    section = write_vision(open_checkpoint(checkpoint), tmp_path, 64, dtype=torch.float32, asset="v.vision.aimodel")
+    (tmp_path / "compiled").mkdir()
+    compile_asset(tmp_path / section["asset"], tmp_path / "compiled")
+    patches = torch.randn(784, 1536, generator=torch.Generator().manual_seed(9))
+
+    async def encode():
+        function = (await runtime.AIModel.load(tmp_path / "compiled")).load_function("main")
+        outputs = await function({"patches": runtime.NDArray(patches.numpy())}, {})
+        return {name: torch.from_numpy(np.array(array.numpy())) for name, array in outputs.items()}
+
+    outputs = asyncio.run(encode())
+    with torch.no_grad():
+        expected = ref.model.visual(patches, grid_thw=torch.tensor([[1, 28, 28]]))
+    assert (outputs["image_embeds"] - expected.pooler_output).abs().max() < 1e-4
+    assert (outputs["deepstack_embeds"] - torch.cat(expected.deepstack_features)).abs().max() < 1e-4

@@ -105,7 +105,8 @@ def convert(
 
         progress.set_postfix_str("tokenizer")
         copy_tokenizer(ckpt.path, tmp / "tokenizer")
-        vision = write_vision(ckpt, tmp, cfg.hidden_size) if ckpt.has_vision else None
+        vision_asset = None if coreai_reason else f"{name}.vision.aimodel"
+        vision = write_vision(ckpt, tmp, cfg.hidden_size, asset=vision_asset) if ckpt.has_vision else None
         progress.update()
 
         aimodel = None

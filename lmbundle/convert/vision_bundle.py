@@ -7,11 +7,16 @@ prompt may hold, the encoder's config and output shapes), so loading never reads
 configs again and nothing is guessed from tensor shapes. The weights are the encoder's own, fp16 by
 default whatever the decoder's quant mode (the seeds quantize the decoder only); their sha256 goes
 into `lmbundle.files` with every other file of the bundle.
+
+Where Core AI export is available the section also names a `NAME.vision.aimodel`: the encoder as one
+static function `main`, `patches` [784, 1536] fp32 in, `image_embeds` / `deepstack_embeds` fp32 out
+(the seed's vision contract), computed at the weights' dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .. import __version__
 from ..errors import LmbundleError
@@ -36,9 +42,10 @@ _TOKEN_KEYS = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
 
 def write_vision(
     checkpoint: "Checkpoint", folder: Path, text_hidden: int, dtype: torch.dtype = torch.float16,
-    max_images: int = DEFAULT_MAX_IMAGES, image_size: int = DEFAULT_IMAGE_SIZE,
+    max_images: int = DEFAULT_MAX_IMAGES, image_size: int = DEFAULT_IMAGE_SIZE, asset: str | None = None,
 ) -> dict[str, Any]:
-    """Write the checkpoint's vision encoder to `folder/vision.safetensors`; returns the metadata section."""
+    """Write the checkpoint's vision encoder to `folder/vision.safetensors` (and the Core AI `asset`,
+    a `.aimodel` folder name, when given); returns the metadata section."""
     from ..models.vision import load_vision_encoder
 
     spec = ImageSpec.from_checkpoint(checkpoint.path, image_size)
@@ -56,11 +63,14 @@ def write_vision(
         )
     tensors = {name: t.contiguous() for name, t in encoder.state_dict().items()}
     save_file(tensors, str(folder / VISION_WEIGHTS), metadata={"format": "pt", "lmbundle": __version__})
+    if asset:
+        export_vision_aimodel(encoder, folder / asset)
     per_image = spec.num_tokens
     num_deepstack = len(config.deepstack_visual_indexes)
     merged = spec.grid_side // spec.merge_size
     return {
         "weights": VISION_WEIGHTS,
+        "asset": asset,
         "dtype": str(dtype).removeprefix("torch."),
         "image_size": spec.image_size,
         "grid_thw": list(spec.grid_thw),
@@ -156,3 +166,35 @@ def load_bundle_encoder(
     except Exception as exc:
         raise LmbundleError(f"{info.weights}: unreadable vision weights ({str(exc).splitlines()[0][:200]})") from None
     return encoder.to(device=device, dtype=dtype).eval()
+
+
+class VisionGraph(nn.Module):
+    """The exported function: fp32 patches in, fp32 embeddings out, whatever the weights' dtype."""
+
+    def __init__(self, encoder: "VisionEncoder"):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image_embeds, deepstack_embeds = self.encoder(patches)
+        return image_embeds.float(), deepstack_embeds.float()
+
+
+def export_vision_aimodel(encoder: "VisionEncoder", out_path: Path) -> Path:
+    """Write the encoder as a Core AI `.aimodel` folder (static shapes: one image on the fixed grid)."""
+    try:
+        with warnings.catch_warnings():  # "only validated with torch<=2.13.0; found 2.13.0+cpu"
+            warnings.simplefilter("ignore")
+            import coreai_torch
+    except ImportError as exc:
+        raise LmbundleError("Core AI export needs coreai-torch: pip install 'lmbundle[coreai]'") from exc
+    config = encoder.config
+    patches = torch.zeros(encoder.grid_side**2, config.patch_dim)
+    with torch.no_grad():
+        exported = torch.export.export(VisionGraph(encoder).eval(), (patches,), strict=False)
+    exported = exported.run_decompositions(coreai_torch.get_decomp_table())
+    converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
+    converter.add_exported_program(exported, input_names=["patches"],
+                                   output_names=["image_embeds", "deepstack_embeds"])
+    converter.to_coreai().save_asset(Path(out_path))
+    return Path(out_path)
