@@ -407,6 +407,23 @@ def test_worker_is_fifo_bounded_and_stops_late_jobs():
     assert order == ["a", "b"] and stopped == 1  # "c" ran past its time limit and was stopped
 
 
+def test_worker_without_queue_runs_one_at_a_time():
+    async def scenario():
+        worker = Worker(queue_size=0)
+        first = worker.submit(lambda job: time.sleep(0.2), timeout=10)
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            worker.submit(lambda job: None, timeout=10)
+        while (await first.events.get()).kind != "end":
+            pass
+        second = worker.submit(lambda job: job.emit("text", "ran"), timeout=10)
+        kinds = [(await second.events.get()).kind for _ in range(2)]
+        worker.close()
+        return kinds
+
+    assert asyncio.run(scenario()) == ["text", "end"]
+
+
 def test_request_side_time_limit_is_504():
     """A job still waiting (or silent) when its time is up answers 504."""
     class Connected:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -53,9 +53,12 @@ class ImagePart(_Schema):
         return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
 class Message(_Schema):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[Union[TextPart, ImagePart]], None] = None
+    content: Union[str, list[Part], None] = None
 
 
 class StreamOptions(_Schema):
@@ -117,15 +120,21 @@ def parse(schema: type[_Sampled], body: object) -> _Sampled:
     try:
         request = schema.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "union[")))
-        raise ApiError(400, f"{where or 'body'}: {first['msg']}", code="invalid_value", param=where or None) from None
+        deepest = max(exc.errors(), key=lambda e: len(e["loc"]))  # within a union: the branch that got furthest
+        where = ".".join(str(p) for p in deepest["loc"] if not _is_type_tag(p))
+        raise ApiError(400, f"{where or 'body'}: {deepest['msg']}", code="invalid_value", param=where or None) from None
     refused = {"logprobs": request.logprobs, "tools": getattr(request, "tools", None),
                "echo": getattr(request, "echo", False), "suffix": getattr(request, "suffix", None)}
     for name, value in refused.items():
         if value:
             raise ApiError(400, f"{name} is not supported by this server", code="unsupported", param=name)
     return request
+
+
+def _is_type_tag(part) -> bool:
+    """Union branch names pydantic puts into error locations ('str', 'list[...]', 'function-...')."""
+    return isinstance(part, str) and ("[" in part or part.startswith("function-") or
+                                      part in ("str", "int", "float", "bool", "list", "dict", "none"))
 
 
 class StopMatcher:

@@ -44,6 +44,7 @@ class Options:
     queue_size: int = 16
     allowed_dirs: list[Path] = field(default_factory=list)
     hosts: set[str] | None = None  # accepted Host headers; None accepts any
+    prefill_chunk: int = 0  # 0: the prompt as S=1 steps (--prefill s1)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Generation:
     max_tokens: int | None  # None: up to the context
     sampling: Sampling
     stops: list[str]
+    prefill_chunk: int = 0
 
 
 class ClientGone(Exception):
@@ -69,7 +71,8 @@ def run_generation(engine, gen: Generation, job: Job) -> None:
     stats = GenerationStats()
     decoder = StreamDecoder(engine.tokenizer)
     matcher = StopMatcher(gen.stops)
-    tokens = engine.generate(ids, max_new_tokens=limit, sampling=gen.sampling, stats=stats)
+    tokens = engine.generate(ids, max_new_tokens=limit, sampling=gen.sampling, prefill_chunk=gen.prefill_chunk,
+                             stats=stats)
     finish = None
     try:
         for token in tokens:
@@ -253,14 +256,14 @@ def create_app(engine, options: Options) -> FastAPI:
         if req.model not in (None, engine.name):
             raise ApiError(404, f"model {req.model!r} not found: this server serves {engine.name!r}",
                            code="model_not_found", param="model")
-        if worker.waiting >= worker.queue_size:  # answer a busy server before decoding any image
+        if worker.full:  # answer a busy server before decoding any image
             raise ApiError(429, "server busy: the request queue is full, retry later", code="queue_full")
         return req
 
     def sampling_of(req) -> Sampling:
-        pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
-        return Sampling(pick(req.temperature, "temperature"), pick(req.top_p, "top_p"), pick(req.top_k, "top_k"),
-                        req.seed)
+        given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k}
+        return Sampling(**{key: defaults[key] if value is None else value for key, value in given.items()},
+                        seed=req.seed)
 
     async def chat_messages(req: ChatRequest) -> list[dict]:
         messages, has_image = [], False
@@ -301,7 +304,7 @@ def create_app(engine, options: Options) -> FastAPI:
         return lambda: engine.encode(prompt)
 
     async def answer(request: Request, req, chat: bool, build_ids: Callable[[], list[int]]):
-        gen = Generation(build_ids, req.token_limit, sampling_of(req), req.stop_strings)
+        gen = Generation(build_ids, req.token_limit, sampling_of(req), req.stop_strings, options.prefill_chunk)
         try:
             job = worker.submit(lambda j: run_generation(engine, gen, j), options.timeout)
         except QueueFull:
@@ -380,7 +383,8 @@ def serve(args) -> None:
         raise LmbundleError("--queue-size must be >= 0 and --timeout > 0")
     options = Options(api_key=args.api_key, timeout=args.timeout, queue_size=args.queue_size,
                       allowed_dirs=resolve_dirs(getattr(args, "allow_files", None) or []),
-                      hosts=loopback_hosts(args.port) if loopback else None)
+                      hosts=loopback_hosts(args.port) if loopback else None,
+                      prefill_chunk=args.chunk if getattr(args, "prefill", "s1") == "chunked" else 0)
     engine = Engine(args.bundle, backend=args.backend, device=args.device)
     engine.warmup()
     app = create_app(engine, options)

@@ -74,11 +74,16 @@ class Worker:
     def waiting(self) -> int:
         return self._waiting
 
+    @property
+    def full(self) -> bool:
+        """Every slot taken: the running job's and the `queue_size` waiting ones."""
+        return self._waiting + (self.running is not None) > self.queue_size
+
     def submit(self, work: Callable[[Job], None], timeout: float) -> Job:
         """Queue `work` (run as work(job) on the worker thread) or raise QueueFull."""
         job = Job(work, asyncio.get_running_loop(), time.monotonic() + timeout)
         with self._lock:
-            if self._waiting >= self.queue_size:
+            if self.full:
                 raise QueueFull()
             self._waiting += 1
         self._queue.put(job)
@@ -96,7 +101,7 @@ class Worker:
         while (job := self._queue.get()) is not None:
             with self._lock:
                 self._waiting -= 1
-            self.running = job
+                self.running = job
             if self._closing:
                 job.cancel()
             try:
@@ -108,5 +113,6 @@ class Worker:
             except Exception as exc:  # reported to the request, never kills the worker
                 job.emit("error", exc)
             finally:
-                self.running = None
+                with self._lock:
+                    self.running = None
                 job.emit("end")
