@@ -213,7 +213,8 @@ def test_seeded_sampling_repeats(client, engine):
 # -- bad input -----------------------------------------------------------------------------------
 def test_malformed_json_and_bad_fields(server):
     status, body = request("POST", server[1], "/v1/chat/completions", body=b'{"messages": [')
-    assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["type"] == "invalid_request_error"
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    assert body["error"]["type"] == "invalid_request_error"
     status, body = request("POST", server[1], "/v1/chat/completions", body={"messages": "hi"})
     assert status == 400 and body["error"]["param"].startswith("messages")
     status, body = request("POST", server[1], "/v1/chat/completions",
