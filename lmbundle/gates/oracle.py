@@ -55,8 +55,13 @@ class Oracle:
 
     @torch.inference_mode()
     def greedy(self, ids: list[int], steps: int) -> list[int]:
-        out = self.model.generate(torch.tensor([ids]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-        return out[0, len(ids):].tolist()
+        """Plain argmax decoding (no generation-config processors: min-length EOS suppression would
+        change the path), through the eos tokens, like `Engine.generate(..., stop=False)`."""
+        first = self.forward(ids)
+        tokens, cache = [int(first.top1[-1])], first.cache
+        while len(tokens) < steps:
+            tokens.append(int(self.step(cache, tokens[-1]).argmax()))
+        return tokens
 
 
 def state_from_cache(cache, layer_types: list[str], into: State) -> None:
