@@ -340,6 +340,8 @@ def create_app(engine, options: Options) -> FastAPI:
             yield sse("[DONE]")
         except ApiError as exc:  # headers are gone: the error travels as a data event
             yield sse(exc.body())
+        except ClientGone:  # the job was stopped under us (server shutting down): end the stream
+            return
         finally:
             events.job.cancel()
 
