@@ -116,6 +116,10 @@ def _print_info(bundle) -> None:
           f"+ {bpt['kv_per_position']} B per cached position")
     assets = ", ".join(bundle.metadata.get("assets", {}).values()) or "none (PyTorch weights only)"
     print(f"  max context {bundle.max_context}; Core AI asset: {assets}")
+    if vision := bundle.metadata.get("vision"):
+        print(f"  vision: {vision['image_size']}x{vision['image_size']} images -> {vision['tokens_per_image']} tokens, "
+              f"up to {vision['max_images']} per prompt; encoder {vision['encoder']['depth']} blocks, "
+              f"{vision['num_deepstack']} DeepStack levels, {vision['dtype']}; Core AI asset: {vision.get('asset') or 'none'}")
 
 
 def cmd_info(args) -> None:

@@ -113,10 +113,15 @@ class Engine:
 
     def attach_images(self, sources: list) -> list[dict]:
         """Images (paths, bytes, PIL) -> chat content parts; a resize notice goes to stderr once."""
-        if self.vision is None:
-            raise LmbundleError(f"{self.bundle.path}: this bundle has no vision encoder ({self.backend_name} "
-                                "backend); images need a VLM bundle")
+        self._check_vision()
         return self.vision.attach(sources)
+
+    def _check_vision(self) -> None:
+        if self.vision is not None:
+            return
+        if "vision" in self.bundle.metadata:
+            raise LmbundleError(f"image prompts run on the torch backend only for now (not {self.backend_name})")
+        raise LmbundleError(f"{self.bundle.path}: this bundle has no vision encoder; images need a VLM bundle")
 
     def _stop_ids(self) -> set[int]:
         ids = set(self.bundle.info["config"].get("eos_token_id") or [])
@@ -140,8 +145,8 @@ class Engine:
         if not self.tokenizer.chat_template:
             raise LmbundleError(f"{self.bundle.tokenizer_path}: the tokenizer has no chat template")
         messages, images = split_images(messages)
-        if images and self.vision is None:
-            raise LmbundleError(f"{self.bundle.path}: this bundle has no vision encoder; images need a VLM bundle")
+        if images:
+            self._check_vision()
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
