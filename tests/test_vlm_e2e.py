@@ -4,12 +4,15 @@ processor's pixel values (our stretch to 448x448 done first with PIL, then Qwen2
 
 Checked: teacher-forced logits over image prompts (one and two images; fp16 and int8hu), greedy
 identity (fp16), text-only output unchanged by the persistent image context, each image encoded once,
-bad input as one LmbundleError line, and `lmbundle run --image` printing the resize notice once.
+bad input as one LmbundleError line, `lmbundle run --image` printing the resize notice once, the
+image part of `lmbundle gate` (also on the trained demo Qwen3-VL), and the optional Core AI vision asset.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +236,12 @@ def test_bad_input_is_one_clear_line(vlm, tmp_path):
         "context too long": lambda: engine.chat_ids(_message([_image(k, 64, 64) for k in range(3)])),
         "not the images": lambda: list(engine.generate([1, 2, VOCAB, VOCAB + 1, 6], max_new_tokens=1)),
     }
+    damaged = tmp_path / "damaged"
+    shutil.copytree(engine.bundle.path, damaged)
+    with open(damaged / "vision.safetensors", "r+b") as handle:
+        handle.seek(-3, 2)
+        handle.write(b"xyz")
+    cases["sha256 does not match"] = lambda: Engine(damaged, backend="torch", device="cpu")
     for words, call in cases.items():
         with pytest.raises(LmbundleError, match=words) as info:
             call()
@@ -323,3 +332,16 @@ def test_vision_aimodel_runs_on_core_ai(vlm, tmp_path):
         expected = ref.model.visual(patches, grid_thw=torch.tensor([[1, 28, 28]]))
     assert (outputs["image_embeds"] - expected.pooler_output).abs().max() < 1e-4
     assert (outputs["deepstack_embeds"] - torch.cat(expected.deepstack_features)).abs().max() < 1e-4
+
+
+def test_demo_vlm_image_gate(tmp_path):
+    """The trained demo Qwen3-VL (its text is confident, unlike random weights): int8hu image gate."""
+    from lmbundle.gates.image_gate import run_image_gate
+    from lmbundle.gates.oracle import Oracle
+
+    demo = Path(__file__).parents[1] / "lmbundle" / "data" / "demo" / "qwen3vl-tiny"
+    if not demo.is_dir():
+        pytest.skip("no demo Qwen3-VL checkpoint")
+    bundle = convert(str(demo), tmp_path / "demo", quant="int8hu", backend="torch", max_context=1024, log=None)
+    report = run_image_gate(Engine(bundle, backend="torch", device="cpu"), Oracle(str(demo)))
+    assert report.passed, report.lines()

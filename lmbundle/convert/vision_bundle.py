@@ -135,8 +135,7 @@ def read_vision(bundle: "Bundle") -> VisionInfo | None:
         )
     except (KeyError, TypeError) as exc:
         raise LmbundleError(f"{where}: incomplete vision section ({exc})") from None
-    if info.tokens_per_image != section.get("tokens_per_image", info.tokens_per_image) or \
-            info.tokens_per_image != spec.num_tokens:
+    if not info.tokens_per_image == spec.num_tokens == section.get("tokens_per_image", spec.num_tokens):
         raise LmbundleError(f"{where}: vision section disagrees with itself (grid vs tokens per image)")
     return info
 
