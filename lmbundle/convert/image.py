@@ -141,7 +141,12 @@ def load_image(source: ImageSource) -> Image.Image:
     """
     name = _describe(source)
     image = source if isinstance(source, Image.Image) else _open(source, name)
-    _check_pixels(image.size, name)
+    try:
+        _check_pixels(image.size, name)
+    except LmbundleError:
+        if image is not source:  # we opened it: close the file before refusing it
+            image.close()
+        raise
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
