@@ -248,7 +248,7 @@ def test_bad_input_is_one_clear_line(vlm, tmp_path):
         assert "\n" not in str(info.value), words
     # a template that does not place images: the image has no placeholder in the prompt
     template = engine.tokenizer.chat_template
-    engine.tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'][-1]['text'] }}\n{% endfor %}"
+    engine.tokenizer.chat_template = "{% for m in messages %}{{ m['content'][-1]['text'] }}\n{% endfor %}"
     try:
         with pytest.raises(LmbundleError, match="0 image placeholder"):
             engine.chat_ids(_message([_image(6, 64, 64)]))
@@ -261,8 +261,9 @@ def test_bundle_vision_section(vlm):
     bundle = engines["fp16"].bundle
     vision = bundle.metadata["vision"]
     deepstack = 2 if family == "qwen3_vl" else 0
-    assert (vision["image_token_id"], vision["vision_start_token_id"], vision["vision_end_token_id"]) == (IMAGE, START, END)
-    assert vision["tokens_per_image"] == 196 and vision["grid_thw"] == [1, 28, 28] and vision["num_deepstack"] == deepstack
+    tokens = (vision["image_token_id"], vision["vision_start_token_id"], vision["vision_end_token_id"])
+    assert tokens == (IMAGE, START, END) and vision["tokens_per_image"] == 196 and vision["grid_thw"] == [1, 28, 28]
+    assert vision["num_deepstack"] == deepstack
     assert vision["outputs"]["deepstack_embeds"] == [deepstack * 196, 64]
     assert "vision.safetensors" in bundle.info["files"] and vision["dtype"] == "float16"
     with torch.no_grad():  # the bundled fp16 encoder vs the checkpoint's fp32 tower

@@ -23,14 +23,17 @@ from .oracle import Oracle
 
 SWEEP = 16
 VISION_MIN_COSINE = 0.9997
-_SHAPES = (((40, 60, 200, 220), (220, 40, 40)), ((240, 200, 420, 400), (40, 90, 220)), ((60, 300, 180, 420), (30, 170, 60)))
+_SHAPES = (  # (box on a 448 canvas, colour)
+    ((40, 60, 200, 220), (220, 40, 40)), ((240, 200, 420, 400), (40, 90, 220)), ((60, 300, 180, 420), (30, 170, 60)),
+)
 
 
 def picture(seed: int, size: tuple[int, int]) -> Image.Image:
     """A deterministic picture: a colour gradient with a few filled shapes (scaled to `size`)."""
     rng = np.random.default_rng(seed)
     width, height = size
-    ramp = np.linspace(0, 1, width)[None, :, None] * rng.uniform(60, 255, 3) + np.linspace(0, 1, height)[:, None, None] * 40
+    across = np.linspace(0, 1, width)[None, :, None] * rng.uniform(60, 255, 3)
+    ramp = across + np.linspace(0, 1, height)[:, None, None] * 40
     image = Image.fromarray(np.clip(ramp, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for k, (box, colour) in enumerate(_SHAPES):
@@ -67,7 +70,8 @@ class ImageGateReport:
     def lines(self) -> list[str]:
         ties = f" ({self.sweep_ties} ties)" if self.sweep_ties else ""
         return [
-            f"  image prompts ({self.prompts}): M-RoPE positions == get_rope_index {self.positions_exact}/{self.prompts}"
+            f"  image prompts ({self.prompts}): M-RoPE positions == get_rope_index "
+            f"{self.positions_exact}/{self.prompts}"
             f"   vision embeddings min cosine {self.vision_min_cosine:.6f}",
             f"  image sweep top-1 (last {SWEEP}, S=1) {self.sweep_top1}/{self.sweep_positions}{ties}"
             f"   min logits cosine {self.sweep_min_cosine:.6f}",
