@@ -61,6 +61,19 @@ def chunked_prefill(engine: Engine, tokens: int, chunk: int) -> float:
     return tokens / best
 
 
+def profile_decode(engine: Engine, steps: int = 32) -> str:
+    """Host-side calls per decoded token in the steady state: one graph launch and one token read."""
+    ids = [(17 + 31 * i) % 1000 for i in range(64)]
+    list(engine.generate(ids, 8, stop=False))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        list(engine.generate(ids, steps, stop=False))
+    rows = {e.key: e.count for e in prof.key_averages()}
+    keep = ("cudaGraphLaunch", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
+            "aten::item", "aten::_local_scalar_dense")
+    return ", ".join(f"{k}: {rows[k]}" for k in keep if k in rows) + f" (for {steps} tokens + {len(ids)} prompt steps)"
+
+
 def transformers_peer(folder: Path, device: torch.device, p: int, g: int) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -112,6 +125,9 @@ def main() -> None:
             r = bench(engine, args.p, args.g, args.n)
             r["first_bench_incl_compile_s"] = round(time.perf_counter() - t0, 1)
             r["chunked_prefill_tok_s"] = round(chunked_prefill(engine, args.prefill_tokens, args.prefill_tokens), 1)
+            if device.type == "cuda":
+                r["profile_host_calls"] = profile_decode(engine)
+                print("  profiler:", r["profile_host_calls"])
             results["ours"][quant] = r
             print(format_bench(r), f"\n  chunked prefill of {args.prefill_tokens}: {r['chunked_prefill_tok_s']} tok/s",
                   flush=True)

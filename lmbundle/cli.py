@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote", action="store_true", help="needed to listen on a non-loopback address")
     p.add_argument("--queue-size", type=int, default=16)
     p.add_argument("--timeout", type=float, default=300.0, help="per-request time limit in seconds")
+    p.add_argument("--allow-files", action="append", default=[], metavar="DIR",
+                   help="let file:// image URLs read images inside this folder (repeatable)")
 
     p = sub.add_parser("info", help="what a bundle holds: config, quant, sizes, bytes per token")
     p.add_argument("bundle")

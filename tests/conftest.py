@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests import checkpoints
@@ -13,3 +15,15 @@ def tiny_qwen35(tmp_path_factory):
     return checkpoints.make_qwen35_with_tokenizer(
         tmp_path_factory.mktemp("ckpt") / "qwen35", **checkpoints.TINY_CONFIGS["base"]
     )
+
+
+DEMO_QWEN35 = Path(__file__).resolve().parents[1] / "lmbundle" / "data" / "demo" / "qwen35-tiny"
+
+
+@pytest.fixture(scope="session")
+def demo_bundles(tmp_path_factory):
+    """The trained demo model (real margins) as fp16 and int8hu bundles, with .aimodel where Core AI installs."""
+    from lmbundle.convert.convert import convert
+
+    root = tmp_path_factory.mktemp("demo")
+    return {q: convert(str(DEMO_QWEN35), root / q, quant=q, backend="all", log=None) for q in ("fp16", "int8hu")}

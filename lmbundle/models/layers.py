@@ -17,7 +17,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: b
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     if zero_centered:
         return (normed * (1.0 + weight.float())).to(x.dtype)
-    return weight * normed.to(x.dtype)
+    return (weight * normed.to(x.dtype)).to(x.dtype)  # fp32 norm weights must not promote bf16 activations
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -244,6 +244,7 @@ class Qwen3VLForStep(ImagePromptGraph, Qwen35ForStep):
         if cfg.tie_word_embeddings:
             self.tie_head()
         self.inv_freq = nn.Buffer(rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.set_rope_axes()
 
     def new_state(self, capacity: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
         """KV caches only; the GDN parts are empty."""

@@ -1,0 +1,59 @@
+"""Where a decode step's time goes on the GPU: CUDA kernel time by kernel, for one bundle.
+
+Runs the compiled step outside the CUDA graph under the profiler (the graph hides its kernels) and
+prints kernel time grouped by name, the sum, and the graph-replayed time per step for comparison.
+  python benchmarks/profile_step.py --config Qwen3.5-2B --quant int8hu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_decode import make_checkpoint  # noqa: E402
+from lmbundle.convert.convert import convert  # noqa: E402
+from lmbundle.engine.engine import Engine  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="Qwen3.5-2B")
+    parser.add_argument("--quant", default="int8hu")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = make_checkpoint(Path(tmp) / "ckpt", args.config, torch.device("cuda"))
+        engine = Engine(convert(str(ckpt), Path(tmp) / "b", quant=args.quant, backend="torch", log=None),
+                        backend="torch", device="cuda")
+        backend = engine.backend
+        list(engine.generate(list(range(1, 65)), 4, stop=False))  # compile + capture
+        token = torch.ones(1, 1, dtype=torch.long, device="cuda")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for pos in range(64, 64 + args.steps):
+            backend.step(token, pos)
+        torch.cuda.synchronize()
+        replay = (time.perf_counter() - start) / args.steps
+        window = backend.state.capacity
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for pos in range(64, 64 + args.steps):
+                backend._step(token, torch.tensor([pos], device="cuda"), backend.state, window)
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        total = sum(e.self_device_time_total for e in events) / args.steps
+        print(f"graph replay: {1e3 * replay:.3f} ms/step; kernel time (no graph): {total / 1e3:.3f} ms/step; "
+              f"kernels per step: {sum(e.count for e in events) / args.steps:.0f}")
+        for e in events[:15]:
+            print(f"  {e.self_device_time_total / args.steps / 1e3:7.3f} ms  {e.count // args.steps:4d}x  {e.key[:90]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The gates on the trained demo model (real top-1 margins), on both backends, and the head-clipping
+lesson of the seeds: an absmax int8 head keeps every confident top-1, a clipping one flips some."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmbundle.convert.checkpoint import load_text_model, open_checkpoint
+from lmbundle.engine.engine import Engine
+from lmbundle.gates.gate import PROMPTS, TIE_MARGIN, run_gate
+from lmbundle.gates.oracle import Oracle
+from lmbundle.models.linear import dequantize, quantize_absmax
+from tests.conftest import DEMO_QWEN35
+
+needs_coreai = pytest.mark.skipif(importlib.util.find_spec("coreai") is None, reason="coreai-core not installed")
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return Oracle(str(DEMO_QWEN35))
+
+
+@pytest.fixture(scope="module")
+def fp16_engine(demo_bundles):
+    return Engine(demo_bundles["fp16"], backend="torch", device="cpu")
+
+
+def test_fp16_gate_passes_with_identical_rollouts(fp16_engine, oracle):
+    report = run_gate(fp16_engine, oracle)
+    assert report.passed, report.lines()
+    assert report.teacher_forced_top1 == 16 and report.teacher_forced_ties == 0
+    assert report.rollout_identical == 16 and report.rollout_ties == 0
+
+
+def test_int8hu_gate_passes_16_of_16(demo_bundles, fp16_engine, oracle):
+    report = run_gate(Engine(demo_bundles["int8hu"], backend="torch", device="cpu"), oracle, against=fp16_engine)
+    assert report.passed, report.lines()
+    assert report.teacher_forced_top1 == 16 and report.seeded_step_top1 == 16
+    assert report.seeded_step_min_cosine > 0.9999
+
+
+def _clipped(weight: torch.Tensor, quantile: float = 0.95) -> torch.Tensor:
+    """A 'symmetric with clipping' per-channel int8 quantizer: the scale comes from a high quantile
+    of |w| instead of its max, so outlier weights saturate."""
+    clip = torch.quantile(weight.abs(), quantile, dim=1, keepdim=True)
+    scale = (clip / 127).half().float()
+    return torch.clamp(torch.round(weight / scale), -127, 127) * scale
+
+
+def test_clipping_head_flips_confident_top1_where_absmax_does_not():
+    model = load_text_model(open_checkpoint(DEMO_QWEN35))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_QWEN35))
+    head = model.lm_head.weight.detach().clone()
+
+    def confident_flips(weight):
+        model.lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)
+        flips = 0
+        for text, (ref_top1, ref_margin) in zip(PROMPTS, references):
+            with torch.no_grad():
+                top1 = model.forward_tokens(torch.tensor(tokenizer.encode(text)), 0, model.new_state(64)).argmax(-1)
+            flips += int(((top1 != ref_top1) & (ref_margin >= TIE_MARGIN)).sum())
+        return flips
+
+    references = []
+    for text in PROMPTS:
+        with torch.no_grad():
+            logits = model.forward_tokens(torch.tensor(tokenizer.encode(text)), 0, model.new_state(64))
+        top2 = logits.topk(2, dim=-1).values
+        references.append((logits.argmax(-1), top2[:, 0] - top2[:, 1]))
+    assert confident_flips(dequantize(*quantize_absmax(head))) == 0  # block-32 absmax: the int8hu default
+    assert confident_flips(_clipped(head)) >= 5  # 11 on the shipped demo model
+
+
+def test_gate_cli_pass_and_json(demo_bundles):
+    out = subprocess.run([sys.executable, "-m", "lmbundle", "gate", str(demo_bundles["fp16"]), "--oracle",
+                          str(DEMO_QWEN35), "--json", "--backend", "torch", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["passed"] and result["teacher_forced_top1"] == 16 and result["prompts"] == 16
+
+
+@needs_coreai
+def test_coreai_gate_and_24_of_24_identity_with_torch(demo_bundles, oracle):
+    coreai = Engine(demo_bundles["int8hu"], backend="coreai")
+    report = run_gate(coreai, oracle, prompts=PROMPTS[:4])
+    assert report.teacher_forced_top1 == 4 and report.seeded_step_top1 == 4, report.lines()
+    torch_engine = Engine(demo_bundles["int8hu"], backend="torch", device="cpu")
+    prompts = [*PROMPTS, "KING HENRY:\nNow, lords,", "ROMEO:\nBut soft,", "To be, or not to be,", "Good morrow,",
+               "What news from the court?", "O, my lord,", "Enter a messenger.", "My gracious sovereign,"]
+    identical = sum(
+        list(coreai.generate(coreai.encode(p), 24, stop=False))
+        == list(torch_engine.generate(torch_engine.encode(p), 24, stop=False))
+        for p in prompts
+    )
+    assert identical == 24
