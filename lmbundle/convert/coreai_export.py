@@ -69,12 +69,18 @@ class StepGraph(nn.Module):
         self.model, self.capacity, self.ramp = model, capacity, ramp
         state = model.new_state(capacity, device="cpu", dtype=dtype)
         self._state_type = type(state)
+        self._empty = {}  # a pure-attention decoder (Qwen3-VL) has no GDN state: no Core AI state for it
         for field in dataclasses.fields(state):
-            self.register_buffer(STATE_NAMES[field.name], getattr(state, field.name))
+            tensor = getattr(state, field.name)
+            if tensor.numel():
+                self.register_buffer(STATE_NAMES[field.name], tensor)
+            else:
+                self._empty[field.name] = tensor
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         position = position_ids[0, -1:].long()
-        state = self._state_type(**{field: getattr(self, name) for field, name in STATE_NAMES.items()})
+        state = self._state_type(**{field: self._empty[field] if field in self._empty else getattr(self, name)
+                                    for field, name in STATE_NAMES.items()})
         logits = self.model.step(input_ids, position, state, self.capacity)
         return logits, logits.argmax(dim=-1).to(torch.int32)
 
@@ -87,12 +93,12 @@ def _add_missing_lowerings(converter) -> None:
     converter.register_torch_lowering("aten::remainder.Scalar", allow_override=True)(replace_remainder)
 
 
-def _state_order(exported: torch.export.ExportedProgram) -> list[str]:
+def _state_order(exported: torch.export.ExportedProgram, expected: list[str]) -> list[str]:
     """The state buffers in the order the converter numbers states (the program's input order)."""
     mutated = set(exported.graph_signature.buffers_to_mutate.values())
     order = [spec.target for spec in exported.graph_signature.input_specs if spec.target in mutated]
-    if sorted(order) != sorted(STATE_NAMES.values()):
-        raise LmbundleError(f"the step graph mutates {order}, expected exactly {sorted(STATE_NAMES.values())}")
+    if sorted(order) != sorted(expected):
+        raise LmbundleError(f"the step graph mutates {order}, expected exactly {sorted(expected)}")
     return order
 
 
@@ -144,7 +150,7 @@ def export_aimodel(
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
     _add_missing_lowerings(converter)
     converter.add_exported_program(
-        exported, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, state_names=_state_order(exported)
+        exported, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, state_names=_state_order(exported, [n for n in STATE_NAMES.values() if n in graph._buffers])
     )
     program = converter.to_coreai()
     program.save_asset(out_path)

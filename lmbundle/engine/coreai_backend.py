@@ -238,9 +238,11 @@ class CoreAIBackend:
         from ..models.qwen35 import State
 
         tensors = {field: torch.zeros(*self._state_layout[name][0], dtype=_TORCH_DTYPES[self._state_layout[name][1]])
+                   if name in self._state_layout else torch.zeros(0)
                    for field, name in STATE_NAMES.items()}
         write(State(**tensors))
-        arrays = {STATE_NAMES[field]: tensor.numpy() for field, tensor in tensors.items()}
+        arrays = {STATE_NAMES[field]: tensor.numpy() for field, tensor in tensors.items()
+                  if STATE_NAMES[field] in self._state_layout}
         self._call(self._set_states(arrays)).result()
 
     def _position_ids(self, position: int) -> np.ndarray:
