@@ -15,5 +15,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m lmbundle.demo
 
+# The browser test drives Debian's chromium (Playwright never downloads a browser here); without it,
+# that test skips with the reason.
 test: $(VENV)/.installed
+	-command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	$(PY) -m pytest -q -ra

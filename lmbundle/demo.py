@@ -1,8 +1,9 @@
 """`make demo`: the whole product on the embedded small model, start to finish.
 
-Converts the shipped demo checkpoint (a small Qwen3.5-architecture model trained by
-scripts/train_demo_model.py) to fp16 and int8hu bundles, gates them against the fp32 transformers
-oracle, answers a chat prompt and prints the speed.
+Converts the shipped demo checkpoints (small Qwen3.5 and Qwen3-VL models trained by
+scripts/train_demo_model.py) to fp16 and int8hu bundles (PyTorch weights + Core AI .aimodel), gates
+them against the fp32 transformers oracle, answers a chat prompt on both backends, answers an image
+prompt and prints the speed.
 """
 
 from __future__ import annotations
@@ -57,12 +58,40 @@ def run(out: Path, backend: str) -> None:
 
     ids = int8hu.chat_ids([{"role": "user", "content": PROMPT}])
     print(f"\nuser: {PROMPT}\nassistant: ", end="", flush=True)
-    for piece in int8hu.generate_text(ids, max_new_tokens=80):
-        print(piece, end="", flush=True)
-    print("\n")
+    answer = []
+    for token in int8hu.generate(ids, max_new_tokens=60):
+        answer.append(token)
+    print(int8hu.tokenizer.decode(answer, skip_special_tokens=True), "\n")
+    if open_bundle(bundles["int8hu"]).aimodel_path:
+        coreai = Engine(bundles["int8hu"], backend="coreai")
+        same = list(coreai.generate(ids, max_new_tokens=len(answer))) == answer
+        print(f"Core AI runtime on the shipped .aimodel: {'the same' if same else 'DIFFERENT'} "
+              f"{len(answer)} tokens as PyTorch\n")
+        passed &= same
     print(format_bench(bench(int8hu, prompt_tokens=64, gen_tokens=128, trials=3)))
+    image_demo(out)
     if not passed:
         raise SystemExit(1)
+
+
+def image_demo(out: Path) -> None:
+    """The VLM path: a Qwen3-VL bundle (decoder + vision encoder) answering about a drawn picture.
+    The demo's vision tower is untrained, so the answer shows the pipeline, not understanding."""
+    from PIL import Image, ImageDraw
+
+    from .convert.convert import convert
+    from .engine.engine import Engine
+
+    bundle = convert(str(DEMO_DIR / "qwen3vl-tiny"), out / "qwen3vl-tiny-int8hu", quant="int8hu", backend="torch")
+    engine = Engine(bundle, backend="torch")
+    picture = Image.new("RGB", (448, 448), "white")
+    ImageDraw.Draw(picture).ellipse((100, 100, 350, 350), fill="red")
+    question = "Describe the image."
+    ids = engine.chat_ids([{"role": "user", "content": [*engine.attach_images([picture]),
+                                                          {"type": "text", "text": question}]}])
+    answer = "".join(engine.generate_text(ids, max_new_tokens=40))
+    print(f"\n[image: a red circle, {len(ids)} prompt tokens with 196 image tokens]\nuser: {question}\n"
+          f"assistant: {answer}")
 
 
 if __name__ == "__main__":

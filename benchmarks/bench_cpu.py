@@ -1,0 +1,68 @@
+"""On this CPU, one run: the Core AI backend (the shipped .aimodel on Apple's Linux runtime), our PyTorch
+backend, and transformers, on the same bundle / checkpoint and the same prompt.
+
+  python benchmarks/bench_cpu.py [--checkpoint lmbundle/data/demo/qwen35-tiny] [-p 32 -g 32]
+
+The Linux Core AI runtime is a single-threaded reference interpreter: it proves the .aimodel computes
+the right tokens; its speed belongs to Apple hardware. Figures are decode tok/s after a 1-token warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmbundle.convert.convert import convert  # noqa: E402
+from lmbundle.engine.bench import bench  # noqa: E402
+from lmbundle.engine.engine import Engine  # noqa: E402
+
+
+def transformers_decode(checkpoint: str, ids: list[int], g: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt = torch.tensor([ids])
+
+    def timed(n):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - start
+
+    timed(2)
+    return (g - 1) / (timed(g) - timed(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint", default="lmbundle/data/demo/qwen35-tiny")
+    parser.add_argument("--quant", default="int8hu")
+    parser.add_argument("-p", type=int, default=32)
+    parser.add_argument("-g", type=int, default=32)
+    parser.add_argument("-n", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = convert(args.checkpoint, Path(tmp) / "b", quant=args.quant, backend="all", log=None)
+        results = {"threads": torch.get_num_threads(), "checkpoint": args.checkpoint, "quant": args.quant}
+        for backend in ("torch", "coreai"):
+            r = bench(Engine(bundle, backend=backend, device="cpu" if backend == "torch" else None),
+                      args.p, args.g, args.n if backend == "torch" else 1)
+            results[backend] = {k: r[k] for k in ("prefill_tok_s", "decode_tok_s", "peak_memory_bytes")}
+        ids = [(17 + 31 * i) % 1000 for i in range(args.p)]
+        results["transformers_fp32"] = {"decode_tok_s": round(transformers_decode(args.checkpoint, ids, args.g), 2)}
+    t, c, h = (results[k]["decode_tok_s"] for k in ("torch", "coreai", "transformers_fp32"))
+    print(f"decode tok/s: lmbundle torch {t:.1f} | Core AI runtime {c:.2f} | transformers fp32 {h:.1f}")
+    print(f"ratios: torch/transformers {t / h:.1f}x, torch/coreai {t / c:.0f}x")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
