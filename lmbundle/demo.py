@@ -63,15 +63,30 @@ def run(out: Path, backend: str) -> None:
         answer.append(token)
     print(int8hu.tokenizer.decode(answer, skip_special_tokens=True), "\n")
     if open_bundle(bundles["int8hu"]).aimodel_path:
-        coreai = Engine(bundles["int8hu"], backend="coreai")
-        same = list(coreai.generate(ids, max_new_tokens=len(answer))) == answer
-        print(f"Core AI runtime on the shipped .aimodel: {'the same' if same else 'DIFFERENT'} "
-              f"{len(answer)} tokens as PyTorch\n")
-        passed &= same
+        passed &= compare_backends(bundles["int8hu"], int8hu, oracle, ids)
     print(format_bench(bench(int8hu, prompt_tokens=64, gen_tokens=128, trials=3)))
     image_demo(out)
     if not passed:
         raise SystemExit(1)
+
+
+def compare_backends(bundle: Path, torch_engine, oracle, ids: list[int], tokens: int = 32) -> bool:
+    """The shipped .aimodel on the Core AI runtime must produce PyTorch's tokens (a fork is accepted only
+    where the oracle itself is at a top-2 tie, the gates' rule)."""
+    from .engine.engine import Engine
+    from .gates.gate import _forks_at_tie
+
+    coreai = Engine(bundle, backend="coreai")
+    ours = list(torch_engine.generate(ids, tokens, stop=False))
+    theirs = list(coreai.generate(ids, tokens, stop=False))
+    if ours == theirs:
+        print(f"Core AI runtime on the shipped .aimodel: the same {tokens} tokens as PyTorch\n")
+        return True
+    fork = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    tie = _forks_at_tie(oracle, ids, ours, theirs)
+    print(f"Core AI runtime on the shipped .aimodel: the same tokens as PyTorch up to token {fork}, "
+          + ("where the oracle's top-2 margin is < 0.1 (a tie)\n" if tie else "then DIFFERENT\n"))
+    return tie
 
 
 def image_demo(out: Path) -> None:
