@@ -58,6 +58,18 @@ def test_bundle_graph_matches_checkpoint(bundles, tiny_qwen35, quant, tol):
     assert (a - b).abs().max() < tol
 
 
+@pytest.mark.parametrize("quant", ["fp16", "int8hu"])
+def test_fused_projections_compute_the_same(bundles, quant):
+    """The GPU layout (q/k/v and the four GDN input projections read as one weight) changes no result."""
+    model = load_graph(open_bundle(bundles[quant]))
+    ids = torch.arange(3, 30)
+    with torch.no_grad():
+        plain = model.forward_tokens(ids, 0, model.new_state(32))
+        model.fuse_projections_()
+        fused = model.forward_tokens(ids, 0, model.new_state(32))
+    assert (plain - fused).abs().max() < 1e-4
+
+
 def test_perchannel_head_and_tied_untie(tmp_path):
     ckpt = checkpoints.make_qwen35_with_tokenizer(tmp_path / "tied", **checkpoints.TINY_CONFIGS["tied_mha"])
     lin = convert(str(ckpt), tmp_path / "lin", quant="int8lin", backend="torch", log=None)

@@ -67,6 +67,7 @@ class TorchBackend:
         self._step = model.step
         if device.type == "cuda":
             _install_cuda_kernels()
+            model.fuse_projections_()
             if compile if compile is not None else os.environ.get("LMBUNDLE_COMPILE", "1") != "0":
                 self._step = torch.compile(model.step, dynamic=False)
 

@@ -89,6 +89,21 @@ class Linear(nn.Module):
         self.weight = None
         self.qweight, self.scales = q, s
 
+    @classmethod
+    def concat(cls, parts: list["Linear"]) -> "Linear":
+        """One linear computing the parts' outputs side by side (same input): one weight read, one launch."""
+        fused = cls(parts[0].in_features, sum(p.out_features for p in parts))
+        del fused.weight
+        fused.weight = None
+        if all(p.quantized for p in parts) and len({p.scales.shape[1] for p in parts}) == 1:
+            fused.qweight = torch.cat([p.qweight for p in parts])
+            fused.scales = torch.cat([p.scales for p in parts])
+        elif not any(p.quantized for p in parts):
+            fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        else:
+            raise ValueError("cannot concatenate int8 and dense linears")
+        return fused
+
     def as_int8_(self, block: int = BLOCK) -> None:
         """Make room for int8 weights to be loaded (a bundle's layout, read from its metadata)."""
         del self.weight

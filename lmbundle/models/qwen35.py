@@ -153,6 +153,17 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.empty(hv), requires_grad=False)
         self.norm = Weight(dv)
         self.out_proj = Linear(hv * dv, cfg.hidden_size)
+        self.in_proj_fused: Linear | None = None
+
+    def fuse_projections_(self) -> None:
+        """Read the four input projections as one weight (a decode-speed layout, built at load time)."""
+        self.in_proj_fused = Linear.concat([self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a])
+
+    def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.in_proj_fused is None:
+            return self.in_proj_qkv(h), self.in_proj_z(h), self.in_proj_b(h), self.in_proj_a(h)
+        sizes = [p.out_features for p in (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)]
+        return self.in_proj_fused(h).split(sizes, dim=-1)
 
     def forward(self, h: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor) -> torch.Tensor:
         """h [S, hidden]; conv_state [C, K-1] and rec_state [Hv, Dk, Dv] are updated in place."""
@@ -160,7 +171,8 @@ class GatedDeltaNet(nn.Module):
         seq = h.shape[0]
         hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        qkv = causal_conv(self.in_proj_qkv(h), conv_state, self.conv1d.weight[:, 0])
+        qkv, z, b, a = self._project(h)
+        qkv = causal_conv(qkv, conv_state, self.conv1d.weight[:, 0])
         q, k, v = torch.split(qkv, [hk * dk, hk * dk, hv * dv], dim=-1)
         q = l2_normalize(q.reshape(seq, hk, dk).float())
         k = l2_normalize(k.reshape(seq, hk, dk).float())
@@ -169,13 +181,13 @@ class GatedDeltaNet(nn.Module):
             q = q.repeat_interleave(hv // hk, dim=1)
             k = k.repeat_interleave(hv // hk, dim=1)
         q = q * dk**-0.5
-        beta = torch.sigmoid(self.in_proj_b(h)).float()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(h).float() + self.dt_bias.float())
+        beta = torch.sigmoid(b).float()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         if seq == 1:
             o = gated_delta_step(q[0], k[0], v[0], g[0], beta[0], rec_state).unsqueeze(0)
         else:
             o = gated_delta_chunk(q, k, v, g, beta, rec_state)
-        z = self.in_proj_z(h).reshape(seq, hv, dv)
+        z = z.reshape(seq, hv, dv)
         o = gated_rms_norm(o.to(h.dtype), z, self.norm.weight, cfg.rms_norm_eps)
         return self.out_proj(o.reshape(seq, hv * dv))
 
@@ -191,6 +203,17 @@ class GatedAttention(nn.Module):
         self.o_proj = Linear(h * d, cfg.hidden_size)
         self.q_norm = Weight(d)
         self.k_norm = Weight(d)
+        self.qkv_fused: Linear | None = None
+
+    def fuse_projections_(self) -> None:
+        """Read q, k and v as one weight (a decode-speed layout, built at load time)."""
+        self.qkv_fused = Linear.concat([self.q_proj, self.k_proj, self.v_proj])
+
+    def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.qkv_fused is None:
+            return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        sizes = [p.out_features for p in (self.q_proj, self.k_proj, self.v_proj)]
+        return self.qkv_fused(h).split(sizes, dim=-1)
 
     def forward(
         self,
@@ -207,12 +230,13 @@ class GatedAttention(nn.Module):
         cfg = self.cfg
         seq = h.shape[0]
         heads, kvh, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
-        q = self.q_proj(h).reshape(seq, heads, -1)
+        q, k, v = self._project(h)
+        q = q.reshape(seq, heads, -1)
         if self.output_gate:
             q, gate = q[..., :d], q[..., d:].reshape(seq, heads * d)
         q = rms_norm(q, self.q_norm.weight, eps, self.zero_centered).transpose(0, 1)
-        k = rms_norm(self.k_proj(h).reshape(seq, kvh, d), self.k_norm.weight, eps, self.zero_centered)
-        v = self.v_proj(h).reshape(seq, kvh, d).transpose(0, 1)
+        k = rms_norm(k.reshape(seq, kvh, d), self.k_norm.weight, eps, self.zero_centered)
+        v = v.reshape(seq, kvh, d).transpose(0, 1)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k.transpose(0, 1), cos, sin)
         key_cache.index_copy_(1, positions, k.to(key_cache.dtype))
@@ -286,6 +310,12 @@ class Qwen35ForStep(nn.Module):
     def tie_head(self) -> None:
         """Make lm_head read the embedding table (the tied fp16 head of fp16 / int8lin bundles)."""
         self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections_(self) -> None:
+        """Concatenate the projections that read the same input (fewer, larger GEMVs on the GPU)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse_projections_"):
+                module.fuse_projections_()
 
     def new_state(self, capacity: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
         cfg = self.cfg
