@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .. import __version__
@@ -25,9 +24,10 @@ from .bundle import (
     copy_tokenizer,
     language_bundle_metadata,
     write_metadata,
+    write_safetensors,
 )
 from .checkpoint import load_weights, open_checkpoint, text_model_class
-from .quantize import apply_layout, bytes_per_token, check_mode, quantize_model
+from .quantize import apply_layout, bytes_per_token, check_mode, keeps_high_precision, quantize_model
 from .vision_bundle import write_vision
 
 BACKENDS = ("all", "torch", "coreai")
@@ -44,6 +44,23 @@ def coreai_available() -> str | None:
 def _checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
+def build_graph(model_class, cfg, dtype: torch.dtype) -> torch.nn.Module:
+    """The graph with its weights allocated (uninitialised) directly in `dtype`: no fp32 detour, so
+    converting needs about the checkpoint's size in memory, not twice it."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = model_class(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    for name, param in model.named_parameters():
+        if keeps_high_precision(name):  # GDN parameters and norms load into fp32 whatever the compute dtype
+            param.data = param.data.float()
+    if cfg.tie_word_embeddings:
+        model.tie_head()
+    return model
 
 
 def state_layout(model: torch.nn.Module, capacity: int) -> dict[str, Any]:
@@ -84,9 +101,7 @@ def convert(
         progress.set_postfix_str("load")
         model_class = text_model_class(ckpt.architecture)
         cfg = model_class.config_class.from_hf(ckpt.text_config, ckpt.tie_word_embeddings)
-        model = model_class(cfg).to(_checkpoint_dtype(ckpt.config))
-        if cfg.tie_word_embeddings:
-            model.tie_head()
+        model = build_graph(model_class, cfg, _checkpoint_dtype(ckpt.config))
         load_weights(model, ckpt.text_tensors(), ckpt.path)
         progress.update()
 
@@ -96,10 +111,10 @@ def convert(
         progress.update()
 
         progress.set_postfix_str("write weights")
-        tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+        tensors = dict(model.state_dict())
         if recipe["tied_head"]:
             tensors.pop("lm_head.weight", None)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lmbundle": __version__})
+        write_safetensors(tmp / WEIGHTS, tensors, metadata={"format": "pt", "lmbundle": __version__})
         del tensors
         progress.update()
 
@@ -154,7 +169,7 @@ def load_graph(bundle: Bundle, device: str | torch.device = "cpu", dtype: torch.
         bundle.verify([info["weights"]])
     model_class = text_model_class(info["architecture"])
     cfg = model_class.config_class(**info["config"])
-    model = model_class(cfg)
+    model = build_graph(model_class, cfg, dtype)
     apply_layout(model, info["quant"])
     try:
         with safe_open(str(weights), framework="pt") as handle:

@@ -19,17 +19,23 @@ from torch import nn
 BLOCK = 32
 
 
-def quantize_absmax(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax int8 over blocks of `block` input columns; returns (qweight, fp16 scales)."""
+def quantize_absmax(weight: torch.Tensor, block: int = BLOCK, rows_per_pass: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 over blocks of `block` input columns; returns (qweight, fp16 scales).
+
+    Works through `rows_per_pass` rows at a time so a 248k-row head needs no full fp32 copy."""
     out_features, in_features = weight.shape
     if in_features % block:
         raise ValueError(f"input dim {in_features} is not a multiple of the block {block}")
-    w = weight.float().reshape(out_features, in_features // block, block)
-    scale = w.abs().amax(dim=-1, keepdim=True) / 127.0
-    scale = scale.to(torch.float16).float()  # quantize against the scale we store
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(w / safe), -127, 127).to(torch.int8)
-    return q.reshape(out_features, in_features), scale.squeeze(-1).to(torch.float16)
+    q = torch.empty(out_features, in_features, dtype=torch.int8)
+    scales = torch.empty(out_features, in_features // block, dtype=torch.float16)
+    for start in range(0, out_features, rows_per_pass):
+        rows = slice(start, start + rows_per_pass)
+        w = weight[rows].float().reshape(-1, in_features // block, block)
+        scale = (w.abs().amax(dim=-1, keepdim=True) / 127.0).to(torch.float16).float()  # quantize against the stored scale
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q[rows] = torch.clamp(torch.round(w / safe), -127, 127).to(torch.int8).reshape(-1, in_features)
+        scales[rows] = scale.squeeze(-1).to(torch.float16)
+    return q.to(weight.device), scales.to(weight.device)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
