@@ -61,7 +61,7 @@ class TorchBackend:
         self.model, self.device, self.max_context = model, device, max_context
         self.state: State | None = None
         self.use_graphs = cuda_graphs and device.type == "cuda"
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._token_in = torch.zeros(1, 1, dtype=torch.long, device=device)
         self._position_in = torch.zeros(1, dtype=torch.long, device=device)
         self._step = model.step
@@ -98,45 +98,45 @@ class TorchBackend:
         """Feed the prompt: S=1 steps (chunk 0), or chunks of `chunk` tokens. Returns the last step."""
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
         if chunk <= 0:
-            handle = None
-            for pos in range(len(ids)):
-                handle = self.step(tokens[pos].view(1, 1), pos)
-            return handle
+            for pos in range(len(ids) - 1):
+                self.step(tokens[pos].view(1, 1), pos, with_head=False)
+            return self.step(tokens[-1].view(1, 1), len(ids) - 1)
         for start in range(0, len(ids), chunk):
             piece = tokens[start : start + chunk]
             logits = self.model.forward_tokens(piece, start, self.state, last_only=True)
         return StepHandle(logits.view(1, 1, -1))
 
     @torch.inference_mode()
-    def step(self, token: torch.Tensor, position: int) -> StepHandle:
-        """Enqueue one decode step for `token` ([1, 1] device tensor) at `position`."""
+    def step(self, token: torch.Tensor, position: int, with_head: bool = True) -> StepHandle:
+        """Enqueue one decode step for `token` ([1, 1] device tensor) at `position` (without the head:
+        a prompt token whose logits nobody reads)."""
         if not self.use_graphs:
             window = bucket(position + 1, self.state.capacity)
             pos = torch.tensor([position], device=self.device)
-            return StepHandle(self.model.step(token.view(1, 1), pos, self.state, window))
+            return StepHandle(self.model.step(token.view(1, 1), pos, self.state, window, with_head))
         # one graph per KV capacity: the step attends over the whole (masked) cache, which costs
         # kv_per_position bytes per slot and saves a capture per window
-        window = self.state.capacity
-        graph, logits = self._graphs.get(window) or self._capture(window)
+        key = (self.state.capacity, with_head)
+        graph, logits = self._graphs.get(key) or self._capture(*key)
         self._token_in.copy_(token.view(1, 1))
         self._position_in.fill_(position)
         graph.replay()
         return StepHandle(logits)
 
-    def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, window: int, with_head: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         snapshot = {k: v.clone() for k, v in self.state.tensors().items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile and warm the allocator outside capture
             for _ in range(2):
-                self._step(self._token_in, self._position_in, self.state, window)
+                self._step(self._token_in, self._position_in, self.state, window, with_head)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._step(self._token_in, self._position_in, self.state, window)
+            logits = self._step(self._token_in, self._position_in, self.state, window, with_head)
         for k, v in self.state.tensors().items():  # capture ran the step: undo its writes
             v.copy_(snapshot[k])
-        self._graphs[window] = (graph, logits)
+        self._graphs[(window, with_head)] = (graph, logits)
         return graph, logits
 
     def next_token(self, handle: StepHandle, sampling: Sampling, generator) -> torch.Tensor:

@@ -372,10 +372,15 @@ class Qwen35ForStep(nn.Module):
             x = x[-1:]
         return self.lm_head(x).float()
 
-    def step(self, input_ids: torch.Tensor, position: torch.Tensor, state: State, kv_len: int) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, position: torch.Tensor, state: State, kv_len: int,
+             with_head: bool = True) -> torch.Tensor:
         """One decode step: input_ids [1, 1], position [1] (a device tensor); returns logits [1, 1, V].
 
         kv_len is the static attention window (>= position + 1); slots past the position are masked.
+        Without the head (S=1 prefill of all but the last prompt token) it only advances the state and
+        returns the final hidden state: the head is a quarter of the 2B's bytes per token.
         """
         x = self.hidden_states(input_ids.view(1), position.view(1), state, kv_len)
+        if not with_head:
+            return x
         return self.lm_head(x).float().view(1, 1, -1)
