@@ -130,7 +130,7 @@ def convert(
 
             progress.set_postfix_str("export .aimodel")
             aimodel = f"{name}.aimodel"
-            export_aimodel(model, capacity=max_context, out_path=tmp / aimodel)
+            export_aimodel(model, capacity=max_context, out_path=tmp / aimodel, vision=vision)
             progress.update()
         progress.close()
         if coreai_reason and backend == "all" and log:

@@ -8,6 +8,10 @@ The exported `main` function follows the seed engine's run contract:
   static [1, 1] position instead.
 - outputs `logits` [1, 1, V] fp32 and `next_token` [1, 1] int32 (the argmax, so the host never needs
   the logits in greedy decode), named explicitly because the runtime's output order is not stable.
+- with `vision` (a VLM bundle's metadata section, for an image-prompt graph), four more inputs, set
+  once per prompt by the host (`ImageContext`): `image_embeds` [M * T, H] fp32, `deepstack_embeds`
+  [n_deepstack * M * T, H] fp32 (zero rows for Qwen3.5), `rope_shift_start` and `rope_shift_amount`
+  [M] int32, for up to M = max_images images of T tokens. The "no images" values make it the text model.
 - states `keyCache`, `valueCache` [n_full, 1, kv_heads, capacity, head_dim] and `convState`,
   `recState` (fp32), updated in place by the graph; the caller zero-fills them on reset.
 
@@ -33,8 +37,10 @@ from torch import nn
 from ..engine.coreai_backend import STATE_NAMES, compile_asset
 from ..errors import LmbundleError
 from ..models import linear as linear_module
+from ..models.qwen3vl import ImageContext
 
 INPUT_NAMES = ["input_ids", "position_ids"]
+IMAGE_INPUT_NAMES = ["image_embeds", "deepstack_embeds", "rope_shift_start", "rope_shift_amount"]
 OUTPUT_NAMES = ["logits", "next_token"]
 COMPILED_NAME = "main-unspecialized.odix"
 
@@ -64,9 +70,11 @@ class StepGraph(nn.Module):
     """The step as torch.export sees it: the decode state lives in buffers named per the contract,
     so the in-place updates of `model.step` become Core AI states."""
 
-    def __init__(self, model: nn.Module, capacity: int, dtype: torch.dtype, ramp: bool):
+    def __init__(self, model: nn.Module, capacity: int, dtype: torch.dtype, ramp: bool,
+                 images: ImageContext | None = None):
         super().__init__()
         self.model, self.capacity, self.ramp = model, capacity, ramp
+        self.grid = images.grid if images is not None else None
         state = model.new_state(capacity, device="cpu", dtype=dtype)
         self._state_type = type(state)
         self._empty = {}  # a pure-attention decoder (Qwen3-VL) has no GDN state: no Core AI state for it
@@ -77,12 +85,33 @@ class StepGraph(nn.Module):
             else:
                 self._empty[field.name] = tensor
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+        deepstack_embeds: torch.Tensor | None = None, rope_shift_start: torch.Tensor | None = None,
+        rope_shift_amount: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image inputs are given only when the graph was built with an image context."""
         position = position_ids[0, -1:].long()
         state = self._state_type(**{field: self._empty[field] if field in self._empty else getattr(self, name)
                                     for field, name in STATE_NAMES.items()})
-        logits = self.model.step(input_ids, position, state, self.capacity)
+        if self.grid is not None:
+            self.model.set_images(ImageContext(image_embeds, deepstack_embeds, rope_shift_start, rope_shift_amount,
+                                               grid=self.grid))
+        try:
+            logits = self.model.step(input_ids, position, state, self.capacity)
+        finally:
+            if self.grid is not None:
+                self.model.set_images(None)
         return logits, logits.argmax(dim=-1).to(torch.int32)
+
+
+def image_context_for(model: nn.Module, vision: dict | None) -> ImageContext | None:
+    """The export's example image inputs ("no images", fp32) from a bundle's vision section; None
+    for a text-only bundle or a graph without image prompts."""
+    if vision is None or not hasattr(model, "set_images"):
+        return None
+    return ImageContext.empty(vision["out_hidden_size"], vision["max_images"], tuple(vision["merged_grid"]),
+                              vision["num_deepstack"])
 
 
 def _add_missing_lowerings(converter) -> None:
@@ -118,12 +147,14 @@ def export_aimodel(
     dtype: torch.dtype | None = None,
     ramp: bool = True,
     compile_for_linux: bool = False,
+    vision: dict | None = None,
 ) -> ExportReport:
     """Write `out_path` (a `.aimodel` folder) holding the step of `model` at a fixed KV `capacity`.
 
     `dtype` is the activation/state dtype (default: the embedding's). `compile_for_linux` also stores
     the compiled `main-unspecialized.odix`, which the Linux runtime needs to load the folder by path;
     it roughly doubles the folder, so bundles leave it out and `CoreAIBackend` compiles into its cache.
+    `vision` (the bundle's vision section) adds the image inputs to an image-prompt graph.
     """
     coreai_torch = _import_coreai_torch()
     out_path = Path(out_path)
@@ -131,17 +162,20 @@ def export_aimodel(
         raise LmbundleError(f"{out_path}: a Core AI asset must end in .aimodel")
     dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
     start = time.perf_counter()
-    graph = StepGraph(model, capacity, dtype, ramp).eval()
+    images = image_context_for(model, vision)
+    graph = StepGraph(model, capacity, dtype, ramp, images).eval()
     ids = torch.zeros(1, 1, dtype=torch.int32)
     positions = torch.arange(2 if ramp else 1, dtype=torch.int32).view(1, -1)
-    dynamic = ({}, {1: torch.export.Dim("positions", min=1, max=capacity)}) if ramp else None
+    image_inputs = tuple(images.tensors().values()) if images is not None else ()
+    input_names = INPUT_NAMES + (IMAGE_INPUT_NAMES if images is not None else [])
+    dynamic = ({}, {1: torch.export.Dim("positions", min=1, max=capacity)}, *({} for _ in image_inputs)) if ramp else None
 
     previous = linear_module._int8_matmul, linear_module._int8_swiglu
     linear_module.set_int8_matmul(coreai_int8_matmul)
     linear_module.set_int8_swiglu(None)  # a device kernel (Triton) must not end up in the graph
     try:
         with torch.no_grad():
-            exported = torch.export.export(graph, (ids, positions), dynamic_shapes=dynamic, strict=False)
+            exported = torch.export.export(graph, (ids, positions, *image_inputs), dynamic_shapes=dynamic, strict=False)
         exported = exported.run_decompositions(coreai_torch.get_decomp_table())
     finally:
         linear_module.set_int8_matmul(previous[0])
@@ -150,7 +184,8 @@ def export_aimodel(
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
     _add_missing_lowerings(converter)
     converter.add_exported_program(
-        exported, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, state_names=_state_order(exported, [n for n in STATE_NAMES.values() if n in graph._buffers])
+        exported, input_names=input_names, output_names=OUTPUT_NAMES,
+        state_names=_state_order(exported, [n for n in STATE_NAMES.values() if n in graph._buffers]),
     )
     program = converter.to_coreai()
     program.save_asset(out_path)

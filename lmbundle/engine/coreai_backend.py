@@ -11,6 +11,9 @@ not match its manifest (sizes + CRC32) is rebuilt.
 Steps are enqueued on the runtime's event loop (a thread of ours) and run in order: `step` returns a
 handle at once, so the engine can enqueue step n + 1, feeding it step n's handle as its token (the
 token then never visits the host), before it reads step n's token.
+
+A VLM asset also takes the four image inputs of an `ImageContext` on every step; the backend holds
+them as runtime arrays, the "no images" values until `set_images` hands it a prompt's context.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ COMPILED_FILE = "main-universal.odix"
 STATE_NAMES = {"key": "keyCache", "value": "valueCache", "conv": "convState", "rec": "recState"}
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
 MANIFEST = "manifest.json"
+IMAGE_INPUTS = ("image_embeds", "deepstack_embeds", "rope_shift_start", "rope_shift_amount")
+NO_SHIFT_START = 2**30  # as in models.qwen3vl: no sequence index reaches it
 
 
 def cache_root() -> Path:
@@ -206,7 +211,12 @@ class CoreAIBackend:
         }
         self.states: dict = {}
         self.capacity = int(desc.state_descriptor("keyCache").shape[3])
+        self._image_layout = {name: (tuple(desc.input_descriptor(name).shape), np.dtype(desc.input_descriptor(name).dtype))
+                              for name in IMAGE_INPUTS if name in desc.input_names}
+        self.takes_images = bool(self._image_layout)
+        self._images: dict = {}
         self.reset()
+        self.set_images(None)
 
     async def _load(self):
         model = await self._runtime.AIModel.load(self.compiled)
@@ -225,6 +235,30 @@ class CoreAIBackend:
         self.grow(length)
         zeros = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self._state_layout.items()}
         self._call(self._set_states(zeros)).result()
+
+    async def _set_images(self, arrays: dict[str, np.ndarray]) -> None:
+        async with self._lock:  # after the steps in flight, which keep the inputs they were given
+            self._images = {name: self._runtime.NDArray(array) for name, array in arrays.items()}
+
+    def set_images(self, images=None) -> None:
+        """The image inputs of the following steps: an `ImageContext` (its tensors are copied) or None
+        for "no images". A text-only asset takes none."""
+        if not self.takes_images:
+            if images is not None:
+                raise LmbundleError(f"{self.aimodel}: this asset has no image inputs")
+            return
+        arrays = {}
+        for name, (shape, dtype) in self._image_layout.items():
+            if images is None:
+                fill = NO_SHIFT_START if name == "rope_shift_start" else 0
+                arrays[name] = np.full(shape, fill, dtype)
+            else:
+                tensor = images.tensors()[name].detach().cpu()
+                if tuple(tensor.shape) != shape:
+                    raise LmbundleError(f"{self.aimodel}: image input {name} is {tuple(tensor.shape)}, "
+                                        f"the asset takes {shape}")
+                arrays[name] = np.array(tensor.numpy(), dtype=dtype, copy=True)
+        self._call(self._set_images(arrays)).result()
 
     def grow(self, length: int) -> None:
         """The KV capacity is fixed at export: a longer context is a user error, not a resize."""
@@ -261,7 +295,7 @@ class CoreAIBackend:
                 ids = token.outputs["next_token"]
             else:
                 ids = NDArray(np.array([[token]], dtype=np.int32))
-            inputs = {"input_ids": ids, "position_ids": NDArray(position_ids)}
+            inputs = {"input_ids": ids, "position_ids": NDArray(position_ids), **self._images}
             handle.outputs = await self._function(inputs, self.states)
 
     def step(self, token: int | torch.Tensor | StepHandle, position: int) -> StepHandle:

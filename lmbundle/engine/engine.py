@@ -100,7 +100,10 @@ class Engine:
 
             self.device = torch.device("cpu")
             self.backend = CoreAIBackend(self.bundle, verify=verify)
-            self.vision = None  # image inputs of the Core AI decoder are not wired yet
+            self.vision = None  # an asset exported before the decoder took image inputs: text only
+            if self.backend.takes_images:
+                self.vision = ImagePrompts.for_bundle(self.bundle, self.device, torch.float32, verify=verify)
+                self.vision.on_write = self.backend.set_images
         self.backend_name = backend
 
     @property
@@ -120,7 +123,8 @@ class Engine:
         if self.vision is not None:
             return
         if "vision" in self.bundle.metadata:
-            raise LmbundleError(f"image prompts run on the torch backend only for now (not {self.backend_name})")
+            raise LmbundleError(f"{self.bundle.aimodel_path}: this .aimodel takes no image inputs "
+                                "(convert the checkpoint again for image prompts on Core AI)")
         raise LmbundleError(f"{self.bundle.path}: this bundle has no vision encoder; images need a VLM bundle")
 
     def _stop_ids(self) -> set[int]:

@@ -9,7 +9,8 @@ Flow: `attach` prepares images (stretch to the fixed grid; the resize notice is 
 `image_prompt` turns the chat template's ids (one placeholder per image) into the decoder's ids
 (T = gh * gw slots per image) and keeps the prompt's context pending; `activate`, called by the
 engine before every prefill, writes the pending context for that prompt (or the empty one).
-Each distinct image is encoded once (keyed by the sha256 of its patches).
+Each distinct image is encoded once (keyed by the sha256 of its patches). A backend that keeps its
+own copy of the image inputs (Core AI) sets `on_write`, called with the context after each change.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class ImagePrompts:
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._noticed: set[str] = set()
         self.encode_seconds: list[float] = []  # one entry per image actually encoded (cache misses)
+        self.on_write: Callable[[ImageContext], None] | None = None
 
     @classmethod
     def for_bundle(cls, bundle: Bundle, device: torch.device, context_dtype: torch.dtype,
@@ -179,3 +181,5 @@ class ImagePrompts:
             for name, tensor in target.tensors().items():
                 tensor.copy_(source.tensors()[name])
         self._active = source
+        if self.on_write is not None:
+            self.on_write(target)

@@ -1,0 +1,78 @@
+"""Image prompts on the Core AI backend: a tiny random VLM checkpoint converted with backend="all"
+(int8hu) runs the same prompts on the torch backend (the reference) and on the `.aimodel` step with its
+four image inputs, on the Linux Core AI runtime.
+
+Checked: the asset's image inputs and their shapes, greedy identity on an image prompt (Qwen3-VL with
+DeepStack; Qwen3.5 with zero DeepStack rows), and a text prompt after it (the "no images" inputs):
+per-step logits along the torch sequence, top-1 equal wherever the reference is not a near tie.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("coreai.runtime")
+pytest.importorskip("coreai_torch")
+
+from lmbundle.convert.convert import convert  # noqa: E402
+from lmbundle.engine.engine import Engine  # noqa: E402
+from tests.test_vlm_e2e import _image, _make_checkpoint, _message  # noqa: E402
+
+CONTEXT, NEW_TOKENS = 256, 10  # one 196-token image + the template + the answer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_5"])
+def engines(request, tmp_path_factory):
+    """(family, torch Engine, coreai Engine) on one int8hu bundle holding both backends."""
+    root = tmp_path_factory.mktemp(f"coreai-{request.param}")
+    _make_checkpoint(request.param, root / "ckpt")
+    bundle = convert(str(root / "ckpt"), root / "bundle", quant="int8hu", backend="all", max_context=CONTEXT, log=None)
+    reference, coreai = Engine(bundle, backend="torch", device="cpu"), Engine(bundle, backend="coreai")
+    yield request.param, reference, coreai
+    coreai.backend.close()
+
+
+def _step_logits(engine, ids: list[int]) -> torch.Tensor:
+    """[S, V] logits of S=1 steps over `ids`, with the engine's image context for them."""
+    engine.vision.activate(ids)
+    backend = engine.backend
+    backend.reset(len(ids))
+    rows = [backend.logits(backend.step(torch.tensor([[token]]), position)) for position, token in enumerate(ids)]
+    return torch.stack(rows).float()
+
+
+def test_asset_takes_the_image_inputs(engines):
+    family, reference, coreai = engines
+    layout = coreai.backend._image_layout
+    slots = reference.vision.info.max_images * reference.vision.info.tokens_per_image
+    deepstack = reference.vision.info.num_deepstack
+    assert deepstack == (2 if family == "qwen3_vl" else 0)
+    assert layout["image_embeds"][0] == (slots, 64)
+    assert layout["deepstack_embeds"][0] == (deepstack * slots, 64)
+    int32 = ((reference.vision.info.max_images,), np.dtype(np.int32))
+    assert layout["rope_shift_start"] == layout["rope_shift_amount"] == int32
+
+
+def test_image_prompt_greedy_matches_torch(engines):
+    _, reference, coreai = engines
+    message = _message([_image(3, 640, 480)])
+    ids = reference.chat_ids(message)
+    assert coreai.chat_ids(message) == ids and len(ids) > 196
+    expected = list(reference.generate(ids, max_new_tokens=NEW_TOKENS, stop=False))
+    assert list(coreai.generate(ids, max_new_tokens=NEW_TOKENS, stop=False)) == expected
+
+
+def test_text_prompt_after_an_image_prompt_matches_torch(engines):
+    _, reference, coreai = engines
+    coreai.chat_ids(_message([_image(4, 448, 448)]))  # a pending image context the text prompt must not see
+    ids = coreai.chat_ids([{"role": "user", "content": "Describe the image."}])
+    sequence = ids + list(reference.generate(ids, max_new_tokens=NEW_TOKENS, stop=False))
+    expected, ours = _step_logits(reference, sequence), _step_logits(coreai, sequence)
+    assert (ours - expected).abs().max() < 1e-2
+    top2 = expected.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) >= 0.01
+    assert ((ours.argmax(-1) == expected.argmax(-1)) | ~decided).all()
