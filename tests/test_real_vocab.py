@@ -71,13 +71,7 @@ def _complete(folder: Path, vocab: Vocab) -> bool:
     return facts.get("tokenizer_size") == vocab.tokenizer_size and facts.get("model_vocab_size") == vocab.model_vocab
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine they spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

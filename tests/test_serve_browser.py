@@ -34,13 +34,7 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 MAX_CONTEXT = 1024  # an image is 196 tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The reference engine in this process: a tiny model runs fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,21 @@ PROMPTS = (
 
 
 @dataclass
-class GateReport:
+class Report:
+    """Figures of a gate plus what failed; PASS is an empty failure list."""
+
+    failures: list[str] = field(default_factory=list, kw_only=True)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"passed": self.passed}
+
+
+@dataclass
+class GateReport(Report):
     bundle: str
     backend: str
     quant: str
@@ -59,14 +73,6 @@ class GateReport:
     rollout_tokens_matched: float = 0.0
     rollout_enforced: bool = True
     worst_logit_diff: float = 0.0
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"passed": self.passed}
 
     def lines(self) -> list[str]:
         n = self.prompts

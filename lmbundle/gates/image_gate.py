@@ -11,14 +11,14 @@ one stretched to it, two images in one prompt. For each:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from ..engine.engine import Engine
-from .gate import TIE_MARGIN
+from .gate import TIE_MARGIN, Report
 from .oracle import Oracle
 
 SWEEP = 16
@@ -50,7 +50,7 @@ PROMPTS = (  # ((picture seed, size), ...), question
 
 
 @dataclass
-class ImageGateReport:
+class ImageGateReport(Report):
     prompts: int = 0
     positions_exact: int = 0
     vision_min_cosine: float = 1.0
@@ -58,14 +58,6 @@ class ImageGateReport:
     sweep_ties: int = 0
     sweep_positions: int = 0
     sweep_min_cosine: float = 1.0
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"passed": self.passed}
 
     def lines(self) -> list[str]:
         ties = f" ({self.sweep_ties} ties)" if self.sweep_ties else ""
