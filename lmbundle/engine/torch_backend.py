@@ -2,15 +2,15 @@
 
 The next token never leaves the device between steps: `step` takes the previous step's token tensor,
 so the host can enqueue step n+1 before it reads token n. The KV part of the state is pre-grown to
-the request's length in chunks (powers of two), never per token; on CUDA each attention-window bucket
-has its own captured graph, so the steady state is one graph replay per token and no host sync.
+the request's length in chunks (powers of two), never per token; on CUDA the compiled step is captured
+in a CUDA graph per KV capacity (with and without the head), so the steady state is one graph replay
+per token and the only host sync is reading token n after step n+1 is enqueued.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -81,12 +81,6 @@ class TorchBackend:
             self.state = self.state.grown(capacity)
             self._graphs.clear()  # graphs hold the old tensors' addresses
         self.state.zero_()
-
-    def grow(self, length: int) -> None:
-        """More room mid-stream: a device-side copy into a larger cache."""
-        if length > self.state.capacity:
-            self.state = self.state.grown(min(bucket(length, 1 << 30), self.max_context))
-            self._graphs.clear()
 
     def load_state(self, write) -> None:
         """Let `write(state)` fill the state in place (the gates seed it from the oracle's cache)."""
