@@ -91,8 +91,6 @@ def transformers_peer(folder: Path, device: torch.device, p: int, g: int) -> dic
     timed(2)  # warm-up
     first = timed(1)
     total = timed(g)
-    del model
-    torch.cuda.empty_cache() if device.type == "cuda" else None
     return {"prefill_tok_s": p / first, "decode_tok_s": (g - 1) / (total - first)}
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine, GenerationStats, StreamDecoder

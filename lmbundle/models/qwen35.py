@@ -142,8 +142,7 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, cfg: Qwen35Config):
         super().__init__()
         self.cfg = cfg
-        hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-        dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
         self.in_proj_qkv = Linear(cfg.hidden_size, cfg.conv_dim)
         self.in_proj_z = Linear(cfg.hidden_size, hv * dv)
         self.in_proj_b = Linear(cfg.hidden_size, hv)
