@@ -73,6 +73,10 @@ def test_stream_decoder_matches_full_decode(engine):
     ids = engine.encode(text)
     decoder = StreamDecoder(engine.tokenizer)
     assert "".join(decoder.push(t) for t in ids) == engine.tokenizer.decode(ids)
+    assert decoder.flush() == ""
+    split = engine.encode("é")[:1]  # a byte-level BPE can spell it with one token per byte
+    held = StreamDecoder(engine.tokenizer)
+    assert held.push(split[0]) + held.flush() == engine.tokenizer.decode(split)
 
 
 def _cli(*args):

@@ -71,6 +71,12 @@ class StreamDecoder:
         self.emitted = len(self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True))
         return new
 
+    def flush(self) -> str:
+        """What is still held back at the end (bytes that never completed a character show as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        tail, self.emitted = text[self.emitted :], len(text)
+        return tail
+
 
 class Engine:
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str | None = None, device: str | None = None,
@@ -213,6 +219,8 @@ class Engine:
             piece = decoder.push(token)
             if piece:
                 yield piece
+        if tail := decoder.flush():
+            yield tail
 
     def warmup(self) -> None:
         """A real 1-token generate (what the seed engine does; a long warm-up would not fit a [1,1] step)."""

@@ -86,7 +86,7 @@ def run_generation(engine, gen: Generation, job: Job) -> None:
     finally:
         tokens.close()
     if finish is None:
-        if tail := matcher.flush():
+        if tail := matcher.push(decoder.flush())[0] + matcher.flush():
             job.emit("text", tail)
         finish = stats.stop_reason
     job.emit("done", (finish, stats))
