@@ -168,7 +168,8 @@ def export_aimodel(
     positions = torch.arange(2 if ramp else 1, dtype=torch.int32).view(1, -1)
     image_inputs = tuple(images.tensors().values()) if images is not None else ()
     input_names = INPUT_NAMES + (IMAGE_INPUT_NAMES if images is not None else [])
-    dynamic = ({}, {1: torch.export.Dim("positions", min=1, max=capacity)}, *({} for _ in image_inputs)) if ramp else None
+    ramp_dim = {1: torch.export.Dim("positions", min=1, max=capacity)}
+    dynamic = ({}, ramp_dim, *({} for _ in image_inputs)) if ramp else None
 
     previous = linear_module._int8_matmul, linear_module._int8_swiglu
     linear_module.set_int8_matmul(coreai_int8_matmul)

@@ -211,8 +211,10 @@ class CoreAIBackend:
         }
         self.states: dict = {}
         self.capacity = int(desc.state_descriptor("keyCache").shape[3])
-        self._image_layout = {name: (tuple(desc.input_descriptor(name).shape), np.dtype(desc.input_descriptor(name).dtype))
-                              for name in IMAGE_INPUTS if name in desc.input_names}
+        self._image_layout = {
+            name: (tuple(desc.input_descriptor(name).shape), np.dtype(desc.input_descriptor(name).dtype))
+            for name in IMAGE_INPUTS if name in desc.input_names
+        }
         self.takes_images = bool(self._image_layout)
         self._images: dict = {}
         self.reset()
