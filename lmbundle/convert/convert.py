@@ -63,6 +63,14 @@ def build_graph(model_class, cfg, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def image_inputs(vision: dict[str, Any]) -> dict[str, list[int]]:
+    """The decoder's static image inputs (the seed's VLM contract), sized by the vision section."""
+    slots = vision["max_images"] * vision["tokens_per_image"]
+    return {"image_embeds": [slots, vision["out_hidden_size"]],
+            "deepstack_embeds": [vision["num_deepstack"] * slots, vision["out_hidden_size"]],
+            "rope_shift_start": [vision["max_images"]], "rope_shift_amount": [vision["max_images"]]}
+
+
 def state_layout(model: torch.nn.Module, capacity: int) -> dict[str, Any]:
     state = model.new_state(capacity, device="meta")
     return {
@@ -150,7 +158,7 @@ def convert(
             "quant": recipe,
             "weights": WEIGHTS,
             "state": state_layout(model, max_context),
-            "inputs": {"input_ids": [1, 1], "position": [1]},
+            "inputs": {"input_ids": [1, 1], "position": [1]} | (image_inputs(vision) if vision else {}),
             "outputs": {"logits": [1, 1, cfg.vocab_size], "next_token": [1, 1]},
             "bytes_per_token": bytes_per_token(model),
         }
