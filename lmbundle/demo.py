@@ -74,7 +74,7 @@ def compare_backends(bundle: Path, torch_engine, oracle, ids: list[int], tokens:
     """The shipped .aimodel on the Core AI runtime must produce PyTorch's tokens (a fork is accepted only
     where the oracle itself is at a top-2 tie, the gates' rule)."""
     from .engine.engine import Engine
-    from .gates.gate import _forks_at_tie
+    from .gates.gate import forks_at_tie
 
     coreai = Engine(bundle, backend="coreai")
     ours = list(torch_engine.generate(ids, tokens, stop=False))
@@ -83,7 +83,7 @@ def compare_backends(bundle: Path, torch_engine, oracle, ids: list[int], tokens:
         print(f"Core AI runtime on the shipped .aimodel: the same {tokens} tokens as PyTorch\n")
         return True
     fork = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-    tie = _forks_at_tie(oracle, ids, ours, theirs)
+    tie = forks_at_tie(oracle, ids, ours, theirs)
     print(f"Core AI runtime on the shipped .aimodel: the same tokens as PyTorch up to token {fork}, "
           + ("where the oracle's top-2 margin is < 0.1 (a tie)\n" if tie else "then DIFFERENT\n"))
     return tie

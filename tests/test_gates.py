@@ -93,7 +93,7 @@ def test_coreai_gate_and_24_of_24_identity_with_torch(demo_bundles, oracle):
     """The shipped .aimodel (fp16 floats, int8 block-32 weights) on the Linux Core AI runtime: the gate,
     and greedy rollouts equal to the PyTorch CPU backend's (a fork counts only where the oracle
     itself is at a tie). The runtime is a slow reference interpreter, so rollouts are short."""
-    from lmbundle.gates.gate import _forks_at_tie
+    from lmbundle.gates.gate import forks_at_tie
 
     coreai = Engine(demo_bundles["int8hu"], backend="coreai")
     report = run_gate(coreai, oracle, prompts=PROMPTS[:2])
@@ -111,6 +111,6 @@ def test_coreai_gate_and_24_of_24_identity_with_torch(demo_bundles, oracle):
         ours, theirs = list(coreai.generate(ids, 8, stop=False)), list(torch_engine.generate(ids, 8, stop=False))
         if ours == theirs:
             identical += 1
-        elif _forks_at_tie(oracle, ids, ours, theirs):
+        elif forks_at_tie(oracle, ids, ours, theirs):
             ties += 1
     assert identical + ties == 24 and identical >= 20, (identical, ties)

@@ -112,13 +112,14 @@ def _seeded_step(engine: Engine, cache, ids: list[int], token: int) -> torch.Ten
     return backend.logits(backend.step(torch.tensor([[token]], device=engine.device), len(ids)))
 
 
-def _forks_at_tie(oracle: Oracle, ids: list[int], mine: list[int], reference: list[int]) -> bool:
+def forks_at_tie(oracle: Oracle, ids: list[int], mine: list[int], reference: list[int]) -> bool:
     """Whether two greedy paths part where the oracle itself can hardly choose (top-2 margin < 0.1
     on the shared prefix): the same tie rule as the teacher-forced gate, applied at the fork."""
     fork = next(i for i, (a, b) in enumerate(zip(mine, reference)) if a != b)
     logits = oracle.forward(ids + reference[:fork]).logits[-1]
-    top2 = logits.topk(2).values
-    return bool(top2[0] - top2[1] < TIE_MARGIN) and {mine[fork], reference[fork]} <= set(logits.topk(2).indices.tolist())
+    top2 = logits.topk(2)
+    tie = top2.values[0] - top2.values[1] < TIE_MARGIN
+    return bool(tie) and {mine[fork], reference[fork]} <= set(top2.indices.tolist())
 
 
 def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prompts=PROMPTS) -> GateReport:
@@ -151,7 +152,7 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
         reference = list(against.generate(ids, ROLLOUT, Sampling(), stop=False)) if against else oracle.greedy(ids, ROLLOUT)
         if mine == reference:
             report.rollout_identical += 1
-        elif _forks_at_tie(oracle, ids, mine, reference):
+        elif forks_at_tie(oracle, ids, mine, reference):
             report.rollout_identical += 1
             report.rollout_ties += 1
         rollout_match += sum(a == b for a, b in zip(mine, reference))
