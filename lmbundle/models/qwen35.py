@@ -29,7 +29,8 @@ from .layers import (
     rms_norm,
     rope_inv_freq,
 )
-from .linear import Linear, swiglu
+from .linear import Linear
+from .step_ops import REFERENCE, StepOps
 
 
 @dataclass
@@ -157,20 +158,29 @@ class GatedDeltaNet(nn.Module):
     def fuse_projections_(self) -> None:
         """Read the four input projections as one weight (a decode-speed layout, built at load time)."""
         self.in_proj_fused = Linear.concat([self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a])
+        del self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a
 
-    def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.in_proj_fused is None:
-            return self.in_proj_qkv(h), self.in_proj_z(h), self.in_proj_b(h), self.in_proj_a(h)
-        sizes = [p.out_features for p in (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)]
-        return self.in_proj_fused(h).split(sizes, dim=-1)
+    def projections(self) -> list[Linear]:
+        if self.in_proj_fused is not None:
+            return [self.in_proj_fused]
+        return [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
 
-    def forward(self, h: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor) -> torch.Tensor:
-        """h [S, hidden]; conv_state [C, K-1] and rec_state [Hv, Dk, Dv] are updated in place."""
+    def forward(self, x: torch.Tensor, norm_weight: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor,
+                ops: StepOps) -> torch.Tensor:
+        """x [S, hidden] (the residual stream; the layer's input norm is applied here) -> [S, Hv * Dv],
+        the mixer output before out_proj. conv_state [C, K-1] and rec_state [Hv, Dk, Dv] are updated in place."""
+        projected = ops.norm_linears(x, norm_weight, self.cfg.rms_norm_eps, True, self.projections())
+        return ops.gated_delta(self, projected, conv_state, rec_state)
+
+    def mix(self, projected: tuple[torch.Tensor, ...], conv_state: torch.Tensor, rec_state: torch.Tensor) -> torch.Tensor:
+        """The reference math from the projections (qkv, z, b, a, or the four fused) to the normed output."""
         cfg = self.cfg
-        seq = h.shape[0]
         hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        qkv, z, b, a = self._project(h)
+        if len(projected) == 1:
+            projected = projected[0].split([cfg.conv_dim, hv * dv, hv, hv], dim=-1)
+        qkv, z, b, a = projected
+        seq, dtype = qkv.shape[0], qkv.dtype
         qkv = causal_conv(qkv, conv_state, self.conv1d.weight[:, 0])
         q, k, v = torch.split(qkv, [hk * dk, hk * dk, hv * dv], dim=-1)
         q = l2_normalize(q.reshape(seq, hk, dk).float())
@@ -187,8 +197,8 @@ class GatedDeltaNet(nn.Module):
         else:
             o = gated_delta_chunk(q, k, v, g, beta, rec_state)
         z = z.reshape(seq, hv, dv)
-        o = gated_rms_norm(o.to(h.dtype), z, self.norm.weight, cfg.rms_norm_eps)
-        return self.out_proj(o.reshape(seq, hv * dv))
+        o = gated_rms_norm(o.to(dtype), z, self.norm.weight, cfg.rms_norm_eps)
+        return o.reshape(seq, hv * dv)
 
 
 class GatedAttention(nn.Module):
@@ -207,29 +217,28 @@ class GatedAttention(nn.Module):
     def fuse_projections_(self) -> None:
         """Read q, k and v as one weight (a decode-speed layout, built at load time)."""
         self.qkv_fused = Linear.concat([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
-    def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.qkv_fused is None:
-            return self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        sizes = [p.out_features for p in (self.q_proj, self.k_proj, self.v_proj)]
-        return self.qkv_fused(h).split(sizes, dim=-1)
+    def projections(self) -> list[Linear]:
+        return [self.qkv_fused] if self.qkv_fused is not None else [self.q_proj, self.k_proj, self.v_proj]
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        kv_len: int,
-    ) -> torch.Tensor:
-        """h [S, hidden]; writes k/v at `positions` of key/value_cache [KVH, capacity, D] and attends
-        over the first kv_len slots."""
+    def forward(self, x: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, kv_len: int,
+                ops: StepOps) -> torch.Tensor:
+        """x [S, hidden] (the residual stream; the input norm is applied here) -> [S, H * D] before o_proj.
+        Writes k/v at `positions` of key/value_cache [KVH, capacity, D] and attends over the first kv_len slots."""
+        projected = ops.norm_linears(x, norm_weight, self.cfg.rms_norm_eps, self.zero_centered, self.projections())
+        return ops.attention(self, projected, cos, sin, positions, key_cache, value_cache, kv_len)
+
+    def attend(self, projected: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+               key_cache: torch.Tensor, value_cache: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The reference math from the projections (q, k, v, or the three fused) to the (gated) output."""
         cfg = self.cfg
-        seq = h.shape[0]
         heads, kvh, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
-        q, k, v = self._project(h)
+        if len(projected) == 1:
+            projected = projected[0].split([heads * d * (2 if self.output_gate else 1), kvh * d, kvh * d], dim=-1)
+        q, k, v = projected
+        seq, dtype = q.shape[0], q.dtype
         q = q.reshape(seq, heads, -1)
         if self.output_gate:
             q, gate = q[..., :d], q[..., d:].reshape(seq, heads * d)
@@ -240,10 +249,10 @@ class GatedAttention(nn.Module):
         k = apply_rope(k.transpose(0, 1), cos, sin)
         key_cache.index_copy_(1, positions, k.to(key_cache.dtype))
         value_cache.index_copy_(1, positions, v.to(value_cache.dtype))
-        o = attention(q, key_cache[:, :kv_len], value_cache[:, :kv_len], positions).to(h.dtype)
+        o = attention(q, key_cache[:, :kv_len], value_cache[:, :kv_len], positions).to(dtype)
         if self.output_gate:
             o = o * torch.sigmoid(gate)
-        return self.o_proj(o)
+        return o
 
 
 class MLP(nn.Module):
@@ -252,9 +261,6 @@ class MLP(nn.Module):
         self.gate_proj = Linear(hidden, intermediate)
         self.up_proj = Linear(hidden, intermediate)
         self.down_proj = Linear(intermediate, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(x, self.gate_proj, self.up_proj))
 
 
 class DecoderLayer(nn.Module):
@@ -283,6 +289,7 @@ class Qwen35ForStep(nn.Module):
 
     config_class = Qwen35Config
     zero_centered_norm = True
+    step_ops: StepOps = REFERENCE  # a backend installs fused kernels here (CUDA)
 
     def __init__(self, cfg: Qwen35Config):
         super().__init__()
@@ -343,23 +350,33 @@ class Qwen35ForStep(nn.Module):
         return x
 
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int) -> torch.Tensor:
-        """The final-normed hidden states [S, hidden] of tokens ids [S] at positions [S]."""
-        cfg = self.cfg
+        """The residual stream [S, hidden] after the last layer (before the final norm) of tokens ids [S]."""
+        cfg, ops, zero_centered = self.cfg, self.step_ops, self.zero_centered_norm
         x = self.embed(ids)
         cos, sin = mrope_cos_sin(self.rope_positions(ids, positions), self.inv_freq, self.rope_axes)
         n_lin = n_full = 0
         for i, layer in enumerate(self.model.layers):
-            h = rms_norm(x, layer.input_layernorm.weight, cfg.rms_norm_eps, self.zero_centered_norm)
+            norm = layer.input_layernorm.weight
             if layer.is_linear:
-                h = layer.linear_attn(h, state.conv[n_lin, 0], state.rec[n_lin, 0])
+                mixer = layer.linear_attn
+                o = mixer(x, norm, state.conv[n_lin, 0], state.rec[n_lin, 0], ops)
+                x = ops.linear_residual(o, mixer.out_proj, x)
                 n_lin += 1
             else:
-                h = layer.self_attn(h, cos, sin, positions, state.key[n_full, 0], state.value[n_full, 0], kv_len)
+                mixer = layer.self_attn
+                o = mixer(x, norm, cos, sin, positions, state.key[n_full, 0], state.value[n_full, 0], kv_len, ops)
+                x = ops.linear_residual(o, mixer.o_proj, x)
                 n_full += 1
-            x = x + h
-            h = rms_norm(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps, self.zero_centered_norm)
-            x = self.decoder_hook(i, x + layer.mlp(h), ids)
-        return rms_norm(x, self.model.norm.weight, cfg.rms_norm_eps, self.zero_centered_norm)
+            mlp = layer.mlp
+            h = ops.norm_swiglu(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps, zero_centered,
+                                mlp.gate_proj, mlp.up_proj)
+            x = self.decoder_hook(i, ops.linear_residual(h, mlp.down_proj, x), ids)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head: logits [S, V] in fp32."""
+        norm = self.model.norm.weight
+        return self.step_ops.norm_linears(x, norm, self.cfg.rms_norm_eps, self.zero_centered_norm, [self.lm_head])[0].float()
 
     def forward_tokens(
         self, ids: torch.Tensor, start: int, state: State, kv_len: int | None = None, last_only: bool = False
@@ -369,7 +386,7 @@ class Qwen35ForStep(nn.Module):
         x = self.hidden_states(ids, positions, state, kv_len or start + ids.shape[0])
         if last_only:
             x = x[-1:]
-        return self.lm_head(x).float()
+        return self.head(x)
 
     def step(self, input_ids: torch.Tensor, position: torch.Tensor, state: State, kv_len: int,
              with_head: bool = True) -> torch.Tensor:
@@ -377,9 +394,9 @@ class Qwen35ForStep(nn.Module):
 
         kv_len is the static attention window (>= position + 1); slots past the position are masked.
         Without the head (S=1 prefill of all but the last prompt token) it only advances the state and
-        returns the final hidden state: the head is a quarter of the 2B's bytes per token.
+        returns the residual stream: the head is a quarter of the 2B's bytes per token.
         """
         x = self.hidden_states(input_ids.view(1), position.view(1), state, kv_len)
         if not with_head:
             return x
-        return self.lm_head(x).float().view(1, 1, -1)
+        return self.head(x).view(1, 1, -1)
