@@ -5,8 +5,10 @@ values) with transformers' own class, converts it to lmbundle bundles, and measu
 llm-benchmark protocol (p prompt tokens, g generated, n trials after a 1-token warm-up):
   - our engine (PyTorch backend; CUDA graphs + fused int8 GEMV on CUDA) per quant mode,
   - chunked prefill of a long prompt,
-  - transformers (bf16, eager attention; its default GDN path) greedy generate,
-and prints the ratios. Usage (GPU):
+  - transformers (bf16, not compiled, its default attention) greedy generate, twice, each in its own process
+    (benchmarks/peer_transformers.py): with its default torch GDN path, and with the flash-linear-attention
+    Triton kernels unpacked from the wheels in --fla-wheels (skipped, with a note, when there are none),
+and prints the ratios. Usage (GPU; scripts/fetch_peer_wheels.sh first, and carry .peer to the GPU machine):
   python benchmarks/bench_decode.py --config Qwen3.5-2B --quant int8hu fp16 -p 128 -g 256 -n 3
 """
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.engine.bench import bench, format_bench, measured_bandwidth  # noqa: E402
@@ -74,24 +79,36 @@ def profile_decode(engine: Engine, steps: int = 32) -> str:
     return ", ".join(f"{k}: {rows[k]}" for k in keep if k in rows) + f" (for {steps} tokens + {len(ids)} prompt steps)"
 
 
-def transformers_peer(folder: Path, device: torch.device, p: int, g: int) -> dict:
-    from transformers import AutoModelForCausalLM
+PEERS = {"transformers_bf16_eager": "transformers bf16 eager",
+         "transformers_bf16_fla": "transformers bf16 + fla kernels (causal-conv1d not installed: torch conv)"}
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
-    ids = torch.tensor([[(17 + 31 * i) % 1000 for i in range(p)]], device=device)
 
-    def timed(n):
-        sync(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        sync(device)
-        return time.perf_counter() - start
+def install_fla(wheels: Path, target: Path) -> Path | None:
+    """Unpack the flash-linear-attention wheels (pure Python + Triton) into a folder for the second peer's PYTHONPATH.
 
-    timed(2)  # warm-up
-    first = timed(1)
-    total = timed(g)
-    return {"prefill_tok_s": p / first, "decode_tok_s": (g - 1) / (total - first)}
+    --no-index: the GPU machine has no network, the wheels travel with the repo (scripts/fetch_peer_wheels.sh).
+    --no-deps: its image has torch, triton and einops; causal-conv1d ships only as a source tarball, so it is left
+    out and transformers keeps its torch conv.
+    """
+    if not list(wheels.glob("fla_core-*.whl")):
+        print(f"no fla wheels in {wheels} (scripts/fetch_peer_wheels.sh fetches them): skipping the fla peer")
+        return None
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target),
+                    *map(str, sorted(wheels.glob("*.whl")))], check=True)
+    return target
+
+
+def run_peer(ckpt: Path, device: torch.device, p: int, g: int, pythonpath: Path | None = None) -> dict:
+    """benchmarks/peer_transformers.py in a fresh process: transformers picks its GDN kernels (fla or torch) at
+    import, so the two peers cannot share one process; its own process also frees its GPU memory when done."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, str(Path(__file__).with_name("peer_transformers.py")), "--checkpoint", str(ckpt),
+           "-p", str(p), "-g", str(g), "--device", device.type]
+    proc = subprocess.run(cmd, check=False, env=env, stdout=subprocess.PIPE, text=True)  # stderr goes to ours
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"error": f"exit status {proc.returncode}, no result (stderr above)"}
 
 
 def main() -> None:
@@ -103,6 +120,8 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=3)
     parser.add_argument("--prefill-tokens", type=int, default=2048)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--fla-wheels", default=str(REPO / ".peer" / "wheels"),
+                        help="flash-linear-attention wheels for the second peer (scripts/fetch_peer_wheels.sh)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,12 +151,21 @@ def main() -> None:
             del engine
             torch.cuda.empty_cache() if device.type == "cuda" else None
         if not args.no_peer:
-            peer = transformers_peer(ckpt, device, args.p, args.g)
-            results["transformers_bf16_eager"] = peer
-            print(f"transformers bf16: prefill {peer['prefill_tok_s']:.1f} tok/s, decode {peer['decode_tok_s']:.1f} tok/s")
-            for quant, r in results["ours"].items():
-                print(f"  ratio lmbundle {quant} / transformers: decode {r['decode_tok_s'] / peer['decode_tok_s']:.1f}x, "
-                      f"prefill {r['prefill_tok_s'] / peer['prefill_tok_s']:.1f}x")
+            fla = install_fla(Path(args.fla_wheels), tmp / "fla")
+            for key, pythonpath in [("transformers_bf16_eager", None), ("transformers_bf16_fla", fla)]:
+                if key == "transformers_bf16_fla" and fla is None:
+                    continue
+                peer = results[key] = run_peer(ckpt, device, args.p, args.g, pythonpath)
+                origin = {k: (v or "nn.Conv1d").split(".")[0] for k, v in peer.get("gdn", {}).items()}
+                print(f"{PEERS[key]}: GDN kernels from {origin}; fla {peer.get('fla_error', peer.get('fla'))}")
+                if "decode_tok_s" not in peer or (pythonpath and origin.get("chunk") != "fla"):
+                    print("  failed:", peer.get("error", "fla's kernels were not picked up"), "- no ratios", flush=True)
+                    continue
+                print(f"  prefill {peer['prefill_tok_s']:.1f} tok/s, decode {peer['decode_tok_s']:.1f} tok/s")
+                for quant, r in results["ours"].items():
+                    print(f"  ratio lmbundle {quant} / {PEERS[key]}: "
+                          f"decode {r['decode_tok_s'] / peer['decode_tok_s']:.1f}x, "
+                          f"prefill {r['prefill_tok_s'] / peer['prefill_tok_s']:.1f}x", flush=True)
     print(json.dumps(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
