@@ -20,7 +20,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from lmbundle.engine.kernels import triton_int8
+from lmbundle.engine.kernels import triton_gemv
 from lmbundle.engine.kernels.int8_gemv import reference_int8_matmul
 
 SHAPES = [  # (label, out_features, in_features)
@@ -99,7 +99,7 @@ def bench_shape(label, out_features, in_features, rows, compiled_fn, config, res
         if compiled_fn is not None and label in COMPILED_SHAPES:
             variants["compiled dequant+linear"] = (seconds_per_call([lambda q=q, s=s: compiled_fn(x, q, s)
                                                                      for q, s in int8], nbytes), nbytes)
-    variants["triton int8 gemv"] = (seconds_per_call([lambda q=q, s=s: triton_int8.int8_gemv(x, q, s, config)
+    variants["triton int8 gemv"] = (seconds_per_call([lambda q=q, s=s: triton_gemv.int8_gemv(x, q, s, config)
                                                       for q, s in int8], nbytes), nbytes)
     for name, (seconds, size) in variants.items():
         _report(dict(shape=label, out=out_features, inp=in_features, rows=rows, variant=name,
@@ -116,9 +116,9 @@ def bench_swiglu(results):
     int8 = _int8_copies(2 * 6144, 2048)
     halves = [(q[:6144], s[:6144], q[6144:], s[6144:]) for q, s in int8]
     nbytes = _int8_bytes(*int8[0])
-    two = seconds_per_call([lambda h=h: F.silu(triton_int8.int8_gemv(x, h[0], h[1])) * triton_int8.int8_gemv(x, h[2], h[3])
+    two = seconds_per_call([lambda h=h: F.silu(triton_gemv.int8_gemv(x, h[0], h[1])) * triton_gemv.int8_gemv(x, h[2], h[3])
                             for h in halves], nbytes)
-    fused = seconds_per_call([lambda h=h: triton_int8.int8_swiglu(x, *h) for h in halves], nbytes)
+    fused = seconds_per_call([lambda h=h: triton_gemv.int8_swiglu(x, *h) for h in halves], nbytes)
     for name, seconds, size in [("bf16 2x linear+silu*mul", t_bf16, 2 * 2 * 6144 * 2048),
                                 ("triton 2x gemv+silu*mul", two, nbytes), ("triton fused swiglu", fused, nbytes)]:
         _report(dict(shape="swiglu gate+up", out=2 * 6144, inp=2048, rows=1, variant=name,
@@ -147,9 +147,9 @@ def sweep(results) -> dict[str, tuple]:
         int8 = _int8_copies(out_features, in_features)
         xs = x if in_features == 2048 else torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
         nbytes = _int8_bytes(*int8[0])
-        default_config = triton_int8.pick_config(out_features, in_features)
+        default_config = triton_gemv.pick_config(out_features, in_features)
         for config in dict.fromkeys([default_config, *SWEEP]):
-            seconds = seconds_per_call([lambda q=q, s=s: triton_int8.int8_gemv(xs, q, s, config=config)
+            seconds = seconds_per_call([lambda q=q, s=s: triton_gemv.int8_gemv(xs, q, s, config=config)
                                         for q, s in int8], nbytes)
             results.append(dict(shape=label, config=config, us=seconds * 1e6, tbps=nbytes / seconds / 1e12))
         del int8

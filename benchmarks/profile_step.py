@@ -1,7 +1,7 @@
 """Where a decode step's time goes on the GPU: CUDA kernel time by kernel, for one bundle.
 
-Runs the compiled step outside the CUDA graph under the profiler (the graph hides its kernels) and
-prints kernel time grouped by name, the sum, and the graph-replayed time per step for comparison.
+Runs the step outside the CUDA graph under the profiler (the graph hides its kernels) and prints kernel
+time grouped by name, the sum, and the graph-replayed time per step (with and without PDL) for comparison.
   python benchmarks/profile_step.py --config Qwen3.5-2B --quant int8hu
 """
 
@@ -27,32 +27,63 @@ def main() -> None:
     parser.add_argument("--config", default="Qwen3.5-2B")
     parser.add_argument("--quant", default="int8hu")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prefill", type=int, default=0, help="also profile a chunked prefill of this many tokens")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "ckpt", args.config, torch.device("cuda"))
         engine = Engine(convert(str(ckpt), Path(tmp) / "b", quant=args.quant, backend="torch", log=None),
                         backend="torch", device="cuda")
         backend = engine.backend
-        list(engine.generate(list(range(1, 65)), 4, stop=False))  # compile + capture
         token = torch.ones(1, 1, dtype=torch.long, device="cuda")
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for pos in range(64, 64 + args.steps):
-            backend.step(token, pos)
-        torch.cuda.synchronize()
-        replay = (time.perf_counter() - start) / args.steps
+        ops = backend.model.step_ops
+        replay = {}
+        for pdl in ([True, False] if getattr(ops, "pdl", False) else [False]):
+            ops.pdl = pdl
+            backend._graphs.clear()
+            list(engine.generate(list(range(1, 65)), 4, stop=False))  # compile + capture
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for pos in range(64, 64 + args.steps):
+                backend.step(token, pos)
+            torch.cuda.synchronize()
+            replay[pdl] = (time.perf_counter() - start) / args.steps
         window = backend.state.capacity
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for pos in range(64, 64 + args.steps):
-                backend._step(token, torch.tensor([pos], device="cuda"), backend.state, window)
+                backend.model.step(token, torch.tensor([pos], device="cuda"), backend.state, window)
             torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         events.sort(key=lambda e: e.self_device_time_total, reverse=True)
         total = sum(e.self_device_time_total for e in events) / args.steps
-        print(f"graph replay: {1e3 * replay:.3f} ms/step; kernel time (no graph): {total / 1e3:.3f} ms/step; "
+        print("graph replay: " + ", ".join(f"{1e3 * t:.3f} ms/step (PDL {'on' if pdl else 'off'})"
+                                           for pdl, t in replay.items()))
+        print(f"kernel time (eager, no graph): {total / 1e3:.3f} ms/step; "
               f"kernels per step: {sum(e.count for e in events) / args.steps:.0f}")
         for e in events[:15]:
             print(f"  {e.self_device_time_total / args.steps / 1e3:7.3f} ms  {e.count // args.steps:4d}x  {e.key[:90]}")
+        if args.prefill:
+            profile_prefill(backend, args.prefill)
+
+
+def profile_prefill(backend, tokens: int) -> None:
+    """Kernel time of one chunked prefill by kernel name (where the 20k tok/s target is lost)."""
+    ids = [(7 + 13 * i) % 1000 for i in range(tokens)]
+    backend.reset(tokens + 1)
+    backend.prefill(ids, tokens)  # warm-up
+    backend.reset(tokens + 1)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        backend.prefill(ids, tokens)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    print(f"chunked prefill of {tokens}: {wall * 1e3:.1f} ms wall under the profiler, kernel time {total / 1e3:.1f} ms, "
+          f"{sum(e.count for e in events)} kernels")
+    for e in events[:12]:
+        print(f"  {e.self_device_time_total / 1e3:7.2f} ms  {e.count:5d}x  {e.key[:90]}")
 
 
 if __name__ == "__main__":

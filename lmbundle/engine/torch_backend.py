@@ -2,9 +2,11 @@
 
 The next token never leaves the device between steps: `step` takes the previous step's token tensor,
 so the host can enqueue step n+1 before it reads token n. The KV part of the state is pre-grown to
-the request's length in chunks (powers of two), never per token; on CUDA the compiled step is captured
-in a CUDA graph per KV capacity (with and without the head), so the steady state is one graph replay
-per token and the only host sync is reading token n after step n+1 is enqueued.
+the request's length in chunks (powers of two), never per token. On CUDA a one-token step runs the
+fused Triton kernels of `kernels/step_ops.py` (five or six launches a layer, chained with programmatic
+dependent launch on Hopper) and is captured in a CUDA graph per KV capacity (with and without the
+head), so the steady state is one graph replay per token and the only host sync is reading token n
+after step n+1 is enqueued.
 """
 
 from __future__ import annotations
@@ -31,13 +33,19 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def _install_cuda_kernels() -> None:
-    """The fused int8 dequant + GEMV kernels (Triton) for every int8 linear on CUDA."""
-    from .kernels.ops import int8_matmul, int8_swiglu
+def _install_cuda_kernels(model: torch.nn.Module, device: torch.device) -> None:
+    """The fused decode kernels for one-token steps, and the int8 GEMV for other short int8 matmuls."""
+    from .kernels import int8_matmul, int8_swiglu
+    from .kernels.int8_gemv import triton_available
 
-    torch._dynamo.config.recompile_limit = 64  # one compiled step per KV capacity
     set_int8_matmul(int8_matmul)
     set_int8_swiglu(int8_swiglu)
+    model.fuse_projections_()
+    if triton_available():
+        from .kernels.step_ops import TritonStepOps
+
+        pdl = torch.cuda.get_device_capability(device) >= (9, 0) and os.environ.get("LMBUNDLE_PDL", "1") != "0"
+        model.step_ops = TritonStepOps(pdl)
 
 
 def bucket(length: int, capacity: int) -> int:
@@ -56,20 +64,15 @@ class StepHandle:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, max_context: int, cuda_graphs: bool = True,
-                 compile: bool | None = None):
+    def __init__(self, model: torch.nn.Module, device: torch.device, max_context: int, cuda_graphs: bool = True):
         self.model, self.device, self.max_context = model, device, max_context
         self.state: State | None = None
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._token_in = torch.zeros(1, 1, dtype=torch.long, device=device)
         self._position_in = torch.zeros(1, dtype=torch.long, device=device)
-        self._step = model.step
         if device.type == "cuda":
-            _install_cuda_kernels()
-            model.fuse_projections_()
-            if compile if compile is not None else os.environ.get("LMBUNDLE_COMPILE", "1") != "0":
-                self._step = torch.compile(model.step, dynamic=False)
+            _install_cuda_kernels(model, device)
 
     # -- state ----------------------------------------------------------------------------------
     def reset(self, length: int) -> None:
@@ -121,13 +124,13 @@ class TorchBackend:
         snapshot = {k: v.clone() for k, v in self.state.tensors().items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compile and warm the allocator outside capture
+        with torch.cuda.stream(stream):  # compile the kernels and warm the allocator outside capture
             for _ in range(2):
-                self._step(self._token_in, self._position_in, self.state, window, with_head)
+                self.model.step(self._token_in, self._position_in, self.state, window, with_head)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._step(self._token_in, self._position_in, self.state, window, with_head)
+            logits = self.model.step(self._token_in, self._position_in, self.state, window, with_head)
         for k, v in self.state.tensors().items():  # capture ran the step: undo its writes
             v.copy_(snapshot[k])
         self._graphs[(window, with_head)] = (graph, logits)

@@ -169,8 +169,7 @@ class GatedDeltaNet(nn.Module):
                 ops: StepOps) -> torch.Tensor:
         """x [S, hidden] (the residual stream; the layer's input norm is applied here) -> [S, Hv * Dv],
         the mixer output before out_proj. conv_state [C, K-1] and rec_state [Hv, Dk, Dv] are updated in place."""
-        projected = ops.norm_linears(x, norm_weight, self.cfg.rms_norm_eps, True, self.projections())
-        return ops.gated_delta(self, projected, conv_state, rec_state)
+        return ops.gated_delta(self, x, norm_weight, conv_state, rec_state)
 
     def mix(self, projected: tuple[torch.Tensor, ...], conv_state: torch.Tensor, rec_state: torch.Tensor) -> torch.Tensor:
         """The reference math from the projections (qkv, z, b, a, or the four fused) to the normed output."""
@@ -227,8 +226,7 @@ class GatedAttention(nn.Module):
                 ops: StepOps) -> torch.Tensor:
         """x [S, hidden] (the residual stream; the input norm is applied here) -> [S, H * D] before o_proj.
         Writes k/v at `positions` of key/value_cache [KVH, capacity, D] and attends over the first kv_len slots."""
-        projected = ops.norm_linears(x, norm_weight, self.cfg.rms_norm_eps, self.zero_centered, self.projections())
-        return ops.attention(self, projected, cos, sin, positions, key_cache, value_cache, kv_len)
+        return ops.attention(self, x, norm_weight, cos, sin, positions, key_cache, value_cache, kv_len)
 
     def attend(self, projected: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                key_cache: torch.Tensor, value_cache: torch.Tensor, kv_len: int) -> torch.Tensor:

@@ -35,15 +35,19 @@ class StepOps:
         """residual + linear(h): a mixer's output projection or the MLP's down projection."""
         return residual + linear(h)
 
-    def gated_delta(self, layer: "GatedDeltaNet", projected: tuple[torch.Tensor, ...], conv_state: torch.Tensor,
-                    rec_state: torch.Tensor) -> torch.Tensor:
-        """A GDN mixer from its input projections to its gated-normed output (before out_proj)."""
+    def gated_delta(self, layer: "GatedDeltaNet", x: torch.Tensor, norm_weight: torch.Tensor,
+                    conv_state: torch.Tensor, rec_state: torch.Tensor) -> torch.Tensor:
+        """A GDN mixer from the residual stream to its gated-normed output (what out_proj reads; a
+        backend may return its own handle here, which only its `linear_residual` takes)."""
+        projected = self.norm_linears(x, norm_weight, layer.cfg.rms_norm_eps, True, layer.projections())
         return layer.mix(projected, conv_state, rec_state)
 
-    def attention(self, layer: "GatedAttention", projected: tuple[torch.Tensor, ...], cos: torch.Tensor,
+    def attention(self, layer: "GatedAttention", x: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, positions: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                   kv_len: int) -> torch.Tensor:
-        """An attention mixer from its q/k/v projections to its (gated) output (before o_proj)."""
+        """An attention mixer from the residual stream to its (gated) output, what o_proj reads."""
+        projected = self.norm_linears(x, norm_weight, layer.cfg.rms_norm_eps, layer.zero_centered,
+                                      layer.projections())
         return layer.attend(projected, cos, sin, positions, key_cache, value_cache, kv_len)
 
 

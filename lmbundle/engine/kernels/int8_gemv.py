@@ -46,9 +46,9 @@ def gemv_applies(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ (qweight * scales).T -> [..., out] in x's dtype."""
     if gemv_applies(x, qweight, scales):
-        from lmbundle.engine.kernels import triton_int8
+        from lmbundle.engine.kernels import triton_gemv
 
-        return triton_int8.int8_gemv(x, qweight, scales)
+        return triton_gemv.int8_gemv(x, qweight, scales)
     return reference_int8_matmul(x, qweight, scales)
 
 
@@ -56,7 +56,7 @@ def int8_swiglu(x: torch.Tensor, gate_qweight: torch.Tensor, gate_scales: torch.
                 up_qweight: torch.Tensor, up_scales: torch.Tensor) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T): one fused pass on the GEMV path (rounded once), else two matmuls."""
     if gemv_applies(x, gate_qweight, gate_scales) and gemv_applies(x, up_qweight, up_scales):
-        from lmbundle.engine.kernels import triton_int8
+        from lmbundle.engine.kernels import triton_gemv
 
-        return triton_int8.int8_swiglu(x, gate_qweight, gate_scales, up_qweight, up_scales)
+        return triton_gemv.int8_swiglu(x, gate_qweight, gate_scales, up_qweight, up_scales)
     return F.silu(int8_matmul(x, gate_qweight, gate_scales)) * int8_matmul(x, up_qweight, up_scales)
