@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--quant", default="int8hu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prefill", type=int, default=0, help="also profile a chunked prefill of this many tokens")
+    parser.add_argument("--wy-chunks", default="", help="time that prefill with these GDN (WY) chunk lengths, e.g. 64,128")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "ckpt", args.config, torch.device("cuda"))
@@ -63,6 +64,29 @@ def main() -> None:
             print(f"  {e.self_device_time_total / args.steps / 1e3:7.3f} ms  {e.count // args.steps:4d}x  {e.key[:90]}")
         if args.prefill:
             profile_prefill(backend, args.prefill)
+            for chunk in filter(None, args.wy_chunks.split(",")):
+                print(f"  GDN chunk {chunk}: {time_prefill(backend, args.prefill, int(chunk)):.0f} tok/s")
+
+
+def time_prefill(backend, tokens: int, wy_chunk: int) -> float:
+    """Best of 3 chunked prefills with the GDN's WY chunk length set to wy_chunk (a benchmark knob)."""
+    from lmbundle.models import layers
+
+    defaults = layers.gated_delta_chunk.__defaults__
+    layers.gated_delta_chunk.__defaults__ = (wy_chunk,)
+    try:
+        ids = [(7 + 13 * i) % 1000 for i in range(tokens)]
+        best = float("inf")
+        for _ in range(3):
+            backend.reset(tokens + 1)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            backend.prefill(ids, tokens)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return tokens / best
+    finally:
+        layers.gated_delta_chunk.__defaults__ = defaults
 
 
 def profile_prefill(backend, tokens: int) -> None:

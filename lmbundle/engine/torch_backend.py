@@ -61,6 +61,19 @@ class StepHandle:
     logits: torch.Tensor  # [1, 1, V] fp32 on the device
 
 
+@dataclass
+class PendingToken:
+    """A sampled token on the GPU, already being copied to pinned host memory when it was made.
+
+    Reading it waits for that copy only. A plain `.item()` would queue its copy behind step n+1 (enqueued
+    before token n is read) and so wait for that whole step, leaving the GPU idle while the host then
+    enqueues step n+2."""
+
+    device: torch.Tensor  # [1, 1] int64
+    host: torch.Tensor  # [1, 1] int64, pinned
+    copied: torch.cuda.Event
+
+
 class TorchBackend:
     name = "torch"
 
@@ -104,9 +117,11 @@ class TorchBackend:
         return StepHandle(logits.view(1, 1, -1))
 
     @torch.inference_mode()
-    def step(self, token: torch.Tensor, position: int, with_head: bool = True) -> StepHandle:
+    def step(self, token: torch.Tensor | PendingToken, position: int, with_head: bool = True) -> StepHandle:
         """Enqueue one decode step for `token` ([1, 1] device tensor) at `position` (without the head:
         a prompt token whose logits nobody reads)."""
+        if isinstance(token, PendingToken):
+            token = token.device
         if not self.use_graphs:
             window = bucket(position + 1, self.state.capacity)
             pos = torch.tensor([position], device=self.device)
@@ -136,12 +151,23 @@ class TorchBackend:
         self._graphs[(window, with_head)] = (graph, logits)
         return graph, logits
 
-    def next_token(self, handle: StepHandle, sampling: Sampling, generator) -> torch.Tensor:
-        """The chosen token as a device tensor [1, 1] (a copy: graph outputs are reused)."""
-        return sample(handle.logits, sampling, generator).clone()
+    def next_token(self, handle: StepHandle, sampling: Sampling, generator) -> torch.Tensor | PendingToken:
+        """The chosen token on the device [1, 1] (a copy: graph outputs are reused); on CUDA its copy to
+        the host starts right away (a `PendingToken`)."""
+        token = sample(handle.logits, sampling, generator).clone()
+        if self.device.type != "cuda":
+            return token
+        host = torch.empty((1, 1), dtype=token.dtype, pin_memory=True)
+        host.copy_(token, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return PendingToken(token, host, copied)
 
     @staticmethod
-    def read_token(token: torch.Tensor) -> int:
+    def read_token(token: torch.Tensor | PendingToken) -> int:
+        if isinstance(token, PendingToken):
+            token.copied.synchronize()
+            return int(token.host.item())
         return int(token.item())
 
     def logits(self, handle: StepHandle) -> torch.Tensor:
