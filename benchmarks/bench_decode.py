@@ -10,6 +10,9 @@ llm-benchmark protocol (p prompt tokens, g generated, n trials after a 1-token w
     Triton kernels unpacked from the wheels in --fla-wheels (skipped, with a note, when there are none),
 and prints the ratios. Usage (GPU; scripts/fetch_peer_wheels.sh first, and carry .peer to the GPU machine):
   python benchmarks/bench_decode.py --config Qwen3.5-2B --quant int8hu fp16 -p 128 -g 256 -n 3
+--config Qwen3-VL-2B builds Qwen3VLForConditionalGeneration instead (text + the real vision tower, which the
+bundle carries but the bench never runs: text-only decode); its transformers peer loads
+AutoModelForImageTextToText, and there is no fla peer (Qwen3-VL has no gated-delta layers).
 """
 
 from __future__ import annotations
@@ -34,10 +37,56 @@ from lmbundle.engine.bench import bench, format_bench, measured_bandwidth  # noq
 from lmbundle.engine.engine import Engine  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
+# Qwen3-VL-2B-Instruct (../shared/reference/qwen-facts.md). transformers' Qwen3VLConfig defaults are the 8B's
+# (text 4096 x 32 layers; vision depth 27, hidden 1152, out 3584, deepstack [8,16,24]) and untied: every value
+# is spelled out here. The token ids are the real ones; the bench's tokenizer is a small stand-in (text-only decode).
+VL_CONFIGS = {
+    "Qwen3-VL-2B": {
+        "text_config": {
+            "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+            "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 262144, "attention_bias": False,
+            "bos_token_id": 151643, "eos_token_id": 151645,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                "mrope_interleaved": True},
+        },
+        "vision_config": {
+            "depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "out_hidden_size": 2048,
+            "in_channels": 3, "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
+            "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17], "hidden_act": "gelu_pytorch_tanh",
+        },
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "tie_word_embeddings": True,
+    },
+}
+# Qwen3-VL's image processor settings (convert reads them for the bundle's vision section).
+VL_PROCESSOR = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5], "size": {"shortest_edge": 65536, "longest_edge": 16777216}}
+
+
+def make_vl_checkpoint(folder: Path, config: dict, device: torch.device) -> Path:
+    import copy
+
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(config))).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    checkpoints.make_tokenizer(folder, 512)
+    Qwen2VLImageProcessorPil(**VL_PROCESSOR).save_pretrained(folder)
+    del model
+    return folder
+
 
 def make_checkpoint(folder: Path, name: str, device: torch.device) -> Path:
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
+    if name in VL_CONFIGS:
+        return make_vl_checkpoint(folder, VL_CONFIGS[name], device)
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**checkpoints.REAL_CONFIGS[name])).to(torch.bfloat16)
@@ -113,7 +162,7 @@ def run_peer(ckpt: Path, device: torch.device, p: int, g: int, pythonpath: Path 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="Qwen3.5-2B", choices=sorted(checkpoints.REAL_CONFIGS))
+    parser.add_argument("--config", default="Qwen3.5-2B", choices=sorted(checkpoints.REAL_CONFIGS) + sorted(VL_CONFIGS))
     parser.add_argument("--quant", nargs="+", default=["int8hu", "fp16"])
     parser.add_argument("-p", type=int, default=128)
     parser.add_argument("-g", type=int, default=256)
@@ -151,13 +200,19 @@ def main() -> None:
             del engine
             torch.cuda.empty_cache() if device.type == "cuda" else None
         if not args.no_peer:
-            fla = install_fla(Path(args.fla_wheels), tmp / "fla")
+            vl = args.config in VL_CONFIGS
+            if vl:
+                print("Qwen3-VL has no gated-delta layers: one transformers peer (no fla peer)")
+            fla = None if vl else install_fla(Path(args.fla_wheels), tmp / "fla")
             for key, pythonpath in [("transformers_bf16_eager", None), ("transformers_bf16_fla", fla)]:
                 if key == "transformers_bf16_fla" and fla is None:
                     continue
                 peer = results[key] = run_peer(ckpt, device, args.p, args.g, pythonpath)
                 origin = {k: (v or "nn.Conv1d").split(".")[0] for k, v in peer.get("gdn", {}).items()}
-                print(f"{PEERS[key]}: GDN kernels from {origin}; fla {peer.get('fla_error', peer.get('fla'))}")
+                if vl:
+                    print(f"{PEERS[key]}: {peer.get('model_class')}, attention {peer.get('attn_implementation')}")
+                else:
+                    print(f"{PEERS[key]}: GDN kernels from {origin}; fla {peer.get('fla_error', peer.get('fla'))}")
                 if "decode_tok_s" not in peer or (pythonpath and origin.get("chunk") != "fla"):
                     print("  failed:", peer.get("error", "fla's kernels were not picked up"), "- no ratios", flush=True)
                     continue

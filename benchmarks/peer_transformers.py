@@ -3,7 +3,8 @@
 A script of its own because transformers chooses the gated-delta kernels once, when its Qwen3.5 modeling module
 is imported (fla's if `fla` imports, else its torch reference): bench_decode.py runs it twice, in fresh processes,
 without and with the flash-linear-attention wheels on PYTHONPATH. It reports which functions the GDN layers really
-call, so a label never claims fla kernels that did not load.
+call, so a label never claims fla kernels that did not load. An image-text checkpoint (Qwen3-VL: AutoModelForCausalLM
+does not take its config) loads through AutoModelForImageTextToText and is timed on text-only prompts.
 Usage: python benchmarks/peer_transformers.py --checkpoint DIR -p 128 -g 256 [--device cuda]
 """
 
@@ -39,7 +40,9 @@ def gdn_kernels(model) -> dict:
     `implementation` (the wrapper's own __module__/__name__ are the torch reference's); 4.x put the chosen one on
     the layer (`self.chunk_gated_delta_rule`, ...). Look in both places.
     """
-    layer = next(m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet"))
+    layer = next((m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet")), None)
+    if layer is None:  # no GDN layers (Qwen3-VL)
+        return {}
     modeling = sys.modules[type(layer).__module__]
     out = {}
     for key, attr, module_attr in [("chunk", "chunk_gated_delta_rule", "torch_chunk_gated_delta_rule"),
@@ -56,12 +59,20 @@ def gdn_kernels(model) -> dict:
 def measure(checkpoint: str, device: torch.device, p: int, g: int) -> dict:
     """Same protocol as our bench: warm-up, then prefill = p / time-to-first-token, decode = (g-1) / (total-first)."""
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+    )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).to(device).eval()
+    model_type = AutoConfig.from_pretrained(checkpoint).model_type
+    auto = AutoModelForCausalLM if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText
+    model = auto.from_pretrained(checkpoint, dtype=torch.bfloat16).to(device).eval()
     result = {"transformers": transformers.__version__, "attn_implementation": model.config._attn_implementation,
-              "gdn": gdn_kernels(model)}
-    ids = torch.tensor([[(17 + 31 * i) % 1000 % model.config.vocab_size for i in range(p)]], device=device)
+              "model_class": type(model).__name__, "gdn": gdn_kernels(model)}
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.tensor([[(17 + 31 * i) % 1000 % vocab for i in range(p)]], device=device)
 
     def timed(n):
         if device.type == "cuda":
