@@ -123,7 +123,7 @@ def profile_decode(engine: Engine, steps: int = 32) -> str:
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         list(engine.generate(ids, steps, stop=False))
     rows = {e.key: e.count for e in prof.key_averages()}
-    keep = ("cudaGraphLaunch", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
+    keep = ("cudaGraphLaunch", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
             "aten::item", "aten::_local_scalar_dense")
     return ", ".join(f"{k}: {rows[k]}" for k in keep if k in rows) + f" (for {steps} tokens + {len(ids)} prompt steps)"
 
