@@ -205,7 +205,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     out_features, in_features = weight.shape
     x = x.reshape(in_features)
     y = torch.empty(out_features, dtype=x.dtype, device=x.device)
-    normed = norm is not None or gated_norm is not None
+    normed = (norm is not None or gated_norm is not None) and scales is not None  # swept for int8 only
     block_n, block_g, num_warps, by_bits = config or pick_config(out_features, in_features, normed,
                                                                  weight2 is not None)
     norm_weight, eps, zero_centered = norm or (x, 0.0, False)
