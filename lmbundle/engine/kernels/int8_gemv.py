@@ -2,8 +2,9 @@
 
 Decode reads every weight once per token, so its speed is bytes over bandwidth; the reference
 (dequantize to x's dtype, then F.linear) writes and re-reads a full-width copy of each weight. The
-Triton path streams int8 + scales once, for 1..4 rows of x (decode, short chunks); larger M, CPU,
-non-32 blocks and machines without Triton take the reference. Both are CUDA-graph safe: no host syncs,
+Triton path streams int8 + scales once per row of x, for 1..4 rows (short chunks; a one-token decode
+step takes the fused kernels of `step_ops.py` instead); larger M, CPU, non-32 blocks and machines
+without Triton take the reference. Both are CUDA-graph safe: no host syncs,
 outputs come from torch's caching allocator. Install with `set_int8_matmul(int8_matmul)`.
 """
 
