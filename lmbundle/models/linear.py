@@ -110,6 +110,13 @@ class Linear(nn.Module):
             raise ValueError("cannot concatenate int8 and dense linears")
         return fused
 
+    def dequantize_(self, dtype: torch.dtype) -> None:
+        """Replace int8 + scales by the dense weight they stand for (the values `forward` would
+        dequantize on every call): the CPU backend's trade of 4x the memory for 4-7x the speed."""
+        if self.quantized:
+            self.weight = nn.Parameter(dequantize(self.qweight, self.scales, dtype), requires_grad=False)
+            self.qweight = self.scales = None
+
     def as_int8_(self, block: int = BLOCK) -> None:
         """Make room for int8 weights to be loaded (a bundle's layout, read from its metadata)."""
         del self.weight
