@@ -254,6 +254,8 @@ class GatedAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The MLP's weights; the graph applies them through `StepOps.norm_swiglu` and `linear_residual`."""
+
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
         self.gate_proj = Linear(hidden, intermediate)

@@ -1,6 +1,5 @@
-"""Triton kernels for one decode step of the two mixers, each the whole mixer between its input
-projections and its output projection in one launch (the reference is `GatedDeltaNet.mix` and
-`GatedAttention.attend`; tests hold these to it).
+"""Triton kernels for the core of the two mixers in a one-token decode step (the reference is
+`GatedDeltaNet.mix` and `GatedAttention.attend`; tests/test_step_kernels.py holds them to it).
 
 - `gated_delta_step`: per key head (and the value heads that share it) and block of value columns,
   L2-normed q/k, the decay and write strength, the delta-rule update of the fp32 state, and the
@@ -8,7 +7,7 @@ projections and its output projection in one launch (the reference is `GatedDelt
   after it in the out_proj GEMV's prologue (triton_gemv), which see whole channels and whole heads.
 - `attention_step`: q/k RMSNorm + (M-)RoPE from precomputed cos/sin, the new k/v written to the cache,
   and attention over the cache in splits of the context (flash-decoding), GQA heads of one KV head
-  sharing the key/value loads; `_attention_combine` merges the splits and applies the output gate.
+  sharing the key/value loads; `_attention_combine_kernel` merges the splits and applies the output gate.
 
 With PDL the state and weights are loaded before waiting on the projection kernel (see triton_gemv).
 """
