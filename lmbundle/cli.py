@@ -17,8 +17,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder (made by `lmbundle convert`)")
     p.add_argument("--backend", choices=["torch", "coreai"], help="default: the fastest present (PyTorch on Linux)")
     p.add_argument("--device", help="torch device (cpu, cuda, mps); default: the best present")
-    p.add_argument("--prefill", choices=["s1", "chunked"], default="s1",
-                   help="feed the prompt as S=1 steps (default, the seed's contract) or in chunks")
+    p.add_argument("--prefill", choices=["s1", "chunked"], default="chunked",
+                   help="feed the prompt in chunks (default; on the PyTorch backend 13x faster for a 0.8B on 2 CPU cores, ~20x on an H100) "
+                        "or as S=1 steps (the exported graph's contract; the Core AI backend always does this)")
     p.add_argument("--chunk", type=int, default=256, help="chunk size of --prefill chunked")
 
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-g", "--gen-tokens", type=int, default=256)
     p.add_argument("-n", "--trials", type=int, default=3)
     p.add_argument("--json", action="store_true")
+    p.set_defaults(prefill="s1")  # the seed's llm-benchmark protocol: prefill tok/s of S=1 steps
 
     p = sub.add_parser("gate", help="numeric gates against the fp32 transformers oracle")
     p.add_argument("bundle")
