@@ -40,6 +40,26 @@ def test_kv_grows_across_requests_without_changing_results(engine):
     assert list(engine.generate(ids, 8, stop=False)) == short
 
 
+def test_next_turn_prefills_only_its_new_tokens_and_matches_the_oracle(engine, tiny_qwen35):
+    oracle = Oracle(str(tiny_qwen35))
+    first = engine.encode("Once upon a time")
+    reply = list(engine.generate(first, 6, stop=False))
+    turn = first + reply + engine.encode(" and then the cat")
+    for chunk in (0, 4):
+        list(engine.generate(first, 6, stop=False))
+        stats = GenerationStats()
+        assert list(engine.generate(turn, 12, stop=False, stats=stats, prefill_chunk=chunk)) == oracle.greedy(turn, 12)
+        assert stats.cached_tokens == len(first) + len(reply) - 1  # the last reply token was never fed
+    other = GenerationStats()  # a prompt that does not extend what the state holds starts over
+    list(engine.generate(engine.encode("The quick brown fox"), 2, stop=False, stats=other))
+    assert other.cached_tokens == 0
+    list(engine.generate(first, 6, stop=False))
+    engine.backend.reset(8)  # anything else touched the state (the gates do): back to the prompt's snapshot
+    touched = GenerationStats()
+    assert list(engine.generate(turn, 12, stop=False, stats=touched)) == oracle.greedy(turn, 12)
+    assert touched.cached_tokens == len(first)
+
+
 def test_sampling_is_seeded_and_topk1_is_greedy(engine):
     ids = engine.encode("The old man")
     a = list(engine.generate(ids, 16, Sampling(temperature=1.0, top_p=0.9, seed=7), stop=False))

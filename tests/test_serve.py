@@ -166,6 +166,20 @@ def test_chat_greedy_equals_engine(client, engine):
     assert out.usage.completion_tokens == n and out.usage.total_tokens == len(engine.chat_ids(MESSAGES)) + n
 
 
+def test_next_turn_reports_cached_prompt_tokens_like_the_engine(client, engine):
+    """A conversation's next request: the server's engine prefills only what its state does not hold and
+    says so in usage.prompt_tokens_details, as the engine itself does for the same two calls."""
+    first_text, _, _ = reference(engine, engine.chat_ids(MESSAGES), 8)
+    turn = MESSAGES + [{"role": "assistant", "content": first_text}, {"role": "user", "content": "And then?"}]
+    stats = GenerationStats()
+    text = "".join(engine.generate_text(engine.chat_ids(turn), max_new_tokens=8, sampling=Sampling(), stats=stats))
+    first = client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=8, temperature=0)
+    assert first.choices[0].message.content == first_text
+    out = client.chat.completions.create(model=engine.name, messages=turn, max_tokens=8, temperature=0)
+    assert out.choices[0].message.content == text
+    assert out.usage.prompt_tokens_details.cached_tokens == stats.cached_tokens > 0
+
+
 def test_chat_stream_equals_engine(client, engine):
     text, n, reason = reference(engine, engine.chat_ids(MESSAGES), 12)
     chunks = list(client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=12,

@@ -35,6 +35,7 @@ def default_backend() -> str:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # the prompt's prefix that the state already held (a chat's earlier turns)
     generated_tokens: int = 0
     prefill_seconds: float = 0.0  # until the first generated token is known
     decode_seconds: float = 0.0  # from the first to the last generated token
@@ -48,7 +49,12 @@ class GenerationStats:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        fed = self.prompt_tokens - self.cached_tokens
+        return fed / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+
+def _extends(ids: list[int], prefix: list[int]) -> bool:
+    return len(prefix) < len(ids) and ids[: len(prefix)] == prefix
 
 
 class StreamDecoder:
@@ -111,6 +117,8 @@ class Engine:
                 self.vision = ImagePrompts.for_bundle(self.bundle, self.device, torch.float32, verify=verify)
                 self.vision.on_write = self.backend.set_images
         self.backend_name = backend
+        self._held: tuple[list[int], int] | None = None  # (tokens the state holds, backend.writes then)
+        self._prompt_snapshot: tuple[list[int], object] | None = None  # (last text prompt, its state)
 
     @property
     def name(self) -> str:
@@ -181,7 +189,10 @@ class Engine:
         stop: bool = True,
         stats: GenerationStats | None = None,
     ) -> Iterator[int]:
-        """Yield generated token ids as they become known (the stop token is not yielded)."""
+        """Yield generated token ids as they become known (the stop token is not yielded).
+
+        When `ids` extends the tokens the state holds from the previous call (a chat's next turn: the
+        earlier turns, the reply, then the new message), only the new tokens are prefilled."""
         self.check_length(len(ids), max_new_tokens)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
@@ -190,8 +201,19 @@ class Engine:
         backend = self.backend
         generator = sampling.generator(self.device)
         start = time.perf_counter()
-        backend.reset(len(ids) + max_new_tokens)
-        token = backend.next_token(backend.prefill(ids, prefill_chunk), sampling, generator)
+        keep = getattr(backend, "resumable", False) and self._text_only(ids)
+        held = self._resume(ids, len(ids) + max_new_tokens) if keep else 0
+        self._held = None
+        if held:
+            handle = backend.prefill(ids[held:], prefill_chunk, start=held)
+        else:
+            backend.reset(len(ids) + max_new_tokens)
+            handle = backend.prefill(ids, prefill_chunk)
+        if keep:  # the prompt's state: the next turn resumes here if its reply tokenizes differently
+            self._prompt_snapshot = (list(ids), backend.snapshot())
+        stats.cached_tokens = held
+        token = backend.next_token(handle, sampling, generator)
+        fed = list(ids)  # what the state holds: the prompt, then each token a step was enqueued for
         position = len(ids)
         first = None
         for i in range(max_new_tokens):
@@ -200,6 +222,10 @@ class Engine:
                 following = backend.next_token(backend.step(token, position), sampling, generator)
                 position += 1
             value = backend.read_token(token)
+            if following is not None:
+                fed.append(value)
+            if keep:  # consistent here: every step enqueued so far fed a token now in `fed`
+                self._held = (fed, backend.writes)
             now = time.perf_counter()
             if first is None:
                 first = now
@@ -211,6 +237,26 @@ class Engine:
             stats.generated_tokens += 1
             yield value
             token = following
+
+    def _resume(self, ids: list[int], length: int) -> int:
+        """Put the backend in the longest known state that `ids` extends: what it holds from the last
+        call (the prompt and the reply as generated), else the last prompt's snapshot (a chat template
+        may tokenize the reply differently). Returns how many leading tokens of `ids` it holds (0: none)."""
+        if self._held is not None:
+            fed, writes = self._held
+            if writes == self.backend.writes and _extends(ids, fed):
+                self.backend.make_room(length)
+                return len(fed)
+        if self._prompt_snapshot is not None:
+            prompt, saved = self._prompt_snapshot
+            if _extends(ids, prompt):
+                self.backend.restore(saved, length)
+                return len(prompt)
+        return 0
+
+    def _text_only(self, ids: list[int]) -> bool:
+        vocab = self.bundle.info["config"]["vocab_size"]
+        return all(t < vocab for t in ids)
 
     def generate_text(self, ids: list[int], **kwargs) -> Iterator[str]:
         """Stream text pieces of the generated tokens."""

@@ -99,12 +99,14 @@ class PendingToken:
 
 class TorchBackend:
     name = "torch"
+    resumable = True  # a new prompt that extends what the state holds can skip its known prefix
 
     def __init__(self, model: torch.nn.Module, device: torch.device, max_context: int, cuda_graphs: bool = True):
         self.model, self.device, self.max_context = model, device, max_context
         self.state: State | None = None
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.writes = 0  # counts what changes the state, so a caller can tell it is as it left it
         self._token_in = torch.zeros(1, 1, dtype=torch.long, device=device)
         self._position_in = torch.zeros(1, dtype=torch.long, device=device)
         if device.type == "cuda":
@@ -115,30 +117,53 @@ class TorchBackend:
     # -- state ----------------------------------------------------------------------------------
     def reset(self, length: int) -> None:
         """Zero the state and make room for `length` positions (grown in chunks, kept across calls)."""
+        self.make_room(length)
+        self.state.zero_()
+        self.writes += 1
+
+    def make_room(self, length: int) -> None:
+        """Make room for `length` positions, keeping what the state holds."""
         capacity = min(bucket(length, 1 << 30), self.max_context)
         if self.state is None:
             self.state = self.model.new_state(capacity, device=self.device)
         elif capacity > self.state.capacity:
             self.state = self.state.grown(capacity)
             self._graphs.clear()  # graphs hold the old tensors' addresses
-        self.state.zero_()
+
+    def snapshot(self) -> State:
+        """A copy of the state (a prompt's, kept so the next turn of a chat can start from it)."""
+        return State(*(t.clone() for t in (self.state.conv, self.state.rec, self.state.key, self.state.value)))
+
+    def restore(self, saved: State, length: int) -> None:
+        """Put a snapshot back, with room for `length` positions (slots past its own stay masked)."""
+        self.make_room(max(length, saved.capacity))
+        state, slots = self.state, saved.capacity
+        state.conv.copy_(saved.conv)
+        state.rec.copy_(saved.rec)
+        state.key[:, :, :, :slots].copy_(saved.key)
+        state.value[:, :, :, :slots].copy_(saved.value)
+        self.writes += 1
 
     def load_state(self, write) -> None:
         """Let `write(state)` fill the state in place (the gates seed it from the oracle's cache)."""
         write(self.state)
+        self.writes += 1
 
     # -- steps ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, ids: list[int], chunk: int = 0) -> StepHandle:
-        """Feed the prompt: S=1 steps (chunk 0), or chunks of `chunk` tokens. Returns the last step."""
+    def prefill(self, ids: list[int], chunk: int = 0, start: int = 0) -> StepHandle:
+        """Feed prompt tokens at positions start, start+1, ...: S=1 steps (chunk 0), or chunks of `chunk`
+        tokens. Returns the last step."""
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        last = start + len(ids) - 1
         if chunk <= 0:
-            for pos in range(len(ids) - 1):
-                self.step(tokens[pos].view(1, 1), pos, with_head=False)
-            return self.step(tokens[-1].view(1, 1), len(ids) - 1)
-        for start in range(0, len(ids), chunk):
-            piece = tokens[start : start + chunk]
-            logits = self.model.forward_tokens(piece, start, self.state, last_only=True)
+            for offset in range(len(ids) - 1):
+                self.step(tokens[offset].view(1, 1), start + offset, with_head=False)
+            return self.step(tokens[-1].view(1, 1), last)
+        for offset in range(0, len(ids), chunk):
+            piece = tokens[offset : offset + chunk]
+            logits = self.model.forward_tokens(piece, start + offset, self.state, last_only=True)
+        self.writes += 1
         return StepHandle(logits.view(1, 1, -1))
 
     @torch.inference_mode()
@@ -147,6 +172,7 @@ class TorchBackend:
         a prompt token whose logits nobody reads)."""
         if isinstance(token, PendingToken):
             token = token.device
+        self.writes += 1
         if not self.use_graphs:
             window = bucket(position + 1, self.state.capacity)
             pos = torch.tensor([position], device=self.device)

@@ -166,9 +166,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, stats) -> dict:
+    """OpenAI's usage, with the prompt tokens the engine's state already held (a conversation's earlier
+    turns) as `prompt_tokens_details.cached_tokens`."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": stats.generated_tokens,
+            "total_tokens": prompt_tokens + stats.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
 def timings(stats) -> dict:

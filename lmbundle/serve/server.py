@@ -322,7 +322,7 @@ def create_app(engine, options: Options) -> FastAPI:
             while (event := await events.next()).kind == "text":
                 pieces.append(event.value)
             finish, stats = event.value
-            return shapes.full("".join(pieces), finish, usage(prompt_tokens, stats.generated_tokens), timings(stats))
+            return shapes.full("".join(pieces), finish, usage(prompt_tokens, stats), timings(stats))
         except BaseException:
             job.cancel()
             raise
@@ -336,7 +336,7 @@ def create_app(engine, options: Options) -> FastAPI:
             finish, stats = event.value
             yield sse(shapes.chunk(finish_reason=finish, timings=timings(stats)))
             if include_usage:
-                yield sse(shapes.usage_chunk(usage(prompt_tokens, stats.generated_tokens)))
+                yield sse(shapes.usage_chunk(usage(prompt_tokens, stats)))
             yield sse("[DONE]")
         except ApiError as exc:  # headers are gone: the error travels as a data event
             yield sse(exc.body())
