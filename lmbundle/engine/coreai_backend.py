@@ -182,6 +182,7 @@ class CoreAIBackend:
     Core AI asset: a bundle (its `main` asset) or a bare `.aimodel` folder."""
 
     name = "coreai"
+    resumable = False  # its state lives in the runtime: every prompt starts over
 
     def __init__(self, source, cache: Path | None = None, verify: bool = True):
         _, runtime = _runtime()

@@ -191,8 +191,8 @@ class Engine:
     ) -> Iterator[int]:
         """Yield generated token ids as they become known (the stop token is not yielded).
 
-        When `ids` extends the tokens the state holds from the previous call (a chat's next turn: the
-        earlier turns, the reply, then the new message), only the new tokens are prefilled."""
+        When `ids` extends what an earlier call left (a chat's next turn: the earlier turns, the reply,
+        then the new message), only the new tokens are prefilled (`_resume`)."""
         self.check_length(len(ids), max_new_tokens)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
@@ -201,7 +201,7 @@ class Engine:
         backend = self.backend
         generator = sampling.generator(self.device)
         start = time.perf_counter()
-        keep = getattr(backend, "resumable", False) and self._text_only(ids)
+        keep = backend.resumable and self._text_only(ids)
         held = self._resume(ids, len(ids) + max_new_tokens) if keep else 0
         self._held = None
         if held:
