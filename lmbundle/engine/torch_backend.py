@@ -55,7 +55,7 @@ def _available_memory() -> int | None:
         return None
 
 
-def dequantize_for_cpu(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+def dequantize_for_cpu(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """On the CPU, expand int8 weights to `dtype` once, when that fits in half the free memory.
 
     There is no block-32 int8 GEMV on the CPU: the reference dequantizes every weight on every call,
@@ -64,11 +64,9 @@ def dequantize_for_cpu(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.quantized]
     dense_bytes = sum(m.qweight.numel() for m in linears) * torch.finfo(dtype).bits // 8
     free = _available_memory()
-    if not linears or free is None or dense_bytes > free // 2:
-        return False
-    for linear in linears:
-        linear.dequantize_(dtype)
-    return True
+    if linears and free is not None and dense_bytes <= free // 2:
+        for linear in linears:
+            linear.dequantize_(dtype)
 
 
 def bucket(length: int, capacity: int) -> int:
