@@ -49,6 +49,15 @@ def _install_cuda_kernels(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def _available_memory() -> int | None:
+    """Memory a process can still take: Linux's MemAvailable (free + reclaimable page cache), else the
+    free pages where the OS reports them."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not on every OS
