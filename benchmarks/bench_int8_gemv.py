@@ -42,7 +42,7 @@ MAX_CALLS_PER_GRAPH = 96
 TIMED_REPLAYS = 15
 
 
-def _int8_copies(out_features: int, in_features: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def int8_copies(out_features: int, in_features: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     count = max(1, math.ceil(L2_FLUSH_BYTES / (out_features * in_features)))
     return [
         (torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, device="cuda"),
@@ -90,7 +90,7 @@ def bench_shape(label, out_features, in_features, rows, compiled_fn, config, res
     dense = _bf16_copies(out_features, in_features)
     t_bf16 = seconds_per_call([lambda w=w: F.linear(x, w) for w in dense], 2 * out_features * in_features)
     del dense
-    int8 = _int8_copies(out_features, in_features)
+    int8 = int8_copies(out_features, in_features)
     nbytes = _int8_bytes(*int8[0])
     variants = {"bf16 F.linear": (t_bf16, 2 * out_features * in_features)}
     if rows == 1:
@@ -113,7 +113,7 @@ def bench_swiglu(results):
     t_bf16 = seconds_per_call([lambda w=w: F.silu(F.linear(x, w[:6144])) * F.linear(x, w[6144:]) for w in dense],
                               2 * 2 * 6144 * 2048)
     del dense
-    int8 = _int8_copies(2 * 6144, 2048)
+    int8 = int8_copies(2 * 6144, 2048)
     halves = [(q[:6144], s[:6144], q[6144:], s[6144:]) for q, s in int8]
     nbytes = _int8_bytes(*int8[0])
     two = seconds_per_call([lambda h=h: F.silu(triton_gemv.int8_gemv(x, h[0], h[1])) * triton_gemv.int8_gemv(x, h[2], h[3])
@@ -144,7 +144,7 @@ def sweep(results) -> dict[str, tuple]:
     best_configs = {}
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
     for label, out_features, in_features in SHAPES:
-        int8 = _int8_copies(out_features, in_features)
+        int8 = int8_copies(out_features, in_features)
         xs = x if in_features == 2048 else torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
         nbytes = _int8_bytes(*int8[0])
         default_config = triton_gemv.pick_config(out_features, in_features)

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_decode import make_checkpoint  # noqa: E402
+from benchmarks.bench_decode import chunked_prefill, make_checkpoint  # noqa: E402
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.engine.engine import Engine  # noqa: E402
 
@@ -65,26 +65,17 @@ def main() -> None:
         if args.prefill:
             profile_prefill(backend, args.prefill)
             for chunk in filter(None, args.wy_chunks.split(",")):
-                print(f"  GDN chunk {chunk}: {time_prefill(backend, args.prefill, int(chunk)):.0f} tok/s")
+                print(f"  GDN chunk {chunk}: {time_prefill(engine, args.prefill, int(chunk)):.0f} tok/s")
 
 
-def time_prefill(backend, tokens: int, wy_chunk: int) -> float:
-    """Best of 3 chunked prefills with the GDN's WY chunk length set to wy_chunk (a benchmark knob)."""
+def time_prefill(engine, tokens: int, wy_chunk: int) -> float:
+    """bench_decode's chunked prefill (best of 3, one chunk) with the GDN's WY chunk length set to wy_chunk."""
     from lmbundle.models import layers
 
     defaults = layers.gated_delta_chunk.__defaults__
     layers.gated_delta_chunk.__defaults__ = (wy_chunk,)
     try:
-        ids = [(7 + 13 * i) % 1000 for i in range(tokens)]
-        best = float("inf")
-        for _ in range(3):
-            backend.reset(tokens + 1)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            backend.prefill(ids, tokens)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return tokens / best
+        return chunked_prefill(engine, tokens, tokens)
     finally:
         layers.gated_delta_chunk.__defaults__ = defaults
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_int8_gemv import seconds_per_call  # noqa: E402
+from benchmarks.bench_int8_gemv import int8_copies, seconds_per_call  # noqa: E402
 from lmbundle.engine.kernels import triton_gemv, triton_mixers  # noqa: E402
 
 HIDDEN, INTER, VOCAB, HK, HV, DK, DV = 2048, 6144, 248320, 16, 16, 128, 128
@@ -36,18 +35,11 @@ GEMVS = {  # kind: (out, in, fused parts)
 CANDIDATES = [(n, g, w, True) for n, (g, w) in itertools.product((8, 16, 32), ((16, 4), (32, 4), (64, 8)))]
 
 
-def _weights(out_features: int, in_features: int, copies: int):
-    return [(torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, device="cuda"),
-             (torch.rand(out_features, in_features // 32, device="cuda") * 0.02 + 1e-3).half())
-            for _ in range(copies)]
-
-
 def sweep_gemv(kind: str, pdl: bool) -> list[tuple[float, tuple]]:
     out_features, in_features, parts = GEMVS[kind]
     nbytes = out_features * in_features * (2 if "swiglu" in parts else 1) * 34 // 32
-    copies = max(2, math.ceil((256 << 20) / nbytes))
-    weights = _weights(out_features, in_features, copies)
-    ups = _weights(out_features, in_features, copies) if "swiglu" in parts else [(None, None)] * copies
+    weights = int8_copies(out_features, in_features)
+    ups = int8_copies(out_features, in_features) if "swiglu" in parts else [(None, None)] * len(weights)
     x = torch.randn(in_features, device="cuda", dtype=torch.bfloat16)
     kwargs = {}
     if "norm" in parts:
