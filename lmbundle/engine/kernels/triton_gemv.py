@@ -197,11 +197,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     """One row x [in] -> y [out] in x's dtype (fp32 accumulation), for int8 `weight` + `scales` or dense.
 
     weight2/scales2: silu(h @ W.T) * (h @ W2.T). norm = (weight, eps, zero_centered): h = rms_norm(x)
-    (x's length is the hidden size). gated_norm: h = the GDN output norm of its unnormed output.
+    (x's length is the hidden size). gated_norm: h = the GDN output norm of x, its unnormed `output`.
     residual [out]: returns residual + the result. conv = (conv_state [C, K-1], conv_weight [C, K]):
     the first C outputs go through the GDN causal conv + SiLU (the state shifts in place)."""
-    if gated_norm is not None:
-        x = gated_norm.output
     out_features, in_features = weight.shape
     x = x.reshape(in_features)
     y = torch.empty(out_features, dtype=x.dtype, device=x.device)
