@@ -98,6 +98,16 @@ def request(method: str, host: str, path: str, body: bytes | dict | None = None,
         return response.status, raw
 
 
+def wait_idle(host: str, seconds: float = 5) -> dict:
+    """/health once the worker is idle (it marks itself idle just after the answer's last event)."""
+    deadline = time.monotonic() + seconds
+    while (health := request("GET", host, "/health")[1])["running"] or health["waiting"]:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return health
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -371,7 +381,7 @@ def test_100_concurrent_requests_bounded_queue_and_memory(server, engine):
     texts = {b["choices"][0]["message"]["content"] for s, b in results if s == 200}
     assert len(texts) == 1  # every admitted greedy request got the same answer
     assert request("POST", host, "/v1/chat/completions", body=body)[0] == 200  # still serving
-    health = request("GET", host, "/health")[1]
+    health = wait_idle(host)
     assert health["waiting"] == 0 and not health["running"]
     assert rss_mb(proc.pid) < rss_before + 40
 

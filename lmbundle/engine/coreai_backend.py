@@ -319,7 +319,7 @@ class CoreAIBackend:
 
     def next_token(self, handle: StepHandle, sampling, generator) -> StepHandle | torch.Tensor:
         """Greedy: the step itself (its `next_token` output feeds the next step); else sampled on the host."""
-        if sampling.greedy:
+        if sampling.greedy and not sampling.processors:
             return handle
         from .sampling import sample
 
