@@ -48,11 +48,12 @@ class OutputParser:
         self.content_started = False  # leading whitespace of the content is dropped
         self.pending_space = ""  # trailing whitespace of the content, given out once more text follows
         self.think_closed = False
+        self.call_in_reasoning = False  # a call interrupted the reasoning: a later </think> is dropped
         self.calls = 0
 
     def _tags(self) -> list[str]:
         tags = [CALL_OPEN] if self.tools else []
-        if self.mode == "reasoning":
+        if self.mode == "reasoning" or (self.call_in_reasoning and not self.think_closed):
             tags.append(THINK_CLOSE)
         elif not self.content_started:
             tags.append(THINK_OPEN)
@@ -89,6 +90,7 @@ class OutputParser:
             elif tag == THINK_CLOSE:
                 self.mode, self.think_closed = "content", True
             else:  # a tool call, also one written inside the reasoning
+                self.call_in_reasoning |= self.mode == "reasoning"
                 self.mode = "call"
 
     def finish(self, stopped: bool) -> list[dict]:
