@@ -61,12 +61,27 @@ def lark_grammar(lark: str) -> str:
     return _llguidance().LLMatcher.grammar_from_lark(lark)
 
 
+# In this order: the stop token (the grammar is complete), a newline (ends a raw tool-call value; never
+# allowed inside compact JSON), then what closes JSON strings, objects and arrays, then the shortest number.
+CLOSERS = ("\n", '"}', '"', "}", "]", "0", ",")
+
+
+def _single_tokens(tokenizer, texts) -> list[int]:
+    found = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == 1:
+            found.append(ids[0])
+    return found
+
+
 class GrammarConstraint:
     """A sampling processor (see sampling.Sampling) that masks every token the grammar forbids."""
 
     needs_host = True
 
-    def __init__(self, grammar: str, hf_tokenizer, vocab: int, stop_ids, device: torch.device):
+    def __init__(self, grammar: str, hf_tokenizer, vocab: int, stop_ids, device: torch.device,
+                 budget: int | None = None):
         llg = _llguidance()
         tokenizer = _tokenizer(hf_tokenizer, vocab, tuple(sorted(stop_ids)))
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
@@ -80,10 +95,49 @@ class GrammarConstraint:
         self.words = (vocab + 31) // 32
         self.host_mask = torch.zeros(self.words, dtype=torch.int32, pin_memory=device.type == "cuda")
         self.shifts = torch.arange(32, dtype=torch.int32, device=device)
+        # Closing: when the token budget (max_tokens) is nearly spent, steer to the shortest way out, so
+        # that even a model that would ramble (a random one) ends with text the grammar accepts.
+        self.budget, self.used = budget, 0
+        self.need = 0  # tokens the shortest way out takes from here, as last measured
+        self.closers = list(stop_ids) + _single_tokens(hf_tokenizer, CLOSERS)
 
     def accept(self, token: int) -> None:
+        self.used += 1
         if not self.matcher.is_stopped():
             self.matcher.consume_token(token)
+
+    def _closing(self) -> bool:
+        """Whether the budget left is about what the shortest way out needs (measured every 4 tokens once
+        fewer than 512 remain, by walking that way on a copy of the matcher)."""
+        remaining = self.budget - self.used
+        if remaining > 512:
+            return False
+        if self.used % 4 == 0 or not self.need:
+            self.need = self._close_length()
+        return remaining <= self.need + 8
+
+    def _close_length(self, limit: int = 512) -> int:
+        matcher = self.matcher.deep_copy()
+        for steps in range(limit):
+            if matcher.is_accepting() or matcher.is_stopped() or matcher.is_error():
+                return steps + 1  # the stop token
+            mask = matcher.compute_bitmask()
+            token = self._closing_token(matcher, lambda t: t < self.vocab and (mask[t >> 3] >> (t & 7)) & 1)
+            if token is None:
+                return limit
+            matcher.consume_token(token)
+        return limit
+
+    def _closing_token(self, matcher, allowed) -> int | None:
+        """The shortest way out: a closer when one is allowed, else what the grammar forces next."""
+        for token in self.closers:
+            if allowed(token):
+                return token
+        forced = matcher.compute_ff_tokens()
+        return forced[0] if forced else None
+
+    def _allowed(self, token: int) -> bool:
+        return token < self.vocab and bool((int(self.host_mask[token >> 5]) >> (token & 31)) & 1)
 
     @property
     def complete(self) -> bool:
@@ -93,6 +147,12 @@ class GrammarConstraint:
         if self.matcher.is_error():
             raise LmbundleError(f"grammar: {self.matcher.get_error()[:300]}")
         self.matcher.unsafe_compute_mask_ptr(self.host_mask.data_ptr(), self.words * 4)
+        if self.budget is not None and self._closing():
+            closer = self._closing_token(self.matcher, self._allowed)
+            if closer is not None:
+                only = torch.full_like(logits, float("-inf"))
+                only[closer] = 0.0
+                return only
         words = self.host_mask.to(self.device, non_blocking=True)
         allowed = ((words.unsqueeze(1) >> self.shifts) & 1).view(-1)[: logits.numel()].bool()
         return logits.masked_fill(~allowed, float("-inf"))

@@ -88,7 +88,7 @@ def run_generation(engine, gen: Generation, job: Job) -> None:
     if gen.grammar is not None:
         try:
             processors.append(GrammarConstraint(gen.grammar(), engine.tokenizer, vocab, engine.stop_ids,
-                                                engine.device))
+                                                engine.device, budget=limit))
         except GrammarError as exc:
             raise ApiError(400, str(exc), code="invalid_response_format", param="response_format") from None
     sampling = replace(gen.sampling, processors=tuple(processors))
@@ -235,7 +235,8 @@ def chat_message(index: int, message, prepared: dict) -> dict:
 def tool_call_grammar(tools: list[dict]) -> str:
     """A Lark grammar for one Qwen3.5 tool call to one of `tools` (tool_choice "required" or a named
     function): `<tool_call>\\n<function=NAME>\\n` then declared parameters, each
-    `<parameter=ARG>\\nVALUE\\n</parameter>\\n`, values JSON (strings raw, without '<')."""
+    `<parameter=ARG>\\nVALUE\\n</parameter>\\n`, values typed by the schema (strings raw, one line,
+    without '<')."""
     alternatives = []
     for k, tool in enumerate(tools):
         function = tool["function"]
@@ -244,7 +245,7 @@ def tool_call_grammar(tools: list[dict]) -> str:
         params = []
         for name in required + [p for p in props if p not in required]:
             kind = (props.get(name) or {}).get("type")
-            value = "STR" if kind == "string" else "JSONV"
+            value = {"string": "STR", "integer": "INT", "number": "NUM", "boolean": "BOOL"}.get(kind, "JSONV")
             piece = f'"<parameter={_lark_text(name)}>\\n" {value} "\\n</parameter>\\n"'
             params.append(piece if name in required else f"({piece})?")
         alternatives.append(f'"<function={_lark_text(function["name"])}>\\n" {" ".join(params)} "</function>\\n"')
@@ -254,6 +255,9 @@ def tool_call_grammar(tools: list[dict]) -> str:
         *[f"call{k}: {alt}" for k, alt in enumerate(alternatives)],
         "STR: /[^<\\n]{1,2000}/",
         "JSONV: /[-0-9a-z\\[\\]{}\",.: ]{1,2000}/",
+        "INT: /-?[0-9]{1,18}/",
+        "NUM: /-?[0-9]{1,18}(\\.[0-9]{1,18})?/",
+        'BOOL: "true" | "false"',
     ]))
 
 
