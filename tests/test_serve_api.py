@@ -431,7 +431,8 @@ def test_queued_clients_that_leave_give_their_slot_back(server, engine):
     running.request("POST", "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}",
                                                         "Content-Type": "application/json"},
                     body=json.dumps({"prompt": "Once", "max_tokens": MAX_CONTEXT - 10, "stream": True,
-                                     "temperature": 1.0, "seed": 1}))
+                                     "temperature": 1.0, "seed": 1,
+                                     "logit_bias": {str(t): -100 for t in engine.stop_ids}}))
     response = running.getresponse()
     response.fp.readline()
     waiting = []

@@ -107,6 +107,24 @@ def decode_bytes(data: bytes, name: str) -> Image.Image:
         raise ImageError(str(exc).replace(f"image bytes ({len(data)} B)", name, 1)) from None
 
 
+def give_back_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them after a decoded image is freed: a few hundred
+    MB per large image would stay in the process's RSS). A no-op where there is no glibc."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 def resolve_dirs(folders: list[str]) -> list[Path]:
     """Real paths of the --allow-files folders (symlinks resolved, so a link cannot lead outside)."""
     resolved = []

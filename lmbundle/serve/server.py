@@ -31,7 +31,7 @@ from ..engine.grammar import GrammarConstraint, GrammarError, json_grammar, lark
 from ..engine.prompt import ChatPrompt
 from ..engine.sampling import Logprobs, Penalties, Sampling
 from ..errors import LmbundleError
-from .images import ImageError, check_header, decode_bytes, image_bytes, resolve_dirs
+from .images import ImageError, check_header, decode_bytes, give_back_memory, image_bytes, resolve_dirs
 from .openai_api import (MAX_JSON_DEPTH, ApiError, ChatRequest, CompletionRequest, ImagePart, Shapes, StopMatcher,
                          check_json, parse, timings, usage)
 from .tools import OutputParser
@@ -510,6 +510,8 @@ def create_app(engine, options: Options) -> FastAPI:
             raise ImageError(str(exc)) from None
         finally:
             image.close()
+            del image
+            give_back_memory()
 
     def completion_ids(prompt) -> Callable[[], list[int]]:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
