@@ -98,9 +98,9 @@ class Penalties:
         self.counts = torch.zeros(vocab, device=device) if presence or frequency else None
         self.bias = None
         if bias:
-            self.bias = torch.zeros(vocab, device=device)
-            self.bias[torch.tensor(list(bias), dtype=torch.long)] = torch.tensor(list(bias.values()))
-            self.bias = self.bias.to(device)
+            dense = torch.zeros(vocab)
+            dense[torch.tensor(list(bias), dtype=torch.long)] = torch.tensor(list(bias.values()), dtype=torch.float)
+            self.bias = dense.to(device)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         n = logits.numel()
