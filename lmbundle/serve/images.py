@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
-from ..convert.image import MAX_MEGAPIXELS, load_image
+from ..engine.image import MAX_MEGAPIXELS, load_image
 from ..errors import LmbundleError
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
