@@ -465,7 +465,7 @@ def test_queued_clients_that_leave_give_their_slot_back(server, engine):
 
 
 def test_sigterm_ends_open_streams_with_a_final_event(bundle):
-    """Last in this file: its own server, stopped with SIGTERM while a stream is open."""
+    """Its own server, stopped with SIGTERM while a stream is open."""
     proc, host = start_server(bundle, "--api-key", API_KEY)
     try:
         conn = http.client.HTTPConnection(host, timeout=30)
@@ -486,3 +486,45 @@ def test_sigterm_ends_open_streams_with_a_final_event(bundle):
     finally:
         if proc.poll() is None:
             stop_server(proc)
+
+
+# -- the trained demo model ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    """The demo Qwen3.5 (trained, real margins) with the Qwen3.5-style template."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import DEMO_QWEN35
+
+    folder = tmp_path_factory.mktemp("demo-api") / "ckpt"
+    shutil.copytree(DEMO_QWEN35, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_QWEN35)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(folder)
+    bundle = convert(str(folder), folder.parent / "demo", quant="fp16", backend="torch", log=None)
+    proc, host = start_server(bundle, "--api-key", API_KEY)
+    engine = Engine(bundle, backend="torch", device="cpu")
+    yield openai.OpenAI(base_url=f"http://{host}/v1", api_key=API_KEY, max_retries=0, timeout=60), engine
+    stop_server(proc)
+
+
+def test_demo_model_tools_json_and_thinking(demo_server):
+    client, engine = demo_server
+    messages = [{"role": "user", "content": "What says the king?"}]
+    assert "</think>" not in engine.chat_prompt(messages).text and engine.chat_prompt(messages).opens_thinking
+    call = client.chat.completions.create(
+        model=engine.name, messages=messages, tools=[WEATHER], max_tokens=200, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
+    assert call.finish_reason == "tool_calls" and call.message.tool_calls[0].function.name == "get_weather"
+    arguments = json.loads(call.message.tool_calls[0].function.arguments)
+    assert isinstance(arguments["city"], str) and isinstance(arguments["days"], int)
+    out = client.chat.completions.create(model=engine.name, messages=messages, max_tokens=200, temperature=0,
+                                         response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "pet", "schema": SCHEMA}})
+    assert fits(json.loads(out.choices[0].message.content))
+    ids = engine.chat_ids(messages, template_kwargs={"enable_thinking": False})
+    text, _ = greedy(engine, ids, 16)
+    out = client.chat.completions.create(model=engine.name, messages=messages, max_tokens=16, temperature=0,
+                                         extra_body=NO_THINK)
+    assert out.choices[0].message.content == text.strip() and text.strip()
