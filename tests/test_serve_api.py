@@ -55,7 +55,8 @@ VALUE
 {{ messages[0].content }}<|im_end|>
 {% endif %}
 {%- for m in messages %}
-{%- if m.role == 'system' %}
+{%- if m.role == 'system' and not loop.first %}{{ raise_exception('System message must be at the beginning.') }}
+{%- elif m.role == 'system' %}
 {%- elif m.role == 'tool' %}<|im_start|>user
 <tool_response>
 {{ m.content }}
@@ -345,6 +346,16 @@ def test_n_above_one_is_a_clear_400(client, engine):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=engine.name, messages=MESSAGES, n=2)
     assert err.value.body["param"] == "n" and "one choice per request" in err.value.body["message"]
+
+
+def test_template_refusals_and_reserved_kwargs_are_400(client, engine):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=engine.name, max_tokens=2, messages=MESSAGES[::-1])
+    assert "System message must be at the beginning" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=2,
+                                       extra_body={"chat_template_kwargs": {"tokenize": True, "messages": []}})
+    assert err.value.body["param"] == "chat_template_kwargs" and "messages, tokenize" in err.value.body["message"]
 
 
 def test_seed_range(server, engine):

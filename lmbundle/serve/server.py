@@ -39,6 +39,9 @@ from .worker import Job, QueueFull, Worker
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a 20 MB image as base64 plus the conversation
+RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tools", "documents", "chat_template", "tokenize", "padding",
+                            "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+                            "add_generation_prompt", "continue_final_message", "tokenizer_kwargs"}
 PUBLIC_PATHS = ("/", "/favicon.ico")  # the page itself; it asks for the key when the API answers 401
 
 
@@ -268,6 +271,8 @@ def _lark_text(text: str) -> str:
 def as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    if type(exc).__module__.startswith("jinja2"):  # the chat template refused the conversation (raise_exception)
+        return ApiError(400, f"the chat template refused these messages: {str(exc)[:300]}", param="messages")
     if isinstance(exc, ImageError):
         return ApiError(400, str(exc), code="invalid_image")
     if isinstance(exc, LmbundleError):
@@ -620,6 +625,8 @@ def create_app(engine, options: Options) -> FastAPI:
     def chat_plan(req: ChatRequest):
         """The template's inputs (tools, template kwargs) and the constraint for a chat request."""
         kwargs = dict(req.chat_template_kwargs or {})
+        if reserved := sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS):
+            raise ApiError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}", param="chat_template_kwargs")
         if req.enable_thinking is not None:
             kwargs.setdefault("enable_thinking", req.enable_thinking)
         choice = req.tool_choice or "auto"
