@@ -1,7 +1,7 @@
 """OpenAI's wire format: request schemas, response and stream-chunk shapes, the error shape.
 
-Only what one local model can honour is accepted; a field we would silently ignore in a way that
-changes the answer (n > 1, logprobs, tools, echo) is refused with a 400 instead.
+What one local model can honour is accepted (see docs/serve.md); a field we would otherwise ignore in a way
+that changes the answer (n > 1, echo, suffix) is refused with a 400 that says so.
 """
 
 from __future__ import annotations
