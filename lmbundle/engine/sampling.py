@@ -119,11 +119,13 @@ class Penalties:
 class Logprobs:
     """Records, per chosen token, its log-probability and the `top` most likely tokens under the model's
     own distribution (the logits as they come to this recorder, before temperature and filters).
-    Put it first among the processors to see the raw model."""
+    Put it first among the processors to see the raw model. On CUDA each record starts its copy to
+    pinned host memory when it is made, so reading it waits for that copy only, not for the step
+    enqueued after it (the same reason as the engine's PendingToken)."""
 
     def __init__(self, top: int):
         self.top = top
-        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.records: list[tuple[torch.Tensor, object] | None] = []
         self._last: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
@@ -132,10 +134,26 @@ class Logprobs:
 
     def chosen(self, token: torch.Tensor) -> None:
         logprobs, self._last = self._last, None
-        values, ids = torch.topk(logprobs, self.top) if self.top else (logprobs[:0], token.view(-1)[:0])
-        self.records.append((logprobs.gather(0, token.view(-1)), values, ids))
+        parts = [logprobs.gather(0, token.view(-1))]
+        if self.top:
+            values, ids = torch.topk(logprobs, self.top)
+            parts += [values, ids.double()]  # token ids stay exact as float64
+        packed = torch.cat([p.double() for p in parts])
+        if packed.device.type != "cuda":
+            self.records.append((packed, None))
+            return
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self.records.append((host, copied))
 
     def read(self, index: int) -> tuple[float, list[tuple[int, float]]]:
         """(the chosen token's logprob, [(token id, logprob)] of the top tokens) of the index-th choice."""
-        chosen, values, ids = self.records[index]
-        return float(chosen.item()), list(zip(ids.tolist(), values.tolist()))
+        packed, copied = self.records[index]
+        self.records[index] = None
+        if copied is not None:
+            copied.synchronize()
+        values = packed.tolist()
+        top = self.top
+        return values[0], [(int(t), v) for v, t in zip(values[1:1 + top], values[1 + top:])]
