@@ -408,7 +408,8 @@ def create_app(engine, options: Options) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request, exc):
-        return JSONResponse(as_api_error(exc).body(), status_code=500)
+        error = as_api_error(exc)  # a client's mistake found late (a template's refusal) keeps its 4xx
+        return JSONResponse(error.body(), status_code=error.status)
 
     def model_card() -> dict:
         return {"id": engine.name, "object": "model", "created": int(Path(engine.bundle.path).stat().st_mtime),
