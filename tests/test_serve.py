@@ -339,7 +339,8 @@ def test_client_disconnect_stops_generation(server, engine, stream):
     conn.request("POST", "/v1/chat/completions",
                  headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
                  body=json.dumps({"messages": MESSAGES, "stream": stream, "max_tokens": MAX_CONTEXT - 100,
-                                  "temperature": 0.8, "seed": 1}))
+                                  "temperature": 0.8, "seed": 1,  # the stop tokens barred: it cannot end by itself
+                                  "logit_bias": {str(t): -100 for t in engine.stop_ids}}))
     if stream:
         response = conn.getresponse()
         assert response.status == 200
