@@ -52,9 +52,13 @@ def json_grammar(schema: dict | None) -> str:
     schema = {"type": "object"} if schema is None else dict(schema)
     schema.setdefault("x-guidance", {"whitespace_flexible": False})
     try:
-        return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema))
     except Exception as exc:  # noqa: BLE001 - the compiler reports schema problems as plain exceptions
         raise GrammarError(f"unusable JSON schema: {str(exc)[:300]}") from None
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise GrammarError(f"unusable JSON schema: {' '.join(messages)[:300]}")
+    return grammar
 
 
 def lark_grammar(lark: str) -> str:
@@ -62,8 +66,21 @@ def lark_grammar(lark: str) -> str:
 
 
 # In this order: the stop token (the grammar is complete), a newline (ends a raw tool-call value; never
-# allowed inside compact JSON), then what closes JSON strings, objects and arrays, then the shortest number.
-CLOSERS = ("\n", '"}', '"', "}", "]", "0", ",")
+# allowed inside compact JSON), what closes JSON strings, objects and arrays, a comma (ends a number or a
+# value before a required key), then the shortest number (only where a value must start).
+CLOSERS = ("\n", '"}', '"', "}", "]", ",", "0")
+
+
+@lru_cache(maxsize=4)
+def _openers(hf_tokenizer, vocab: int) -> torch.Tensor:
+    """A token bitmask (int32 words) of the tokens whose text holds '{' or '[' (byte-level token strings
+    write these two characters as themselves)."""
+    words = torch.zeros((vocab + 31) // 32, dtype=torch.int64)
+    pieces = hf_tokenizer.convert_ids_to_tokens(list(range(min(len(hf_tokenizer), vocab))))
+    for token, piece in enumerate(pieces):
+        if piece and ("{" in piece or "[" in piece):
+            words[token >> 5] |= 1 << (token & 31)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def _single_tokens(tokenizer, texts) -> list[int]:
@@ -99,7 +116,9 @@ class GrammarConstraint:
         # that even a model that would ramble (a random one) ends with text the grammar accepts.
         self.budget, self.used = budget, 0
         self.need = 0  # tokens the shortest way out takes from here, as last measured
+        self.jump = 0  # the largest growth of `need` seen between two measurements
         self.closers = list(stop_ids) + _single_tokens(hf_tokenizer, CLOSERS)
+        self.openers = _openers(hf_tokenizer, vocab) if budget is not None else None
 
     def accept(self, token: int) -> None:
         self.used += 1
@@ -107,14 +126,17 @@ class GrammarConstraint:
             self.matcher.consume_token(token)
 
     def _closing(self) -> bool:
-        """Whether the budget left is about what the shortest way out needs (measured every 4 tokens once
-        fewer than 512 remain, by walking that way on a copy of the matcher)."""
+        """Whether the budget left is about what the shortest way out needs (measured by walking that way on
+        a copy of the matcher: every 4 tokens once fewer than 512 remain, every token near the end)."""
         remaining = self.budget - self.used
         if remaining > 512:
             return False
-        if self.used % 4 == 0 or not self.need:
-            self.need = self._close_length()
-        return remaining <= self.need + 8
+        if self.used % 4 == 0 or not self.need or remaining <= 2 * (self.need + self.jump) + 16:
+            need = self._close_length()  # every token near the end
+            if self.need:  # the most one measurement grew: one free choice can open that much more
+                self.jump = max(self.jump, need - self.need)
+            self.need = need
+        return remaining <= self.need + max(8, 2 * self.jump)
 
     def _close_length(self, limit: int = 512) -> int:
         matcher = self.matcher.deep_copy()
@@ -153,6 +175,12 @@ class GrammarConstraint:
                 only = torch.full_like(logits, float("-inf"))
                 only[closer] = 0.0
                 return only
+        if self.budget is not None and self.budget - self.used <= 2 * self.need + 24:
+            # near the end: no token that opens an object or array (each could need more than is left)
+            # unless the grammar leaves nothing else
+            narrowed = self.host_mask & ~self.openers
+            if bool(narrowed.any()):
+                self.host_mask.copy_(narrowed)
         words = self.host_mask.to(self.device, non_blocking=True)
         allowed = ((words.unsqueeze(1) >> self.shifts) & 1).view(-1)[: logits.numel()].bool()
         return logits.masked_fill(~allowed, float("-inf"))
