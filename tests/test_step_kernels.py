@@ -190,3 +190,40 @@ def test_gate_passes_on_cuda_with_fused_kernels(demo_bundles, quant):
     report = run_gate(engine, Oracle(str(DEMO_QWEN35)))
     assert report.passed, report.lines()
     assert report.teacher_forced_top1 + report.teacher_forced_ties == 16
+
+
+@pytest.mark.parametrize("out_features,in_features,split_k", [(40, 96, 2), (24, 224, 3), (64, 256, 4)])
+def test_split_k_gemv_matches_unsplit_and_repeats_exactly(out_features, in_features, split_k):
+    """Split-K (last-arriving split sums the partials in split order): the residual and gated-norm
+    epilogues match one program per row block, the same bits on every call, and the arrival counters
+    are back at zero after each call (the next call, and graph replays, rely on that)."""
+    from lmbundle.engine.kernels import triton_gemv
+    from lmbundle.models.linear import quantize_absmax
+
+    torch.manual_seed(3)
+    q, s = (t.to(DEVICE) for t in quantize_absmax(torch.randn(out_features, in_features), 32))
+    x = _x(in_features)
+    residual = _x(out_features)
+    gated = triton_gemv.GatedNormInput(x.view(-1), torch.rand(in_features // 8, 1, device=DEVICE) * 8,
+                                       _x(in_features).view(-1), torch.rand(8, device=DEVICE), 1e-6, 8)
+    for kwargs in ({"residual": residual.view(-1)}, {"residual": residual.view(-1), "gated_norm": gated}, {}):
+        whole = triton_gemv.gemv(x, q, s, config=(8, 2, 4, True, 1), **kwargs)
+        split = triton_gemv.gemv(x, q, s, config=(8, 2, 4, True, split_k), **kwargs)
+        again = triton_gemv.gemv(x, q, s, config=(8, 2, 4, True, split_k), **kwargs)
+        assert torch.equal(split, again)
+        assert _rel(split.float(), whole.float()) < 1e-2  # bf16 outputs, fp32 sums in another order
+        assert int(triton_gemv.split_scratch(x.device)[1].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("zero_centered", [True, False])
+def test_norm_once_then_plain_gemv_equals_the_norm_prologue(zero_centered):
+    """The head's path (rms_norm kernel, then a GEMV without prologue) rounds like the fused prologue."""
+    from lmbundle.engine.kernels import triton_gemv
+    from lmbundle.models.linear import quantize_absmax
+
+    torch.manual_seed(4)
+    q, s = (t.to(DEVICE) for t in quantize_absmax(torch.randn(48, 320), 32))
+    x, norm = _x(320, 3.0), torch.rand(320, device=DEVICE) * 0.2
+    h = triton_gemv.rms_norm(x, norm, 1e-6, zero_centered)
+    fused = triton_gemv.gemv(x, q, s, norm=(norm, 1e-6, zero_centered), config=(8, 4, 4, True))
+    assert torch.equal(triton_gemv.gemv(h, q, s, config=(8, 4, 4, True)), fused)

@@ -69,31 +69,39 @@ def _conv_silu(new, conv_ptr, conv_w_ptr, channels, ok, TAPS: tl.constexpr, TAPS
 
 @triton.jit
 def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_ptr, num_rows, num_groups,
-                 conv_ptr, conv_w_ptr, conv_channels, gate_ptr, sumsq_ptr,
+                 conv_ptr, conv_w_ptr, conv_channels, gate_ptr, sumsq_ptr, part_ptr, count_ptr, split_groups,
                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, QUANT: tl.constexpr, SWIGLU: tl.constexpr,
                  NORM: tl.constexpr, ZERO_CENTERED: tl.constexpr, NORM_BLOCK: tl.constexpr,
                  GATED_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_SPLITS: tl.constexpr,
                  RESIDUAL: tl.constexpr, CONV: tl.constexpr, TAPS: tl.constexpr, TAPS_BLOCK: tl.constexpr,
-                 PDL: tl.constexpr, BY_BITS: tl.constexpr):
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, BY_BITS: tl.constexpr):
     """y[rows] = h @ W.T (or silu(h @ W.T) * (h @ W2.T)) where h is x, rms_norm(x) (NORM) or the GDN
     output norm of x (GATED_NORM: per-head rms from `sumsq` partials, times silu(gate)); then
-    + res[rows] (RESIDUAL), or the GDN causal conv + SiLU on rows below conv_channels (CONV)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    + res[rows] (RESIDUAL), or the GDN causal conv + SiLU on rows below conv_channels (CONV).
+
+    SPLIT_K > 1 (program (row block, split), split_groups groups each): each split writes its fp32 partial
+    dot products to part [SPLIT_K, rows], and the split that arrives last at the row block's counter sums
+    them in split order (deterministic), applies the epilogue and puts the counter back to 0."""
+    block = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     groups = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, _GROUP)
     row_ok = rows < num_rows
     in_features = num_groups * _GROUP
+    g_start = split * split_groups
+    g_end = tl.minimum(g_start + split_groups, num_groups)
     w_offsets = rows[:, None, None].to(tl.int64) * in_features + groups[None, :, None] * _GROUP + cols[None, None, :]
     s_offsets = rows[:, None].to(tl.int64) * num_groups + groups[None, :]
     x_offsets = groups[:, None] * _GROUP + cols[None, :]
 
     # the first tiles do not depend on the previous kernel: issue them before waiting on it
-    group_ok = groups < num_groups
+    group_ok = (g_start + groups) < g_end
     tile_ok = row_ok[:, None, None] & group_ok[None, :, None]
     scale_ok = row_ok[:, None] & group_ok[None, :]
-    w, s = _load_tile(w_ptr + w_offsets, s_ptr + s_offsets, 0, tile_ok, scale_ok, QUANT)
+    w, s = _load_tile(w_ptr + w_offsets, s_ptr + s_offsets, g_start, tile_ok, scale_ok, QUANT)
     if SWIGLU:
-        w2, s2 = _load_tile(w2_ptr + w_offsets, s2_ptr + s_offsets, 0, tile_ok, scale_ok, QUANT)
+        w2, s2 = _load_tile(w2_ptr + w_offsets, s2_ptr + s_offsets, g_start, tile_ok, scale_ok, QUANT)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -106,9 +114,9 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
 
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
-    for g0 in range(0, num_groups, BLOCK_G):
-        group_ok = (g0 + groups) < num_groups
-        next_ok = (g0 + BLOCK_G + groups) < num_groups
+    for g0 in range(g_start, g_end, BLOCK_G):
+        group_ok = (g0 + groups) < g_end
+        next_ok = (g0 + BLOCK_G + groups) < g_end
         next_tile_ok = row_ok[:, None, None] & next_ok[None, :, None]
         next_scale_ok = row_ok[:, None] & next_ok[None, :]
         w_next, s_next = _load_tile(w_ptr + w_offsets, s_ptr + s_offsets, g0 + BLOCK_G, next_tile_ok,
@@ -145,6 +153,26 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
     if SWIGLU:
         up = tl.sum(acc2, axis=1)
         y = y * tl.sigmoid(y) * up
+    if SPLIT_K == 1:
+        _finish(y, rows, row_ok, res_ptr, y_ptr, conv_ptr, conv_w_ptr, conv_channels, RESIDUAL, CONV, TAPS,
+                TAPS_BLOCK)
+    else:
+        tl.store(part_ptr + split * num_rows + rows, y, mask=row_ok)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so (release below)
+        arrived = tl.atomic_add(count_ptr + block, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(SPLIT_K):  # in split order, from L2 (.cg): the same sum on every run
+                total += tl.load(part_ptr + j * num_rows + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            _finish(total, rows, row_ok, res_ptr, y_ptr, conv_ptr, conv_w_ptr, conv_channels, RESIDUAL, CONV, TAPS,
+                    TAPS_BLOCK)
+            tl.atomic_xchg(count_ptr + block, 0)
+
+
+@triton.jit
+def _finish(y, rows, row_ok, res_ptr, y_ptr, conv_ptr, conv_w_ptr, conv_channels, RESIDUAL: tl.constexpr,
+            CONV: tl.constexpr, TAPS: tl.constexpr, TAPS_BLOCK: tl.constexpr):
+    """The epilogue of fp32 y for `rows`: + residual, or the causal conv on conv rows; stores y."""
     if RESIDUAL:  # residual + linear(h), each rounded to the stream's dtype as the reference adds them
         res = tl.load(res_ptr + rows, mask=row_ok, other=0.0)
         y = res.to(tl.float32) + y.to(res.dtype).to(tl.float32)
@@ -153,6 +181,37 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
         new = y.to(y_ptr.dtype.element_ty)
         y = tl.where(conv_rows, _conv_silu(new, conv_ptr, conv_w_ptr, rows, conv_rows & row_ok, TAPS, TAPS_BLOCK), y)
     tl.store(y_ptr + rows, y, mask=row_ok)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, n, eps, ZERO_CENTERED: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    """One program: y = rms_norm(x) * w (or * (1 + w)) with the GEMV prologue's roundings."""
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    nw = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
+    xf = x.to(tl.float32)
+    normed = xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
+    if ZERO_CENTERED:
+        h = (normed * (1.0 + nw)).to(x.dtype)
+    else:
+        h = (nw * normed.to(x.dtype).to(tl.float32)).to(x.dtype)
+    tl.store(y_ptr + cols, h, mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool, pdl: bool = False) -> torch.Tensor:
+    """One row rms_norm(x) as the fused GEMV prologue computes it (the same roundings), for a GEMV so wide
+    (the head) that every program re-reading x and the norm weight costs bandwidth."""
+    x = x.reshape(-1)
+    y = torch.empty_like(x)
+    block = triton.next_power_of_2(x.numel())
+    _rms_norm_kernel[(1,)](x, weight, y, x.numel(), eps, ZERO_CENTERED=zero_centered, BLOCK=block, PDL=pdl,
+                           num_warps=8 if block >= 2048 else 4, launch_pdl=pdl)
+    return y
 
 
 @dataclass
@@ -169,7 +228,11 @@ class GatedNormInput:
     head_dim: int
 
 
-Config = tuple[int, int, int, bool]  # BLOCK_N, BLOCK_G, num_warps, int8 -> fp32 by bits (else I2F)
+Config = tuple  # BLOCK_N, BLOCK_G, num_warps, int8 -> fp32 by bits (else I2F)[, SPLIT_K (1)]
+
+SPLIT_ROWS = 4096  # GEMVs of at most this many rows (and no SwiGLU / conv epilogue) may split K
+MAX_SPLIT = 8
+PRENORM_ROWS = 65536  # wider GEMVs (the head) take x normed by `rms_norm` once, not per program
 
 
 def pick_config(out_features: int, in_features: int, normed: bool = False, swiglu: bool = False) -> Config:
@@ -189,6 +252,20 @@ def pick_config(out_features: int, in_features: int, normed: bool = False, swigl
     return block_n, min(block_g, groups), 8 if block_g == 64 else 4, True
 
 
+_scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partials [MAX_SPLIT * SPLIT_ROWS] and int32 arrival counters (zero between calls), one pair per
+    device shared by every split GEMV: calls on one stream run one after another (with PDL a kernel touches
+    them only after waiting on its predecessor), and each row block's last split zeroes its counter.
+    Allocated on first use (outside graph capture: the engine warms a step up before capturing it)."""
+    if device not in _scratch:
+        _scratch[device] = (torch.empty(MAX_SPLIT * SPLIT_ROWS, dtype=torch.float32, device=device),
+                            torch.zeros(SPLIT_ROWS, dtype=torch.int32, device=device))
+    return _scratch[device]
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
          weight2: torch.Tensor | None = None, scales2: torch.Tensor | None = None,
          norm: tuple[torch.Tensor, float, bool] | None = None, residual: torch.Tensor | None = None,
@@ -204,24 +281,32 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     x = x.reshape(in_features)
     y = torch.empty(out_features, dtype=x.dtype, device=x.device)
     normed = (norm is not None or gated_norm is not None) and scales is not None  # swept for int8 only
-    block_n, block_g, num_warps, by_bits = config or pick_config(out_features, in_features, normed,
-                                                                 weight2 is not None)
+    block_n, block_g, num_warps, by_bits, *rest = config or pick_config(out_features, in_features, normed,
+                                                                       weight2 is not None)
+    split_k = min(rest[0] if rest else 1, MAX_SPLIT)
+    num_groups = in_features // GROUP
+    if split_k > 1 and (weight2 is not None or conv is not None or out_features > SPLIT_ROWS
+                        or triton.cdiv(out_features, block_n) > SPLIT_ROWS):
+        split_k = 1
+    split_groups = triton.cdiv(triton.cdiv(num_groups, split_k), block_g) * block_g
+    split_k = triton.cdiv(num_groups, split_groups)  # no empty splits
+    parts, counts = split_scratch(x.device) if split_k > 1 else (x, x)
     norm_weight, eps, zero_centered = norm or (x, 0.0, False)
     if gated_norm is not None:
         norm_weight, eps = gated_norm.weight, gated_norm.eps
     conv_state, conv_weight = conv or (x, x)
     taps = conv_weight.shape[-1] if conv is not None else 2
-    _gemv_kernel[(triton.cdiv(out_features, block_n),)](
+    _gemv_kernel[(triton.cdiv(out_features, block_n), split_k)](
         x, norm_weight, eps, x if residual is None else residual, weight, weight if scales is None else scales,
         weight if weight2 is None else weight2, weight if scales2 is None else scales2, y,
-        out_features, in_features // GROUP, conv_state, conv_weight, conv_state.shape[0] if conv else 0,
-        gated_norm.gate if gated_norm else x, gated_norm.sumsq if gated_norm else x,
+        out_features, num_groups, conv_state, conv_weight, conv_state.shape[0] if conv else 0,
+        gated_norm.gate if gated_norm else x, gated_norm.sumsq if gated_norm else x, parts, counts, split_groups,
         BLOCK_N=block_n, BLOCK_G=block_g, QUANT=scales is not None, SWIGLU=weight2 is not None,
         NORM=norm is not None, ZERO_CENTERED=zero_centered, NORM_BLOCK=triton.next_power_of_2(in_features),
         GATED_NORM=gated_norm is not None, HEAD_DIM=gated_norm.head_dim if gated_norm else 1,
         HEAD_SPLITS=gated_norm.sumsq.shape[-1] if gated_norm else 1,
         RESIDUAL=residual is not None, CONV=conv is not None, TAPS=taps, TAPS_BLOCK=triton.next_power_of_2(taps),
-        PDL=pdl, BY_BITS=by_bits, num_warps=num_warps, launch_pdl=pdl,
+        SPLIT_K=split_k, PDL=pdl, BY_BITS=by_bits, num_warps=num_warps, launch_pdl=pdl,
     )
     return y
 
