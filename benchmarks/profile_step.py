@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--config", default="Qwen3.5-2B")
     parser.add_argument("--quant", default="int8hu")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--variants", action="store_true", help="also time PDL off, no split-K, head norm fused")
     parser.add_argument("--prefill", type=int, default=0, help="also profile a chunked prefill of this many tokens")
     parser.add_argument("--wy-chunks", default="", help="time that prefill with these GDN (WY) chunk lengths, e.g. 64,128")
     args = parser.parse_args()
@@ -38,16 +39,34 @@ def main() -> None:
         token = torch.ones(1, 1, dtype=torch.long, device="cuda")
         ops = backend.model.step_ops
         replay = {}
-        for pdl in ([True, False] if getattr(ops, "pdl", False) else [False]):
-            ops.pdl = pdl
+
+        def time_replay(label: str) -> None:
             backend._graphs.clear()
             list(engine.generate(list(range(1, 65)), 4, stop=False))  # compile + capture
             torch.cuda.synchronize()
-            start = time.perf_counter()
-            for pos in range(64, 64 + args.steps):
-                backend.step(token, pos)
-            torch.cuda.synchronize()
-            replay[pdl] = (time.perf_counter() - start) / args.steps
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                for pos in range(64, 64 + args.steps):
+                    backend.step(token, pos)
+                torch.cuda.synchronize()
+                best = min(best, (time.perf_counter() - start) / args.steps)
+            replay[label] = best
+
+        from lmbundle.engine.kernels import triton_gemv
+
+        prenorm_rows, pdl0 = triton_gemv.PRENORM_ROWS, getattr(ops, "pdl", False)
+        variants = [("default", True, True, prenorm_rows)]
+        if args.variants:  # the step's kernel choices one at a time (same process, graphs recaptured)
+            variants += [("PDL off", False, True, prenorm_rows), ("no split-K", True, False, prenorm_rows),
+                         ("head norm in the GEMV", True, True, 1 << 62), ("neither", True, False, 1 << 62)]
+        for label, pdl, split, rows in variants:
+            if not pdl0 and not pdl:
+                continue
+            ops.pdl = pdl and pdl0
+            triton_gemv.USE_SPLIT, triton_gemv.PRENORM_ROWS = split, rows
+            time_replay(label)
+        ops.pdl, triton_gemv.USE_SPLIT, triton_gemv.PRENORM_ROWS = pdl0, True, prenorm_rows
         window = backend.state.capacity
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for pos in range(64, 64 + args.steps):
@@ -56,11 +75,12 @@ def main() -> None:
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         events.sort(key=lambda e: e.self_device_time_total, reverse=True)
         total = sum(e.self_device_time_total for e in events) / args.steps
-        print("graph replay: " + ", ".join(f"{1e3 * t:.3f} ms/step (PDL {'on' if pdl else 'off'})"
-                                           for pdl, t in replay.items()))
+        print("graph replay (best of 3): " + ", ".join(f"{label} {1e3 * t:.3f} ms/step ({1 / t:.0f} steps/s)"
+                                                       for label, t in replay.items()))
+        print(f"bubbles: default replay - eager kernel sum = {1e3 * replay['default'] - total / 1e3:.3f} ms/step")
         print(f"kernel time (eager, no graph): {total / 1e3:.3f} ms/step; "
               f"kernels per step: {sum(e.count for e in events) / args.steps:.0f}")
-        for e in events[:15]:
+        for e in events[:20]:
             print(f"  {e.self_device_time_total / args.steps / 1e3:7.3f} ms  {e.count // args.steps:4d}x  {e.key[:90]}")
         if args.prefill:
             profile_prefill(backend, args.prefill)

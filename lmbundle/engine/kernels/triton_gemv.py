@@ -232,6 +232,7 @@ Config = tuple  # BLOCK_N, BLOCK_G, num_warps, int8 -> fp32 by bits (else I2F)[,
 
 SPLIT_ROWS = 4096  # GEMVs of at most this many rows (and no SwiGLU / conv epilogue) may split K
 MAX_SPLIT = 8
+USE_SPLIT = True  # pick_config splits K of GEMVs with few rows (benchmarks flip it to compare)
 PRENORM_ROWS = 65536  # wider GEMVs (the head) take x normed by `rms_norm` once, not per program
 
 
@@ -244,6 +245,8 @@ def pick_config(out_features: int, in_features: int, normed: bool = False, swigl
     so programs take 16 rows, 32 for SwiGLU and the head: 8224x2048 in_proj 10.9 -> 9.2 us, gate/up
     16.7 -> 14.6, head 249 -> 215, out_proj with the gated norm 6.3 -> 5.0."""
     groups = triton.next_power_of_2(in_features // GROUP)
+    if USE_SPLIT and out_features <= 2048 and not swiglu and in_features // GROUP >= 64:
+        return 8, 32, 4, True, min(4, in_features // GROUP // 32)
     if not normed:
         few_rows = out_features <= 2048
         return 8, min(64 if few_rows else 32, groups), 8 if few_rows else 4, True
