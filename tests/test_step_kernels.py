@@ -230,3 +230,17 @@ def test_norm_once_then_plain_gemv_equals_the_norm_prologue(zero_centered):
     h = triton_gemv.rms_norm(x, norm, 1e-6, zero_centered)
     fused = triton_gemv.gemv(x, q, s, norm=(norm, 1e-6, zero_centered), config=(8, 4, 4, True))
     assert torch.equal(triton_gemv.gemv(h, q, s, config=(8, 4, 4, True)), fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_pass_dequantize_equals_the_reference(dtype):
+    """Chunks' int8 matmuls dequantize in one Triton pass: the same bits as `models.linear.dequantize`."""
+    from lmbundle.engine.kernels import triton_gemv
+    from lmbundle.models.linear import dequantize, quantize_absmax
+
+    q, s = (t.to(DEVICE) for t in quantize_absmax(torch.randn(37, 160) * 3, 32))
+    ours, ref = triton_gemv.dequantize(q, s, dtype), dequantize(q, s, dtype)
+    if DEVICE == "cpu":  # the interpreter rounds to bf16 by truncation
+        assert _rel(ours, ref) < 1e-2
+    else:
+        assert torch.equal(ours, ref)

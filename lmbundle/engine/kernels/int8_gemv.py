@@ -44,12 +44,23 @@ def gemv_applies(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -
     )
 
 
+def dequantize_applies(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """True when the one-pass Triton dequantization takes a chunk's int8 matmul (CUDA, 16-bit x)."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and scales.shape[1] * GROUP == qweight.shape[1]
+            and qweight.is_contiguous() and scales.is_contiguous() and triton_available())
+
+
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ (qweight * scales).T -> [..., out] in x's dtype."""
+    """x [..., in] @ (qweight * scales).T -> [..., out] in x's dtype: the GEMV for 1..4 rows; for chunks,
+    one Triton pass dequantizes the weight and cuBLAS multiplies on the tensor cores."""
     if gemv_applies(x, qweight, scales):
         from lmbundle.engine.kernels import triton_gemv
 
         return triton_gemv.int8_gemv(x, qweight, scales)
+    if dequantize_applies(x, qweight, scales):
+        from lmbundle.engine.kernels import triton_gemv
+
+        return F.linear(x, triton_gemv.dequantize(qweight, scales, x.dtype))
     return reference_int8_matmul(x, qweight, scales)
 
 
