@@ -55,18 +55,19 @@ def main() -> None:
 
         from lmbundle.engine.kernels import triton_gemv
 
-        prenorm_rows, pdl0 = triton_gemv.PRENORM_ROWS, getattr(ops, "pdl", False)
-        variants = [("default", True, True, prenorm_rows)]
+        defaults, pdl0 = (triton_gemv.USE_SPLIT, triton_gemv.MMA), getattr(ops, "pdl", False)
+        variants = [("default", True, *defaults)]
         if args.variants:  # the step's kernel choices one at a time (same process, graphs recaptured)
-            variants += [("PDL off", False, True, prenorm_rows), ("no split-K", True, False, prenorm_rows),
-                         ("head norm in the GEMV", True, True, 1 << 62), ("neither", True, False, 1 << 62)]
-        for label, pdl, split, rows in variants:
+            variants += [("PDL off", False, *defaults), ("split-K " + ("off" if defaults[0] else "on"), True,
+                         not defaults[0], defaults[1]), ("MMA " + ("off" if defaults[1] else "on"), True, defaults[0],
+                         not defaults[1])]
+        for label, pdl, split, mma in variants:
             if not pdl0 and not pdl:
                 continue
             ops.pdl = pdl and pdl0
-            triton_gemv.USE_SPLIT, triton_gemv.PRENORM_ROWS = split, rows
+            triton_gemv.USE_SPLIT, triton_gemv.MMA = split, mma
             time_replay(label)
-        ops.pdl, triton_gemv.USE_SPLIT, triton_gemv.PRENORM_ROWS = pdl0, True, prenorm_rows
+        ops.pdl, (triton_gemv.USE_SPLIT, triton_gemv.MMA) = pdl0, defaults
         window = backend.state.capacity
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for pos in range(64, 64 + args.steps):

@@ -218,20 +218,6 @@ def test_split_k_gemv_matches_unsplit_and_repeats_exactly(out_features, in_featu
         assert int(triton_gemv.split_scratch(x.device)[1].abs().sum()) == 0
 
 
-@pytest.mark.parametrize("zero_centered", [True, False])
-def test_norm_once_then_plain_gemv_equals_the_norm_prologue(zero_centered):
-    """The head's path (rms_norm kernel, then a GEMV without prologue) rounds like the fused prologue."""
-    from lmbundle.engine.kernels import triton_gemv
-    from lmbundle.models.linear import quantize_absmax
-
-    torch.manual_seed(4)
-    q, s = (t.to(DEVICE) for t in quantize_absmax(torch.randn(48, 320), 32))
-    x, norm = _x(320, 3.0), torch.rand(320, device=DEVICE) * 0.2
-    h = triton_gemv.rms_norm(x, norm, 1e-6, zero_centered)
-    fused = triton_gemv.gemv(x, q, s, norm=(norm, 1e-6, zero_centered), config=(8, 4, 4, True))
-    assert torch.equal(triton_gemv.gemv(h, q, s, config=(8, 4, 4, True)), fused)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_one_pass_dequantize_equals_the_reference(dtype):
     """Chunks' int8 matmuls dequantize in one Triton pass: the same bits as `models.linear.dequantize`."""
@@ -244,3 +230,31 @@ def test_one_pass_dequantize_equals_the_reference(dtype):
         assert _rel(ours, ref) < 1e-2
     else:
         assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("parts", ["plain", "norm", "swiglu", "residual", "dense"])
+def test_tensor_core_group_dots_match_the_fma_path(parts, dtype):
+    """MMA configs (per-group dots on the tensor cores, 16-bit activations) against the FMA path."""
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter multiplies bf16 dots as raw bits")
+    from lmbundle.engine.kernels import triton_gemv
+    from lmbundle.models.linear import quantize_absmax
+
+    torch.manual_seed(5)
+    out_features, in_features = 48, 1024
+    q, s = (t.to(DEVICE) for t in quantize_absmax(torch.randn(out_features, in_features), 32))
+    q2, s2 = (t.to(DEVICE) for t in quantize_absmax(torch.randn(out_features, in_features), 32))
+    x = _x(in_features, 2.0, dtype)
+    weights, kwargs = (q, s), {}
+    if parts == "norm":
+        kwargs["norm"] = (torch.rand(in_features, device=DEVICE) * 0.2, 1e-6, True)
+    if parts == "swiglu":
+        weights = (q, s, q2, s2)
+    if parts == "residual":
+        kwargs["residual"] = _x(out_features, 1.0, dtype).view(-1)
+    if parts == "dense":
+        weights = (torch.randn(out_features, in_features, device=DEVICE).to(dtype), None)
+    fma = triton_gemv.gemv(x, *weights, config=(16, 16, 4, True, 1, False), **kwargs)
+    mma = triton_gemv.gemv(x, *weights, config=(16, 16, 4, True, 1, True), **kwargs)
+    assert _rel(mma.float(), fma.float()) < 1e-2

@@ -42,9 +42,6 @@ class TritonStepOps(StepOps):
         weights = _weights(linears[0]) if len(linears) == 1 and self._one_token(x) else None
         if weights is None:
             return super().norm_linears(x, norm_weight, eps, zero_centered, linears)
-        if weights[0].shape[0] > triton_gemv.PRENORM_ROWS:  # the head: norm once, then a plain GEMV
-            h = triton_gemv.rms_norm(x, norm_weight, eps, zero_centered, pdl=self.pdl)
-            return (triton_gemv.gemv(h, *weights, pdl=self.pdl).view(1, -1),)
         y = triton_gemv.gemv(x, *weights, norm=(norm_weight, eps, zero_centered), pdl=self.pdl)
         return (y.view(1, -1),)
 

@@ -19,6 +19,7 @@ Imported only on CUDA machines with Triton (see `int8_gemv.py` and `step_ops.py`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,26 @@ _FLOAT_BIAS_BITS = tl.constexpr(0x4B000080)  # fp32 bits of 2**23 + 128
 _FLOAT_BIAS = tl.constexpr(8388736.0)  # 2**23 + 128
 
 
+# int8 x4 (one register) -> 4 fp32 holding 2**23 + 128 + w: flip the sign bits (w + 128 as a byte), then
+# put each byte under the exponent of 2**23 (0x4B0000xx): one LOP3 per 4 weights and one PRMT per weight
+_PRMT_ASM = tl.constexpr("""{
+.reg .b32 t;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, 0x4B000000, 0x7540;
+prmt.b32 $1, t, 0x4B000000, 0x7541;
+prmt.b32 $2, t, 0x4B000000, 0x7542;
+prmt.b32 $3, t, 0x4B000000, 0x7543;
+}""")
+
+
 @triton.jit
 def _to_float(w, QUANT: tl.constexpr, BY_BITS: tl.constexpr):
-    """A loaded weight tile as fp32: int8 exactly (by bits or I2F), or a dense tile's value."""
-    if QUANT and BY_BITS:
+    """A loaded weight tile as fp32: int8 exactly (BY_BITS 1: integer add into the mantissa of 2**23 + 128;
+    2: the same float built by byte permutes, 4 weights a register; 0: I2F), or a dense tile's value."""
+    if QUANT and BY_BITS == 2:
+        biased = tl.inline_asm_elementwise(_PRMT_ASM, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+        return biased - _FLOAT_BIAS
+    if QUANT and BY_BITS == 1:
         return (w.to(tl.int32) + _FLOAT_BIAS_BITS).to(tl.float32, bitcast=True) - _FLOAT_BIAS
     return w.to(tl.float32)
 
@@ -74,14 +91,20 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
                  NORM: tl.constexpr, ZERO_CENTERED: tl.constexpr, NORM_BLOCK: tl.constexpr,
                  GATED_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_SPLITS: tl.constexpr,
                  RESIDUAL: tl.constexpr, CONV: tl.constexpr, TAPS: tl.constexpr, TAPS_BLOCK: tl.constexpr,
-                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, BY_BITS: tl.constexpr):
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, BY_BITS: tl.constexpr, MMA: tl.constexpr):
     """y[rows] = h @ W.T (or silu(h @ W.T) * (h @ W2.T)) where h is x, rms_norm(x) (NORM) or the GDN
     output norm of x (GATED_NORM: per-head rms from `sumsq` partials, times silu(gate)); then
     + res[rows] (RESIDUAL), or the GDN causal conv + SiLU on rows below conv_channels (CONV).
 
     SPLIT_K > 1 (program (row block, split), split_groups groups each): each split writes its fp32 partial
     dot products to part [SPLIT_K, rows], and the split that arrives last at the row block's counter sums
-    them in split order (deterministic), applies the epilogue and puts the counter back to 0."""
+    them in split order (deterministic), applies the epilogue and puts the counter back to 0.
+
+    MMA (16-bit x, BLOCK_G 16): the tile's per-group dot products run on the tensor cores, one group per
+    row of a [16, BLOCK_G * 32] operand holding h on the group's own columns (zeros elsewhere), against
+    the int8 values as exact 16-bit numbers: the group scales apply to the [16, BLOCK_N] result, and
+    the loop spends ~3.5 instructions a weight (conversion) instead of ~7-10 (conversion, FMA, the
+    broadcast of h)."""
     block = tl.program_id(0)
     split = tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -112,8 +135,12 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
         xs = tl.load(x_ptr + all_cols, mask=all_cols < in_features, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xs * xs, axis=0) / in_features + eps)
 
-    acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    if MMA:
+        acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     for g0 in range(g_start, g_end, BLOCK_G):
         group_ok = (g0 + groups) < g_end
         next_ok = (g0 + BLOCK_G + groups) < g_end
@@ -140,18 +167,32 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
             gate = tl.load(gate_ptr + in_cols, mask=x_mask, other=0.0).to(tl.float32)
             nw = tl.load(norm_ptr + in_cols % HEAD_DIM, mask=x_mask, other=0.0).to(tl.float32)
             h = (nw * normed * (gate * tl.sigmoid(gate))).to(h.dtype)
-        h = h.to(tl.float32)
-        acc += tl.sum(_to_float(w, QUANT, BY_BITS) * h[None, :, :], axis=2) * s
+        if MMA:  # row j of the operand: h on group j's columns
+            a = tl.where(groups[:, None, None] == groups[None, :, None], h[None, :, :], 0.0).to(h.dtype)
+            a = tl.reshape(a, [BLOCK_G, BLOCK_G * _GROUP])
+            acc += _group_dots(a, w, BLOCK_N, BLOCK_G, QUANT, BY_BITS) * tl.trans(s)
+        else:
+            h = h.to(tl.float32)
+            acc += tl.sum(_to_float(w, QUANT, BY_BITS) * h[None, :, :], axis=2) * s
         if SWIGLU:
             w2_next, s2_next = _load_tile(w2_ptr + w_offsets, s2_ptr + s_offsets, g0 + BLOCK_G, next_tile_ok,
                                           next_scale_ok, QUANT)
-            acc2 += tl.sum(_to_float(w2, QUANT, BY_BITS) * h[None, :, :], axis=2) * s2
+            if MMA:
+                acc2 += _group_dots(a, w2, BLOCK_N, BLOCK_G, QUANT, BY_BITS) * tl.trans(s2)
+            else:
+                acc2 += tl.sum(_to_float(w2, QUANT, BY_BITS) * h[None, :, :], axis=2) * s2
             w2, s2 = w2_next, s2_next
         w, s = w_next, s_next
 
-    y = tl.sum(acc, axis=1)
+    if MMA:
+        y = tl.sum(acc, axis=0)
+    else:
+        y = tl.sum(acc, axis=1)
     if SWIGLU:
-        up = tl.sum(acc2, axis=1)
+        if MMA:
+            up = tl.sum(acc2, axis=0)
+        else:
+            up = tl.sum(acc2, axis=1)
         y = y * tl.sigmoid(y) * up
     if SPLIT_K == 1:
         _finish(y, rows, row_ok, res_ptr, y_ptr, conv_ptr, conv_w_ptr, conv_channels, RESIDUAL, CONV, TAPS,
@@ -170,6 +211,14 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
 
 
 @triton.jit
+def _group_dots(a, w, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, QUANT: tl.constexpr, BY_BITS: tl.constexpr):
+    """[BLOCK_G, BLOCK_N] per-group dot products of the weight tile [BLOCK_N, BLOCK_G, 32] (int8 values,
+    exact in a's 16-bit type, or dense) with a (row j = h on group j's columns), on the tensor cores."""
+    wq = tl.reshape(_to_float(w, QUANT, BY_BITS).to(a.dtype), [BLOCK_N, BLOCK_G * _GROUP])
+    return tl.dot(a, tl.trans(wq))
+
+
+@triton.jit
 def _finish(y, rows, row_ok, res_ptr, y_ptr, conv_ptr, conv_w_ptr, conv_channels, RESIDUAL: tl.constexpr,
             CONV: tl.constexpr, TAPS: tl.constexpr, TAPS_BLOCK: tl.constexpr):
     """The epilogue of fp32 y for `rows`: + residual, or the causal conv on conv rows; stores y."""
@@ -181,37 +230,6 @@ def _finish(y, rows, row_ok, res_ptr, y_ptr, conv_ptr, conv_w_ptr, conv_channels
         new = y.to(y_ptr.dtype.element_ty)
         y = tl.where(conv_rows, _conv_silu(new, conv_ptr, conv_w_ptr, rows, conv_rows & row_ok, TAPS, TAPS_BLOCK), y)
     tl.store(y_ptr + rows, y, mask=row_ok)
-
-
-@triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, n, eps, ZERO_CENTERED: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):
-    """One program: y = rms_norm(x) * w (or * (1 + w)) with the GEMV prologue's roundings."""
-    cols = tl.arange(0, BLOCK)
-    ok = cols < n
-    nw = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
-    xf = x.to(tl.float32)
-    normed = xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
-    if ZERO_CENTERED:
-        h = (normed * (1.0 + nw)).to(x.dtype)
-    else:
-        h = (nw * normed.to(x.dtype).to(tl.float32)).to(x.dtype)
-    tl.store(y_ptr + cols, h, mask=ok)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool, pdl: bool = False) -> torch.Tensor:
-    """One row rms_norm(x) as the fused GEMV prologue computes it (the same roundings), for a GEMV so wide
-    (the head) that every program re-reading x and the norm weight costs bandwidth."""
-    x = x.reshape(-1)
-    y = torch.empty_like(x)
-    block = triton.next_power_of_2(x.numel())
-    _rms_norm_kernel[(1,)](x, weight, y, x.numel(), eps, ZERO_CENTERED=zero_centered, BLOCK=block, PDL=pdl,
-                           num_warps=8 if block >= 2048 else 4, launch_pdl=pdl)
-    return y
 
 
 @triton.jit
@@ -254,19 +272,30 @@ Config = tuple  # BLOCK_N, BLOCK_G, num_warps, int8 -> fp32 by bits (else I2F)[,
 
 SPLIT_ROWS = 4096  # GEMVs of at most this many rows (and no SwiGLU / conv epilogue) may split K
 MAX_SPLIT = 8
-USE_SPLIT = True  # pick_config splits K of GEMVs with few rows (benchmarks flip it to compare)
-PRENORM_ROWS = 65536  # wider GEMVs (the head) take x normed by `rms_norm` once, not per program
+# int8 -> fp32 in the GEMV loop: 2 = byte permutes (inline PTX, CUDA only), 1 = integer add; both exact.
+# Triton's interpreter runs no PTX: it takes 1. LMBUNDLE_GEMV_CONVERT=bits|prmt overrides.
+CONVERT = {"bits": 1, "prmt": 2}.get(os.environ.get("LMBUNDLE_GEMV_CONVERT", ""),
+                                    1 if os.environ.get("TRITON_INTERPRET") == "1" else 2)
+USE_SPLIT = False  # pick_config splits K of GEMVs with few rows (measured slower on the H200; benchmarks flip it)
+MMA = os.environ.get("LMBUNDLE_GEMV_MMA", "0") == "1"  # tensor-core group dots for wide GEMVs
+MMA_ROWS = 4096
 
 
-def pick_config(out_features: int, in_features: int, normed: bool = False, swiglu: bool = False) -> Config:
+def pick_config(out_features: int, in_features: int, normed: bool = False, swiglu: bool = False,
+                dtype: torch.dtype = torch.bfloat16) -> Config:
     """Block sizes by shape, from sweeps on an H100 at Qwen3.5-2B shapes (benchmarks/RESULTS.md).
 
     Plain GEMVs (`bench_int8_gemv.py --sweep`): 8 rows a program; up to 2048 rows 64 groups a step with
     8 warps keep enough bytes in flight from the few programs, above 32 groups with 4 warps.
     With a norm prologue (`sweep_step_kernels.py`) every program re-reads x (and the norm weight),
     so programs take 16 rows, 32 for SwiGLU and the head: 8224x2048 in_proj 10.9 -> 9.2 us, gate/up
-    16.7 -> 14.6, head 249 -> 215, out_proj with the gated norm 6.3 -> 5.0."""
+    16.7 -> 14.6, head 249 -> 215, out_proj with the gated norm 6.3 -> 5.0. The same picks were the
+    best on the H200 (2026-11-28). Split-K (USE_SPLIT) lost there on every 2048-row GEMV (out_proj
+    4.7 -> 5.2 us, down 6.6 -> 7.9, o_proj 3.3 -> 4.5 at its best split): off by default.
+    MMA (tensor-core group dots, 16-bit activations) for GEMVs above MMA_ROWS rows."""
     groups = triton.next_power_of_2(in_features // GROUP)
+    if MMA and out_features > MMA_ROWS and dtype in (torch.bfloat16, torch.float16) and in_features % 512 == 0:
+        return (64 if out_features > 65536 else 32), 16, 4, True, 1, True
     if USE_SPLIT and out_features <= 2048 and not swiglu and in_features // GROUP >= 64:
         return 8, 32, 4, True, min(4, in_features // GROUP // 32)
     if not normed:
@@ -307,8 +336,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     y = torch.empty(out_features, dtype=x.dtype, device=x.device)
     normed = (norm is not None or gated_norm is not None) and scales is not None  # swept for int8 only
     block_n, block_g, num_warps, by_bits, *rest = config or pick_config(out_features, in_features, normed,
-                                                                       weight2 is not None)
+                                                                       weight2 is not None, x.dtype)
     split_k = min(rest[0] if rest else 1, MAX_SPLIT)
+    mma = bool(rest[1]) if len(rest) > 1 else False
+    mma = mma and x.dtype in (torch.bfloat16, torch.float16) and block_g == 16 and block_n >= 16 and (
+        scales is not None or weight.dtype == x.dtype)
     num_groups = in_features // GROUP
     if split_k > 1 and (weight2 is not None or conv is not None or out_features > SPLIT_ROWS
                         or triton.cdiv(out_features, block_n) > SPLIT_ROWS):
@@ -331,7 +363,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
         GATED_NORM=gated_norm is not None, HEAD_DIM=gated_norm.head_dim if gated_norm else 1,
         HEAD_SPLITS=gated_norm.sumsq.shape[-1] if gated_norm else 1,
         RESIDUAL=residual is not None, CONV=conv is not None, TAPS=taps, TAPS_BLOCK=triton.next_power_of_2(taps),
-        SPLIT_K=split_k, PDL=pdl, BY_BITS=by_bits, num_warps=num_warps, launch_pdl=pdl,
+        SPLIT_K=split_k, PDL=pdl, BY_BITS=(CONVERT if by_bits else 0), MMA=mma, num_warps=num_warps,
+        launch_pdl=pdl,
     )
     return y
 
