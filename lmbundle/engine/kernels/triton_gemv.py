@@ -272,10 +272,9 @@ Config = tuple  # BLOCK_N, BLOCK_G, num_warps, int8 -> fp32 by bits (else I2F)[,
 
 SPLIT_ROWS = 4096  # GEMVs of at most this many rows (and no SwiGLU / conv epilogue) may split K
 MAX_SPLIT = 8
-# int8 -> fp32 in the GEMV loop: 2 = byte permutes (inline PTX, CUDA only), 1 = integer add; both exact.
-# Triton's interpreter runs no PTX: it takes 1. LMBUNDLE_GEMV_CONVERT=bits|prmt overrides.
-CONVERT = {"bits": 1, "prmt": 2}.get(os.environ.get("LMBUNDLE_GEMV_CONVERT", ""),
-                                    1 if os.environ.get("TRITON_INTERPRET") == "1" else 2)
+# int8 -> fp32 in the GEMV loop: 1 = integer add (the default), 2 = byte permutes (inline PTX, CUDA only:
+# Triton's interpreter runs no PTX); both exact. LMBUNDLE_GEMV_CONVERT=prmt selects 2.
+CONVERT = 2 if os.environ.get("LMBUNDLE_GEMV_CONVERT") == "prmt" and os.environ.get("TRITON_INTERPRET") != "1" else 1
 USE_SPLIT = False  # pick_config splits K of GEMVs with few rows (measured slower on the H200; benchmarks flip it)
 MMA = os.environ.get("LMBUNDLE_GEMV_MMA", "0") == "1"  # tensor-core group dots for wide GEMVs
 MMA_ROWS = 4096
