@@ -37,7 +37,7 @@ def main() -> None:
                         backend="torch", device="cuda")
         backend = engine.backend
         token = torch.ones(1, 1, dtype=torch.long, device="cuda")
-        ops = backend.model.step_ops
+        ops = backend.model.ops
         replay = {}
 
         def time_replay(label: str) -> None:

@@ -14,7 +14,7 @@ loads its first weight tile (weights never depend on the previous kernel), then 
 predecessor (`gdc_wait`) before it reads x. Small per-layer GEMVs are latency-bound, and this hides
 their launch and first DRAM round trip behind the previous kernel.
 
-Imported only on CUDA machines with Triton (see `int8_gemv.py` and `step_ops.py`).
+Imported only where Triton is installed (`triton_ops.py` is its one user).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-GROUP = 32  # input columns that share one int8 scale; also the dense tile's inner width
+from lmbundle.models.linear import BLOCK
+
+GROUP = BLOCK  # input columns that share one int8 scale; also the dense tile's inner width
 MAX_ROWS = 4  # rows of x one call takes (one launch per row)
 _GROUP = tl.constexpr(GROUP)
 _FLOAT_BIAS_BITS = tl.constexpr(0x4B000080)  # fp32 bits of 2**23 + 128
@@ -45,6 +47,31 @@ prmt.b32 $3, t, 0x4B000000, 0x7543;
 }""")
 
 
+# int8 x4 (one int32 word) -> the 4 weights as fp32: the byte permutes above, then the bias subtracted
+_WORD_ASM = tl.constexpr("""{
+.reg .b32 t;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, 0x4B000000, 0x7540;
+prmt.b32 $1, t, 0x4B000000, 0x7541;
+prmt.b32 $2, t, 0x4B000000, 0x7542;
+prmt.b32 $3, t, 0x4B000000, 0x7543;
+sub.f32 $0, $0, 0f4B000080;
+sub.f32 $1, $1, 0f4B000080;
+sub.f32 $2, $2, 0f4B000080;
+sub.f32 $3, $3, 0f4B000080;
+}""")
+
+
+@triton.jit
+def _word_floats(w, ASM: tl.constexpr):
+    """The 4 int8 weights packed in each int32 of w (byte k = column 4j + k), as 4 fp32 tensors."""
+    if ASM:
+        return tl.inline_asm_elementwise(_WORD_ASM, "=r,=r,=r,=r,r", [w], is_pure=True, pack=1,
+                                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32))
+    return ((w << 24) >> 24).to(tl.float32), ((w << 16) >> 24).to(tl.float32), \
+        ((w << 8) >> 24).to(tl.float32), (w >> 24).to(tl.float32)
+
+
 @triton.jit
 def _to_float(w, QUANT: tl.constexpr, BY_BITS: tl.constexpr):
     """A loaded weight tile as fp32: int8 exactly (BY_BITS 1: integer add into the mantissa of 2**23 + 128;
@@ -58,9 +85,10 @@ def _to_float(w, QUANT: tl.constexpr, BY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(w_ptrs, s_ptrs, g0, tile_ok, scale_ok, QUANT: tl.constexpr):
-    """Raw weight tile [BLOCK_N, BLOCK_G, 32] and its scales [BLOCK_N, BLOCK_G] (1.0 for dense)."""
-    w = tl.load(w_ptrs + g0 * _GROUP, mask=tile_ok, other=0)
+def _load_tile(w_ptrs, s_ptrs, g0, tile_ok, scale_ok, QUANT: tl.constexpr, WIDTH: tl.constexpr = 32):
+    """Raw weight tile [BLOCK_N, BLOCK_G, WIDTH] (32 int8 or dense values a group, or 8 int32 words of 4
+    int8) and its scales [BLOCK_N, BLOCK_G] (1.0 for dense)."""
+    w = tl.load(w_ptrs + g0 * WIDTH, mask=tile_ok, other=0)
     if QUANT:
         s = tl.load(s_ptrs + g0, mask=scale_ok, other=0.0).to(tl.float32)
     else:
@@ -91,7 +119,8 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
                  NORM: tl.constexpr, ZERO_CENTERED: tl.constexpr, NORM_BLOCK: tl.constexpr,
                  GATED_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_SPLITS: tl.constexpr,
                  RESIDUAL: tl.constexpr, CONV: tl.constexpr, TAPS: tl.constexpr, TAPS_BLOCK: tl.constexpr,
-                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, BY_BITS: tl.constexpr, MMA: tl.constexpr):
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, BY_BITS: tl.constexpr, MMA: tl.constexpr,
+                 WORDS: tl.constexpr, ASM: tl.constexpr):
     """y[rows] = h @ W.T (or silu(h @ W.T) * (h @ W2.T)) where h is x, rms_norm(x) (NORM) or the GDN
     output norm of x (GATED_NORM: per-head rms from `sumsq` partials, times silu(gate)); then
     + res[rows] (RESIDUAL), or the GDN causal conv + SiLU on rows below conv_channels (CONV).
@@ -104,27 +133,34 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
     row of a [16, BLOCK_G * 32] operand holding h on the group's own columns (zeros elsewhere), against
     the int8 values as exact 16-bit numbers: the group scales apply to the [16, BLOCK_N] result, and
     the loop spends ~3.5 instructions a weight (conversion) instead of ~7-10 (conversion, FMA, the
-    broadcast of h)."""
+    broadcast of h).
+
+    WORDS (int8): w_ptr/w2_ptr are the weights viewed as int32, loaded as [BLOCK_N, BLOCK_G, 8] words; byte k of
+    word j is column 4j + k, and h comes in four strided pieces. Each word becomes 4 floats with 1 LOP3 +
+    4 PRMT + 4 FADD (ASM: inline PTX; else shifts, for Triton's interpreter): ~5-6 instructions a weight
+    in the loop against ~7-10 for int8 tiles, whose bytes Triton unpacks and re-packs one by one."""
     block = tl.program_id(0)
     split = tl.program_id(1)
+    WIDTH: tl.constexpr = 8 if WORDS else 32  # tile elements a group: int32 words, or values
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     groups = tl.arange(0, BLOCK_G)
-    cols = tl.arange(0, _GROUP)
+    cols = tl.arange(0, WIDTH)
     row_ok = rows < num_rows
     in_features = num_groups * _GROUP
     g_start = split * split_groups
     g_end = tl.minimum(g_start + split_groups, num_groups)
-    w_offsets = rows[:, None, None].to(tl.int64) * in_features + groups[None, :, None] * _GROUP + cols[None, None, :]
+    w_offsets = (rows[:, None, None].to(tl.int64) * (num_groups * WIDTH) + groups[None, :, None] * WIDTH
+                 + cols[None, None, :])
     s_offsets = rows[:, None].to(tl.int64) * num_groups + groups[None, :]
-    x_offsets = groups[:, None] * _GROUP + cols[None, :]
+    x_offsets = groups[:, None] * _GROUP + cols[None, :] * (4 if WORDS else 1)
 
     # the first tiles do not depend on the previous kernel: issue them before waiting on it
     group_ok = (g_start + groups) < g_end
     tile_ok = row_ok[:, None, None] & group_ok[None, :, None]
     scale_ok = row_ok[:, None] & group_ok[None, :]
-    w, s = _load_tile(w_ptr + w_offsets, s_ptr + s_offsets, g_start, tile_ok, scale_ok, QUANT)
+    w, s = _load_tile(w_ptr + w_offsets, s_ptr + s_offsets, g_start, tile_ok, scale_ok, QUANT, WIDTH)
     if SWIGLU:
-        w2, s2 = _load_tile(w2_ptr + w_offsets, s2_ptr + s_offsets, g_start, tile_ok, scale_ok, QUANT)
+        w2, s2 = _load_tile(w2_ptr + w_offsets, s2_ptr + s_offsets, g_start, tile_ok, scale_ok, QUANT, WIDTH)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -147,27 +183,21 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
         next_tile_ok = row_ok[:, None, None] & next_ok[None, :, None]
         next_scale_ok = row_ok[:, None] & next_ok[None, :]
         w_next, s_next = _load_tile(w_ptr + w_offsets, s_ptr + s_offsets, g0 + BLOCK_G, next_tile_ok,
-                                    next_scale_ok, QUANT)
+                                    next_scale_ok, QUANT, WIDTH)
         x_mask = group_ok[:, None]
         in_cols = g0 * _GROUP + x_offsets
-        h = tl.load(x_ptr + in_cols, mask=x_mask, other=0.0)
-        if NORM:  # rms_norm's roundings: to x's dtype after the scale (and after the weight)
-            nw = tl.load(norm_ptr + in_cols, mask=x_mask, other=0.0).to(tl.float32)
-            normed = h.to(tl.float32) * rstd
-            if ZERO_CENTERED:
-                h = (normed * (1.0 + nw)).to(h.dtype)
-            else:
-                h = (nw * normed.to(h.dtype).to(tl.float32)).to(h.dtype)
-        if GATED_NORM:  # gated_rms_norm per head of HEAD_DIM columns; x holds the rounded GDN output
-            head = in_cols // HEAD_DIM
-            sumsq = tl.load(sumsq_ptr + head * HEAD_SPLITS, mask=x_mask, other=1.0)
-            for j in tl.static_range(1, HEAD_SPLITS):
-                sumsq += tl.load(sumsq_ptr + head * HEAD_SPLITS + j, mask=x_mask, other=0.0)
-            normed = (h.to(tl.float32) * tl.rsqrt(sumsq / HEAD_DIM + eps)).to(h.dtype).to(tl.float32)
-            gate = tl.load(gate_ptr + in_cols, mask=x_mask, other=0.0).to(tl.float32)
-            nw = tl.load(norm_ptr + in_cols % HEAD_DIM, mask=x_mask, other=0.0).to(tl.float32)
-            h = (nw * normed * (gate * tl.sigmoid(gate))).to(h.dtype)
-        if MMA:  # row j of the operand: h on group j's columns
+        h = _input(x_ptr, in_cols, x_mask, norm_ptr, rstd, eps, gate_ptr, sumsq_ptr, NORM, ZERO_CENTERED, GATED_NORM,
+                   HEAD_DIM, HEAD_SPLITS)
+        if WORDS:
+            h1 = _input(x_ptr, in_cols + 1, x_mask, norm_ptr, rstd, eps, gate_ptr, sumsq_ptr, NORM, ZERO_CENTERED,
+                        GATED_NORM, HEAD_DIM, HEAD_SPLITS).to(tl.float32)
+            h2 = _input(x_ptr, in_cols + 2, x_mask, norm_ptr, rstd, eps, gate_ptr, sumsq_ptr, NORM, ZERO_CENTERED,
+                        GATED_NORM, HEAD_DIM, HEAD_SPLITS).to(tl.float32)
+            h3 = _input(x_ptr, in_cols + 3, x_mask, norm_ptr, rstd, eps, gate_ptr, sumsq_ptr, NORM, ZERO_CENTERED,
+                        GATED_NORM, HEAD_DIM, HEAD_SPLITS).to(tl.float32)
+            h = h.to(tl.float32)
+            acc += _word_dots(w, h, h1, h2, h3, ASM) * s
+        elif MMA:  # row j of the operand: h on group j's columns
             a = tl.where(groups[:, None, None] == groups[None, :, None], h[None, :, :], 0.0).to(h.dtype)
             a = tl.reshape(a, [BLOCK_G, BLOCK_G * _GROUP])
             acc += _group_dots(a, w, BLOCK_N, BLOCK_G, QUANT, BY_BITS) * tl.trans(s)
@@ -176,8 +206,10 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
             acc += tl.sum(_to_float(w, QUANT, BY_BITS) * h[None, :, :], axis=2) * s
         if SWIGLU:
             w2_next, s2_next = _load_tile(w2_ptr + w_offsets, s2_ptr + s_offsets, g0 + BLOCK_G, next_tile_ok,
-                                          next_scale_ok, QUANT)
-            if MMA:
+                                          next_scale_ok, QUANT, WIDTH)
+            if WORDS:
+                acc2 += _word_dots(w2, h, h1, h2, h3, ASM) * s2
+            elif MMA:
                 acc2 += _group_dots(a, w2, BLOCK_N, BLOCK_G, QUANT, BY_BITS) * tl.trans(s2)
             else:
                 acc2 += tl.sum(_to_float(w2, QUANT, BY_BITS) * h[None, :, :], axis=2) * s2
@@ -208,6 +240,39 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, y_
             _finish(total, rows, row_ok, res_ptr, y_ptr, conv_ptr, conv_w_ptr, conv_channels, RESIDUAL, CONV, TAPS,
                     TAPS_BLOCK)
             tl.atomic_xchg(count_ptr + block, 0)
+
+
+@triton.jit
+def _input(x_ptr, in_cols, x_mask, norm_ptr, rstd, eps, gate_ptr, sumsq_ptr, NORM: tl.constexpr,
+           ZERO_CENTERED: tl.constexpr, GATED_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_SPLITS: tl.constexpr):
+    """h at columns in_cols (x's dtype): x, rms_norm(x) (NORM), or the GDN output norm (GATED_NORM)."""
+    h = tl.load(x_ptr + in_cols, mask=x_mask, other=0.0)
+    if NORM:  # rms_norm's roundings: to x's dtype after the scale (and after the weight)
+        nw = tl.load(norm_ptr + in_cols, mask=x_mask, other=0.0).to(tl.float32)
+        normed = h.to(tl.float32) * rstd
+        if ZERO_CENTERED:
+            h = (normed * (1.0 + nw)).to(h.dtype)
+        else:
+            h = (nw * normed.to(h.dtype).to(tl.float32)).to(h.dtype)
+    if GATED_NORM:  # gated_rms_norm per head of HEAD_DIM columns; x holds the rounded GDN output
+        head = in_cols // HEAD_DIM
+        sumsq = tl.load(sumsq_ptr + head * HEAD_SPLITS, mask=x_mask, other=1.0)
+        for j in tl.static_range(1, HEAD_SPLITS):
+            sumsq += tl.load(sumsq_ptr + head * HEAD_SPLITS + j, mask=x_mask, other=0.0)
+        normed = (h.to(tl.float32) * tl.rsqrt(sumsq / HEAD_DIM + eps)).to(h.dtype).to(tl.float32)
+        gate = tl.load(gate_ptr + in_cols, mask=x_mask, other=0.0).to(tl.float32)
+        nw = tl.load(norm_ptr + in_cols % HEAD_DIM, mask=x_mask, other=0.0).to(tl.float32)
+        h = (nw * normed * (gate * tl.sigmoid(gate))).to(h.dtype)
+    return h
+
+
+@triton.jit
+def _word_dots(w, h0, h1, h2, h3, ASM: tl.constexpr):
+    """[BLOCK_N, BLOCK_G] group dot products of a word tile [BLOCK_N, BLOCK_G, 8] with h in its four byte
+    lanes (hk [BLOCK_G, 8] = h at columns 4j + k), fp32."""
+    f0, f1, f2, f3 = _word_floats(w, ASM)
+    part = f0 * h0[None, :, :] + f1 * h1[None, :, :] + f2 * h2[None, :, :] + f3 * h3[None, :, :]
+    return tl.sum(part, axis=2)
 
 
 @triton.jit
@@ -278,6 +343,9 @@ CONVERT = 2 if os.environ.get("LMBUNDLE_GEMV_CONVERT") == "prmt" and os.environ.
 USE_SPLIT = False  # pick_config splits K of GEMVs with few rows (measured slower on the H200; benchmarks flip it)
 MMA = os.environ.get("LMBUNDLE_GEMV_MMA", "0") == "1"  # tensor-core group dots for wide GEMVs
 MMA_ROWS = 4096
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there
+# int8 GEMVs stream int32 words (4 weights each, converted by byte permutes) with LMBUNDLE_GEMV_WORDS=1
+WORDS = os.environ.get("LMBUNDLE_GEMV_WORDS", "0") == "1"
 
 
 def pick_config(out_features: int, in_features: int, normed: bool = False, swiglu: bool = False,
@@ -340,6 +408,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     mma = bool(rest[1]) if len(rest) > 1 else False
     mma = mma and x.dtype in (torch.bfloat16, torch.float16) and block_g == 16 and block_n >= 16 and (
         scales is not None or weight.dtype == x.dtype)
+    words = by_bits and WORDS and scales is not None and not mma and weight.is_contiguous()
+    if words:  # the same bytes as int32 words (4 columns each)
+        weight = weight.view(torch.int32)
+        weight2 = None if weight2 is None else weight2.view(torch.int32)
     num_groups = in_features // GROUP
     if split_k > 1 and (weight2 is not None or conv is not None or out_features > SPLIT_ROWS
                         or triton.cdiv(out_features, block_n) > SPLIT_ROWS):
@@ -362,8 +434,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
         GATED_NORM=gated_norm is not None, HEAD_DIM=gated_norm.head_dim if gated_norm else 1,
         HEAD_SPLITS=gated_norm.sumsq.shape[-1] if gated_norm else 1,
         RESIDUAL=residual is not None, CONV=conv is not None, TAPS=taps, TAPS_BLOCK=triton.next_power_of_2(taps),
-        SPLIT_K=split_k, PDL=pdl, BY_BITS=(CONVERT if by_bits else 0), MMA=mma, num_warps=num_warps,
-        launch_pdl=pdl,
+        SPLIT_K=split_k, PDL=pdl, BY_BITS=(CONVERT if by_bits else 0), MMA=mma, WORDS=words, ASM=not INTERPRET,
+        num_warps=num_warps, launch_pdl=pdl,
     )
     return y
 
