@@ -214,6 +214,7 @@ def main() -> None:
             del engine
             torch.cuda.empty_cache() if device.type == "cuda" else None
         if build is not None:
+            write_results(args, started, results)  # ours, in case the peer's build outlasts the call
             try:
                 results["llama_cpp_build_s"] = round(build.wait(), 1)
                 print(f"llama.cpp built ({results['llama_cpp_build_s']} s since the start)", flush=True)
@@ -227,8 +228,8 @@ def main() -> None:
                     for quant, r in results["ours"].items():
                         print(f"  ratio lmbundle {quant} / llama.cpp {outtype}: decode "
                               f"{r['decode_tok_s'] / peer['decode_tok_s']:.2f}x, S=1 prompt "
-                              f"{r['prefill_tok_s'] / peer['prompt_tok_s']:.2f}x, chunked prompt "
-                              f"{r['chunked_prefill_tok_s'] / peer['prompt_tok_s']:.2f}x", flush=True)
+                              f"{r['prefill_tok_s'] / peer.get('prompt_tok_s', float('nan')):.2f}x, chunked prompt "
+                              f"{r['chunked_prefill_tok_s'] / peer.get('prompt_tok_s', float('nan')):.2f}x", flush=True)
         if not args.no_peer:
             vl = args.config in VL_CONFIGS
             if vl:
@@ -252,6 +253,11 @@ def main() -> None:
                           f"decode {r['decode_tok_s'] / peer['decode_tok_s']:.1f}x, "
                           f"prefill {r['prefill_tok_s'] / peer['prefill_tok_s']:.1f}x", flush=True)
     print(json.dumps({k: v for k, v in results.items() if k != "llama_cpp"}))
+    write_results(args, started, results)
+
+
+def write_results(args, started, results: dict) -> None:
+    """--json and the results folder (one file per run, named by its start)."""
     text = json.dumps(results, indent=2)
     if args.json:
         Path(args.json).write_text(text)

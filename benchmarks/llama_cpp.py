@@ -64,11 +64,18 @@ def fetch(dest: Path) -> None:
 
 
 def build(folder: Path, jobs: int) -> Path:
-    """Configure and build llama-bench (CUDA, sm_90) in folder/build; returns the binary."""
-    source, out = folder / "src", folder / "build"
-    subprocess.run(["cmake", "-S", str(source), "-B", str(out), "-G", "Ninja" if shutil.which("ninja") else
-                    "Unix Makefiles", *CMAKE_FLAGS], check=True)
-    subprocess.run(["cmake", "--build", str(out), "--target", "llama-bench", "-j", str(jobs)], check=True)
+    """Configure and build llama-bench (CUDA, sm_90) in folder/build; returns the binary. folder/build.lock
+    exists while it runs (another process waits on it: `Background`), and says "failed" if it failed."""
+    source, out, lock = folder / "src", folder / "build", folder / "build.lock"
+    lock.write_text("building")
+    try:
+        subprocess.run(["cmake", "-S", str(source), "-B", str(out), "-G", "Ninja" if shutil.which("ninja") else
+                        "Unix Makefiles", *CMAKE_FLAGS], check=True)
+        subprocess.run(["cmake", "--build", str(out), "--target", "llama-bench", "-j", str(jobs)], check=True)
+    except BaseException:
+        lock.write_text("failed")
+        raise
+    lock.unlink()
     return binary(folder)
 
 
@@ -120,17 +127,23 @@ class Background:
     """The build started at once in a nice'd background process (it overlaps our own benches)."""
 
     def __init__(self, folder: Path, jobs: int, log: Path):
-        self.folder, self.log = folder, log
+        self.folder, self.log, self.proc = folder, log, None
+        self.started = time.perf_counter()
+        if binary(folder).exists() or (folder / "build.lock").exists():
+            return  # built, or being built by a process started before this one (it holds the lock)
         self.proc = subprocess.Popen(
             ["nice", "-n", "19", sys.executable, __file__, "build", "--dir", str(folder), "-j", str(jobs)],
             stdout=log.open("w"), stderr=subprocess.STDOUT)
-        self.started = time.perf_counter()
 
     def wait(self) -> float:
-        code = self.proc.wait()
-        if code != 0:
-            tail = self.log.read_text()[-3000:]
-            raise RuntimeError(f"llama.cpp build failed ({code}):\n{tail}")
+        """Seconds from this object's start until the binary is there (raises if the build failed)."""
+        if self.proc is not None and self.proc.wait() != 0:
+            raise RuntimeError(f"llama.cpp build failed:\n{self.log.read_text()[-3000:]}")
+        lock = self.folder / "build.lock"
+        while lock.exists() and lock.read_text() != "failed":
+            time.sleep(2)
+        if not binary(self.folder).exists():
+            raise RuntimeError("llama.cpp build failed (see its log)")
         return time.perf_counter() - self.started
 
 
