@@ -95,9 +95,7 @@ def quick(pdl: bool) -> dict:
         out_features, in_features, parts = GEMVS[kind]
         default = triton_gemv.pick_config(out_features, in_features, bool(parts & {"norm", "gated"}),
                                           "swiglu" in parts)
-        extra = [(16, 16, 4, True, "words"), (32, 16, 4, True, "words"), (8, 64, 8, True, "words")]
-        if out_features > 4096:
-            extra += [(64, 16, 4, True, 1, True), (128, 4, 4, True, "words"), (64, 8, 4, True, "words")]
+        extra = [(128, 4, 4, True, "words"), (64, 16, 4, True, 1, True)] if out_features > 65536 else []
         ranked = sweep_gemv(kind, pdl, [default, (*default, "words"), *extra])
         times = {c: t for t, c in ranked}
         nbytes = out_features * in_features * (2 if "swiglu" in parts else 1) * 34 // 32
