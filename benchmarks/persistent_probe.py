@@ -147,9 +147,10 @@ def main() -> None:
     torch.manual_seed(0)
     L, dev = args.layers, "cuda"
     up_w = torch.randint(-127, 128, (L, INTER, HIDDEN), dtype=torch.int8, device=dev)
-    up_s = (torch.rand(L, INTER, HIDDEN // 32, device=dev) * 0.02 + 1e-3).half()
+    # scales that keep x finite over the layers (x grows ~7x a layer), so the result can be compared
+    up_s = (torch.rand(L, INTER, HIDDEN // 32, device=dev) * 1e-3 + 1e-4).half()
     down_w = torch.randint(-127, 128, (L, HIDDEN, INTER), dtype=torch.int8, device=dev)
-    down_s = (torch.rand(L, HIDDEN, INTER // 32, device=dev) * 0.002 + 1e-4).half()
+    down_s = (torch.rand(L, HIDDEN, INTER // 32, device=dev) * 1e-4 + 1e-5).half()
     nbytes = L * 2 * INTER * HIDDEN * 34 // 32
     x0 = torch.randn(HIDDEN, device=dev, dtype=torch.bfloat16)
     report = {"device": torch.cuda.get_device_name(), "layers": L, "weight_bytes": nbytes}
@@ -179,8 +180,8 @@ def main() -> None:
         h = triton_gemv.gemv(ref, up_w[layer], up_s[layer])
         ref = triton_gemv.gemv(h, down_w[layer], down_s[layer], residual=ref)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for per_sm, block_up, block_down, block_g, warps in [(1, 8, 4, 32, 8), (2, 8, 4, 32, 4), (1, 16, 8, 16, 8),
-                                                        (2, 4, 4, 32, 4)]:
+    # one BLOCK_N for both stages: the loop carries the prefetched tile from one stage to the next
+    for per_sm, block_up, block_down, block_g, warps in [(2, 4, 4, 32, 4), (1, 8, 8, 32, 8), (2, 8, 8, 16, 4)]:
         programs = sms * per_sm
         x = x0.clone()
         h = torch.empty(INTER, device=dev, dtype=torch.bfloat16)

@@ -27,7 +27,6 @@ def main() -> None:
     parser.add_argument("--config", default="Qwen3.5-2B")
     parser.add_argument("--quant", default="int8hu")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--variants", action="store_true", help="also time PDL off, no split-K, head norm fused")
     parser.add_argument("--prefill", type=int, default=0, help="also profile a chunked prefill of this many tokens")
     parser.add_argument("--wy-chunks", default="", help="time that prefill with these GDN (WY) chunk lengths, e.g. 64,128")
     args = parser.parse_args()
@@ -53,21 +52,11 @@ def main() -> None:
                 best = min(best, (time.perf_counter() - start) / args.steps)
             replay[label] = best
 
-        from lmbundle.engine.kernels import triton_gemv
-
-        defaults, pdl0 = (triton_gemv.USE_SPLIT, triton_gemv.MMA), getattr(ops, "pdl", False)
-        variants = [("default", True, *defaults)]
-        if args.variants:  # the step's kernel choices one at a time (same process, graphs recaptured)
-            variants += [("PDL off", False, *defaults), ("split-K " + ("off" if defaults[0] else "on"), True,
-                         not defaults[0], defaults[1]), ("MMA " + ("off" if defaults[1] else "on"), True, defaults[0],
-                         not defaults[1])]
-        for label, pdl, split, mma in variants:
-            if not pdl0 and not pdl:
-                continue
-            ops.pdl = pdl and pdl0
-            triton_gemv.USE_SPLIT, triton_gemv.MMA = split, mma
+        pdl0 = getattr(ops, "pdl", False)
+        for label, pdl in [("PDL on", True), ("PDL off", False)] if pdl0 else [("default", False)]:
+            ops.pdl = pdl
             time_replay(label)
-        ops.pdl, (triton_gemv.USE_SPLIT, triton_gemv.MMA) = pdl0, defaults
+        ops.pdl = pdl0
         window = backend.state.capacity
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for pos in range(64, 64 + args.steps):
@@ -78,7 +67,6 @@ def main() -> None:
         total = sum(e.self_device_time_total for e in events) / args.steps
         print("graph replay (best of 3): " + ", ".join(f"{label} {1e3 * t:.3f} ms/step ({1 / t:.0f} steps/s)"
                                                        for label, t in replay.items()))
-        print(f"bubbles: default replay - eager kernel sum = {1e3 * replay['default'] - total / 1e3:.3f} ms/step")
         print(f"kernel time (eager, no graph): {total / 1e3:.3f} ms/step; "
               f"kernels per step: {sum(e.count for e in events) / args.steps:.0f}")
         for e in events[:20]:

@@ -32,17 +32,12 @@ GEMVS = {  # kind: (out, in, fused parts)
     "attn qkv + norm": (4096 + 1024, HIDDEN, {"norm"}),
     "attn o_proj + residual": (HIDDEN, 2048, {"residual"}),
     "lm_head + norm": (VOCAB, HIDDEN, {"norm"}),
-    "lm_head, x normed once before": (VOCAB, HIDDEN, set()),
 }
 CANDIDATES = [(n, g, w, True) for n, (g, w) in itertools.product((8, 16, 32), ((16, 4), (32, 4), (64, 8)))]
-# GEMVs of 2048 rows split K (the last split of a row block reduces): 256 row blocks of 8 for 132 SMs
-SPLIT_CANDIDATES = [(n, g, w, True, k) for n, g, w, k in itertools.product((4, 8, 16), (16, 32), (4, 8), (2, 3, 4, 6))
-                    if not (g == 16 and w == 8)]
 
 
-def sweep_gemv(kind: str, pdl: bool, candidates: list | None = None) -> list[tuple[float, tuple]]:
-    """Seconds per call of each candidate config, best first; a candidate ending in "words" (after the
-    config) streams the int8 weights as int32 words."""
+def sweep_gemv(kind: str, pdl: bool) -> list[tuple[float, tuple]]:
+    """Seconds per call of the default config and each candidate, best first."""
     out_features, in_features, parts = GEMVS[kind]
     nbytes = out_features * in_features * (2 if "swiglu" in parts else 1) * 34 // 32
     weights = int8_copies(out_features, in_features)
@@ -62,54 +57,11 @@ def sweep_gemv(kind: str, pdl: bool, candidates: list | None = None) -> list[tup
             torch.rand(DV, device="cuda"), 1e-6, DV)
     results = []
     default = triton_gemv.pick_config(out_features, in_features, bool(parts & {"norm", "gated"}), "swiglu" in parts)
-    if candidates is None:
-        candidates = [default, *CANDIDATES, *(SPLIT_CANDIDATES if out_features <= 2048 else [])]
-    words0 = triton_gemv.WORDS
-    for candidate in dict.fromkeys(candidates):
-        words = candidate[-1] == "words"
-        config = candidate[:-1] if words else candidate
-        triton_gemv.WORDS = words
+    for config in dict.fromkeys([default, *CANDIDATES]):
         calls = [lambda w=w, u=u: triton_gemv.gemv(x, *w, *u, pdl=pdl, config=config, **kwargs)
                  for w, u in zip(weights, ups)]
-        try:
-            seconds = seconds_per_call(calls, nbytes)
-        except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is reported, not fatal
-            print(f"   {candidate}: failed {str(exc)[:200]}")
-            seconds = float("inf")
-        results.append((seconds, candidate))
-    triton_gemv.WORDS = words0
+        results.append((seconds_per_call(calls, nbytes), config))
     return sorted(results)
-
-
-STEP_COUNTS = {"gdn in_proj + norm + conv": 18, "gdn out_proj + gated norm + residual": 18,
-               "mlp gate/up + norm + swiglu": 24, "mlp down + residual": 24, "attn qkv + norm": 6,
-               "attn o_proj + residual": 6, "lm_head + norm": 1}
-
-
-def quick(pdl: bool) -> dict:
-    """Each GEMV kind of the 2B step at its default config with int8 tiles vs int32 word tiles (and a few
-    word configs, one tensor-core config for the wide ones): microseconds, and the step's GEMV time
-    (kinds x their counts a step) each way. Prints WORDS=0/1, the faster, last."""
-    report, totals = {}, {"int8": 0.0, "words": 0.0, "best": 0.0}
-    for kind, count in STEP_COUNTS.items():
-        out_features, in_features, parts = GEMVS[kind]
-        default = triton_gemv.pick_config(out_features, in_features, bool(parts & {"norm", "gated"}),
-                                          "swiglu" in parts)
-        extra = [(128, 4, 4, True, "words"), (64, 16, 4, True, 1, True)] if out_features > 65536 else []
-        ranked = sweep_gemv(kind, pdl, [default, (*default, "words"), *extra])
-        times = {c: t for t, c in ranked}
-        nbytes = out_features * in_features * (2 if "swiglu" in parts else 1) * 34 // 32
-        print(f"{kind} [{out_features}x{in_features}] x{count}: int8 {1e6 * times[default]:.1f} us, words "
-              f"{1e6 * times[(*default, 'words')]:.1f} us; best {ranked[0][1]} {1e6 * ranked[0][0]:.1f} us "
-              f"{nbytes / ranked[0][0] / 1e12:.2f} TB/s", flush=True)
-        totals["int8"] += count * times[default]
-        totals["words"] += count * times[(*default, "words")]
-        totals["best"] += count * ranked[0][0]
-        report[kind] = ranked
-    print(f"step GEMV time: int8 tiles {1e3 * totals['int8']:.3f} ms, words {1e3 * totals['words']:.3f} ms, "
-          f"best per kind {1e3 * totals['best']:.3f} ms")
-    print(f"WORDS={int(totals['words'] < totals['int8'])}")
-    return {"gemv": report, "totals_s": totals}
 
 
 def sweep_gdn(pdl: bool) -> list[tuple[float, tuple]]:
@@ -129,14 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--no-pdl", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="default configs: int8 tiles vs int32 words")
     args = parser.parse_args()
     pdl = not args.no_pdl
-    if args.quick:
-        report = {"device": torch.cuda.get_device_name(), "pdl": pdl, **quick(pdl)}
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=1, default=str))
-        return
     report = {"device": torch.cuda.get_device_name(), "pdl": pdl, "gemv": {}, "gdn": None}
     for kind, (out_features, in_features, parts) in GEMVS.items():
         ranked = sweep_gemv(kind, pdl)

@@ -195,32 +195,6 @@ def test_gate_passes_on_cuda_with_fused_kernels(demo_bundles, quant):
     assert report.teacher_forced_top1 + report.teacher_forced_ties == 16
 
 
-@pytest.mark.parametrize("out_features,in_features,split_k", [
-    (40, 96, 2), (24, 224, 3), (64, 256, 4),
-    pytest.param(2048, 6144, 3, marks=slow_in_interpreter), pytest.param(2048, 2048, 2, marks=slow_in_interpreter)])
-def test_split_k_gemv_matches_unsplit_and_repeats_exactly(out_features, in_features, split_k):
-    """Split-K (last-arriving split sums the partials in split order): the residual and gated-norm
-    epilogues match one program per row block, the same bits on every call, and the arrival counters
-    are back at zero after each call (the next call, and graph replays, rely on that)."""
-    from lmbundle.engine.kernels import triton_gemv
-    from lmbundle.models.linear import quantize_absmax
-
-    torch.manual_seed(3)
-    q, s = (t.to(DEVICE) for t in quantize_absmax(torch.randn(out_features, in_features), 32))
-    x = _x(in_features)
-    residual = _x(out_features)
-    gated = triton_gemv.GatedNormInput(x.view(-1), torch.rand(in_features // 8, 1, device=DEVICE) * 8,
-                                       _x(in_features).view(-1), torch.rand(8, device=DEVICE), 1e-6, 8)
-    block_g = 2 if in_features < 1024 else 32
-    for kwargs in ({"residual": residual.view(-1)}, {"residual": residual.view(-1), "gated_norm": gated}, {}):
-        whole = triton_gemv.gemv(x, q, s, config=(8, block_g, 4, True, 1), **kwargs)
-        split = triton_gemv.gemv(x, q, s, config=(8, block_g, 4, True, split_k), **kwargs)
-        for _ in range(3):
-            assert torch.equal(triton_gemv.gemv(x, q, s, config=(8, block_g, 4, True, split_k), **kwargs), split)
-        assert _rel(split.float(), whole.float()) < 1e-2  # bf16 outputs, fp32 sums in another order
-        assert int(triton_gemv.split_scratch(x.device)[1].abs().sum()) == 0
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_one_pass_dequantize_equals_the_reference(dtype):
     """Chunks' int8 matmuls dequantize in one Triton pass: the same bits as `models.linear.dequantize`."""
@@ -233,66 +207,3 @@ def test_one_pass_dequantize_equals_the_reference(dtype):
         assert _rel(ours, ref) < 1e-2
     else:
         assert torch.equal(ours, ref)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("parts", ["plain", "norm", "swiglu", "residual", "dense"])
-def test_tensor_core_group_dots_match_the_fma_path(parts, dtype):
-    """MMA configs (per-group dots on the tensor cores, 16-bit activations) against the FMA path."""
-    if DEVICE == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter multiplies bf16 dots as raw bits")
-    from lmbundle.engine.kernels import triton_gemv
-    from lmbundle.models.linear import quantize_absmax
-
-    torch.manual_seed(5)
-    out_features, in_features = 48, 1024
-    q, s = (t.to(DEVICE) for t in quantize_absmax(torch.randn(out_features, in_features), 32))
-    q2, s2 = (t.to(DEVICE) for t in quantize_absmax(torch.randn(out_features, in_features), 32))
-    x = _x(in_features, 2.0, dtype)
-    weights, kwargs = (q, s), {}
-    if parts == "norm":
-        kwargs["norm"] = (torch.rand(in_features, device=DEVICE) * 0.2, 1e-6, True)
-    if parts == "swiglu":
-        weights = (q, s, q2, s2)
-    if parts == "residual":
-        kwargs["residual"] = _x(out_features, 1.0, dtype).view(-1)
-    if parts == "dense":
-        weights = (torch.randn(out_features, in_features, device=DEVICE).to(dtype), None)
-    fma = triton_gemv.gemv(x, *weights, config=(16, 16, 4, True, 1, False), **kwargs)
-    mma = triton_gemv.gemv(x, *weights, config=(16, 16, 4, True, 1, True), **kwargs)
-    assert _rel(mma.float(), fma.float()) < 1e-2
-
-
-@pytest.mark.parametrize("parts", ["plain", "norm", "gated", "swiglu", "residual", "conv"])
-def test_word_tiles_match_int8_tiles(parts, monkeypatch):
-    """int8 weights streamed as int32 words (4 columns a word, h in four strided lanes) against int8 tiles."""
-    from lmbundle.engine.kernels import triton_gemv
-    from lmbundle.models.linear import quantize_absmax
-
-    torch.manual_seed(6)
-    out_features, in_features = 40, 512
-    q, s = (t.to(DEVICE) for t in quantize_absmax(torch.randn(out_features, in_features), 32))
-    q2, s2 = (t.to(DEVICE) for t in quantize_absmax(torch.randn(out_features, in_features), 32))
-    q[0, :4] = torch.tensor([-127, 127, 0, -1], dtype=torch.int8)  # the byte trick's extremes
-    x = _x(in_features, 2.0)
-    weights, kwargs = (q, s), {}
-    if parts == "norm":
-        kwargs["norm"] = (torch.rand(in_features, device=DEVICE) * 0.2, 1e-6, True)
-    if parts == "gated":
-        kwargs["gated_norm"] = triton_gemv.GatedNormInput(
-            x.view(-1), torch.rand(in_features // 16, 2, device=DEVICE) * 8, _x(in_features).view(-1),
-            torch.rand(16, device=DEVICE), 1e-6, 16)
-    if parts == "swiglu":
-        weights = (q, s, q2, s2)
-    if parts == "residual":
-        kwargs["residual"] = _x(out_features).view(-1)
-    if parts == "conv":
-        kwargs["conv"] = (_x(24 * 3).view(24, 3), torch.randn(24, 4, device=DEVICE))
-    conv0 = kwargs["conv"][0].clone() if parts == "conv" else None
-    outputs = []
-    for words in (False, True):
-        monkeypatch.setattr(triton_gemv, "WORDS", words)
-        if conv0 is not None:
-            kwargs["conv"][0].copy_(conv0)
-        outputs.append(triton_gemv.gemv(x, *weights, config=(8, 4, 4, True), **kwargs))
-    assert _rel(outputs[1].float(), outputs[0].float()) < 1e-2
