@@ -73,7 +73,8 @@ def main() -> None:
             print(f"  {e.self_device_time_total / args.steps / 1e3:7.3f} ms  {e.count // args.steps:4d}x  {e.key[:90]}")
         if args.prefill:
             profile_prefill(backend, args.prefill)
-            print(f"  chunked prefill of {args.prefill}, eager: {chunked_prefill(engine, args.prefill, args.prefill):.0f} tok/s; "
+            eager = chunked_prefill(engine, args.prefill, args.prefill)
+            print(f"  chunked prefill of {args.prefill}, eager: {eager:.0f} tok/s; "
                   f"replayed as one CUDA graph: {graphed_prefill(backend, args.prefill):.0f} tok/s")
             for chunk in filter(None, args.wy_chunks.split(",")):
                 print(f"  GDN chunk {chunk}: {time_prefill(engine, args.prefill, int(chunk)):.0f} tok/s")
