@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this bearer token on every request")
+    p.add_argument("--api-key", help="require this bearer token on every request (better: set LMBUNDLE_API_KEY, "
+                   "which other local users cannot read from the process list)")
     p.add_argument("--allow-remote", action="store_true", help="needed to listen on a non-loopback address")
     p.add_argument("--queue-size", type=int, default=16)
     p.add_argument("--timeout", type=float, default=300.0, help="per-request time limit in seconds")
