@@ -54,10 +54,10 @@ def test_next_turn_prefills_only_its_new_tokens_and_matches_the_oracle(engine, t
     list(engine.generate(engine.encode("The quick brown fox"), 2, stop=False, stats=other))
     assert other.cached_tokens == 0
     list(engine.generate(first, 6, stop=False))
-    engine.backend.reset(8)  # anything else touched the state (the gates do): back to the prompt's snapshot
+    engine.backend.reset(8)  # anything else touched the state (the gates do): back to the prefix cache's copy
     touched = GenerationStats()
     assert list(engine.generate(turn, 12, stop=False, stats=touched)) == oracle.greedy(turn, 12)
-    assert touched.cached_tokens == len(first)
+    assert touched.cached_tokens == len(first) + len(reply) - 1
 
 
 def test_sampling_is_seeded_and_topk1_is_greedy(engine):

@@ -137,18 +137,22 @@ class TorchBackend:
             self.state = self.state.grown(capacity)
             self._graphs.clear()  # graphs hold the old tensors' addresses
 
-    def snapshot(self) -> State:
-        """A copy of the state (a prompt's, kept so the next turn of a chat can start from it)."""
-        return State(*(t.clone() for t in (self.state.conv, self.state.rec, self.state.key, self.state.value)))
+    def snapshot_prefix(self, length: int) -> dict[str, torch.Tensor]:
+        """Copies of what the state holds after `length` positions: the GDN conv and recurrent state and
+        the first `length` KV rows (a prefix cache entry)."""
+        state = self.state
+        return {"conv": state.conv.clone(), "rec": state.rec.clone(),
+                "key": state.key[:, :, :, :length].clone(), "value": state.value[:, :, :, :length].clone()}
 
-    def restore(self, saved: State, length: int) -> None:
-        """Put a snapshot back, with room for `length` positions (slots past its own stay masked)."""
-        self.make_room(max(length, saved.capacity))
-        state, slots = self.state, saved.capacity
-        state.conv.copy_(saved.conv)
-        state.rec.copy_(saved.rec)
-        state.key[:, :, :, :slots].copy_(saved.key)
-        state.value[:, :, :, :slots].copy_(saved.value)
+    def restore_prefix(self, saved: dict[str, torch.Tensor], length: int, room: int) -> None:
+        """Put a `snapshot_prefix(length)` back, with room for `room` positions."""
+        self.make_room(max(room, length))
+        state = self.state
+        blocking = saved["rec"].device.type != "cpu" or self.device.type == "cpu"
+        state.conv.copy_(saved["conv"], non_blocking=not blocking)
+        state.rec.copy_(saved["rec"], non_blocking=not blocking)
+        state.key[:, :, :, :length].copy_(saved["key"], non_blocking=not blocking)
+        state.value[:, :, :, :length].copy_(saved["value"], non_blocking=not blocking)
         self.writes += 1
 
     def load_state(self, write) -> None:
@@ -158,15 +162,15 @@ class TorchBackend:
 
     # -- steps ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, ids: list[int], chunk: int = 0, start: int = 0) -> StepHandle:
+    def prefill(self, ids: list[int], chunk: int = 0, start: int = 0, with_head: bool = True) -> StepHandle:
         """Feed prompt tokens at positions start, start+1, ...: S=1 steps (chunk 0), or chunks of `chunk`
-        tokens. Returns the last step."""
+        tokens. Returns the last step (without the head: a piece of a prompt whose logits nobody reads)."""
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
         last = start + len(ids) - 1
         if chunk <= 0:
             for offset in range(len(ids) - 1):
                 self.step(tokens[offset].view(1, 1), start + offset, with_head=False)
-            return self.step(tokens[-1].view(1, 1), last)
+            return self.step(tokens[-1].view(1, 1), last, with_head=with_head)
         for offset in range(0, len(ids), chunk):
             piece = tokens[offset : offset + chunk]
             logits = self.model.forward_tokens(piece, start + offset, self.state, last_only=True)
