@@ -37,6 +37,7 @@ from lmbundle.serve.worker import Job, QueueFull, Worker
 
 API_KEY = "test-key"
 QUEUE_SIZE = 4
+MAX_BATCH = 2
 MAX_CONTEXT = 2048
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +124,8 @@ def bundle(tiny_qwen35, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    proc, host = start_server(bundle, "--api-key", API_KEY, "--queue-size", str(QUEUE_SIZE), "--timeout", "60")
+    proc, host = start_server(bundle, "--api-key", API_KEY, "--queue-size", str(QUEUE_SIZE), "--timeout", "60",
+                              "--max-batch", str(MAX_BATCH), "--cache-mem", "64M")
     yield proc, host
     stop_server(proc)
 
@@ -155,6 +157,57 @@ def test_models_and_health(client, server, engine):
     assert models[0].model_extra["max_context"] == MAX_CONTEXT and models[0].model_extra["vision"] is False
     status, health = request("GET", server[1], "/health")
     assert status == 200 and health["status"] == "ok" and health["queue_size"] == QUEUE_SIZE
+    assert health["max_batch"] == MAX_BATCH and health["prefix_cache"]["device_budget"] == 64 << 20
+
+
+def test_metrics_in_prometheus_text(client, server, engine):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=4, temperature=0)
+    client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=4, temperature=0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the answer leaves before its job is counted
+        conn = http.client.HTTPConnection(server[1], timeout=30)
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+        response = conn.getresponse()
+        text = response.read().decode()
+        assert response.status == 200 and response.getheader("content-type").startswith("text/plain")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        if samples[("lmbundle_requests_total", (("outcome", "served"),))] >= 2:
+            break
+        time.sleep(0.05)
+    assert samples[("lmbundle_max_batch", ())] == MAX_BATCH
+    assert samples[("lmbundle_requests_total", (("outcome", "served"),))] >= 2
+    assert samples[("lmbundle_prefix_cache_hits_total", ())] >= 1
+    assert samples[("lmbundle_cached_tokens_total", ())] >= len(engine.chat_ids(MESSAGES)) - 1
+    assert samples[("lmbundle_prefix_cache_bytes", (("tier", "device"),))] > 0
+    assert ("lmbundle_requests_waiting", ()) in samples and ("lmbundle_batch_size", ()) in samples
+    assert request("GET", server[1], "/metrics", key=None)[0] == 401
+
+
+def test_interleaved_chats_keep_their_cache(client, engine):
+    """Two conversations taking turns on one server: each next turn restores its own earlier turns
+    (as cached_tokens), however many other requests ran in between; a shared system prompt is a hit too."""
+    def ask(messages):
+        out = client.chat.completions.create(model=engine.name, messages=messages, max_tokens=6, temperature=0)
+        return out.choices[0].message.content, out.usage.prompt_tokens_details.cached_tokens
+
+    system = {"role": "system", "content": "You are a careful assistant for the little cat by the sea."}
+    a = [system, {"role": "user", "content": "Once upon a time"}]
+    b = [system, {"role": "user", "content": "The quick brown fox"}]
+    reply_a, _ = ask(a)
+    reply_b, shared = ask(b)
+    start = engine.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    system_len = [p for p, t in enumerate(engine.chat_ids(b)) if t == start][1]
+    assert shared >= system_len  # b's system prompt came from a's request
+    for _ in range(2):  # at least the previous prompt (all of the reply too where it re-tokenizes the same)
+        before_a, before_b = len(engine.chat_ids(a)), len(engine.chat_ids(b))
+        a += [{"role": "assistant", "content": reply_a}, {"role": "user", "content": "And then?"}]
+        b += [{"role": "assistant", "content": reply_b}, {"role": "user", "content": "Why?"}]
+        reply_a, cached_a = ask(a)
+        reply_b, cached_b = ask(b)
+        assert cached_a >= before_a - 1 and cached_b >= before_b - 1, (cached_a, before_a, cached_b, before_b)
 
 
 def test_chat_greedy_equals_engine(client, engine):
@@ -332,7 +385,7 @@ def test_client_disconnect_stops_generation(server, engine, stream):
     conn.request("POST", "/v1/chat/completions",
                  headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
                  body=json.dumps({"messages": MESSAGES, "stream": stream, "max_tokens": MAX_CONTEXT - 100,
-                                  "temperature": 0.8, "seed": 1}))
+                                  "temperature": 0.8, "seed": 7}))  # ~350 tokens before EOS
     if stream:
         response = conn.getresponse()
         assert response.status == 200
@@ -371,7 +424,9 @@ def test_100_concurrent_requests_bounded_queue_and_memory(server, engine):
     texts = {b["choices"][0]["message"]["content"] for s, b in results if s == 200}
     assert len(texts) == 1  # every admitted greedy request got the same answer
     assert request("POST", host, "/v1/chat/completions", body=body)[0] == 200  # still serving
-    health = request("GET", host, "/health")[1]
+    deadline = time.monotonic() + 5
+    while (health := request("GET", host, "/health")[1])["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)  # the last answer leaves just before its job is counted as done
     assert health["waiting"] == 0 and not health["running"]
     assert rss_mb(proc.pid) < rss_before + 40
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -121,6 +123,9 @@ class Engine:
                 self.vision.on_write = self.backend.set_images
         self.backend_name = backend
         self._held: tuple[list[int], int] | None = None  # (tokens the state holds, backend.writes then)
+        self._lock = threading.Lock()  # one request at a time on the one state (serve runs several threads)
+        self.batch_size = 0  # sequences in the step being run (for /health and /metrics)
+        self.totals: Counter[str] = Counter()  # requests, prompt / cached / generated tokens served
         host = 4 * cache_bytes if cache_host_bytes is None else cache_host_bytes
         self.prefix_cache = PrefixCache(cache_bytes if self.backend.resumable else 0, host, self.device, cache_block)
         start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -195,13 +200,29 @@ class Engine:
         stop: bool = True,
         stats: GenerationStats | None = None,
     ) -> Iterator[int]:
+        """Yield generated token ids as they become known (the stop token is not yielded); callers on
+        several threads take turns (the lock is held from the first token asked for to the last)."""
+        self.check_length(len(ids), max_new_tokens)
+        stats = stats if stats is not None else GenerationStats()
+        with self._lock:
+            self.batch_size = 1
+            try:
+                yield from self._generate(ids, max_new_tokens, sampling, prefill_chunk, stop, stats)
+            finally:
+                self.batch_size = 0
+                self.count(stats)
+
+    def count(self, stats: GenerationStats) -> None:
+        self.totals.update(requests=1, prompt_tokens=stats.prompt_tokens, cached_tokens=stats.cached_tokens,
+                           generated_tokens=stats.generated_tokens)
+
+    def _generate(self, ids: list[int], max_new_tokens: int, sampling: Sampling, prefill_chunk: int, stop: bool,
+                  stats: GenerationStats) -> Iterator[int]:
         """Yield generated token ids as they become known (the stop token is not yielded).
 
         The longest prefix of `ids` that the state already holds (what the last call left: a chat's
         next turn) or that the prefix cache holds (an earlier prompt, reply or shared system prompt,
         whoever sent it) is restored, and only the rest is prefilled (`stats.cached_tokens`)."""
-        self.check_length(len(ids), max_new_tokens)
-        stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
         if self.vision is not None:
             self.vision.activate(ids)
@@ -247,8 +268,7 @@ class Engine:
                 self._remember(fed)
 
     def _prefill(self, ids: list[int], held: int, chunk: int, keep: bool):
-        """Prefill ids[held:], snapshotting the state into the prefix cache at its cut points (block
-        multiples and chat message starts) and at the end. Pieces end at absolute cut points, so a
+        """Prefill ids[held:], snapshotting the state into the prefix cache at its cut points. Pieces end at absolute cut points, so a
         prompt is split the same way whether it starts from a cached prefix or from nothing."""
         backend, pos, handle = self.backend, held, None
         cuts = self._cuts(ids, held) if keep and self.prefix_cache.enabled else []
@@ -261,13 +281,14 @@ class Engine:
             if not last:
                 self._remember(ids[:cut])
             pos = cut
-        if keep:
-            self._remember(ids)
         return handle
 
     def _cuts(self, ids: list[int], held: int) -> list[int]:
-        block, marker = self.prefix_cache.block, self._message_start
-        return [p for p in range(held + 1, len(ids)) if p % block == 0 or (marker is not None and ids[p] == marker)]
+        """Where the state is snapshotted: block multiples, where a chat message starts (a shared system
+        prompt, a turn), and one token before the end (the same prompt again: only its last token is fed)."""
+        block, marker, end = self.prefix_cache.block, self._message_start, len(ids) - 1
+        return [p for p in range(held + 1, len(ids))
+                if p % block == 0 or p == end or (marker is not None and ids[p] == marker)]
 
     def _remember(self, ids: list[int]) -> None:
         cache = self.prefix_cache

@@ -4,8 +4,9 @@ A GDN layer cannot truncate its state to an earlier position the way an attentio
 recurrent and conv state after token n says nothing about token n-1. So the cache keeps *snapshots*
 (recurrent state, conv state and the KV rows of the prefix) taken at chosen points of a prompt:
 every `block` positions, where a chat message starts (so a system prompt that many users share is
-prefilled once, whatever its length), at the end of the prompt and at the end of the reply (so a
-chat's next turn resumes after its last answer even when other users ran in between).
+prefilled once, whatever its length), one token before the end of the prompt (the same prompt sent
+again) and at the end of the reply (so a chat's next turn resumes after its last answer even when
+other users ran in between).
 
 Entries are keyed by a 128-bit BLAKE2 digest of the token prefix and store the tokens themselves: a
 hit is verified against them, so a digest collision can never return another prefix's state. They

@@ -28,6 +28,7 @@ from ..engine.engine import GenerationStats, StreamDecoder
 from ..engine.sampling import Sampling
 from ..errors import LmbundleError
 from .images import ImageError, decode_image_url, resolve_dirs
+from .metrics import Metrics, health as health_report
 from .openai_api import (ApiError, ChatRequest, CompletionRequest, ImagePart, Shapes, StopMatcher, parse,
                          timings, usage)
 from .worker import Job, QueueFull, Worker
@@ -45,6 +46,7 @@ class Options:
     allowed_dirs: list[Path] = field(default_factory=list)
     hosts: set[str] | None = None  # accepted Host headers; None accepts any
     prefill_chunk: int = 0  # 0: the prompt as S=1 steps (--prefill s1)
+    max_batch: int = 1  # requests decoded at once (--max-batch)
 
 
 @dataclass
@@ -187,7 +189,8 @@ def default_sampling(engine) -> dict:
 
 
 def create_app(engine, options: Options) -> FastAPI:
-    worker = Worker(options.queue_size)
+    worker = Worker(options.queue_size, options.max_batch)
+    metrics = Metrics(engine, worker)
     defaults = default_sampling(engine)
     vision = bool(getattr(engine, "is_vlm", False))
 
@@ -230,9 +233,11 @@ def create_app(engine, options: Options) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "running": worker.running is not None,
-                "waiting": worker.waiting, "queue_size": worker.queue_size, "served": worker.served,
-                "stopped": worker.stopped}
+        return health_report(engine, worker)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -379,15 +384,23 @@ def serve(args) -> None:
     import uvicorn
 
     from ..engine.engine import Engine
+    from ..engine.prefix_cache import parse_size
 
     loopback = check_host(args.host, args.allow_remote)
-    if args.queue_size < 0 or args.timeout <= 0:
-        raise LmbundleError("--queue-size must be >= 0 and --timeout > 0")
+    if args.queue_size < 0 or args.timeout <= 0 or args.max_batch < 1:
+        raise LmbundleError("--queue-size must be >= 0, --max-batch >= 1 and --timeout > 0")
+    try:
+        cache_bytes = parse_size(args.cache_mem)
+        host_bytes = None if args.cache_host_mem is None else parse_size(args.cache_host_mem)
+    except ValueError as exc:
+        raise LmbundleError(f"--cache-mem / --cache-host-mem: {exc}") from None
     options = Options(api_key=args.api_key, timeout=args.timeout, queue_size=args.queue_size,
                       allowed_dirs=resolve_dirs(getattr(args, "allow_files", None) or []),
                       hosts=loopback_hosts(args.port) if loopback else None,
-                      prefill_chunk=args.chunk if getattr(args, "prefill", "s1") == "chunked" else 0)
-    engine = Engine(args.bundle, backend=args.backend, device=args.device)
+                      prefill_chunk=args.chunk if getattr(args, "prefill", "s1") == "chunked" else 0,
+                      max_batch=args.max_batch)
+    engine = Engine(args.bundle, backend=args.backend, device=args.device, cache_bytes=cache_bytes,
+                    cache_host_bytes=host_bytes)
     engine.warmup()
     app = create_app(engine, options)
     if not loopback:
