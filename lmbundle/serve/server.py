@@ -29,8 +29,7 @@ from ..engine.sampling import Sampling
 from ..errors import LmbundleError
 from .images import ImageError, decode_image_url, resolve_dirs
 from .metrics import Metrics, health as health_report
-from .openai_api import (ApiError, ChatRequest, CompletionRequest, ImagePart, Shapes, StopMatcher, parse,
-                         timings, usage)
+from .openai_api import ApiError, ChatRequest, CompletionRequest, ImagePart, Shapes, StopMatcher, parse, timings, usage
 from .worker import Job, QueueFull, Worker
 
 STATIC = Path(__file__).parent / "static"
