@@ -91,7 +91,7 @@ class StreamDecoder:
 class Engine:
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str | None = None, device: str | None = None,
                  verify: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES, cache_host_bytes: int | None = None,
-                 cache_block: int = 256):
+                 cache_block: int = 256, max_batch: int = 1, token_budget: int = 512):
         from transformers import AutoTokenizer
 
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
@@ -124,12 +124,26 @@ class Engine:
         self.backend_name = backend
         self._held: tuple[list[int], int] | None = None  # (tokens the state holds, backend.writes then)
         self._lock = threading.Lock()  # one request at a time on the one state (serve runs several threads)
-        self.batch_size = 0  # sequences in the step being run (for /health and /metrics)
+        self._batch_size = 0
         self.totals: Counter[str] = Counter()  # requests, prompt / cached / generated tokens served
         host = 4 * cache_bytes if cache_host_bytes is None else cache_host_bytes
         self.prefix_cache = PrefixCache(cache_bytes if self.backend.resumable else 0, host, self.device, cache_block)
         start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
         self._message_start = start if isinstance(start, int) and start != self.tokenizer.unk_token_id else None
+        self.scheduler = None  # continuous batching of text prompts (the torch backend, max_batch > 1)
+        if max_batch > 1 and backend == "torch" and self.vision is None:
+            from .batch import BatchScheduler
+
+            self.scheduler = BatchScheduler(self, max_batch, token_budget, chunk=cache_block)
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences in the step being run (for /health and /metrics)."""
+        return self.scheduler.batch_size if self.scheduler is not None else self._batch_size
 
     @property
     def name(self) -> str:
@@ -204,12 +218,18 @@ class Engine:
         several threads take turns (the lock is held from the first token asked for to the last)."""
         self.check_length(len(ids), max_new_tokens)
         stats = stats if stats is not None else GenerationStats()
+        if self.scheduler is not None and self.keeps(ids):  # with the other requests, one step for all
+            try:
+                yield from self.scheduler.generate(ids, max_new_tokens, sampling, prefill_chunk, stop, stats)
+            finally:
+                self.count(stats)
+            return
         with self._lock:
-            self.batch_size = 1
+            self._batch_size = 1
             try:
                 yield from self._generate(ids, max_new_tokens, sampling, prefill_chunk, stop, stats)
             finally:
-                self.batch_size = 0
+                self._batch_size = 0
                 self.count(stats)
 
     def count(self, stats: GenerationStats) -> None:
@@ -229,7 +249,7 @@ class Engine:
         backend = self.backend
         generator = sampling.generator(self.device)
         start = time.perf_counter()
-        keep = backend.resumable and self._text_only(ids)
+        keep = self.keeps(ids)
         room = len(ids) + max_new_tokens
         held = self._resume(ids, room) if keep else 0
         self._held = None
@@ -294,6 +314,16 @@ class Engine:
         cache = self.prefix_cache
         if cache.enabled and not cache.contains(ids):
             cache.insert(ids, self.backend.snapshot_prefix(len(ids)))
+
+    def _remember_state(self, ids: list[int], state) -> None:
+        """Put what `state` (a batch slot) holds after `ids` into the prefix cache."""
+        cache = self.prefix_cache
+        if cache.enabled and not cache.contains(ids):
+            cache.insert(ids, state.prefix(len(ids)))
+
+    def keeps(self, ids: list[int]) -> bool:
+        """Whether a prompt's states can be kept and resumed (text prompts on a backend that exposes its state)."""
+        return self.backend.resumable and self._text_only(ids)
 
     def _resume(self, ids: list[int], length: int) -> int:
         """Put the backend in the longest known state that `ids` extends: what it holds from the last

@@ -137,21 +137,13 @@ class TorchBackend:
             self._graphs.clear()  # graphs hold the old tensors' addresses
 
     def snapshot_prefix(self, length: int) -> dict[str, torch.Tensor]:
-        """Copies of what the state holds after `length` positions: the GDN conv and recurrent state and
-        the first `length` KV rows (a prefix cache entry)."""
-        state = self.state
-        return {"conv": state.conv.clone(), "rec": state.rec.clone(),
-                "key": state.key[:, :, :, :length].clone(), "value": state.value[:, :, :, :length].clone()}
+        """What the state holds after `length` positions (a prefix cache entry)."""
+        return self.state.prefix(length)
 
     def restore_prefix(self, saved: dict[str, torch.Tensor], length: int, room: int) -> None:
         """Put a `snapshot_prefix(length)` back, with room for `room` positions."""
         self.make_room(max(room, length))
-        state = self.state
-        blocking = saved["rec"].device.type != "cpu" or self.device.type == "cpu"
-        state.conv.copy_(saved["conv"], non_blocking=not blocking)
-        state.rec.copy_(saved["rec"], non_blocking=not blocking)
-        state.key[:, :, :, :length].copy_(saved["key"], non_blocking=not blocking)
-        state.value[:, :, :, :length].copy_(saved["value"], non_blocking=not blocking)
+        self.state.load_prefix(saved, length)
         self.writes += 1
 
     def load_state(self, write) -> None:

@@ -1,0 +1,299 @@
+"""Continuous batching: many requests share one decode step, each with its own slot of the state pool.
+
+The pool holds `max_batch` slots (GDN conv + recurrent state and a KV cache row each, preallocated).
+A scheduler thread loops: admit waiting requests into free slots (restoring the longest cached prefix
+into the slot), prefill prompt pieces under a token budget (a long prompt goes in pieces between decode
+steps, so it never stalls the others), then one batched decode step for every sequence that has its
+first token: B tokens at B different positions, one read of the weights for all (`step_rows`, the same
+graph as the one-token step with a row axis on each layer's state). Sequences join and leave between
+steps; the decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last).
+
+Exact: a request's tokens do not depend on what else runs. Its prompt is cut into pieces at fixed
+absolute positions (chunk multiples and the prefix cache's cut points), whatever the load; the batched
+step pads each linear's rows to a fixed count (a GEMM's row results depend on the row count, not on the
+other rows) and, on the CPU, attends over the whole pool window. Each request samples with its own
+generator, so a seeded request repeats whatever runs beside it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..models.linear import Linear, dequantize
+from ..models.ops import StepOps
+from .sampling import Sampling, sample
+from .torch_backend import bucket
+
+ROW_TILE = 16
+
+
+class BatchOps(StepOps):
+    """The batched step's ops: the reference math with each linear's rows padded to `rows` (so a row's
+    result is the same in any batch) and, on an accelerator, the int8 weights read from a dense copy
+    made once (one weight read serves every row; the values the reference computes on each call)."""
+
+    def __init__(self, rows: int, dense: bool):
+        self.rows = rows
+        self.dense = dense
+        self._weights: dict[int, torch.Tensor] = {}
+
+    def weight(self, w: Linear, dtype: torch.dtype) -> torch.Tensor:
+        if not w.quantized:
+            return w.weight
+        if not self.dense:
+            return dequantize(w.qweight, w.scales, dtype)
+        if (dense := self._weights.get(id(w))) is None:
+            dense = self._weights[id(w)] = dequantize(w.qweight, w.scales, dtype)
+        return dense
+
+    def linear(self, x: torch.Tensor, w: Linear) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows < self.rows:
+            x = torch.cat((x, x.new_zeros(self.rows - rows, *x.shape[1:])))
+        return F.linear(x, self.weight(w, x.dtype))[:rows]
+
+
+@dataclass
+class Sequence:
+    ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    stop: bool
+    stats: object  # GenerationStats
+    chunk: int
+    generator: torch.Generator | None = None
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    slot: int = -1
+    pos: int = 0  # positions the slot's state holds
+    cuts: set[int] = field(default_factory=set)  # where the prefix cache snapshots the prompt
+    decoding: bool = False
+    last: int = 0  # the token the next decode step feeds
+    tokens: list[int] = field(default_factory=list)
+    start: float = 0.0
+    first: float | None = None
+
+
+class BatchScheduler:
+    def __init__(self, engine, max_batch: int, token_budget: int = 512, chunk: int = 256):
+        backend = engine.backend
+        self.engine, self.model, self.device = engine, backend.model, backend.device
+        self.max_batch, self.token_budget, self.chunk = max_batch, token_budget, chunk
+        self.capacity = engine.max_context
+        weight = self.model.model.embed_tokens.weight
+        self.pool = self.model.state_spec.new(self.capacity, self.device, weight.dtype, slots=max_batch)
+        self.ops = BatchOps(-(-max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu")
+        self.invariant_window = self.device.type == "cpu"  # attend over the whole pool: any batch, same sums
+        self.owner: list[Sequence | None] = [None] * max_batch
+        self.active: list[Sequence] = []  # admission order
+        self.decoding: list[Sequence] = []  # slot order: decoding[i].slot == i
+        self.batch_size = 0
+        self.peak_batch = 0
+        self.steps = 0
+        self._pending: deque[Sequence] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="lmbundle-batch", daemon=True)
+        self._thread.start()
+
+    # -- the requests' side ---------------------------------------------------------------------
+    def generate(self, ids: list[int], max_new_tokens: int, sampling: Sampling, prefill_chunk: int, stop: bool,
+                 stats) -> Iterator[int]:
+        seq = Sequence(list(ids), max_new_tokens, sampling, stop, stats, prefill_chunk or self.chunk)
+        seq.generator = sampling.generator(self.device)
+        seq.start = time.perf_counter()
+        stats.prompt_tokens = len(ids)
+        with self._wake:
+            self._pending.append(seq)
+            self._wake.notify()
+        try:
+            while (item := seq.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            seq.cancelled.set()
+            with self._wake:
+                self._wake.notify()
+
+    def close(self) -> None:
+        self._closing = True
+        with self._wake:
+            self._wake.notify()
+        self._thread.join(timeout=5)
+
+    # -- the scheduler thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._closing:
+                with self._wake:
+                    self._admit()
+                    if not self.active:
+                        self.batch_size = 0
+                        self._wake.wait(timeout=1.0)
+                        continue
+                try:
+                    self._iteration()
+                except Exception as exc:  # a fault of the step itself: every request in it fails, slots free
+                    for seq in list(self.active):
+                        self._finish(seq, None, error=exc)
+
+    def _admit(self) -> None:
+        while self._pending and len(self.active) < self.max_batch:
+            seq = self._pending.popleft()
+            if seq.cancelled.is_set():
+                continue
+            seq.slot = self.owner.index(None)
+            self.owner[seq.slot] = seq
+            self.active.append(seq)
+            try:
+                self._restore(seq)
+            except Exception as exc:
+                self._finish(seq, None, error=exc)
+
+    def _restore(self, seq: Sequence) -> None:
+        """The longest cached prefix into the sequence's slot (else a zeroed slot)."""
+        engine, state = self.engine, self.pool.slot(seq.slot)
+        cache = engine.prefix_cache
+        held, entry = cache.lookup(seq.ids, limit=len(seq.ids) - 1) if engine.keeps(seq.ids) else (0, None)
+        if entry is not None:
+            state.load_prefix(entry.tensors, held)
+        else:
+            for t in state.tensors().values():
+                t.zero_()
+        seq.pos = held
+        seq.stats.cached_tokens = held
+        if cache.enabled and engine.keeps(seq.ids):
+            seq.cuts = set(engine._cuts(seq.ids, held))
+
+    def _iteration(self) -> None:
+        for seq in list(self.active):
+            if seq.cancelled.is_set():
+                self._finish(seq, "cancelled")
+        budget = self.token_budget - len(self.decoding)
+        fed = 0
+        for seq in [s for s in self.active if not s.decoding]:
+            while not seq.decoding and seq.slot >= 0 and (budget > 0 or not fed):
+                n = self._prefill_piece(seq)
+                budget, fed = budget - n, fed + n
+        if self.decoding:
+            self._decode()
+
+    def _prefill_piece(self, seq: Sequence) -> int:
+        """Prefill from seq.pos to the next cut point (chunk multiple, prefix cache cut, prompt end)."""
+        ids, start = seq.ids, seq.pos
+        end = min(len(ids), (start // seq.chunk + 1) * seq.chunk, *(c for c in seq.cuts if c > start))
+        piece = torch.tensor(ids[start:end], dtype=torch.long, device=self.device)
+        try:
+            logits = self.model.forward_tokens(piece, start, self.pool.slot(seq.slot), last_only=True)
+        except Exception as exc:
+            self._finish(seq, None, error=exc)
+            return end - start
+        seq.pos = end
+        if end in seq.cuts:
+            self.engine._remember_state(ids[:end], self.pool.slot(seq.slot))
+        if end == len(ids):
+            self._join_decoding(seq)
+            self._emit(seq, self._sample([seq], logits.view(1, -1))[0])
+        return end - start
+
+    def _join_decoding(self, seq: Sequence) -> None:
+        """Move the sequence into slot len(decoding): the decoding ones stay in slots 0..B-1."""
+        target = len(self.decoding)
+        if seq.slot != target:
+            other = self.owner[target]
+            if other is not None:  # a prefilling sequence: swap through a spare copy
+                spare = self.pool.slot(target).prefix(other.pos)
+                self.pool.copy_slot(seq.slot, target, seq.pos)
+                self.pool.slot(seq.slot).load_prefix(spare, other.pos)
+                other.slot = seq.slot
+            else:
+                self.pool.copy_slot(seq.slot, target, seq.pos)
+            self.owner[seq.slot], self.owner[target] = other, seq
+            seq.slot = target
+        seq.decoding = True
+        self.decoding.append(seq)
+
+    def _decode(self) -> None:
+        rows = self.decoding
+        count = len(rows)
+        self.batch_size = count
+        self.peak_batch = max(self.peak_batch, count)
+        ids = torch.tensor([s.last for s in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([s.pos for s in rows], dtype=torch.long, device=self.device)
+        window = self.capacity if self.invariant_window else bucket(max(s.pos for s in rows) + 1, self.capacity)
+        logits = self.model.step_rows(ids, positions, self.pool.rows_of(count), window, self.ops)
+        self.steps += 1
+        for seq in rows:
+            seq.pos += 1
+        for seq, token in zip(list(rows), self._sample(rows, logits)):
+            self._emit(seq, token)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | BaseException]:
+        """One token per row: greedy rows by one argmax, sampled rows each with its own generator."""
+        chosen: list = logits.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            if not seq.sampling.greedy:
+                try:
+                    chosen[i] = int(sample(logits[i], seq.sampling, seq.generator).item())
+                except Exception as exc:
+                    chosen[i] = exc
+        return chosen
+
+    def _emit(self, seq: Sequence, token: int | BaseException) -> None:
+        if isinstance(token, BaseException):
+            self._finish(seq, None, error=token)
+            return
+        now = time.perf_counter()
+        stats = seq.stats
+        if seq.first is None:
+            seq.first = now
+            stats.prefill_seconds = now - seq.start
+        stats.decode_seconds = now - seq.first
+        if seq.stop and token in self.engine.stop_ids:
+            self._finish(seq, "stop")
+            return
+        seq.tokens.append(token)
+        stats.generated_tokens += 1
+        seq.out.put(token)
+        if stats.generated_tokens >= seq.max_new_tokens:
+            self._finish(seq, "length")
+        else:
+            seq.last = token
+
+    def _finish(self, seq: Sequence, reason: str | None, error: BaseException | None = None) -> None:
+        """End a sequence: its reply's state into the prefix cache, its slot freed (the last decoding
+        sequence moves into a decoding hole), its consumer told."""
+        if seq.slot < 0:
+            return
+        if reason is not None:
+            seq.stats.stop_reason = reason if reason != "cancelled" else seq.stats.stop_reason
+            fed = (seq.ids + seq.tokens)[: seq.pos]  # what the slot holds
+            if seq.decoding and len(fed) > len(seq.ids) and self.engine.keeps(seq.ids):
+                self.engine._remember_state(fed, self.pool.slot(seq.slot))
+        slot = seq.slot
+        if seq.decoding:
+            last = self.decoding.pop()
+            if last is not seq:
+                self.pool.copy_slot(last.slot, slot, last.pos)
+                self.owner[last.slot] = None
+                last.slot = slot
+                self.decoding[self.decoding.index(seq)] = last
+                self.owner[slot] = last
+            else:
+                self.owner[slot] = None
+        else:
+            self.owner[slot] = None
+        seq.slot = -1
+        self.active.remove(seq)
+        seq.out.put(error if error is not None else None)
+        if error is not None:
+            seq.out.put(None)
