@@ -197,6 +197,8 @@ def create_app(engine, options: Options) -> FastAPI:
     async def lifespan(app):
         yield
         worker.close()
+        if hasattr(engine, "close"):
+            engine.close()
 
     app = FastAPI(title="lmbundle", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker = worker
@@ -399,7 +401,7 @@ def serve(args) -> None:
                       prefill_chunk=args.chunk if getattr(args, "prefill", "s1") == "chunked" else 0,
                       max_batch=args.max_batch)
     engine = Engine(args.bundle, backend=args.backend, device=args.device, cache_bytes=cache_bytes,
-                    cache_host_bytes=host_bytes)
+                    cache_host_bytes=host_bytes, max_batch=args.max_batch)
     engine.warmup()
     app = create_app(engine, options)
     if not loopback:
