@@ -1,12 +1,15 @@
 """Continuous batching: many requests share one decode step, each with its own slot of the state pool.
 
-The pool holds `max_batch` slots (GDN conv + recurrent state and a KV cache row each, preallocated).
+The pool holds 2 x `max_batch` slots (GDN conv + recurrent state and a KV cache row each, preallocated):
+the decoding sequences in slots 0..B-1, the ones still prefilling in the upper half.
 A scheduler thread loops: admit waiting requests into free slots (restoring the longest cached prefix
 into the slot), prefill prompt pieces under a token budget (a long prompt goes in pieces between decode
 steps, so it never stalls the others), then one batched decode step for every sequence that has its
 first token: B tokens at B different positions, one read of the weights for all (`step_rows`, the same
 graph as the one-token step with a row axis on each layer's state). Sequences join and leave between
-steps; the decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last).
+steps; the decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last). On CUDA the
+step is captured in a CUDA graph per (batch bucket, attention window): B rounds up to a power of two,
+the padding rows step free decode slots.
 
 Exact: a request's tokens do not depend on what else runs. Its prompt is cut into pieces at fixed
 absolute positions (chunk multiples and the prefix cache's cut points), whatever the load; the batched
@@ -17,6 +20,7 @@ generator, so a seeded request repeats whatever runs beside it.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -89,10 +93,15 @@ class BatchScheduler:
         self.max_batch, self.token_budget, self.chunk = max_batch, token_budget, chunk
         self.capacity = engine.max_context
         weight = self.model.model.embed_tokens.weight
-        self.pool = self.model.state_spec.new(self.capacity, self.device, weight.dtype, slots=max_batch)
+        self.pool = self.model.state_spec.new(self.capacity, self.device, weight.dtype, slots=2 * max_batch)
         self.ops = BatchOps(-(-max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu")
         self.invariant_window = self.device.type == "cpu"  # attend over the whole pool: any batch, same sums
-        self.owner: list[Sequence | None] = [None] * max_batch
+        self.owner: list[Sequence | None] = [None] * (2 * max_batch)  # decode slots, then prefill slots
+        self.use_graphs = self.device.type == "cuda" and os.environ.get("LMBUNDLE_BATCH_GRAPHS", "1") != "0"
+        self.padded = self.use_graphs  # rows rounded up to a power of two (the graphs' buckets)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._ids_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._positions_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.active: list[Sequence] = []  # admission order
         self.decoding: list[Sequence] = []  # slot order: decoding[i].slot == i
         self.batch_size = 0
@@ -151,7 +160,7 @@ class BatchScheduler:
             seq = self._pending.popleft()
             if seq.cancelled.is_set():
                 continue
-            seq.slot = self.owner.index(None)
+            seq.slot = self.owner.index(None, self.max_batch)
             self.owner[seq.slot] = seq
             self.active.append(seq)
             try:
@@ -206,19 +215,11 @@ class BatchScheduler:
         return end - start
 
     def _join_decoding(self, seq: Sequence) -> None:
-        """Move the sequence into slot len(decoding): the decoding ones stay in slots 0..B-1."""
+        """Move the sequence from its prefill slot into slot len(decoding): the decoding ones stay in 0..B-1."""
         target = len(self.decoding)
-        if seq.slot != target:
-            other = self.owner[target]
-            if other is not None:  # a prefilling sequence: swap through a spare copy
-                spare = self.pool.slot(target).prefix(other.pos)
-                self.pool.copy_slot(seq.slot, target, seq.pos)
-                self.pool.slot(seq.slot).load_prefix(spare, other.pos)
-                other.slot = seq.slot
-            else:
-                self.pool.copy_slot(seq.slot, target, seq.pos)
-            self.owner[seq.slot], self.owner[target] = other, seq
-            seq.slot = target
+        self.pool.copy_slot(seq.slot, target, seq.pos)
+        self.owner[seq.slot], self.owner[target] = None, seq
+        seq.slot = target
         seq.decoding = True
         self.decoding.append(seq)
 
@@ -227,15 +228,50 @@ class BatchScheduler:
         count = len(rows)
         self.batch_size = count
         self.peak_batch = max(self.peak_batch, count)
-        ids = torch.tensor([s.last for s in rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.pos for s in rows], dtype=torch.long, device=self.device)
+        ids = torch.tensor([s.last for s in rows], dtype=torch.long)
+        positions = torch.tensor([s.pos for s in rows], dtype=torch.long)
         window = self.capacity if self.invariant_window else bucket(max(s.pos for s in rows) + 1, self.capacity)
-        logits = self.model.step_rows(ids, positions, self.pool.rows_of(count), window, self.ops)
+        if self.padded:
+            size = min(1 << (count - 1).bit_length(), self.max_batch)
+            self._ids_in.zero_()
+            self._positions_in.zero_()  # padding rows: token 0 at position 0 of a free decode slot
+            self._ids_in[:count].copy_(ids, non_blocking=True)
+            self._positions_in[:count].copy_(positions, non_blocking=True)
+            if self.use_graphs:
+                graph, out = self._graphs.get((size, window)) or self._capture(size, window)
+                graph.replay()
+            else:
+                out = self.model.step_rows(self._ids_in[:size], self._positions_in[:size], self.pool.rows_of(size),
+                                           window, self.ops)
+            logits = out[:count]
+        else:
+            logits = self.model.step_rows(ids.to(self.device), positions.to(self.device), self.pool.rows_of(count),
+                                          window, self.ops)
         self.steps += 1
         for seq in rows:
             seq.pos += 1
         for seq, token in zip(list(rows), self._sample(rows, logits)):
             self._emit(seq, token)
+
+    def _capture(self, size: int, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The batched step for `size` rows and an attention window, as a CUDA graph (its writes to the
+        pool during warm-up and capture are undone: only padding rows and live rows' own steps count)."""
+        rows = self.pool.rows_of(size)
+        saved = {name: t.clone() for name, t in rows.tensors().items()}
+        ids, positions = self._ids_in[:size], self._positions_in[:size]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm the allocator and the dense weights outside capture
+            for _ in range(2):
+                self.model.step_rows(ids, positions, rows, window, self.ops)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.model.step_rows(ids, positions, rows, window, self.ops)
+        for name, t in rows.tensors().items():
+            t.copy_(saved[name])
+        self._graphs[(size, window)] = (graph, out)
+        return graph, out
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | BaseException]:
         """One token per row: greedy rows by one argmax, sampled rows each with its own generator."""
