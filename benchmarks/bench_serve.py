@@ -251,6 +251,16 @@ def main() -> None:
               "quant": args.quant, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "prompt_tokens": args.prompt, "max_tokens": args.max_tokens, "per_client": args.per_client,
               "max_batch": args.max_batch, "batched": [], "batch1": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    path = args.out / f"serve-{args.config}-{args.quant}-{stamp}.json"
+
+    def save() -> None:  # after every measurement: a run cut short keeps what it measured
+        base = report["batch1"][0]["aggregate_tok_s"] if report["batch1"] else None
+        for row in report["batched"]:
+            if base:
+                row["x_batch1"] = round(row["aggregate_tok_s"] / base, 2)
+        path.write_text(json.dumps(report, indent=2) + "\n")
     for label, max_batch, levels in (("batched", args.max_batch, args.clients), ("batch1", 1, args.baseline_clients)):
         if not levels:
             continue
@@ -262,6 +272,7 @@ def main() -> None:
             for clients in levels:
                 row = load(host, clients, args.per_client, args.prompt, args.max_tokens, vocab, seed=clients)
                 report[label].append(row)
+                save()
                 print(label, json.dumps(row), flush=True)
             if label == "batched":
                 report["exactness"] = exactness(host, vocab, 32)
@@ -270,18 +281,12 @@ def main() -> None:
                     report["chat"] = chat(host, args.chat_users, args.turns, 32)
                     print("chat", json.dumps(report["chat"]), flush=True)
                 report["metrics"] = metrics(host)
+                save()
         finally:
             log = stop_server(proc)
             if any(row.get("errors") for row in report[label]):
                 print(log[-3000:])
-    base = report["batch1"][0]["aggregate_tok_s"] if report["batch1"] else None
-    if base:
-        for row in report["batched"]:
-            row["x_batch1"] = round(row["aggregate_tok_s"] / base, 2)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
-    path = args.out / f"serve-{args.config}-{args.quant}-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    save()
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s in all)")
 
 
