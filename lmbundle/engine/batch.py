@@ -62,7 +62,7 @@ class BatchOps(StepOps):
     def linear(self, x: torch.Tensor, w: Linear) -> torch.Tensor:
         rows = x.shape[0]
         if rows < self.rows:
-            x = torch.cat((x, x.new_zeros(self.rows - rows, *x.shape[1:])))
+            x = F.pad(x, (0, 0, 0, self.rows - rows))
         return F.linear(x, self.weight(w, x.dtype))[:rows]
 
 
