@@ -142,8 +142,9 @@ class PrefixCache:
         self.used["device" if entry.on_device else "host"] -= entry.nbytes
 
     def _to_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pin = torch.cuda.is_available() and self.device.type == "cuda"
-        return {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t) for name, t in tensors.items()}
+        pin = torch.cuda.is_available() and self.device.type == "cuda"  # stream-ordered: restores copy after it
+        return {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin)
+                for name, t in tensors.items()}
 
     def _fit(self) -> None:
         """Spill (or drop) least recently used device entries past the device budget, then drop host ones."""
