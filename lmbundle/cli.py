@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote", action="store_true", help="needed to listen on a non-loopback address")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for a slot (then 429)")
     p.add_argument("--max-batch", type=int, default=1, help="requests decoded at once (slots)")
+    p.add_argument("--token-budget", type=int, default=512,
+                   help="with --max-batch > 1: tokens per scheduler iteration, decode rows + prompt pieces "
+                        "(smaller: steadier decode while prompts arrive; larger: sooner first tokens)")
     p.add_argument("--cache-mem", default="1G",
                    help="prefix cache budget on the device, e.g. 512M, 2G (0: no prefix cache)")
     p.add_argument("--cache-host-mem", help="host memory the prefix cache spills to (default 4x --cache-mem)")

@@ -401,7 +401,8 @@ def serve(args) -> None:
                       prefill_chunk=args.chunk if getattr(args, "prefill", "s1") == "chunked" else 0,
                       max_batch=args.max_batch)
     engine = Engine(args.bundle, backend=args.backend, device=args.device, cache_bytes=cache_bytes,
-                    cache_host_bytes=host_bytes, max_batch=args.max_batch)
+                    cache_host_bytes=host_bytes, max_batch=args.max_batch,
+                    token_budget=getattr(args, "token_budget", 512))
     engine.warmup()
     app = create_app(engine, options)
     if not loopback:
