@@ -215,8 +215,9 @@ def cmd_chat(args) -> None:
 def cmd_bench(args) -> None:
     from .engine.bench import bench, format_bench
 
+    chunked = args.prefill == "chunked"
     result = bench(_engine(args), args.prompt_tokens, args.gen_tokens, args.trials,
-                   prefill_chunk=args.chunk if args.prefill == "chunked" else 0)
+                   prefill_chunk=args.chunk if chunked else 0, chunked_prefill=0 if chunked else args.chunk)
     print(json.dumps(result) if args.json else format_bench(result))
 
 
