@@ -65,7 +65,9 @@ class PrefixCache:
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()  # least recently used first
         self._lengths: Counter[int] = Counter()  # the prefix lengths held, for the longest-match lookup
         self.used = {"device": 0, "host": 0}
-        self.counts = Counter()  # lookups, hits, hit_tokens, inserts, spilled, evicted, collisions
+        # every key from the start: /metrics reads these from another thread while they change
+        self.counts = Counter(dict.fromkeys(("lookups", "hits", "hit_tokens", "inserts", "spilled", "evicted",
+                                             "collisions"), 0))
 
     @staticmethod
     def digest(tokens: bytes) -> bytes:
