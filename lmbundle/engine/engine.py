@@ -125,7 +125,9 @@ class Engine:
         self._held: tuple[list[int], int] | None = None  # (tokens the state holds, backend.writes then)
         self._lock = threading.Lock()  # one request at a time on the one state (serve runs several threads)
         self._batch_size = 0
-        self.totals: Counter[str] = Counter()  # requests, prompt / cached / generated tokens served
+        self.totals: Counter[str] = Counter(dict.fromkeys(  # what has been served (read by /metrics)
+            ("requests", "prompt_tokens", "cached_tokens", "generated_tokens"), 0))
+        self._totals_lock = threading.Lock()
         host = 4 * cache_bytes if cache_host_bytes is None else cache_host_bytes
         self.prefix_cache = PrefixCache(cache_bytes if self.backend.resumable else 0, host, self.device, cache_block)
         start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -233,8 +235,9 @@ class Engine:
                 self.count(stats)
 
     def count(self, stats: GenerationStats) -> None:
-        self.totals.update(requests=1, prompt_tokens=stats.prompt_tokens, cached_tokens=stats.cached_tokens,
-                           generated_tokens=stats.generated_tokens)
+        with self._totals_lock:  # requests end on several threads at once when batching
+            self.totals.update(requests=1, prompt_tokens=stats.prompt_tokens, cached_tokens=stats.cached_tokens,
+                               generated_tokens=stats.generated_tokens)
 
     def _generate(self, ids: list[int], max_new_tokens: int, sampling: Sampling, prefill_chunk: int, stop: bool,
                   stats: GenerationStats) -> Iterator[int]:
