@@ -116,6 +116,35 @@ def test_a_request_stopped_mid_batch_frees_its_slot(bundles, one_thread):
         engine.close()
 
 
+def test_a_failing_request_fails_alone(bundles, one_thread):
+    """A fault in one request's prefill (here: planted) ends that request with the error; the others in
+    the batch keep their exact tokens and the slot serves again."""
+    engine = Engine(bundles["tiny"], backend="torch", device="cpu", max_batch=4, cache_bytes=0, cache_block=16)
+    try:
+        prompts = [engine.encode(t) for t in TEXTS[:4]]
+        alone = [tokens(engine, p, 12) for p in prompts]
+        model, bad = engine.scheduler.model, prompts[2][0]
+        real = model.forward_tokens
+
+        def faulty(ids, start, state, **kwargs):
+            if start == 0 and int(ids[0]) == bad:
+                raise RuntimeError("planted fault")
+            return real(ids, start, state, **kwargs)
+
+        model.forward_tokens = faulty
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                futures = [pool.submit(tokens, engine, p, 12) for p in prompts]
+                with pytest.raises(RuntimeError, match="planted fault"):
+                    futures[2].result()
+                assert [f.result() for i, f in enumerate(futures) if i != 2] == alone[:2] + alone[3:]
+        finally:
+            del model.forward_tokens
+        assert tokens(engine, prompts[2], 12) == alone[2] and not engine.scheduler.active
+    finally:
+        engine.close()
+
+
 def test_prefix_cache_through_the_batch(bundles, one_thread):
     engine = Engine(bundles["tiny"], backend="torch", device="cpu", max_batch=4, cache_block=16)
     plain = Engine(bundles["tiny"], backend="torch", device="cpu", max_batch=4, cache_bytes=0, cache_block=16)
