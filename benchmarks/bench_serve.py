@@ -245,8 +245,8 @@ def main() -> None:
         print(f"checkpoint + {args.quant} bundle in {time.perf_counter() - t0:.0f} s", flush=True)
     from transformers import AutoTokenizer
 
-    vocab = min(len(AutoTokenizer.from_pretrained(str(Path(bundle) / "tokenizer"))) if (Path(bundle) / "tokenizer").exists()
-                else 512, 200000)
+    tokenizer = Path(bundle) / "tokenizer"
+    vocab = min(len(AutoTokenizer.from_pretrained(str(tokenizer))) if tokenizer.exists() else 512, 200000)
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": args.config,
               "quant": args.quant, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "prompt_tokens": args.prompt, "max_tokens": args.max_tokens, "per_client": args.per_client,

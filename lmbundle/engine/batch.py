@@ -14,8 +14,8 @@ the padding rows step free decode slots.
 Exact: a request's tokens do not depend on what else runs. Its prompt is cut into pieces at fixed
 absolute positions (chunk multiples and the prefix cache's cut points), whatever the load; the batched
 step pads each linear's rows to a fixed count (a GEMM's row results depend on the row count, not on the
-other rows) and attends over the whole KV row of each slot (the same softmax sums at any load). Each request samples with its own
-generator, so a seeded request repeats whatever runs beside it.
+other rows) and attends over the whole KV row of each slot (the same softmax sums at any load). Each
+request samples with its own generator, so a seeded request repeats whatever runs beside it.
 """
 
 from __future__ import annotations

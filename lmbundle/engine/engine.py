@@ -291,8 +291,8 @@ class Engine:
                 self._remember(fed)
 
     def _prefill(self, ids: list[int], held: int, chunk: int, keep: bool):
-        """Prefill ids[held:], snapshotting the state into the prefix cache at its cut points. Pieces end at absolute cut points, so a
-        prompt is split the same way whether it starts from a cached prefix or from nothing."""
+        """Prefill ids[held:], snapshotting the state into the prefix cache at its cut points. Pieces end at
+        absolute cut points, so a prompt is split the same way whether it starts from a cached prefix or not."""
         backend, pos, handle = self.backend, held, None
         cuts = self._cuts(ids, held) if keep and self.prefix_cache.enabled else []
         for cut in [*cuts, len(ids)]:
