@@ -10,7 +10,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine, GenerationStats

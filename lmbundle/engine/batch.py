@@ -8,8 +8,8 @@ steps, so it never stalls the others), then one batched decode step for every se
 first token: B tokens at B different positions, one read of the weights for all (`step_rows`, the same
 graph as the one-token step with a row axis on each layer's state). Sequences join and leave between
 steps; the decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last). On CUDA the
-step is captured in a CUDA graph per (batch bucket, attention window): B rounds up to a power of two,
-the padding rows step free decode slots.
+step is captured in a CUDA graph per batch bucket: B rounds up to a power of two, the padding rows
+step free decode slots.
 
 Exact: a request's tokens do not depend on what else runs. Its prompt is cut into pieces at fixed
 absolute positions (chunk multiples and the prefix cache's cut points), whatever the load; the batched
@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from ..models.linear import Linear, dequantize
 from ..models.ops import StepOps
 from .sampling import Sampling, sample
-from .torch_backend import bucket
 
 ROW_TILE = 16
 
@@ -96,11 +95,10 @@ class BatchScheduler:
         weight = self.model.model.embed_tokens.weight
         self.pool = self.model.state_spec.new(self.capacity, self.device, weight.dtype, slots=2 * max_batch)
         self.ops = BatchOps(-(-max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu")
-        self.invariant_window = True  # attend over the whole pool row: the same sums whatever the others' lengths
         self.owner: list[Sequence | None] = [None] * (2 * max_batch)  # decode slots, then prefill slots
         self.use_graphs = self.device.type == "cuda" and os.environ.get("LMBUNDLE_BATCH_GRAPHS", "1") != "0"
         self.padded = self.use_graphs  # rows rounded up to a power of two (the graphs' buckets)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._ids_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._positions_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.active: list[Sequence] = []  # admission order
@@ -234,7 +232,7 @@ class BatchScheduler:
         self.peak_batch = max(self.peak_batch, count)
         ids = torch.tensor([s.last for s in rows], dtype=torch.long)
         positions = torch.tensor([s.pos for s in rows], dtype=torch.long)
-        window = self.capacity if self.invariant_window else bucket(max(s.pos for s in rows) + 1, self.capacity)
+        window = self.capacity  # each slot's whole KV row: the same softmax sums whatever the others' lengths
         if self.padded:
             size = min(1 << (count - 1).bit_length(), self.max_batch)
             self._ids_in.zero_()
@@ -242,7 +240,7 @@ class BatchScheduler:
             self._ids_in[:count].copy_(ids, non_blocking=True)
             self._positions_in[:count].copy_(positions, non_blocking=True)
             if self.use_graphs:
-                graph, out = self._graphs.get((size, window)) or self._capture(size, window)
+                graph, out = self._graphs.get(size) or self._capture(size, window)
                 graph.replay()
             else:
                 out = self.model.step_rows(self._ids_in[:size], self._positions_in[:size], self.pool.rows_of(size),
@@ -274,7 +272,7 @@ class BatchScheduler:
             out = self.model.step_rows(ids, positions, rows, window, self.ops)
         for name, t in rows.tensors().items():
             t.copy_(saved[name])
-        self._graphs[(size, window)] = (graph, out)
+        self._graphs[size] = (graph, out)
         return graph, out
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | BaseException]:

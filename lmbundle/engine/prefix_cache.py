@@ -50,10 +50,6 @@ class Entry:
     nbytes: int
     on_device: bool
 
-    @property
-    def key(self) -> bytes:
-        return PrefixCache.digest(self.tokens)
-
 
 class PrefixCache:
     def __init__(self, device_bytes: int, host_bytes: int = 0, device: torch.device | str = "cpu", block: int = 256):
