@@ -30,7 +30,7 @@ if not shutil.which(CHROMIUM):
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).parent / "artifacts"
-MAX_CONTEXT = 1024  # an image is 196 tokens
+MAX_CONTEXT = 8192  # an image is 196 tokens; a long answer takes seconds, so Stop comes first
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,7 +114,7 @@ def test_chat_streams_the_engines_answer_and_stops(page, server, engine):
     assert page.evaluate("window.updates") > 3  # pieces arrived one by one, not as one block
 
     stopped_before = request("GET", server, "/health")[1]["stopped"]
-    set_field(page, "#max-tokens", "800")
+    set_field(page, "#max-tokens", str(MAX_CONTEXT // 2))  # seconds of decoding: Stop comes first
     close_settings(page)
     send(page, "Tell me a long story about a little cat")
     sync_api.expect(page.locator(".turn.assistant.streaming .bubble")).not_to_have_text("", timeout=30_000)
