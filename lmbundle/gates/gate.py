@@ -10,8 +10,9 @@ A. Is the bundle exactly the quantized model it claims to be? Reference: the *si
    3. weights, tensor by tensor and row by row (the embedding and head included, where logits would
       need every token fed): equal to the recipe applied to the checkpoint, within one int8 step /
       one fp16 ulp; no tensor missing, none extra.
-   4. logits on *every vocabulary entry* at *every position* of the text prompts and of random-token
-      prompts that cover the vocabulary (the bundle fed S=1 from a zero state):
+   4. logits on *every vocabulary entry* at *every position* of the text prompts (the bundle fed S=1
+      from a zero state, the exported graph's contract) and of random-token prompts that cover the
+      vocabulary (one chunked forward each on PyTorch, the prefill path; S=1 on Core AI):
       max |logit diff| / std(oracle logits) <= the backend's bound (`BOUNDS`).
    5. a step seeded from the oracle's cache: the same bound.
    6. greedy rollouts equal to the simulated oracle's; a fork is excused only where the bundle's token
@@ -35,7 +36,7 @@ from .oracle import Oracle, quantized_like_bundle, state_from_cache
 
 ROLLOUT = 32
 TIE_MARGIN = 0.1  # fp32-oracle top-2 margin under which a fork against `--against` counts as a tie
-RANDOM_PROMPT = 64  # length of the random-token prompts
+RANDOM_PROMPT = 256  # length of the random-token prompts
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog, and then",
     "Once upon a time, in a small village by the sea, there lived",
@@ -66,10 +67,14 @@ MAX_EXCUSED = 2  # excused rollout forks out of 16 prompts (clean CPU: 0)
 # Quantization quality, simulated vs fp32 oracle, over all positions of the gate's prompts:
 # (min top-1 agreement, max mean KL in nats, min top-5 overlap). Calibrated on the demo model and on
 # random tiny models (tests/test_sabotage.py prints the measured figures).
+# Measured (4 text prompts + the whole vocabulary as random-token prompts): fp16 top-1 >= 99.9%, KL <=
+# 7.5e-7, top-5 >= 99.9%; int8lin / int8hu (block-32 or per-channel head) top-1 >= 98.6%, KL <= 3.8e-4,
+# top-5 >= 98.9% on the demo (random tiny models: top-1 >= 99.1%, KL <= 7e-7). Thresholds: ~3x the worst
+# measured top-1 / top-5 deficit and ~5x the worst KL.
 QUALITY = {
-    "fp16": (0.98, 1e-4, 0.97),
-    "int8lin": (0.90, 5e-3, 0.90),
-    "int8hu": (0.90, 5e-3, 0.90),
+    "fp16": (0.99, 1e-5, 0.99),
+    "int8lin": (0.95, 2e-3, 0.95),
+    "int8hu": (0.95, 2e-3, 0.95),
 }
 
 
@@ -167,6 +172,19 @@ def _prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
         handle = backend.step(torch.tensor([[token]], device=engine.device), pos)
         rows.append(backend.logits(handle))
     return torch.stack(rows)
+
+
+def _chunk_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one chunked forward (the PyTorch backend's prefill path, which
+    `run`, `chat` and `serve` use); S=1 steps where the backend has only those (Core AI)."""
+    backend = engine.backend
+    model = getattr(backend, "model", None)
+    if model is None or not hasattr(model, "forward_tokens"):
+        return _prompt_logits(engine, ids)
+    backend.reset(len(ids) + 1)  # outside inference mode: the state outlives this call
+    with torch.inference_mode():
+        logits = model.forward_tokens(torch.tensor(ids, device=engine.device), 0, backend.state)
+    return logits.float().cpu()
 
 
 def _seeded_step(engine: Engine, cache, ids: list[int], token: int) -> torch.Tensor:
@@ -362,7 +380,7 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
     seeded = []
     for k, ids in enumerate(texts + randoms):
         fed.update(ids)
-        ours = _prompt_logits(engine, ids)
+        ours = _prompt_logits(engine, ids) if k < len(texts) else _chunk_logits(engine, ids)
         ref = simulated.forward(ids)
         error = relative_error(ours, ref.logits)
         if not torch.isfinite(ours).all():

@@ -1,0 +1,219 @@
+"""The sabotage suite (issue 18): every breakage that once passed the gates, made on a tiny random
+checkpoint and on the trained demo model, must FAIL the gate (or be refused at load); clean bundles of
+every quant mode must PASS. The bundles are converted once per module and shared; the gate runs on 4 of
+its text prompts with 8-token rollouts (the checks are the same, the prompts fewer) plus its full
+random-token vocabulary coverage.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+
+import pytest
+import torch
+
+from lmbundle.convert.convert import convert
+from lmbundle.engine.engine import Engine
+from lmbundle.errors import LmbundleError
+from lmbundle.gates.gate import BOUNDS, PROMPTS, run_gate
+from lmbundle.gates.oracle import Oracle
+from tests import sabotage
+from tests.conftest import DEMO_QWEN35
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HAS_COREAI = importlib.util.find_spec("coreai") is not None and importlib.util.find_spec("coreai_torch") is not None
+needs_coreai = pytest.mark.skipif(not HAS_COREAI, reason="coreai-core / coreai-torch not installed")
+MODES = {"fp16": ("fp16", "block32"), "int8lin": ("int8lin", "block32"), "int8hu": ("int8hu", "block32"),
+         "int8hu-perchan": ("int8hu", "perchan")}
+_counter = itertools.count()
+
+
+class Model:
+    """One checkpoint: its oracle, simulated oracles per recipe and converted bundles, made on first use."""
+
+    def __init__(self, checkpoint, root):
+        self.checkpoint, self.root = checkpoint, root
+        self.oracle = Oracle(str(checkpoint))
+        self.bundles, self._simulated = {}, {}
+
+    def bundle(self, mode: str, coreai: bool = False):
+        key = (mode, coreai)
+        if key not in self.bundles:
+            quant, head = MODES[mode]
+            self.bundles[key] = convert(str(self.checkpoint), self.root / f"{mode}-{int(coreai)}", quant=quant,
+                                        head_quant=head, backend="all" if coreai else "torch", log=None)
+        return self.bundles[key]
+
+    def simulated(self, recipe):
+        key = repr(sorted(recipe.items()))
+        if key not in self._simulated:
+            self._simulated[key] = self.oracle.simulated(recipe)
+        return self._simulated[key]
+
+    def gate(self, path, backend="torch", prompts=4, rollouts=8, coverage=None):
+        engine = Engine(path, backend=backend, device="cpu" if backend == "torch" else None)
+        return run_gate(engine, self.oracle, prompts=PROMPTS[:prompts], rollouts=rollouts, coverage=coverage,
+                        simulated=self.simulated(engine.bundle.info["quant"]))
+
+    def rare_ids(self, count=2) -> list[int]:
+        """Ids that no gate text prompt holds (the issue's 'rare rows')."""
+        seen = {t for text in PROMPTS for t in self.oracle.tokenizer.encode(text, add_special_tokens=False)}
+        vocab = self.oracle.model.config.get_text_config().vocab_size
+        limit = min(vocab, len(self.oracle.tokenizer))
+        return [t for t in range(limit - 1, 0, -1) if t not in seen][:count]
+
+    def common_ids(self) -> list[int]:
+        counts = {}
+        for text in PROMPTS:
+            for t in self.oracle.tokenizer.encode(text, add_special_tokens=False):
+                counts[t] = counts.get(t, 0) + 1
+        return sorted(counts, key=counts.get, reverse=True)[:2]
+
+    def fresh(self, name):
+        return self.root / f"sabotage-{next(_counter)}-{name}"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_qwen35, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sabotage")
+    (root / "tiny").mkdir()
+    (root / "demo").mkdir()
+    return {"tiny": Model(tiny_qwen35, root / "tiny"), "demo": Model(DEMO_QWEN35, root / "demo")}
+
+
+def _figures(report) -> str:
+    return (f"exact {report.exact_worst:.3g} (bound {report.bound:g}) weights_bad {len(report.weights_bad)} "
+            f"rollouts {report.rollout_identical}/{report.prompts} (+{report.rollout_excused} excused) "
+            f"quality top1 {report.quality_top1:.3f} kl {report.quality_kl:.2e} top5 {report.quality_top5:.3f}")
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_clean_bundles_pass(models, model, mode):
+    report = models[model].gate(models[model].bundle(mode))
+    print(f"\nclean {model} {mode}: {_figures(report)}")
+    assert report.passed, report.lines() + report.failures
+    assert report.exact_worst < BOUNDS["fp32"] / 10  # an order of magnitude inside the bound
+    assert report.vocab_covered == 1.0 and report.rollout_excused == 0
+
+
+# (name, bundle mode, edit(model) -> weights edit, whether the logits check alone must catch it)
+def _weight_cases():
+    return {
+        "embed rare rows swapped": ("int8hu", lambda m: sabotage.swap_rows("model.embed_tokens", *m.rare_ids())),
+        "int8 head rare rows swapped": ("int8hu", lambda m: sabotage.swap_rows("lm_head", *m.rare_ids())),
+        "tied head common rows swapped": ("fp16", lambda m: sabotage.swap_rows("model.embed_tokens", *m.common_ids())),
+        "conv1d zeroed (layer 0)": ("fp16", lambda m: sabotage.set_value("model.layers.0.linear_attn.conv1d.weight", 0.0)),
+        "dt_bias 0 (layer 2)": ("int8hu", lambda m: sabotage.set_value("model.layers.2.linear_attn.dt_bias", 0.0)),
+        "A_log sign (layer 1)": ("int8hu", lambda m: sabotage.negate("model.layers.1.linear_attn.A_log")),
+        "head clipped at q95, block-32 scales": ("int8hu", lambda m: sabotage.clip_head()),
+        "MLP scales x1.02": ("int8hu", lambda m: sabotage.scale(".mlp.", 1.02, (".scales",))),
+        "o_proj x1.05": ("fp16", lambda m: sabotage.scale("self_attn.o_proj", 1.05)),
+        "o_proj x0": ("int8lin", lambda m: sabotage.scale("self_attn.o_proj", 0.0, (".scales",))),
+    }
+
+
+WEIGHT_CASES = _weight_cases()
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+@pytest.mark.parametrize("case", list(WEIGHT_CASES))
+def test_weight_sabotage_fails(models, model, case):
+    """Hashes rewritten: only the gate can tell. Both the row-by-row weight check and the logits
+    comparison on every vocabulary entry must see it (the logits check is what catches the same damage
+    where no weights can be compared, on Core AI)."""
+    m = models[model]
+    mode, make = WEIGHT_CASES[case]
+    path = sabotage.edit_weights(m.bundle(mode), m.fresh(case.split()[0]), make(m))
+    report = m.gate(path)
+    print(f"\n{case} ({model}, {mode}): {_figures(report)}")
+    assert not report.passed
+    assert report.weights_bad, report.lines()
+    assert report.exact_worst > report.bound, _figures(report)
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+def test_rope_bug_on_q_only_fails(models, model, monkeypatch):
+    m = models[model]
+    heads = m.oracle.model.config.get_text_config().num_attention_heads
+    sabotage.rope_on_q_only(monkeypatch, heads)
+    report = m.gate(m.bundle("fp16"))
+    print(f"\nrope q-only ({model}): {_figures(report)}")
+    assert not report.passed and report.exact_worst > report.bound
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+def test_swapped_token_ids_fail(models, model):
+    """tokenizer.json with two ids swapped and its hash left stale: refused at load, or the gate fails
+    (it encodes with the oracle's tokenizer and compares the bundle's)."""
+    m = models[model]
+    path = sabotage.swap_token_ids(m.bundle("fp16"), m.fresh("tokenizer"))
+    try:
+        report = m.gate(path)
+    except LmbundleError as exc:
+        assert "tokenizer" in str(exc)
+        return
+    assert not report.passed and not report.tokenizer_ok, report.lines()
+
+
+METADATA_CASES = {
+    "layer_types cut": lambda meta: meta["lmbundle"]["config"].update(
+        layer_types=meta["lmbundle"]["config"]["layer_types"][:-1]),
+    "rope_theta changed": lambda meta: meta["lmbundle"]["config"].update(rope_theta=1234.0),
+    "num_hidden_layers changed": lambda meta: meta["lmbundle"]["config"].update(num_hidden_layers=3),
+}
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+@pytest.mark.parametrize("case", list(METADATA_CASES))
+def test_metadata_sabotage_fails(models, model, case):
+    m = models[model]
+    path = sabotage.edit_metadata(m.bundle("fp16"), m.fresh("meta"), METADATA_CASES[case])
+    try:
+        report = m.gate(path)
+    except LmbundleError as exc:
+        print(f"\n{case} ({model}): load error: {exc}")
+        return
+    print(f"\n{case} ({model}): {report.failures}")
+    assert not report.passed and not report.config_ok
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+def test_extra_weight_tensor_fails(models, model):
+    m = models[model]
+    path = sabotage.edit_weights(m.bundle("fp16"), m.fresh("extra"), sabotage.add_tensor())
+    try:
+        report = m.gate(path)
+    except LmbundleError as exc:
+        assert "extra" in str(exc)
+        return
+    assert not report.passed and any("extra" in b for b in report.weights_bad)
+
+
+# -- Core AI: the damage re-exported into the .aimodel (the backend reads no safetensors) -------------------
+COREAI_CASES = ["embed rare rows swapped", "int8 head rare rows swapped", "conv1d zeroed (layer 0)",
+                "dt_bias 0 (layer 2)", "MLP scales x1.02", "o_proj x1.05"]
+
+
+@needs_coreai
+def test_coreai_clean_passes(models):
+    m = models["tiny"]
+    for mode in ("fp16", "int8hu"):
+        report = m.gate(m.bundle(mode, coreai=True), backend="coreai", prompts=2, rollouts=4, coverage=10**6)
+        print(f"\ncoreai clean tiny {mode}: {_figures(report)}")
+        assert report.passed, report.lines() + report.failures
+        assert report.vocab_covered == 1.0
+
+
+@needs_coreai
+@pytest.mark.parametrize("case", COREAI_CASES)
+def test_coreai_sabotage_fails(models, case):
+    """On the tiny model (320 ids: the whole vocabulary is fed through the Core AI interpreter)."""
+    m = models["tiny"]
+    mode, make = WEIGHT_CASES[case]
+    path = sabotage.edit_weights(m.bundle(mode, coreai=True), m.fresh("coreai"), make(m), coreai=True)
+    report = m.gate(path, backend="coreai", prompts=2, rollouts=4, coverage=10**6)
+    print(f"\ncoreai {case} (tiny, {mode}): {_figures(report)}")
+    assert not report.passed
+    assert report.exact_worst > report.bound, _figures(report)
