@@ -194,6 +194,10 @@ def test_extra_weight_tensor_fails(models, model):
 # -- Core AI: the damage re-exported into the .aimodel (the backend reads no safetensors) -------------------
 COREAI_CASES = ["embed rare rows swapped", "int8 head rare rows swapped", "conv1d zeroed (layer 0)",
                 "dt_bias 0 (layer 2)", "MLP scales x1.02", "o_proj x1.05"]
+# What fp16 arithmetic resolves in the logits alone (bound 0.2 std; clean Core AI 0.011 on this model):
+# the few-percent scalings move the tiny model's logits by 0.07-0.11 std, inside fp16's resolution, and
+# fail through the weight check (the damage is in the bundle's weights too).
+COREAI_LOGITS_CATCH = {"embed rare rows swapped", "int8 head rare rows swapped", "conv1d zeroed (layer 0)"}
 
 
 @needs_coreai
@@ -215,5 +219,6 @@ def test_coreai_sabotage_fails(models, case):
     path = sabotage.edit_weights(m.bundle(mode, coreai=True), m.fresh("coreai"), make(m), coreai=True)
     report = m.gate(path, backend="coreai", prompts=2, rollouts=4, coverage=10**6)
     print(f"\ncoreai {case} (tiny, {mode}): {_figures(report)}")
-    assert not report.passed
-    assert report.exact_worst > report.bound, _figures(report)
+    assert not report.passed and report.weights_bad
+    if case in COREAI_LOGITS_CATCH:
+        assert report.exact_worst > report.bound, _figures(report)

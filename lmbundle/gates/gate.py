@@ -62,7 +62,14 @@ PROMPTS = (
 # 4e-6..2e-5 on the demo and random models; Core AI fp16 0.03-0.05 on the demo), the bound is
 # ~4x the worst clean figure and stays below what one wrong weight tensor does.
 BOUNDS = {"fp32": 1e-3, "fp16": 0.2, "bf16": 0.5}
-MAX_EXCUSED = 2  # excused rollout forks out of 16 prompts (clean CPU: 0)
+MAX_EXCUSED = 2  # excused forks from the simulated oracle, of 16 rollouts (clean: 0 on the CPU and Core AI)
+
+
+def max_against_ties(n: int) -> int:
+    """Forks from `--against` excused at fp32-oracle ties: a clean int8hu vs fp16 demo bundle has 4 of 16
+    32-token rollouts forking at a tie (quantization may pick the other of two near-equal tokens);
+    allowed: 3/8 of the rollouts (6 of 16)."""
+    return math.ceil(3 * n / 8)
 
 # Quantization quality, simulated vs fp32 oracle, over all positions of the gate's prompts:
 # (min top-1 agreement, max mean KL in nats, min top-5 overlap). Calibrated on the demo model and on
@@ -153,7 +160,8 @@ class GateReport(Report):
         ]
         if self.against:
             lines.append(f"  greedy rollouts vs {self.against}: {self.against_identical}/{n} identical"
-                         + (f" ({self.against_ties} at oracle ties)" if self.against_ties else ""))
+                         + (f" ({self.against_ties} forks at fp32-oracle ties, max {max_against_ties(n)})"
+                            if self.against_ties else ""))
         return lines
 
 
@@ -445,6 +453,7 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
                 report.against_ties += 1
         if report.against_identical < n:
             failures.append(f"greedy rollouts {report.against_identical}/{n} identical to {report.against}")
-        if report.against_ties > MAX_EXCUSED:
-            failures.append(f"{report.against_ties} forks from {report.against} excused as ties (at most {MAX_EXCUSED})")
+        if report.against_ties > max_against_ties(n):
+            failures.append(f"{report.against_ties} forks from {report.against} excused as ties "
+                            f"(at most {max_against_ties(n)})")
     return report
