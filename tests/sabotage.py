@@ -22,7 +22,7 @@ def _meta(folder: Path) -> dict:
 
 def rehash(folder: Path) -> None:
     """Rewrite every recorded hash (what a careless or malicious edit would do)."""
-    from lmbundle.convert import bundle as fmt
+    from lmbundle.bundle import format as fmt
 
     meta = _meta(folder)
     (folder / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -36,7 +36,7 @@ def copy_bundle(src: Path, dst: Path) -> Path:
 
 def edit_weights(src: Path, dst: Path, edit: Callable[[Tensors], None], coreai: bool = False) -> Path:
     """Copy, edit the weights, rewrite the hashes (and re-export the .aimodel from them if asked)."""
-    from lmbundle.convert.bundle import write_safetensors
+    from lmbundle.bundle.format import write_safetensors
 
     copy_bundle(src, dst)
     path = dst / _meta(dst)["lmbundle"]["weights"]
@@ -51,8 +51,8 @@ def edit_weights(src: Path, dst: Path, edit: Callable[[Tensors], None], coreai: 
 
 def reexport(folder: Path) -> None:
     """Rebuild the bundle's .aimodel from its (damaged) weights."""
-    from lmbundle.convert.bundle import open_bundle
-    from lmbundle.convert.convert import load_graph
+    from lmbundle.bundle.format import open_bundle
+    from lmbundle.bundle.load import load_graph
     from lmbundle.convert.coreai_export import export_aimodel
 
     bundle = open_bundle(folder)
@@ -139,12 +139,12 @@ def add_tensor(name: str = "model.layers.0.extra.weight") -> Callable[[Tensors],
 
 def rope_on_q_only(monkeypatch, num_heads: int) -> None:
     """A graph bug: the rotation applied twice to q (angle 2p), k right."""
-    from lmbundle.models import qwen35
+    from lmbundle.models import layers
 
-    original = qwen35.apply_rope
+    original = layers.apply_rope
 
     def broken(x, cos, sin):
         out = original(x, cos, sin)
         return original(out, cos, sin) if x.shape[0] == num_heads else out
 
-    monkeypatch.setattr(qwen35, "apply_rope", broken)
+    monkeypatch.setattr(layers, "apply_rope", broken)

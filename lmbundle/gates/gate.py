@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..bundle.load import state_spec
 from ..engine.engine import Engine
 from ..engine.sampling import Sampling
 from .oracle import Oracle, quantized_like_bundle, state_from_cache
@@ -198,9 +199,8 @@ def _chunk_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
 def _seeded_step(engine: Engine, cache, ids: list[int], token: int) -> torch.Tensor:
     backend = engine.backend
     backend.reset(len(ids) + 1)
-    config = engine.bundle.info["config"]  # Qwen3-VL configs name no layer_types: every layer is attention
-    layer_types = config.get("layer_types") or ["full_attention"] * config["num_hidden_layers"]
-    backend.load_state(lambda state: state_from_cache(cache, layer_types, state))
+    spec = state_spec(engine.bundle)
+    backend.load_state(lambda state: state_from_cache(cache, spec, state))
     return backend.logits(backend.step(torch.tensor([[token]], device=engine.device), len(ids)))
 
 
@@ -232,16 +232,14 @@ def check_config(engine: Engine, oracle: Oracle) -> list[str]:
     """The bundle's graph config against the one the oracle checkpoint implies."""
     import dataclasses
 
-    from ..convert.checkpoint import text_model_class
-
     ckpt = oracle.checkpoint
-    model_class = text_model_class(ckpt.architecture)
-    expected = dataclasses.asdict(model_class.config_class.from_hf(ckpt.text_config, ckpt.tie_word_embeddings))
+    arch = ckpt.architecture
+    expected = dataclasses.asdict(arch.config.from_hf(ckpt.text_config, ckpt.tie_word_embeddings))
     ours = engine.bundle.info.get("config", {})
     differ = [f"{k}={ours.get(k)!r} (oracle {v!r})" for k, v in expected.items() if ours.get(k) != v]
     differ += [f"{k} not in the oracle's config" for k in ours if k not in expected]
-    if engine.bundle.info.get("architecture") != ckpt.architecture:
-        differ.insert(0, f"architecture {engine.bundle.info.get('architecture')!r} (oracle {ckpt.architecture!r})")
+    if engine.bundle.info.get("architecture") != arch.name:
+        differ.insert(0, f"architecture {engine.bundle.info.get('architecture')!r} (oracle {arch.name!r})")
     return [f"config differs from the oracle's: {', '.join(differ[:3])}"] if differ else []
 
 

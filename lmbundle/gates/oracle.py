@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
-from ..convert.checkpoint import open_checkpoint, text_name
+from ..bundle.quant import keeps_high_precision
+from ..convert.checkpoint import open_checkpoint
 from ..errors import LmbundleError
 from ..models.linear import dequantize, quantize_absmax
-from ..models.qwen35 import State
-
-HIGH_PRECISION = ("A_log", "dt_bias", "conv1d.weight", "norm.weight", "layernorm.weight")
+from ..models.state import LINEAR_ATTENTION, State, StateSpec
 
 
 @dataclass
@@ -45,13 +44,13 @@ class OracleForward:
 def quantized_like_bundle(name: str, weight: torch.Tensor, recipe: dict[str, Any]) -> torch.Tensor:
     """What the bundle's recipe makes of the checkpoint tensor `name` (a graph name), back in fp32.
 
-    Mirrors `convert.quantize.quantize_model`: int8 absmax over the recipe's block for its linears, fp32
+    Mirrors `bundle.quant.quantize_model`: int8 absmax over the recipe's block for its linears, fp32
     for GDN parameters and norms, fp16 for every other float weight."""
     module = name.removesuffix(".weight")
     block = recipe.get("int8_linears", {}).get(module)
     if block:
         return dequantize(*quantize_absmax(weight.detach(), block), torch.float32)
-    if name.endswith(HIGH_PRECISION):
+    if keeps_high_precision(name):
         return weight.detach().float().clone()
     return weight.detach().to(torch.float16).float()
 
@@ -95,9 +94,9 @@ class Oracle:
 
     def text_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The decoder's parameters under the graph's (and the bundle's) names, tied ones under both."""
-        out = {}
+        out, sanitize = {}, self.checkpoint.architecture.sanitize
         for name, param in self.model.named_parameters(remove_duplicate=False):
-            graph = text_name(name)
+            graph = sanitize(name)
             if graph is not None:
                 out[graph] = param
         return out
@@ -154,18 +153,14 @@ class Oracle:
         return tokens, torch.stack(rows)
 
 
-def state_from_cache(cache, layer_types: list[str], into: State) -> None:
+def state_from_cache(cache, spec: StateSpec, into: State) -> None:
     """Write transformers' cache into our State (conv: its last K-1 inputs; KV: the prefix slots)."""
-    n_lin = n_full = 0
-    for i, kind in enumerate(layer_types):
+    for i, (kind, (a, b)) in enumerate(zip(spec.layer_types, spec.per_layer(into))):
         layer = cache.layers[i]
-        if kind == "linear_attention":
-            conv = layer.conv_states[0][0]
-            into.conv[n_lin, 0].copy_(conv[:, -into.conv.shape[-1]:])
-            into.rec[n_lin, 0].copy_(layer.recurrent_states[0][0])
-            n_lin += 1
+        if kind == LINEAR_ATTENTION:
+            a.copy_(layer.conv_states[0][0][:, -a.shape[-1]:])
+            b.copy_(layer.recurrent_states[0][0])
         else:
             length = layer.keys.shape[2]
-            into.key[n_full, 0, :, :length].copy_(layer.keys[0])
-            into.value[n_full, 0, :, :length].copy_(layer.values[0])
-            n_full += 1
+            a[:, :length].copy_(layer.keys[0])
+            b[:, :length].copy_(layer.values[0])
