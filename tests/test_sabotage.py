@@ -168,27 +168,47 @@ METADATA_CASES = {
 @pytest.mark.parametrize("model", ["tiny", "demo"])
 @pytest.mark.parametrize("case", list(METADATA_CASES))
 def test_metadata_sabotage_fails(models, model, case):
+    """A hand edit is refused at load (content_sha256); one that rewrites the hashes too is refused by
+    the config check at load (layer count) or fails the gate (its config differs from the oracle's)."""
     m = models[model]
     path = sabotage.edit_metadata(m.bundle("fp16"), m.fresh("meta"), METADATA_CASES[case])
+    with pytest.raises(LmbundleError, match="content_sha256"):
+        Engine(path, backend="torch", device="cpu")
+    sabotage.rehash(path)
     try:
         report = m.gate(path)
     except LmbundleError as exc:
-        print(f"\n{case} ({model}): load error: {exc}")
+        print(f"\n{case} ({model}, rehashed): load error: {exc}")
+        assert "layer" in str(exc)
         return
-    print(f"\n{case} ({model}): {report.failures}")
+    print(f"\n{case} ({model}, rehashed): {report.failures}")
     assert not report.passed and not report.config_ok
 
 
 @pytest.mark.parametrize("model", ["tiny", "demo"])
-def test_extra_weight_tensor_fails(models, model):
+def test_extra_weight_tensor_is_refused(models, model):
     m = models[model]
     path = sabotage.edit_weights(m.bundle("fp16"), m.fresh("extra"), sabotage.add_tensor())
-    try:
-        report = m.gate(path)
-    except LmbundleError as exc:
-        assert "extra" in str(exc)
-        return
-    assert not report.passed and any("extra" in b for b in report.weights_bad)
+    with pytest.raises(LmbundleError, match="extra.weight is not part of the graph"):
+        m.gate(path)
+
+
+def test_missing_tokenizer_is_one_line(models, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    m = models["tiny"]
+    no_json = sabotage.copy_bundle(m.bundle("fp16"), tmp_path / "no-json")
+    (no_json / "tokenizer" / "tokenizer.json").unlink()
+    no_folder = sabotage.copy_bundle(m.bundle("fp16"), tmp_path / "no-folder")
+    shutil.rmtree(no_folder / "tokenizer")
+    for path, expected in ((no_json, "tokenizer.json: missing"), (no_folder, "tokenizer: missing")):
+        out = subprocess.run([sys.executable, "-m", "lmbundle", "run", str(path), "--prompt", "Hi", "-g", "2",
+                              "--backend", "torch", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
 
 
 # -- Core AI: the damage re-exported into the .aimodel (the backend reads no safetensors) -------------------
@@ -198,6 +218,31 @@ COREAI_CASES = ["embed rare rows swapped", "int8 head rare rows swapped", "conv1
 # the few-percent scalings move the tiny model's logits by 0.07-0.11 std, inside fp16's resolution, and
 # fail through the weight check (the damage is in the bundle's weights too).
 COREAI_LOGITS_CATCH = {"embed rare rows swapped", "int8 head rare rows swapped", "conv1d zeroed (layer 0)"}
+
+
+@needs_coreai
+def test_coreai_cache_hit_checks_the_bytecode(models, tmp_path, monkeypatch):
+    """A byte of main.mlirb flipped after the program was compiled and cached (main.hash stale, the
+    bundle's records rewritten): the hit must not run the old program."""
+    import os
+
+    from lmbundle.bundle.coreai import DIGESTS
+
+    monkeypatch.setenv("LMBUNDLE_CACHE", str(tmp_path / "cache"))
+    m = models["tiny"]
+    path = sabotage.copy_bundle(m.bundle("fp16", coreai=True), tmp_path / "flip")
+    Engine(path, backend="coreai")  # compiles and caches
+    Engine(path, backend="coreai")  # a hit (digest memo: no second read)
+    bytecode = next(path.glob("*.aimodel")) / "main.mlirb"
+    stat = bytecode.stat()
+    data = bytearray(bytecode.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bytecode.write_bytes(bytes(data))
+    os.utime(bytecode, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the mtime put back
+    sabotage.rehash(path)
+    assert (tmp_path / "cache" / "coreai" / DIGESTS).exists()
+    with pytest.raises(LmbundleError, match="main.mlirb does not match main.hash"):
+        Engine(path, backend="coreai")
 
 
 @needs_coreai

@@ -2,8 +2,9 @@
 
 The Linux runtime loads a compiled program (ODIX), not the bytecode, so the first load compiles and
 keeps the result in a content-keyed cache (`$LMBUNDLE_CACHE/coreai/` or `~/.cache/lmbundle/coreai/`).
-The key is the bytecode's sha256 as the asset records it (`main.hash`, checked against the bytecode
-before compiling) plus the coreai-core version; an entry is built in a temporary folder and renamed
+The key is the bytecode's sha256 as the asset records it (`main.hash`) plus the coreai-core version. The
+bytecode is checked against main.hash before any use, a hit included (hashed once per change of the file:
+`bytecode_digest` keeps digests keyed by path, size, inode, mtime and ctime); an entry is built in a temporary folder and renamed
 into place, and an entry whose files do not match its manifest (sizes + CRC32) is rebuilt.
 """
 
@@ -66,8 +67,45 @@ def asset_digest(aimodel: Path) -> str:
     return digest.read_bytes().hex()
 
 
-def check_bytecode(aimodel: Path, digest: str) -> None:
-    if _sha256(aimodel / "main.mlirb") != digest:
+DIGESTS = "bytecode-digests.json"
+
+
+def _file_key(path: Path) -> str:
+    """What changes whenever a file's bytes may have: its path, size, inode, mtime and ctime (a writer
+    can set mtime back, never ctime)."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def bytecode_digest(path: Path, root: Path | None = None) -> str:
+    """sha256 of a bytecode file, hashed once per change of the file (memo in the cache root, keyed by
+    `_file_key`), so checking the bundle's bytes on every cache hit costs a stat, not a read."""
+    root = root or cache_root()
+    memo_path = root / DIGESTS
+    key = _file_key(path)
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if not isinstance(memo, dict):
+        memo = {}
+    if isinstance(memo.get(key), str):
+        return memo[key]
+    digest = _sha256(path)
+    memo = {k: v for k, v in memo.items() if not k.startswith(f"{path.resolve()}:")}  # drop stale keys
+    memo[key] = digest
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{DIGESTS}.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    except OSError:
+        pass  # a read-only cache: hash again next time
+    return digest
+
+
+def check_bytecode(aimodel: Path, digest: str, root: Path | None = None) -> None:
+    if bytecode_digest(aimodel / "main.mlirb", root) != digest:
         raise LmbundleError(f"{aimodel}: main.mlirb does not match main.hash (damaged or partly copied)")
 
 
@@ -125,12 +163,14 @@ def compiled_entry(aimodel: Path, root: Path | None = None) -> tuple[Path, bool]
     key = hashlib.sha256(f"{sha}:{version}".encode()).hexdigest()[:32]
     root = root or cache_root()
     entry = root / f"{key}.aimodelx"
+    # the bundle's bytes must be what main.hash says before a hit counts: the entry was compiled from
+    # verified bytes, but the user ships the bundle's (hashed once per file change, then a stat)
+    check_bytecode(aimodel, sha, root)
     if _entry_is_complete(entry):
         return entry, True
     if entry.exists():
         discard_entry(entry)
     root.mkdir(parents=True, exist_ok=True)
-    check_bytecode(aimodel, sha)  # only on a miss: a hit runs what was compiled from the verified bytes
     building = root / f".tmp-{key}-{uuid.uuid4().hex}.aimodelx"
     building.mkdir()
     try:
