@@ -4,7 +4,7 @@ The Linux runtime loads a compiled program (ODIX), not the bytecode, so the firs
 keeps the result in a content-keyed cache (`$LMBUNDLE_CACHE/coreai/` or `~/.cache/lmbundle/coreai/`).
 The key is the bytecode's sha256 as the asset records it (`main.hash`) plus the coreai-core version. The
 bytecode is checked against main.hash before any use, a hit included (hashed once per change of the file:
-`bytecode_digest` keeps digests keyed by path, size, inode, mtime and ctime); an entry is built in a temporary folder and renamed
+an entry keeps the keys - path, size, inode, mtime, ctime - of the bytecode files verified against it); an entry is built in a temporary folder and renamed
 into place, and an entry whose files do not match its manifest (sizes + CRC32) is rebuilt.
 """
 
@@ -67,7 +67,7 @@ def asset_digest(aimodel: Path) -> str:
     return digest.read_bytes().hex()
 
 
-DIGESTS = "bytecode-digests.json"
+VERIFIED = "verified-sources.json"  # in a cache entry: bytecode files known to hash to its source
 
 
 def _file_key(path: Path) -> str:
@@ -77,36 +77,40 @@ def _file_key(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def bytecode_digest(path: Path, root: Path | None = None) -> str:
-    """sha256 of a bytecode file, hashed once per change of the file (memo in the cache root, keyed by
-    `_file_key`), so checking the bundle's bytes on every cache hit costs a stat, not a read."""
-    root = root or cache_root()
-    memo_path = root / DIGESTS
-    key = _file_key(path)
+def check_bytecode(aimodel: Path, digest: str) -> None:
+    if _sha256(aimodel / "main.mlirb") != digest:
+        raise LmbundleError(f"{aimodel}: main.mlirb does not match main.hash (damaged or partly copied)")
+
+
+def _remember_verified(entry: Path, bytecode: Path) -> None:
     try:
-        memo = json.loads(memo_path.read_text())
+        known = json.loads((entry / VERIFIED).read_text())
     except (OSError, ValueError):
-        memo = {}
-    if not isinstance(memo, dict):
-        memo = {}
-    if isinstance(memo.get(key), str):
-        return memo[key]
-    digest = _sha256(path)
-    memo = {k: v for k, v in memo.items() if not k.startswith(f"{path.resolve()}:")}  # drop stale keys
-    memo[key] = digest
+        known = []
+    key = _file_key(bytecode)
+    prefix = f"{bytecode.resolve()}:"
+    known = [k for k in known if isinstance(k, str) and not k.startswith(prefix)] + [key]
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".{DIGESTS}.{uuid.uuid4().hex}"
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        tmp = entry / f".{VERIFIED}.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(known[-64:]))
+        os.replace(tmp, entry / VERIFIED)
     except OSError:
         pass  # a read-only cache: hash again next time
-    return digest
 
 
-def check_bytecode(aimodel: Path, digest: str, root: Path | None = None) -> None:
-    if bytecode_digest(aimodel / "main.mlirb", root) != digest:
-        raise LmbundleError(f"{aimodel}: main.mlirb does not match main.hash (damaged or partly copied)")
+def check_hit(aimodel: Path, digest: str, entry: Path) -> None:
+    """Before a cache hit counts, the bundle's bytecode must be what main.hash says (the entry was compiled
+    from verified bytes, but the user ships the bundle's). Hashed once per change of the file: the entry
+    keeps the keys (`_file_key`) of the bytecode files already verified against it, so a hit costs a stat."""
+    bytecode = aimodel / "main.mlirb"
+    try:
+        known = json.loads((entry / VERIFIED).read_text())
+    except (OSError, ValueError):
+        known = []
+    if isinstance(known, list) and _file_key(bytecode) in known:
+        return
+    check_bytecode(aimodel, digest)
+    _remember_verified(entry, bytecode)
 
 
 def _crc32(path: Path) -> int:
@@ -163,14 +167,13 @@ def compiled_entry(aimodel: Path, root: Path | None = None) -> tuple[Path, bool]
     key = hashlib.sha256(f"{sha}:{version}".encode()).hexdigest()[:32]
     root = root or cache_root()
     entry = root / f"{key}.aimodelx"
-    # the bundle's bytes must be what main.hash says before a hit counts: the entry was compiled from
-    # verified bytes, but the user ships the bundle's (hashed once per file change, then a stat)
-    check_bytecode(aimodel, sha, root)
     if _entry_is_complete(entry):
+        check_hit(aimodel, sha, entry)
         return entry, True
     if entry.exists():
         discard_entry(entry)
     root.mkdir(parents=True, exist_ok=True)
+    check_bytecode(aimodel, sha)
     building = root / f".tmp-{key}-{uuid.uuid4().hex}.aimodelx"
     building.mkdir()
     try:
@@ -178,6 +181,7 @@ def compiled_entry(aimodel: Path, root: Path | None = None) -> tuple[Path, bool]
         files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in building.iterdir()}
         manifest = {"source_sha256": sha, "coreai_core": version, "files": files}
         (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (building / VERIFIED).write_text(json.dumps([_file_key(aimodel / "main.mlirb")]))
         try:
             building.rename(entry)
         except OSError:  # another process finished the same entry first
