@@ -49,6 +49,19 @@ def edit_weights(src: Path, dst: Path, edit: Callable[[Tensors], None], coreai: 
     return dst
 
 
+def edit_file_tensors(src: Path, dst: Path, rel: str, edit: Callable[[Tensors], None]) -> Path:
+    """Copy, edit the tensors of another safetensors file of the bundle (the vision encoder's), rehash."""
+    from lmbundle.bundle.format import write_safetensors
+
+    copy_bundle(src, dst)
+    path = dst / rel
+    tensors = load(path.read_bytes())
+    edit(tensors)
+    write_safetensors(path, tensors, metadata={"format": "pt"})
+    rehash(dst)
+    return dst
+
+
 def reexport(folder: Path) -> None:
     """Rebuild the bundle's .aimodel from its (damaged) weights."""
     from lmbundle.bundle.format import open_bundle

@@ -267,3 +267,21 @@ def test_coreai_sabotage_fails(models, case):
     assert not report.passed and report.weights_bad
     if case in COREAI_LOGITS_CATCH:
         assert report.exact_worst > report.bound, _figures(report)
+
+
+def test_vlm_deepstack_level_zeroed_fails_with_one_verdict(tmp_path):
+    """The demo VLM with a whole DeepStack level zeroed in its vision encoder (hashes rewritten): the
+    image part fails (vision cosine), and the gate prints one verdict line, at the end, saying so."""
+    import subprocess
+    import sys
+
+    demo = DEMO_QWEN35.parent / "qwen3vl-tiny"
+    bundle = convert(str(demo), tmp_path / "vl", quant="int8hu", backend="torch", max_context=1024, log=None)
+    broken = sabotage.edit_file_tensors(bundle, tmp_path / "vl-broken", "vision.safetensors",
+                                        sabotage.scale("deepstack_merger_list.1.linear_fc2", 0.0, (".weight", ".bias")))
+    out = subprocess.run([sys.executable, "-m", "lmbundle", "gate", str(broken), "--oracle", str(demo), "--backend",
+                          "torch", "--device", "cpu", "--coverage", "256"], capture_output=True, text=True, timeout=600)
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert lines[-1].startswith("FAIL: image: vision embeddings cosine"), lines
+    assert sum(line.startswith(("PASS", "FAIL")) for line in lines) == 1 and not any("image gate:" in x for x in lines)
