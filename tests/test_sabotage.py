@@ -145,16 +145,16 @@ def test_rope_bug_on_q_only_fails(models, model, monkeypatch):
 
 @pytest.mark.parametrize("model", ["tiny", "demo"])
 def test_swapped_token_ids_fail(models, model):
-    """tokenizer.json with two ids swapped and its hash left stale: refused at load, or the gate fails
-    (it encodes with the oracle's tokenizer and compares the bundle's)."""
+    """tokenizer.json with two ids swapped: refused at load while its hash is stale; with the hashes
+    rewritten, the gate fails (it encodes with the oracle's tokenizer and compares the bundle's)."""
     m = models[model]
     path = sabotage.swap_token_ids(m.bundle("fp16"), m.fresh("tokenizer"))
-    try:
-        report = m.gate(path)
-    except LmbundleError as exc:
-        assert "tokenizer" in str(exc)
-        return
+    with pytest.raises(LmbundleError, match="tokenizer.json: sha256 does not match"):
+        Engine(path, backend="torch", device="cpu")
+    sabotage.rehash(path)
+    report = m.gate(path)
     assert not report.passed and not report.tokenizer_ok, report.lines()
+    assert any("vocabulary entries differ" in f for f in report.failures), report.failures
 
 
 METADATA_CASES = {

@@ -16,8 +16,9 @@ A. Is the bundle exactly the quantized model it claims to be? Reference: the *si
       max |logit diff| / std(oracle logits) <= the backend's bound (`BOUNDS`).
    5. a step seeded from the oracle's cache: the same bound.
    6. greedy rollouts equal to the simulated oracle's; a fork is excused only where the bundle's token
-      is the oracle's rank-2 and the oracle's top-2 margin is within twice the backend's bound (a
-      rank swap the arithmetic can cause), at most `MAX_EXCUSED` of the rollouts.
+      is the oracle's rank-2 and the oracle's top-2 margin is under twice the error this run measured
+      in 4 (two logits each off by at most d can swap only when their margin is < 2d), at most
+      `max_excused` of the rollouts (per compute type: a clean bundle's count sets it).
 B. Is the quantization good enough? Simulated vs fp32 oracle over all positions of the same prompts:
    top-1 agreement, mean KL(fp32 || simulated) and top-5 overlap, against per-mode thresholds
    (`QUALITY`). With `--against` (e.g. the fp16 bundle) the rollouts must also equal that bundle's.
@@ -57,13 +58,24 @@ PROMPTS = (
     "The river ran through the forest, past the old mill, and",
 )
 
-# Bound on max_v |bundle - simulated oracle| / std_v(simulated oracle) at any position, by the
-# arithmetic the backend computes in (see `compute_dtype`). Derivation in docs and the report:
-# unit roundoff u (fp32 6.0e-8, fp16 4.9e-4, bf16 3.9e-3); clean bundles measure ~100 u (fp32 CPU
-# 4e-6..2e-5 on the demo and random models; Core AI fp16 0.03-0.05 on the demo), the bound is
-# ~4x the worst clean figure and stays below what one wrong weight tensor does.
+# Bound on max_v |bundle - simulated oracle| / std_v(simulated oracle) at any position, by the arithmetic
+# the backend computes in (`compute_dtype`). Unit roundoff u: fp32 6.0e-8, fp16 4.9e-4, bf16 3.9e-3. A clean
+# bundle measures about 20-300 u (a logit passes ~2 roundings per sublayer, amplified by the norms):
+#   fp32 PyTorch CPU:  1.5e-6..2.1e-5 (random tiny and demo, every quant mode; CPU int8 is dequantized once)
+#   fp16 Core AI:      0.011 (random tiny), 0.03-0.05 (demo)                            Linux runtime
+#   bf16 PyTorch CUDA: 0.034-0.042 (random tiny), 0.10-0.14 (demo; weights also cast fp16 -> bf16)  H200
+# The bound is ~4-50x the worst clean figure (a deeper real model accumulates more), ~100-300 u for the 16-bit
+# types; one wrong weight tensor moves logits by 0.07 (dt_bias 0, random tiny) to 5 std (conv1d 0, demo).
 BOUNDS = {"fp32": 1e-3, "fp16": 0.2, "bf16": 0.5}
-MAX_EXCUSED = 2  # excused forks from the simulated oracle, of 16 rollouts (clean: 0 on the CPU and Core AI)
+# Excused forks from the simulated oracle, per 16 rollouts of 32 tokens. Clean counts: fp32 CPU 0 (demo and
+# random tiny, every mode); fp16 Core AI 0 (tiny, 2 rollouts of 4-8 tokens); bf16 CUDA 5-7 (H200, demo and
+# tiny, fp16 / int8lin / int8hu: bf16 paths part from fp32 ones at near-ties within ~20 tokens, so on CUDA
+# the rollouts are a weak test and the logits bound and weight check carry the verdict).
+EXCUSED_PER_16 = {"fp32": 1, "fp16": 3, "bf16": 10}
+
+
+def max_excused(compute: str, n: int) -> int:
+    return math.ceil(EXCUSED_PER_16[compute] * n / 16)
 
 
 def max_against_ties(n: int) -> int:
@@ -153,7 +165,8 @@ class GateReport(Report):
             f"    worst max|diff|/std {self.exact_worst:.3g} (bound {self.bound:g}; abs {self.exact_worst_abs:.3g})   "
             f"seeded step {self.seeded_worst:.3g} (cos {self.seeded_min_cosine:.6f})",
             f"    greedy rollouts ({ROLLOUT}) {self.rollout_identical}/{n} identical"
-            + (f" ({self.rollout_excused} excused rank-2 forks, max {MAX_EXCUSED})" if self.rollout_excused else "")
+            + (f" ({self.rollout_excused} excused rank-2 forks, max {max_excused(self.compute, n)})"
+               if self.rollout_excused else "")
             + f"   token agreement {100 * self.rollout_tokens_matched:.1f}%",
             f"  quantization vs fp32 oracle: top-1 {100 * self.quality_top1:.1f}% (min {100 * thresholds[0]:.0f}%)   "
             f"KL {self.quality_kl:.2e} (max {thresholds[1]:.0e})   top-5 overlap {100 * self.quality_top5:.1f}% "
@@ -427,15 +440,16 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
         fork = next(i for i, (a, b) in enumerate(zip(mine, reference)) if a != b)
         top2 = logits[fork].topk(2)
         margin = float(top2.values[0] - top2.values[1])
-        if top2.indices.tolist() == [reference[fork], mine[fork]] and margin <= 2 * report.bound * float(logits[fork].std()):
+        measured = min(report.exact_worst, report.bound)  # the error this run saw, never above the bound
+        if top2.indices.tolist() == [reference[fork], mine[fork]] and margin <= 2 * measured * float(logits[fork].std()):
             report.rollout_identical += 1
             report.rollout_excused += 1
     report.rollout_tokens_matched = matched / max(steps * len(texts), 1)
     n = len(texts)
     if report.rollout_identical < n:
         failures.append(f"greedy rollouts {report.rollout_identical}/{n} identical to the simulated oracle")
-    if report.rollout_excused > MAX_EXCUSED:
-        failures.append(f"{report.rollout_excused} rollout forks excused as ties (at most {MAX_EXCUSED})")
+    if report.rollout_excused > max_excused(compute, n):
+        failures.append(f"{report.rollout_excused} rollout forks excused as ties (at most {max_excused(compute, n)})")
 
     # B: the quantization itself
     failures += check_quality(report, quality_pairs)
