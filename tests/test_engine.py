@@ -115,6 +115,7 @@ def test_cli_run_streams_and_bench_reports(fp16_bundle, engine):
 
     result = json.loads(bench.stdout)
     assert result["decode_tok_s"] > 0 and result["bytes_per_token"] > 0 and 0 < result["bandwidth_fraction"]
+    assert result["prefill"] == "s1" and result["chunked_prefill"] == 256 and result["chunked_prefill_tok_s"] > 0
 
 
 @pytest.mark.parametrize("args,message", [

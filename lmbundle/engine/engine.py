@@ -18,6 +18,7 @@ from ..bundle.format import Bundle, open_bundle
 from ..bundle.load import load_graph
 from ..errors import LmbundleError
 from . import BACKENDS
+from .prompt import ChatPrompt, render_chat
 from .sampling import Sampling
 from .torch_backend import TorchBackend, pick_device
 from .vision import ImagePrompts, split_images
@@ -155,16 +156,22 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None,
+                 template_kwargs: dict | None = None) -> list[int]:
+        return self.chat_prompt(messages, tools, template_kwargs).ids
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> ChatPrompt:
+        """The chat template's prompt; message text is always tokenized as text (prompt.py)."""
         if not self.tokenizer.chat_template:
             raise LmbundleError(f"{self.bundle.tokenizer_path}: the tokenizer has no chat template")
         messages, images = split_images(messages)
         if images:
             self._check_vision()
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return self.vision.image_prompt(list(ids), images) if images else list(ids)
+        prompt = render_chat(self.tokenizer, messages, tools, template_kwargs)
+        if images:
+            prompt.ids = self.vision.image_prompt(prompt.ids, images)
+        return prompt
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len == 0:
@@ -212,13 +219,20 @@ class Engine:
         fed = list(ids)  # what the state holds: the prompt, then each token a step was enqueued for
         position = len(ids)
         first = None
+        host_bound = sampling.needs_host  # a grammar: token n+1 is chosen once token n is known here
         for i in range(max_new_tokens):
-            following = None
+            following = step = None
             if i + 1 < max_new_tokens:  # enqueue step n+1 before reading token n
-                following = backend.next_token(backend.step(token, position), sampling, generator)
+                step = backend.step(token, position)
+                if not host_bound:
+                    following = backend.next_token(step, sampling, generator)
                 position += 1
             value = backend.read_token(token)
-            if following is not None:
+            if host_bound:  # the step n+1 runs on the device while the host advances the grammar
+                sampling.accept(value)
+                if step is not None and not (stop and value in self.stop_ids):
+                    following = backend.next_token(step, sampling, generator)
+            if step is not None:
                 fed.append(value)
             if keep:  # consistent here: every step enqueued so far fed a token now in `fed`
                 self._held = (fed, backend.writes)

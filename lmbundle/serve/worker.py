@@ -37,6 +37,8 @@ class Job:
         self.deadline = deadline  # time.monotonic() value
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.on_cancel: Callable[["Job"], None] | None = None  # the worker drops a queued job at once
+        self.state = "queued"  # -> "running" -> "done"; or "dropped" when cancelled while queued
 
     def emit(self, kind: str, value: object = None) -> None:
         """Called on the worker thread; delivers to the request's event loop."""
@@ -53,6 +55,8 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel(self)
 
 
 class Worker:
@@ -83,11 +87,39 @@ class Worker:
         """Queue `work` (run as work(job) on the worker thread) or raise QueueFull."""
         job = Job(work, asyncio.get_running_loop(), time.monotonic() + timeout)
         with self._lock:
-            if self.full:
+            if self._closing or self.full:
                 raise QueueFull()
             self._waiting += 1
+        job.on_cancel = self._drop
         self._queue.put(job)
         return job
+
+    def _drop(self, job: Job) -> None:
+        """A queued job whose client left (or the server is stopping) gives its slot back now, not when
+        its turn comes: otherwise gone clients keep the queue full and new requests get 429."""
+        with self._lock:
+            if job.state != "queued":
+                return
+            job.state = "dropped"
+            self._waiting -= 1
+            self.stopped += 1
+        job.emit("end")
+
+    def stop_all(self) -> None:
+        """Stop the running job and every waiting one, and take no more (the server is shutting down);
+        returns at once (the signal handler runs on the event loop)."""
+        with self._lock:
+            self._closing = True
+            running = self.running
+        if running is not None:
+            running.cancel()
+        for job in list(self._queue.queue):
+            if job is not None:
+                job.cancel()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def close(self) -> None:
         """Stop the running job, drop the waiting ones, end the thread."""
@@ -100,6 +132,9 @@ class Worker:
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
             with self._lock:
+                if job.state == "dropped":
+                    continue
+                job.state = "running"
                 self._waiting -= 1
                 self.running = job
             if self._closing:
@@ -115,4 +150,5 @@ class Worker:
             finally:
                 with self._lock:
                     self.running = None
+                    job.state = "done"
                 job.emit("end")
