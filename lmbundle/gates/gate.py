@@ -330,19 +330,32 @@ def check_weights(engine: Engine, oracle: Oracle) -> tuple[int, list[str]]:
     return checked, bad
 
 
-def check_quality(report: GateReport, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
-    """Simulated vs fp32 oracle over all positions: top-1, mean KL(fp32 || simulated), top-5 overlap."""
-    top1 = kl = top5 = 0.0
-    count = 0
-    for simulated, exact in pairs:
-        top1 += float((simulated.argmax(-1) == exact.argmax(-1)).sum())
+class QualitySums:
+    """Running sums of the quantization figures (so a 248k vocabulary never holds every prompt's logits)."""
+
+    def __init__(self) -> None:
+        self.top1 = self.kl = self.top5 = 0.0
+        self.count = 0
+
+    def add(self, simulated: torch.Tensor, exact: torch.Tensor) -> None:
+        self.top1 += float((simulated.argmax(-1) == exact.argmax(-1)).sum())
         logp, logq = exact.log_softmax(-1), simulated.log_softmax(-1)
-        kl += float((logp.exp() * (logp - logq)).sum(-1).clamp_min(0).sum())
+        self.kl += float((logp.exp() * (logp - logq)).sum(-1).clamp_min(0).sum())
         k = min(5, exact.shape[-1])
         a, b = exact.topk(k, dim=-1).indices, simulated.topk(k, dim=-1).indices
-        top5 += float((a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean(-1).sum())
-        count += exact.shape[0]
-    report.quality_top1, report.quality_kl, report.quality_top5 = top1 / count, kl / count, top5 / count
+        self.top5 += float((a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean(-1).sum())
+        self.count += exact.shape[0]
+
+
+def check_quality(report: GateReport, pairs) -> list[str]:
+    """Simulated vs fp32 oracle over all positions: top-1, mean KL(fp32 || simulated), top-5 overlap.
+    `pairs`: (simulated, fp32) logits [S, V] pairs, or their `QualitySums`."""
+    sums = pairs if isinstance(pairs, QualitySums) else QualitySums()
+    if not isinstance(pairs, QualitySums):
+        for simulated, exact in pairs:
+            sums.add(simulated, exact)
+    count = max(sums.count, 1)
+    report.quality_top1, report.quality_kl, report.quality_top5 = sums.top1 / count, sums.kl / count, sums.top5 / count
     min_top1, max_kl, min_top5 = QUALITY.get(report.quant, QUALITY["int8hu"])
     failures = []
     if report.quality_top1 < min_top1:
@@ -395,7 +408,7 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
     randoms = random_prompts(vocab, default_coverage(engine) if coverage is None else coverage, _excluded_ids(engine))
     report.random_prompts = len(randoms)
     fed: set[int] = set()
-    quality_pairs = []
+    quality = QualitySums()
     seeded = []
     for k, ids in enumerate(texts + randoms):
         fed.update(ids)
@@ -409,7 +422,7 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
         report.exact_positions_over += int((error > report.bound).sum())
         report.positions += len(ids)
         exact = oracle.forward(ids).logits
-        quality_pairs.append((ref.logits, exact))
+        quality.add(ref.logits, exact)
         if k < len(texts):
             report.oracle_top1_last += int(ours[-1].argmax() == exact[-1].argmax())
             next_token = int(ref.top1[-1])
@@ -452,7 +465,7 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
         failures.append(f"{report.rollout_excused} rollout forks excused as ties (at most {max_excused(compute, n)})")
 
     # B: the quantization itself
-    failures += check_quality(report, quality_pairs)
+    failures += check_quality(report, quality)
     if against is not None:
         report.against = against.bundle.name
         for ids in texts:
