@@ -34,8 +34,10 @@ def copy_bundle(src: Path, dst: Path) -> Path:
     return dst
 
 
-def edit_weights(src: Path, dst: Path, edit: Callable[[Tensors], None], coreai: bool = False) -> Path:
-    """Copy, edit the weights, rewrite the hashes (and re-export the .aimodel from them if asked)."""
+def edit_weights(src: Path, dst: Path, edit: Callable[[Tensors], None], coreai: bool = False,
+                 aimodel_only: bool = False) -> Path:
+    """Copy, edit the weights, rewrite the hashes (and re-export the .aimodel from them if asked; with
+    `aimodel_only` the safetensors are put back as they were, so only the .aimodel is damaged)."""
     from lmbundle.bundle.format import write_safetensors
 
     copy_bundle(src, dst)
@@ -45,6 +47,8 @@ def edit_weights(src: Path, dst: Path, edit: Callable[[Tensors], None], coreai: 
     write_safetensors(path, tensors, metadata={"format": "pt"})
     if coreai:
         reexport(dst)
+    if aimodel_only:
+        shutil.copy2(src / path.name, path)
     rehash(dst)
     return dst
 
@@ -70,7 +74,7 @@ def reexport(folder: Path) -> None:
 
     bundle = open_bundle(folder)
     asset = bundle.aimodel_path
-    model = load_graph(bundle, verify=False)
+    model = load_graph(bundle, dtype=torch.float16, verify=False)  # the layout convert exports: fp16, int8, fp32 GDN
     shutil.rmtree(asset)
     export_aimodel(model, capacity=bundle.max_context, out_path=asset, vision=bundle.metadata.get("vision"))
 

@@ -241,10 +241,10 @@ def open_bundle_info(path):
 
 # -- Core AI: the damage re-exported into the .aimodel (the backend reads no safetensors) -------------------
 COREAI_CASES = ["embed rare rows swapped", "int8 head rare rows swapped", "conv1d zeroed (layer 0)",
-                "dt_bias 0 (layer 2)"]
+                "dt_bias 0 (layer 2)", "MLP scales x1.02", "o_proj x1.05"]
 # What fp16 arithmetic resolves in the logits alone (bound 0.2 std; clean Core AI 0.011 on this model):
-# the few-percent scalings move the tiny model's logits by 0.07-0.11 std, inside fp16's resolution, and
-# fail through the weight check (the damage is in the bundle's weights too).
+# the few-percent changes move the tiny model's logits by 0.07-0.11 std, inside fp16's resolution; the
+# .aimodel weight check (recipe tensors byte for byte in main.mlirb) catches every case exactly.
 COREAI_LOGITS_CATCH = {"embed rare rows swapped", "int8 head rare rows swapped", "conv1d zeroed (layer 0)"}
 
 
@@ -280,19 +280,23 @@ def test_coreai_clean_passes(models):
         report = m.gate(m.bundle(mode, coreai=True), backend="coreai", prompts=2, rollouts=4, coverage=10**6)
         print(f"\ncoreai clean tiny {mode}: {_figures(report)}")
         assert report.passed, report.lines() + report.failures
-        assert report.vocab_covered == 1.0
+        assert report.vocab_covered == 1.0 and report.aimodel_checked > 0 and not report.aimodel_bad
 
 
 @needs_coreai
 @pytest.mark.parametrize("case", COREAI_CASES)
 def test_coreai_sabotage_fails(models, case):
-    """On the tiny model (320 ids: the whole vocabulary is fed through the Core AI interpreter)."""
+    """The damage in the .aimodel only (the safetensors the torch backend reads left clean), on the tiny
+    model (320 ids: the whole vocabulary is fed through the Core AI interpreter)."""
     m = models["tiny"]
     mode, make = WEIGHT_CASES[case]
-    path = sabotage.edit_weights(m.bundle(mode, coreai=True), m.fresh("coreai"), make(m), coreai=True)
-    report = m.gate(path, backend="coreai", prompts=2, rollouts=4, coverage=10**6)
-    print(f"\ncoreai {case} (tiny, {mode}): {_figures(report)}")
-    assert not report.passed and report.weights_bad
+    path = sabotage.edit_weights(m.bundle(mode, coreai=True), m.fresh("coreai"), make(m), coreai=True,
+                                 aimodel_only=True)
+    coverage = 10**6 if case in COREAI_LOGITS_CATCH else 32  # the weight check needs no coverage
+    report = m.gate(path, backend="coreai", prompts=2, rollouts=4, coverage=coverage)
+    print(f"\ncoreai {case} (tiny, {mode}, .aimodel only): {_figures(report)} aimodel_bad {report.aimodel_bad}")
+    assert len(report.aimodel_bad) <= 12, report.aimodel_bad  # the damaged tensors, not the layout
+    assert not report.passed and not report.weights_bad and report.aimodel_bad
     if case in COREAI_LOGITS_CATCH:
         assert report.exact_worst > report.bound, _figures(report)
 

@@ -134,6 +134,8 @@ class GateReport(Report):
     tokenizer_ok: bool = True
     weights_checked: int = 0
     weights_bad: list[str] = field(default_factory=list)
+    aimodel_checked: int = 0  # Core AI: recipe tensors looked for in the .aimodel's bytecode
+    aimodel_bad: list[str] = field(default_factory=list)
     exact_worst: float = 0.0  # max |diff| / std over every position and vocabulary entry
     exact_worst_abs: float = 0.0
     exact_positions_over: int = 0
@@ -159,7 +161,9 @@ class GateReport(Report):
         lines = [
             f"gate  {self.bundle}  [{self.quant}, {self.backend} backend, {self.compute} compute]",
             f"  config {'== oracle' if self.config_ok else 'DIFFERS from the oracle'}   "
-            f"tokenizer {'== oracle' if self.tokenizer_ok else 'DIFFERS from the oracle'}   weights: {weights}",
+            f"tokenizer {'== oracle' if self.tokenizer_ok else 'DIFFERS from the oracle'}   weights: {weights}"
+            + (f"\n  .aimodel: {self.aimodel_checked - len(self.aimodel_bad)}/{self.aimodel_checked} recipe tensors "
+               "found byte for byte in main.mlirb" if self.aimodel_checked else ""),
             f"  exactness vs simulated oracle ({n} text + {self.random_prompts} random-token prompts, "
             f"{self.positions} positions, all {100 * self.vocab_covered:.0f}% of ids fed):",
             f"    worst max|diff|/std {self.exact_worst:.3g} (bound {self.bound:g}; abs {self.exact_worst_abs:.3g})   "
@@ -347,6 +351,55 @@ class QualitySums:
         self.count += exact.shape[0]
 
 
+def _encodings(name: str, weight: torch.Tensor, recipe: dict) -> list[list[bytes]]:
+    """The byte strings the Core AI export of `name` holds, as alternatives: each alternative is a list of
+    blobs that must all be present. int8 linears: qweight and fp16 scales as stored; fp16 weights as
+    stored; fp32 parameters as stored, or folded the way the exported graph folds them (zero-centered
+    norms as 1 + w, A_log as -exp(A_log), conv1d as its K tap columns)."""
+    from ..bundle.quant import keeps_high_precision
+    from ..models.linear import quantize_absmax
+
+    def raw(t: torch.Tensor) -> bytes:
+        return t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+
+    module = name.removesuffix(".weight")
+    block = recipe.get("int8_linears", {}).get(module)
+    if block:
+        qweight, scales = quantize_absmax(weight.detach(), block)
+        return [[raw(qweight), raw(scales)]]
+    if not keeps_high_precision(name):
+        return [[raw(weight.detach().to(torch.float16))]]
+    w = weight.detach().float()
+    options = [w, 1 + w, -w.exp()]
+    out = [[raw(v.to(dtype))] for v in options for dtype in (torch.float32, torch.float16)]
+    if name.endswith("conv1d.weight"):
+        out += [[raw(w[:, 0, j].to(dtype)) for j in range(w.shape[-1])] for dtype in (torch.float32, torch.float16)]
+    return out
+
+
+def check_aimodel_weights(engine: Engine, oracle: Oracle) -> tuple[int, list[str]]:
+    """Core AI runs the .aimodel, not the safetensors: each recipe tensor (the recipe applied to the
+    checkpoint) must be in its bytecode byte for byte (MLIR keeps constants as raw blobs). Exact where
+    fp16 logits resolve only ~0.2 std."""
+    import mmap
+
+    asset = engine.bundle.aimodel_path
+    if asset is None or not (asset / "main.mlirb").is_file():
+        return 0, []
+    recipe = engine.bundle.info["quant"]
+    source = oracle.text_parameters()
+    bad, checked, seen = [], 0, set()
+    with open(asset / "main.mlirb", "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for name, param in sorted(source.items()):
+            if id(param) in seen and recipe.get("tied_head", True):  # a tied table is exported once
+                continue
+            seen.add(id(param))
+            checked += 1
+            if not any(all(data.find(blob) >= 0 for blob in option) for option in _encodings(name, param.data, recipe)):
+                bad.append(name)
+    return checked, bad
+
+
 def check_quality(report: GateReport, pairs) -> list[str]:
     """Simulated vs fp32 oracle over all positions: top-1, mean KL(fp32 || simulated), top-5 overlap.
     `pairs`: (simulated, fp32) logits [S, V] pairs, or their `QualitySums`."""
@@ -401,6 +454,11 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
     report.weights_checked, report.weights_bad = check_weights(engine, oracle)
     if report.weights_bad:
         failures.append(f"weights differ from the recipe applied to the checkpoint: {', '.join(report.weights_bad[:3])}")
+    if engine.backend_name == "coreai":
+        report.aimodel_checked, report.aimodel_bad = check_aimodel_weights(engine, oracle)
+        if report.aimodel_bad:
+            failures.append(f".aimodel weights differ from the recipe applied to the checkpoint: "
+                            f"{', '.join(report.aimodel_bad[:3])}{'...' if len(report.aimodel_bad) > 3 else ''}")
 
     # 4-5: logits at every position, every vocabulary entry
     vocab = int(info["config"]["vocab_size"])
