@@ -9,7 +9,8 @@ A. Is the bundle exactly the quantized model it claims to be? Reference: the *si
       gate prompt (encoded with the oracle's tokenizer) encodes to the same ids with the bundle's.
    3. weights, tensor by tensor and row by row (the embedding and head included, where logits would
       need every token fed): equal to the recipe applied to the checkpoint, within one int8 step /
-      one fp16 ulp; no tensor missing, none extra.
+      one fp16 ulp; no tensor missing, none extra. On Core AI also the .aimodel's own constants: each
+      recipe tensor byte for byte in its bytecode (`check_aimodel_weights`).
    4. logits on *every vocabulary entry* at *every position* of the text prompts (the bundle fed S=1
       from a zero state, the exported graph's contract) and of random-token prompts that cover the
       vocabulary (one chunked forward each on PyTorch, the prefill path; S=1 on Core AI):
