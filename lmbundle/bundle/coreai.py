@@ -2,10 +2,11 @@
 
 The Linux runtime loads a compiled program (ODIX), not the bytecode, so the first load compiles and
 keeps the result in a content-keyed cache (`$LMBUNDLE_CACHE/coreai/` or `~/.cache/lmbundle/coreai/`).
-The key is the bytecode's sha256 as the asset records it (`main.hash`) plus the coreai-core version. The
-bytecode is checked against main.hash before any use, a hit included (hashed once per change of the file:
-an entry keeps the keys - path, size, inode, mtime, ctime - of the bytecode files verified against it); an entry is built in a temporary folder and renamed
-into place, and an entry whose files do not match its manifest (sizes + CRC32) is rebuilt.
+The key is the bytecode's sha256 as the asset records it (`main.hash`) plus the coreai-core version.
+The bytecode is checked against main.hash before any use, a hit included, hashed once per change of the
+file (an entry keeps the path, size, inode, mtime and ctime of the bytecode files verified against it).
+An entry is built in a temporary folder and renamed into place, and an entry whose files do not match
+its manifest (sizes + CRC32) is rebuilt.
 """
 
 from __future__ import annotations

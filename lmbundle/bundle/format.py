@@ -2,10 +2,11 @@
 
 metadata.json is a superset of Apple's LanguageBundle schema 0.2 (so Apple's tools can read it) with our
 own `lmbundle` section: architecture and config, quant recipe, state layout, inputs/outputs, bytes read
-per token and the sha256 of every file, and `content_sha256`: the sha256 of everything in metadata.json that
-decides what a loader computes (config, recipe, state and I/O layout, assets, the file hashes), checked by
-`open_bundle`, so a hand edit of the config cannot make `run` compute another model. Bundles are written to a temporary folder beside the target and
-renamed into place at the end, so a failed or interrupted convert leaves nothing behind.
+per token, the sha256 of every file, and `content_sha256`: the sha256 of everything in metadata.json
+that decides what a loader computes (config, recipe, state and I/O layout, assets, the file hashes),
+checked by `open_bundle`, so a hand edit of the config cannot make `run` compute another model. Bundles
+are written to a temporary folder beside the target and renamed into place at the end, so a failed or
+interrupted convert leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ class Bundle:
         folder = self.tokenizer_path
         if not folder.is_dir():
             raise LmbundleError(f"{folder}: missing (the bundle has no tokenizer folder; convert the checkpoint again)")
-        if not (folder / "tokenizer.json").is_file() and not any(folder.glob("*.model")) and not (folder / "vocab.json").is_file():
+        has_vocab = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file() or any(folder.glob("*.model"))
+        if not has_vocab:
             raise LmbundleError(f"{folder / 'tokenizer.json'}: missing from the bundle's tokenizer folder")
         if verify:
             self.verify(self.tokenizer_files())
@@ -247,7 +249,7 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
         )
     recorded = info.get("content_sha256")
     if recorded is None:
-        raise LmbundleError(f"{meta_path}: no content_sha256 (written by an older lmbundle); convert the checkpoint again")
+        raise LmbundleError(f"{meta_path}: no content_sha256 (an older lmbundle wrote it); convert the checkpoint again")
     if recorded != content_digest(metadata):
         raise LmbundleError(f"{meta_path}: content does not match its content_sha256 (edited or damaged: "
                             "config, recipe, layout or file hashes changed); convert the checkpoint again")

@@ -228,7 +228,8 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (ours - reference).abs().amax(-1) / reference.std(-1).clamp_min(1e-6)
 
 
-def random_prompts(vocab: int, budget: int, exclude: set[int], length: int = RANDOM_PROMPT, seed: int = 0) -> list[list[int]]:
+def random_prompts(vocab: int, budget: int, exclude: set[int], length: int = RANDOM_PROMPT,
+                   seed: int = 0) -> list[list[int]]:
     """Random-token prompts that feed `budget` distinct ids (a seeded permutation of the vocabulary)."""
     generator = torch.Generator().manual_seed(seed)
     ids = [t for t in torch.randperm(vocab, generator=generator).tolist() if t not in exclude][:budget]
@@ -268,8 +269,9 @@ def check_tokenizer(engine: Engine, oracle: Oracle, texts) -> list[str]:
     vocab_ours, vocab_theirs = ours.get_vocab(), theirs.get_vocab()
     if vocab_ours != vocab_theirs:
         differ = sorted(set(vocab_ours.items()) ^ set(vocab_theirs.items()), key=lambda kv: kv[1])
+        token = differ[0][0]
         problems.append(f"{len(differ) // 2 or len(differ)} vocabulary entries differ "
-                        f"(e.g. {differ[0][0]!r} -> {vocab_ours.get(differ[0][0])} vs the oracle's {vocab_theirs.get(differ[0][0])})")
+                        f"(e.g. {token!r} -> {vocab_ours.get(token)} vs the oracle's {vocab_theirs.get(token)})")
     if getattr(ours, "chat_template", None) != getattr(theirs, "chat_template", None):
         problems.append("chat template differs")
     if ours.all_special_tokens != theirs.all_special_tokens:
@@ -454,7 +456,8 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
     simulated = simulated or oracle.simulated(info["quant"])
     report.weights_checked, report.weights_bad = check_weights(engine, oracle)
     if report.weights_bad:
-        failures.append(f"weights differ from the recipe applied to the checkpoint: {', '.join(report.weights_bad[:3])}")
+        failures.append("weights differ from the recipe applied to the checkpoint: "
+                        f"{', '.join(report.weights_bad[:3])}")
     if engine.backend_name == "coreai":
         report.aimodel_checked, report.aimodel_bad = check_aimodel_weights(engine, oracle)
         if report.aimodel_bad:
@@ -513,7 +516,8 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
         top2 = logits[fork].topk(2)
         margin = float(top2.values[0] - top2.values[1])
         measured = min(report.exact_worst, report.bound)  # the error this run saw, never above the bound
-        if top2.indices.tolist() == [reference[fork], mine[fork]] and margin <= 2 * measured * float(logits[fork].std()):
+        rank2 = top2.indices.tolist() == [reference[fork], mine[fork]]
+        if rank2 and margin <= 2 * measured * float(logits[fork].std()):
             report.rollout_identical += 1
             report.rollout_excused += 1
     report.rollout_tokens_matched = matched / max(steps * len(texts), 1)

@@ -88,8 +88,9 @@ class Oracle:
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(str(self.checkpoint.path))
             except Exception as exc:
-                raise LmbundleError(f"{self.checkpoint.path}: cannot load the oracle's tokenizer "
-                                    f"({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})") from None
+                text = str(exc).strip()
+                reason = text.splitlines()[0][:200] if text else type(exc).__name__
+                raise LmbundleError(f"{self.checkpoint.path}: cannot load the oracle's tokenizer ({reason})") from None
         return self._tokenizer
 
     def text_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -111,7 +112,8 @@ class Oracle:
         untie = head is not None and head is embed and not recipe.get("tied_head", True)
         with torch.no_grad():
             if untie:  # int8hu unties a tied checkpoint: the head gets its own quantized copy
-                new_head = torch.nn.Parameter(quantized_like_bundle("lm_head.weight", head, recipe), requires_grad=False)
+                new_head = quantized_like_bundle("lm_head.weight", head, recipe)
+                new_head = torch.nn.Parameter(new_head, requires_grad=False)
                 model.get_output_embeddings().weight = new_head
                 if hasattr(model.config, "tie_word_embeddings"):
                     model.config.tie_word_embeddings = False
