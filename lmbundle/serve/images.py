@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
-import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..engine.image import MAX_MEGAPIXELS, load_image
+from ..engine.image import declared_size, load_image
 from ..errors import LmbundleError
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -54,21 +52,9 @@ def check_header(data: bytes, name: str) -> tuple[int, int]:
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB, over the {MAX_IMAGE_BYTES // 2**20} MB image limit")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                size = image.size
-    except Image.DecompressionBombError:
-        raise ImageError(f"{name}: image is over the {MAX_MEGAPIXELS}-megapixel limit") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{name}: unreadable image ({exc})") from None
-    width, height = size
-    if width * height > MAX_MEGAPIXELS * 1_000_000:
-        raise ImageError(f"{name}: image is {width}x{height} = {width * height / 1e6:.1f} megapixels, "
-                         f"over the {MAX_MEGAPIXELS}-megapixel limit")
-    return size
+        return declared_size(data, name)
+    except LmbundleError as exc:
+        raise ImageError(str(exc)) from None
 
 
 def _data_url_bytes(url: str) -> bytes:

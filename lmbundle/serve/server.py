@@ -32,8 +32,21 @@ from ..engine.prompt import ChatPrompt
 from ..engine.sampling import Logprobs, Penalties, Sampling
 from ..errors import LmbundleError
 from .images import ImageError, check_header, decode_bytes, give_back_memory, image_bytes, resolve_dirs
-from .openai_api import (MAX_JSON_DEPTH, ApiError, ChatRequest, CompletionRequest, ImagePart, Shapes, StopMatcher,
-                         check_json, parse, timings, usage)
+from .metrics import Metrics
+from .metrics import health as health_report
+from .openai_api import (
+    MAX_JSON_DEPTH,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    ImagePart,
+    Shapes,
+    StopMatcher,
+    check_json,
+    parse,
+    timings,
+    usage,
+)
 from .tools import OutputParser
 from .worker import Job, QueueFull, Worker
 
@@ -53,6 +66,7 @@ class Options:
     allowed_dirs: list[Path] = field(default_factory=list)
     hosts: set[str] | None = None  # accepted Host headers; None accepts any
     prefill_chunk: int = 0  # 0: the prompt as S=1 steps (--prefill s1)
+    max_batch: int = 1  # requests decoded at once (--max-batch)
 
 
 @dataclass
@@ -376,7 +390,8 @@ def default_sampling(engine) -> dict:
 
 
 def create_app(engine, options: Options) -> FastAPI:
-    worker = Worker(options.queue_size)
+    worker = Worker(options.queue_size, options.max_batch)
+    metrics = Metrics(engine, worker)
     defaults = default_sampling(engine)
     vision = bool(getattr(engine, "is_vlm", False))
     image_slot = asyncio.Semaphore(1)  # one image decoded at a time, server-wide
@@ -388,6 +403,8 @@ def create_app(engine, options: Options) -> FastAPI:
     async def lifespan(app):
         yield
         worker.close()
+        if hasattr(engine, "close"):
+            engine.close()
 
     app = FastAPI(title="lmbundle", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker = worker
@@ -424,9 +441,11 @@ def create_app(engine, options: Options) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "running": worker.running is not None,
-                "waiting": worker.waiting, "queue_size": worker.queue_size, "served": worker.served,
-                "stopped": worker.stopped}
+        return health_report(engine, worker)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -704,16 +723,25 @@ def serve(args) -> None:
     import uvicorn
 
     from ..engine.engine import Engine
+    from ..engine.prefix_cache import parse_size
 
     loopback = check_host(args.host, args.allow_remote)
-    if args.queue_size < 0 or args.timeout <= 0:
-        raise LmbundleError("--queue-size must be >= 0 and --timeout > 0")
+    if args.queue_size < 0 or args.timeout <= 0 or args.max_batch < 1:
+        raise LmbundleError("--queue-size must be >= 0, --max-batch >= 1 and --timeout > 0")
+    try:
+        cache_bytes = parse_size(args.cache_mem)
+        host_bytes = None if args.cache_host_mem is None else parse_size(args.cache_host_mem)
+    except ValueError as exc:
+        raise LmbundleError(f"--cache-mem / --cache-host-mem: {exc}") from None
     api_key = args.api_key or os.environ.get("LMBUNDLE_API_KEY") or None  # the variable stays out of `ps`
     options = Options(api_key=api_key, timeout=args.timeout, queue_size=args.queue_size,
                       allowed_dirs=resolve_dirs(getattr(args, "allow_files", None) or []),
                       hosts=loopback_hosts(args.port) if loopback else None,
-                      prefill_chunk=args.chunk if getattr(args, "prefill", "s1") == "chunked" else 0)
-    engine = Engine(args.bundle, backend=args.backend, device=args.device)
+                      prefill_chunk=args.chunk if getattr(args, "prefill", "s1") == "chunked" else 0,
+                      max_batch=args.max_batch)
+    engine = Engine(args.bundle, backend=args.backend, device=args.device, cache_bytes=cache_bytes,
+                    cache_host_bytes=host_bytes, max_batch=args.max_batch,
+                    token_budget=getattr(args, "token_budget", 512))
     engine.warmup()
     app = create_app(engine, options)
     if not loopback:
