@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--oracle", required=True, help="the original checkpoint (folder or hub id)")
     p.add_argument("--against", help="another bundle (e.g. fp16) that greedy rollouts must equal")
+    p.add_argument("--coverage", type=int, help="token ids fed as random-token prompts (default: the whole "
+                   "vocabulary up to 8192 on PyTorch, 256 on Core AI)")
     p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
@@ -224,23 +226,25 @@ def cmd_bench(args) -> None:
 
 def cmd_gate(args) -> None:
     from .engine.engine import Engine
-    from .gates.gate import run_gate
+    from .gates.gate import run_gate, verdict
     from .gates.oracle import Oracle
 
     engine = Engine(args.bundle, backend=args.backend, device=args.device)
     against = Engine(args.against, backend=args.backend, device=args.device) if args.against else None
     oracle = Oracle(args.oracle)
-    report = run_gate(engine, oracle, against)
+    report = run_gate(engine, oracle, against, coverage=args.coverage)
     image = None
     if engine.is_vlm:
         from .gates.image_gate import run_image_gate
 
         image = run_image_gate(engine, oracle)
+    line = verdict(report, image)
     if args.json:
-        print(json.dumps(report.to_dict() | ({"image": image.to_dict()} if image else {})))
+        print(json.dumps(report.to_dict() | ({"image": image.to_dict()} if image else {})
+                         | {"passed": line == "PASS", "verdict": line}))
     else:
-        print("\n".join(report.lines() + (image.lines() if image else [])))
-    if not report.passed or (image and not image.passed):
+        print("\n".join(report.lines() + (image.lines() if image else []) + [line]))
+    if line != "PASS":
         raise SystemExit(1)
 
 

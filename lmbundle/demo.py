@@ -36,7 +36,7 @@ def run(out: Path, backend: str) -> None:
     from .convert.convert import convert
     from .engine.bench import bench, format_bench
     from .engine.engine import Engine
-    from .gates.gate import run_gate
+    from .gates.gate import run_gate, verdict
     from .gates.oracle import Oracle
 
     checkpoint = DEMO_DIR / "qwen35-tiny"
@@ -53,7 +53,7 @@ def run(out: Path, backend: str) -> None:
     passed = True
     for engine, against in ((fp16, None), (int8hu, fp16)):
         report = run_gate(engine, oracle, against)
-        print("\n".join(report.lines()))
+        print("\n".join(report.lines() + [verdict(report)]))
         passed &= report.passed
 
     ids = int8hu.chat_ids([{"role": "user", "content": PROMPT}])
@@ -83,7 +83,7 @@ def compare_backends(bundle: Path, torch_engine, oracle, ids: list[int], tokens:
         print(f"Core AI runtime on the shipped .aimodel: the same {tokens} tokens as PyTorch\n")
         return True
     fork = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-    tie = forks_at_tie(oracle, ids, ours, theirs)
+    tie = forks_at_tie(oracle, ids, ours, theirs) or forks_at_tie(oracle, ids, theirs, ours)
     print(f"Core AI runtime on the shipped .aimodel: the same tokens as PyTorch up to token {fork}, "
           + ("where the oracle's top-2 margin is < 0.1 (a tie)\n" if tie else "then DIFFERENT\n"))
     return tie

@@ -2,9 +2,11 @@
 
 The Linux runtime loads a compiled program (ODIX), not the bytecode, so the first load compiles and
 keeps the result in a content-keyed cache (`$LMBUNDLE_CACHE/coreai/` or `~/.cache/lmbundle/coreai/`).
-The key is the bytecode's sha256 as the asset records it (`main.hash`, checked against the bytecode
-before compiling) plus the coreai-core version; an entry is built in a temporary folder and renamed
-into place, and an entry whose files do not match its manifest (sizes + CRC32) is rebuilt.
+The key is the bytecode's sha256 as the asset records it (`main.hash`) plus the coreai-core version.
+The bytecode is checked against main.hash before any use, a hit included, hashed once per change of the
+file (an entry keeps the path, size, inode, mtime and ctime of the bytecode files verified against it).
+An entry is built in a temporary folder and renamed into place, and an entry whose files do not match
+its manifest (sizes + CRC32) is rebuilt.
 """
 
 from __future__ import annotations
@@ -66,9 +68,50 @@ def asset_digest(aimodel: Path) -> str:
     return digest.read_bytes().hex()
 
 
+VERIFIED = "verified-sources.json"  # in a cache entry: bytecode files known to hash to its source
+
+
+def _file_key(path: Path) -> str:
+    """What changes whenever a file's bytes may have: its path, size, inode, mtime and ctime (a writer
+    can set mtime back, never ctime)."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
 def check_bytecode(aimodel: Path, digest: str) -> None:
     if _sha256(aimodel / "main.mlirb") != digest:
         raise LmbundleError(f"{aimodel}: main.mlirb does not match main.hash (damaged or partly copied)")
+
+
+def _remember_verified(entry: Path, bytecode: Path) -> None:
+    try:
+        known = json.loads((entry / VERIFIED).read_text())
+    except (OSError, ValueError):
+        known = []
+    key = _file_key(bytecode)
+    prefix = f"{bytecode.resolve()}:"
+    known = [k for k in known if isinstance(k, str) and not k.startswith(prefix)] + [key]
+    try:
+        tmp = entry / f".{VERIFIED}.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(known[-64:]))
+        os.replace(tmp, entry / VERIFIED)
+    except OSError:
+        pass  # a read-only cache: hash again next time
+
+
+def check_hit(aimodel: Path, digest: str, entry: Path) -> None:
+    """Before a cache hit counts, the bundle's bytecode must be what main.hash says (the entry was compiled
+    from verified bytes, but the user ships the bundle's). Hashed once per change of the file: the entry
+    keeps the keys (`_file_key`) of the bytecode files already verified against it, so a hit costs a stat."""
+    bytecode = aimodel / "main.mlirb"
+    try:
+        known = json.loads((entry / VERIFIED).read_text())
+    except (OSError, ValueError):
+        known = []
+    if isinstance(known, list) and _file_key(bytecode) in known:
+        return
+    check_bytecode(aimodel, digest)
+    _remember_verified(entry, bytecode)
 
 
 def _crc32(path: Path) -> int:
@@ -126,11 +169,12 @@ def compiled_entry(aimodel: Path, root: Path | None = None) -> tuple[Path, bool]
     root = root or cache_root()
     entry = root / f"{key}.aimodelx"
     if _entry_is_complete(entry):
+        check_hit(aimodel, sha, entry)
         return entry, True
     if entry.exists():
         discard_entry(entry)
     root.mkdir(parents=True, exist_ok=True)
-    check_bytecode(aimodel, sha)  # only on a miss: a hit runs what was compiled from the verified bytes
+    check_bytecode(aimodel, sha)
     building = root / f".tmp-{key}-{uuid.uuid4().hex}.aimodelx"
     building.mkdir()
     try:
@@ -138,6 +182,7 @@ def compiled_entry(aimodel: Path, root: Path | None = None) -> tuple[Path, bool]
         files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in building.iterdir()}
         manifest = {"source_sha256": sha, "coreai_core": version, "files": files}
         (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (building / VERIFIED).write_text(json.dumps([_file_key(aimodel / "main.mlirb")]))
         try:
             building.rename(entry)
         except OSError:  # another process finished the same entry first

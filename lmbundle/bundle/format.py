@@ -2,8 +2,11 @@
 
 metadata.json is a superset of Apple's LanguageBundle schema 0.2 (so Apple's tools can read it) with our
 own `lmbundle` section: architecture and config, quant recipe, state layout, inputs/outputs, bytes read
-per token and the sha256 of every file. Bundles are written to a temporary folder beside the target and
-renamed into place at the end, so a failed or interrupted convert leaves nothing behind.
+per token, the sha256 of every file, and `content_sha256`: the sha256 of everything in metadata.json
+that decides what a loader computes (config, recipe, state and I/O layout, assets, the file hashes),
+checked by `open_bundle`, so a hand edit of the config cannot make `run` compute another model. Bundles
+are written to a temporary folder beside the target and renamed into place at the end, so a failed or
+interrupted convert leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ..errors import LmbundleError
 from ..models.image_prompt import ImageContext
 from ..models.state import State
 
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: metadata.json carries content_sha256 (issue 18)
 METADATA = "metadata.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -141,9 +144,23 @@ def language_bundle_metadata(
     }
 
 
+_CONTENT_KEYS = ("bundle_version", "architecture", "config", "hf_config", "quant", "weights", "state", "inputs",
+                 "outputs", "files")
+
+
+def content_digest(metadata: dict[str, Any]) -> str:
+    """sha256 of metadata.json's meaningful content (canonical JSON): the `lmbundle` keys a loader reads,
+    the LanguageBundle `language` and `assets` sections and the `vision` section."""
+    info = metadata.get("lmbundle", {})
+    content = {"lmbundle": {k: info.get(k) for k in _CONTENT_KEYS},
+               **{k: metadata.get(k) for k in ("language", "assets", "vision")}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_metadata(folder: Path, metadata: dict[str, Any]) -> None:
     metadata["lmbundle"]["files"] = hash_tree(folder)
     metadata["lmbundle"]["size_on_disk"] = sum((folder / f).stat().st_size for f in metadata["lmbundle"]["files"])
+    metadata["lmbundle"]["content_sha256"] = content_digest(metadata)
     (folder / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
@@ -172,6 +189,30 @@ class Bundle:
     def aimodel_path(self) -> Path | None:
         asset = self.metadata.get("assets", {}).get("main")
         return self.path / asset if asset else None
+
+    def tokenizer_files(self) -> list[str]:
+        """The tokenizer files the bundle records (relative paths)."""
+        return [rel for rel in self.info.get("files", {}) if rel.startswith(f"{TOKENIZER_DIR}/")]
+
+    def load_tokenizer(self, verify: bool = True):
+        """The bundle's tokenizer (transformers), its files checked against their sha256 first; a missing
+        folder or tokenizer.json is one line."""
+        folder = self.tokenizer_path
+        if not folder.is_dir():
+            raise LmbundleError(f"{folder}: missing (the bundle has no tokenizer folder; convert the checkpoint again)")
+        has_vocab = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file() or any(folder.glob("*.model"))
+        if not has_vocab:
+            raise LmbundleError(f"{folder / 'tokenizer.json'}: missing from the bundle's tokenizer folder")
+        if verify:
+            self.verify(self.tokenizer_files())
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception as exc:
+            text = str(exc).strip()
+            reason = text.splitlines()[0][:200] if text else type(exc).__name__
+            raise LmbundleError(f"{folder}: cannot load tokenizer ({reason})") from None
 
     def verify(self, files: list[str] | None = None) -> None:
         """Check the sha256 of the named files (all by default) against metadata.json."""
@@ -206,4 +247,10 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
             f"{meta_path}: bundle version {version} is not supported by lmbundle {__version__} "
             f"(expects {BUNDLE_VERSION}); convert the checkpoint again"
         )
+    recorded = info.get("content_sha256")
+    if recorded is None:
+        raise LmbundleError(f"{meta_path}: no content_sha256 (an older lmbundle wrote it); convert the checkpoint again")
+    if recorded != content_digest(metadata):
+        raise LmbundleError(f"{meta_path}: content does not match its content_sha256 (edited or damaged: "
+                            "config, recipe, layout or file hashes changed); convert the checkpoint again")
     return Bundle(path, metadata)

@@ -37,15 +37,19 @@ def build_graph(model_class: type[DecoderForStep], cfg: DecoderConfig, dtype: to
     return model
 
 
-def load_weights(module: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], where: Path) -> None:
-    """Copy (name, tensor) pairs into module's parameters and buffers, checking names and shapes."""
+def load_weights(module: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], where: Path,
+                 strict: bool = False) -> None:
+    """Copy (name, tensor) pairs into module's parameters and buffers, checking names and shapes; with
+    `strict` (a bundle, which holds exactly its graph's tensors) a tensor the graph has no place for is an error."""
     targets = dict(module.named_parameters(remove_duplicate=False))
     targets.update(dict(module.named_buffers(remove_duplicate=False)))
     missing = {name for name in targets if not _is_derived(name)}
     for name, tensor in tensors:
         target = targets.get(name)
         if target is None:
-            continue  # extra tensors (e.g. lm_head of a tied checkpoint we tie ourselves) are not ours to judge
+            if strict:
+                raise LmbundleError(f"{where}: tensor {name} is not part of the graph its metadata describes")
+            continue  # a checkpoint's extra tensors (e.g. lm_head of a tied checkpoint we tie ourselves)
         if tuple(target.shape) != tuple(tensor.shape):
             raise LmbundleError(
                 f"{where}: tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}"
@@ -65,11 +69,11 @@ def _is_derived(name: str) -> bool:
     return name.endswith(("inv_freq", "rope_axes"))
 
 
-def read_safetensors(module: torch.nn.Module, path: Path) -> None:
+def read_safetensors(module: torch.nn.Module, path: Path, strict: bool = False) -> None:
     """`load_weights` from one safetensors file, its read errors as one line."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            load_weights(module, ((k, handle.get_tensor(k)) for k in handle.keys()), path)
+            load_weights(module, ((k, handle.get_tensor(k)) for k in handle.keys()), path, strict)
     except LmbundleError:
         raise
     except Exception as exc:
@@ -102,7 +106,7 @@ def load_graph(bundle: Bundle, device: str | torch.device = "cpu", dtype: torch.
     arch, cfg = decoder_config(bundle)
     model = build_graph(arch.model, cfg, dtype)
     apply_layout(model, info["quant"])
-    read_safetensors(model, weights)
+    read_safetensors(model, weights, strict=True)
     cast_float_weights(model, dtype)
     if info["quant"]["tied_head"]:
         model.tie_head()

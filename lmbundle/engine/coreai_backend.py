@@ -35,7 +35,7 @@ _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torc
 def _asset_of(source, verify: bool) -> Path:
     """The `.aimodel` of a bundle (its `main` asset) or a path to one. With `verify`, the asset's small
     files (main.hash above all) are checked against the bundle's record; the bytecode is checked against
-    main.hash whenever it is compiled, so a cache hit never reads the gigabytes again."""
+    main.hash on every load, a cache hit included (hashed once per change of the file, then a stat)."""
     if not hasattr(source, "aimodel_path"):
         return Path(source)
     aimodel = source.aimodel_path

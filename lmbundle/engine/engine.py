@@ -93,16 +93,11 @@ class Engine:
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str | None = None, device: str | None = None,
                  verify: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES, cache_host_bytes: int | None = None,
                  cache_block: int = 256, max_batch: int = 1, token_budget: int = 512):
-        from transformers import AutoTokenizer
-
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         backend = backend or default_backend()
         if backend not in BACKENDS:
             raise LmbundleError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.bundle.tokenizer_path))
-        except Exception as exc:
-            raise LmbundleError(f"{self.bundle.tokenizer_path}: cannot load tokenizer ({str(exc)[:200]})") from None
+        self.tokenizer = self.bundle.load_tokenizer(verify=verify)
         self.max_context = self.bundle.max_context
         self.stop_ids = self._stop_ids()
         if backend == "torch":

@@ -67,8 +67,7 @@ class ImageGateReport(Report):
             f"   vision embeddings min cosine {self.vision_min_cosine:.6f}",
             f"  image sweep top-1 (last {SWEEP}, S=1) {self.sweep_top1}/{self.sweep_positions}{ties}"
             f"   min logits cosine {self.sweep_min_cosine:.6f}",
-            "  image gate: " + ("PASS" if self.passed else "FAIL: " + "; ".join(self.failures)),
-        ]
+        ]  # the verdict is the one line `gate.verdict` prints for text and image parts together
 
 
 @torch.inference_mode()
@@ -127,9 +126,9 @@ def run_image_gate(engine: Engine, oracle: Oracle, prompts=PROMPTS) -> ImageGate
         report.sweep_min_cosine = min(report.sweep_min_cosine, cosine)
 
     if report.positions_exact < report.prompts:
-        report.failures.append(f"M-RoPE positions {report.positions_exact}/{report.prompts}")
+        report.failures.append(f"image: M-RoPE positions {report.positions_exact}/{report.prompts}")
     if report.vision_min_cosine < VISION_MIN_COSINE:
-        report.failures.append(f"vision embeddings cosine {report.vision_min_cosine:.6f} < {VISION_MIN_COSINE}")
+        report.failures.append(f"image: vision embeddings cosine {report.vision_min_cosine:.6f} < {VISION_MIN_COSINE}")
     if report.sweep_top1 < report.sweep_positions:
-        report.failures.append(f"image sweep top-1 {report.sweep_top1}/{report.sweep_positions}")
+        report.failures.append(f"image: sweep top-1 {report.sweep_top1}/{report.sweep_positions}")
     return report
