@@ -163,7 +163,7 @@ def attention(
     kv_heads, length, _ = keys.shape
     qg = q.reshape(kv_heads, heads // kv_heads * seq, dim)
     scores = torch.matmul(qg, keys.transpose(1, 2)).float() * dim**-0.5  # [KVH, G*S, L]
-    visible = torch.arange(length, device=q.device).view(1, -1) <= q_positions.view(-1, 1)  # [S, L]
+    visible = torch.arange(length, device=q.device).unsqueeze(0) <= q_positions.unsqueeze(-1)  # [S, L] (no view: Core AI)
     visible = visible.repeat(heads // kv_heads, 1).unsqueeze(0)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)

@@ -245,8 +245,9 @@ class GatedAttention(nn.Module):
         v = v.reshape(seq, kvh, d).transpose(0, 1)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k.transpose(0, 1), cos, sin)
-        key_cache.index_copy_(1, positions, k.to(key_cache.dtype))
-        value_cache.index_copy_(1, positions, v.to(value_cache.dtype))
+        slots = positions.view(1, -1, 1).expand(kvh, seq, d)  # a scatter, not index_copy_: it lowers to Core AI
+        key_cache.scatter_(1, slots, k.to(key_cache.dtype))   # on a KV cache of dynamic length
+        value_cache.scatter_(1, slots, v.to(value_cache.dtype))
         o = attention(q, key_cache[:, :kv_len], value_cache[:, :kv_len], positions).to(dtype)
         if self.output_gate:
             o = o * torch.sigmoid(gate)
