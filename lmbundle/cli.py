@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what a bundle holds: config, quant, sizes, bytes per token")
     p.add_argument("bundle")
+    p.add_argument("--check", action="store_true",
+                   help="check the bundle against the rules of Apple's bundle loader and pipelined engine "
+                        "(exit status 1 if one fails)")
+    p.add_argument("--json", action="store_true", help="with --check: the rules as JSON")
     return parser
 
 
@@ -130,6 +134,14 @@ def _print_info(bundle) -> None:
 def cmd_info(args) -> None:
     from .convert.bundle import open_bundle
 
+    if args.check:
+        from .bundle.check import check_bundle
+
+        report = check_bundle(args.bundle)
+        print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
+        if not report.passed:
+            raise SystemExit(1)
+        return
     _print_info(open_bundle(args.bundle))
 
 

@@ -370,7 +370,7 @@ class CoreAIBackend:
         size = self.prefill_chunk if chunk and self._prefill is not None else 0
         done = (len(ids) - 1) // size * size if size else 0
         chunks = []
-        for start in range(0, done, size):
+        for start in range(0, done, size or 1):
             tokens = np.array([ids[start : start + size]], dtype=np.int32)
             chunks.append(self._call(self._run(StepHandle(), self._prefill, tokens, self._position_ids(start, size))))
         handle = None

@@ -1,0 +1,1 @@
+"""Bundle-level tools (the Apple bundle check)."""
