@@ -202,7 +202,7 @@ def _export_entry(graph: DecoderGraph, images: ImageContext | None, max_context:
         seq = torch.export.Dim("kv_length", min=2, max=max(max_context, KV_EXAMPLE))
         rest += [{3: seq}, {3: seq}]
     dynamic = (None, {1: torch.export.Dim(f"positions_{chunk}", min=chunk, max=max_context)} if ramp else None,
-               tuple(rest))
+               *((tuple(rest),) if rest else ()))
     with torch.no_grad():
         exported = torch.export.export(graph, (ids, positions, *image_inputs, *kv), dynamic_shapes=dynamic,
                                        strict=False)
