@@ -74,6 +74,9 @@ def test_image_prompt_greedy_matches_torch(engines):
     assert coreai.chat_ids(message) == ids and len(ids) > 196
     expected = list(reference.generate(ids, max_new_tokens=NEW_TOKENS, stop=False))
     assert list(coreai.generate(ids, max_new_tokens=NEW_TOKENS, stop=False)) == expected
+    # the prompt through the asset's `prefill` function (chunks of 64 with the image inputs) + S=1 steps
+    assert coreai.backend.prefill_chunk == 64
+    assert list(coreai.generate(ids, max_new_tokens=NEW_TOKENS, stop=False, prefill_chunk=64)) == expected
     # and the logits behind those tokens (Qwen3.5's tiny answer repeats one token)
     _assert_close(_step_logits(coreai, ids, expected), _step_logits(reference, ids, expected))
 
