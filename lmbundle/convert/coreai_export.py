@@ -1,23 +1,20 @@
-"""Export the one-token decode step to an Apple Core AI `.aimodel` (torch.export -> coreai-torch).
+"""Export the decoder to an Apple Core AI `.aimodel` (torch.export -> coreai-torch), in the shape
+Apple's `coreai-pipelined` engine loads (docs/coreai.md has the contract table).
 
-The exported `main` function follows the seed engine's run contract:
-
-- inputs  `input_ids` [1, 1] int32 and `position_ids` [1, t + 1] int32, the ramp 0..t whose last entry
-  is the position of the token (the seed's contract; the ramp's length is a dynamic dim, which the
-  Linux runtime accepts, so the same file serves Apple's engine unchanged). `ramp=False` exports a
-  static [1, 1] position instead.
-- outputs `logits` [1, 1, V] fp32 and `next_token` [1, 1] int32 (the argmax, so the host never needs
-  the logits in greedy decode), named explicitly because the runtime's output order is not stable.
-- with `vision` (a VLM bundle's metadata section, for an image-prompt graph), four more inputs, set
-  once per prompt by the host (`ImageContext`): `image_embeds` [M * T, H] fp32, `deepstack_embeds`
-  [n_deepstack * M * T, H] fp32 (zero rows for Qwen3.5), `rope_shift_start` and `rope_shift_amount`
-  [M] int32, for up to M = max_images images of T tokens. The "no images" values make it the text model.
-- states `keyCache`, `valueCache` [n_full, 1, kv_heads, capacity, head_dim] and `convState`,
-  `recState` (fp32), updated in place by the graph; the caller zero-fills them on reset.
-
-The KV capacity is fixed at export time and positions past the current one are masked: a KV cache of
-dynamic length updated in place fails to lower on the Linux runtime ("index_put currently only
-supports dynamic batch dimension"), so a bundle is exported for the context it will serve.
+Two entry points share the weights and the states:
+- `main`, the one-token step: inputs `input_ids` [1, 1] int32 and `position_ids` [1, n] int32, the ramp
+  0..t (dynamic length; the step's position is its last entry); outputs `logits` [1, 1, V] fp16 (the
+  dtype Apple's engine samples from) and `next_token` [1, 1] int32 (the in-graph argmax of the fp32
+  logits, so greedy decode never reads logits), named explicitly because the runtime's output order is
+  not stable.
+- `prefill`, `PREFILL_CHUNK` tokens through the graph's chunked path (the WY gated-delta chunk), no head:
+  it only advances the states (output `hidden`, the last token's residual stream).
+- with `vision` (a VLM bundle's metadata section), both take four more inputs set once per prompt by the
+  host (`ImageContext`): `image_embeds` [M * T, H] fp32, `deepstack_embeds` [n_deepstack * M * T, H] fp32
+  (zero rows for Qwen3.5), `rope_shift_start` and `rope_shift_amount` [M] int32.
+- states `convState`, `recState` (fixed size) and `keyCache`, `valueCache` [n_full, 1, kv_heads, -1,
+  head_dim]: the KV sequence length is dynamic, the host grows the arrays (256, doubling) and the graph
+  masks the slots past the position. `kv="fixed"` exports the old fixed-capacity layout.
 
 int8 layers (`Linear` with qweight + scales) become Core AI blockwise-dequantised constants
 (`coreai.blockwise_shift_scale`), so the asset stores 1 byte per weight plus the scales.
