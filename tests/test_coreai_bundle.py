@@ -20,8 +20,9 @@ pytest.importorskip("coreai_torch")
 from lmbundle.bundle.check import FAIL, PASS, check_bundle  # noqa: E402
 from lmbundle.cli import main as cli_main  # noqa: E402
 from lmbundle.convert import coreai_export  # noqa: E402
-from lmbundle.convert.bundle import open_bundle, write_metadata  # noqa: E402
-from lmbundle.convert.convert import convert, load_graph  # noqa: E402
+from lmbundle.bundle.format import open_bundle, write_metadata  # noqa: E402
+from lmbundle.bundle.load import load_graph  # noqa: E402
+from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.engine.engine import Engine  # noqa: E402
 from lmbundle.errors import LmbundleError  # noqa: E402
 from tests.conftest import DEMO_QWEN35  # noqa: E402

@@ -75,7 +75,7 @@ def _rope_positions(engine: Engine, ids: list[int]) -> torch.Tensor:
     """(t, h, w) [3, S] of a prompt as the decoder graph computes them in-graph, from the engine's
     active image context: the torch graph's own method, or on Core AI (whose graph runs inside the
     asset) the same shared method on the context the backend was handed."""
-    from ..models.qwen3vl import ImagePromptGraph
+    from ..models.image_prompt import ImagePromptGraph
 
     model = getattr(engine.backend, "model", None)
     if model is None:
