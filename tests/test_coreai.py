@@ -2,8 +2,9 @@
 
 fp32 and int8 (block-32 blockwise constants) assets on the tiny checkpoint: teacher-forced logits
 within fp16 rounding (the asset's logits are fp16, as Apple's engine takes them) and the same argmax
-over 16 steps, with the dynamic KV states grown from 4 slots by copying; a pipelined greedy rollout (each step fed the previous
-step's on-runtime argmax) equal to torch's; the compile cache hit, rebuilt when damaged; a damaged asset
+over 16 steps, with the dynamic KV states grown from 4 slots by copying; a pipelined greedy rollout
+(each step fed the previous step's on-runtime argmax) equal to torch's; prefill chunks + steps equal
+to S=1 steps; the compile cache hit, rebuilt when damaged; a damaged asset
 is a LmbundleError, never a crash.
 """
 

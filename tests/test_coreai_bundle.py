@@ -17,11 +17,11 @@ import pytest
 pytest.importorskip("coreai.runtime")
 pytest.importorskip("coreai_torch")
 
-from lmbundle.bundle.check import FAIL, PASS, check_bundle  # noqa: E402
-from lmbundle.cli import main as cli_main  # noqa: E402
-from lmbundle.convert import coreai_export  # noqa: E402
+from lmbundle.bundle.check import PASS, check_bundle  # noqa: E402
 from lmbundle.bundle.format import open_bundle, write_metadata  # noqa: E402
 from lmbundle.bundle.load import load_graph  # noqa: E402
+from lmbundle.cli import main as cli_main  # noqa: E402
+from lmbundle.convert import coreai_export  # noqa: E402
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.engine.engine import Engine  # noqa: E402
 from lmbundle.errors import LmbundleError  # noqa: E402
