@@ -93,6 +93,7 @@ def test_image_gate_on_core_ai(tmp_path):
     """`lmbundle gate VLM --backend coreai`'s image part on the trained demo Qwen3-VL: in-graph M-RoPE
     positions == get_rope_index, the S=1 sweep on the Core AI asset (dynamic KV grown past 256 by the
     two-image prompt) top-1 == the fp32 transformers oracle; and the bundle's Apple keys."""
+    import json
     from pathlib import Path
 
     from lmbundle.bundle.check import check_bundle
@@ -105,6 +106,10 @@ def test_image_gate_on_core_ai(tmp_path):
     assert report.passed, "\n".join(report.lines())
     status = {rule.name: rule.status for rule in report.rules}
     assert status["two growing KV states"] == "PASS" and status["two inputs"] == "DIFFERS"
+    assert status["vision (kind vlm)"] == status["vision optional keys"] == "PASS"
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    assert metadata["kind"] == "vlm" and metadata["assets"]["vision"] == metadata["vision"]["asset"]
+    assert metadata["language"]["states"] == {"keyCache": "kv_cache", "valueCache": "kv_cache"}
     engine = Engine(bundle, backend="coreai")
     try:
         assert engine.is_vlm and not hasattr(engine.backend, "model")

@@ -217,6 +217,15 @@ def _check_language(report: CheckReport, folder: Path, meta: dict, language: dic
         report.add("vision (kind vlm)", ok, "a vision section with image_size, patch_size, image_token_count, "
                    "image_token_id", LANGUAGE_BUNDLE)
         if isinstance(vision, dict):
+            number = (int, float)
+            typed = all(isinstance(vision.get(k), list) and len(vision[k]) == 3
+                        and all(isinstance(v, number) for v in vision[k])
+                        for k in ("image_mean", "image_std") if k in vision)
+            typed &= isinstance(vision.get("rescale_factor", 1.0), number)
+            typed &= isinstance(vision.get("include_image_info", False), bool)
+            report.add("vision optional keys", typed, "image_mean/image_std 3 numbers, rescale_factor a number, "
+                       "include_image_info a bool where present (a wrong type fails the JSON decode)",
+                       LANGUAGE_CONFIG)
             strategy = vision.get("image_strategy", "stretch")
             report.add("vision.image_strategy", strategy in IMAGE_STRATEGIES,
                        f"{strategy!r} (one of {', '.join(IMAGE_STRATEGIES)})", LANGUAGE_CONFIG)

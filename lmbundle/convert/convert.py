@@ -155,9 +155,9 @@ def convert(
             "bytes_per_token": bytes_per_token(model),
         }
         if aimodel:
-            apple_language_keys(metadata, model, exported.functions, vision)
+            apple_language_keys(metadata, model, exported.functions)
         if vision:
-            metadata["vision"] = vision
+            apple_vision_keys(metadata, vision)
         write_metadata(tmp, metadata)
         if aimodel:
             from ..bundle.check import check_bundle
@@ -172,10 +172,9 @@ def convert(
 APPLE_STATE_NAMES = {"convState": "convStates", "recState": "recurrentStates"}  # Apple's own Qwen3.5 export
 
 
-def apple_language_keys(metadata: dict[str, Any], model: torch.nn.Module, functions: list[str],
-                        vision: dict[str, Any] | None) -> None:
-    """What Apple's loader reads beyond the base schema: the state kinds (KV grows, GDN states are fixed),
-    the entry points, `kind` vlm with Apple's vision keys (and the encoder as assets.vision) for a VLM."""
+def apple_language_keys(metadata: dict[str, Any], model: torch.nn.Module, functions: list[str]) -> None:
+    """What Apple's loader reads beyond the base schema: the state kinds (KV grows, GDN states are fixed)
+    and the entry points of the asset."""
     state = model.new_state(1, device="meta")
     present = [STATE_NAMES[f] for f, t in state.tensors().items() if t.numel()]
     language = metadata["language"]
@@ -183,10 +182,15 @@ def apple_language_keys(metadata: dict[str, Any], model: torch.nn.Module, functi
     language["function_map"] = {f: [f] for f in functions}
     metadata["lmbundle"]["apple_state_names"] = {n: APPLE_STATE_NAMES.get(n, n) for n in present}
     metadata["lmbundle"]["coreai_kv"] = "dynamic"  # the asset's KV length is -1: grown by the host up to max_context
-    if vision:
-        metadata["kind"] = "vlm"
-        vision.setdefault("image_token_count", vision["tokens_per_image"])
-        vision.setdefault("image_strategy", "stretch")
-        if vision.get("asset"):
-            metadata["assets"]["vision"] = vision["asset"]
+
+
+def apple_vision_keys(metadata: dict[str, Any], vision: dict[str, Any]) -> None:
+    """A VLM bundle is `kind` vlm, and its vision section carries the keys Apple's VisionConfig requires
+    (image_token_count, image_strategy beside ours); the encoder asset is also `assets.vision`."""
+    metadata["kind"] = "vlm"
+    vision.setdefault("image_token_count", vision["tokens_per_image"])
+    vision.setdefault("image_strategy", "stretch")
+    if vision.get("asset"):
+        metadata["assets"]["vision"] = vision["asset"]
+    metadata["vision"] = vision
 
