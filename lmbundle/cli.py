@@ -20,8 +20,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device (cpu, cuda, mps); default: the best present")
     p.add_argument("--prefill", choices=["s1", "chunked"], default="chunked",
                    help="feed the prompt in chunks (default; on the PyTorch backend 13x faster for a 0.8B on "
-                        "2 CPU cores, ~20x on an H100) or as S=1 steps (the exported graph's contract; the Core AI "
-                        "backend always does this)")
+                        "2 CPU cores, ~20x on an H100) or as S=1 steps (the seed engine's contract). The Core AI backend "
+                        "chunks through the asset's `prefill` function, in its own chunk size (64)")
     p.add_argument("--chunk", type=int, default=256, help="chunk size of --prefill chunked")
 
 
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what a bundle holds: config, quant, sizes, bytes per token")
     p.add_argument("bundle")
+    p.add_argument("--check", action="store_true",
+                   help="check the bundle against the rules of Apple's bundle loader and pipelined engine "
+                        "(exit status 1 if one fails)")
+    p.add_argument("--json", action="store_true", help="with --check: the rules as JSON")
     return parser
 
 
@@ -141,6 +145,14 @@ def _print_info(bundle) -> None:
 def cmd_info(args) -> None:
     from .bundle.format import open_bundle
 
+    if args.check:
+        from .bundle.check import check_bundle
+
+        report = check_bundle(args.bundle)
+        print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
+        if not report.passed:
+            raise SystemExit(1)
+        return
     _print_info(open_bundle(args.bundle))
 
 

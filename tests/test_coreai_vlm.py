@@ -74,6 +74,9 @@ def test_image_prompt_greedy_matches_torch(engines):
     assert coreai.chat_ids(message) == ids and len(ids) > 196
     expected = list(reference.generate(ids, max_new_tokens=NEW_TOKENS, stop=False))
     assert list(coreai.generate(ids, max_new_tokens=NEW_TOKENS, stop=False)) == expected
+    # the prompt through the asset's `prefill` function (chunks of 64 with the image inputs) + S=1 steps
+    assert coreai.backend.prefill_chunk == 64
+    assert list(coreai.generate(ids, max_new_tokens=NEW_TOKENS, stop=False, prefill_chunk=64)) == expected
     # and the logits behind those tokens (Qwen3.5's tiny answer repeats one token)
     _assert_close(_step_logits(coreai, ids, expected), _step_logits(reference, ids, expected))
 
@@ -84,3 +87,35 @@ def test_text_prompt_after_an_image_prompt_matches_torch(engines):
     ids = coreai.chat_ids([{"role": "user", "content": "Describe the image."}])
     answer = list(reference.generate(ids, max_new_tokens=NEW_TOKENS, stop=False))
     _assert_close(_step_logits(coreai, ids, answer), _step_logits(reference, ids, answer))
+
+
+def test_image_gate_on_core_ai(tmp_path):
+    """`lmbundle gate VLM --backend coreai`'s image part on the trained demo Qwen3-VL: in-graph M-RoPE
+    positions == get_rope_index, the S=1 sweep on the Core AI asset (dynamic KV grown past 256 by the
+    two-image prompt) top-1 == the fp32 transformers oracle; and the bundle's Apple keys."""
+    import json
+    from pathlib import Path
+
+    from lmbundle.bundle.check import check_bundle
+    from lmbundle.gates.image_gate import run_image_gate
+    from lmbundle.gates.oracle import Oracle
+
+    demo = Path(__file__).parents[1] / "lmbundle" / "data" / "demo" / "qwen3vl-tiny"
+    bundle = convert(str(demo), tmp_path / "demo", quant="int8hu", backend="all", max_context=1024, log=None)
+    report = check_bundle(bundle)
+    assert report.passed, "\n".join(report.lines())
+    status = {rule.name: rule.status for rule in report.rules}
+    assert status["two growing KV states"] == "PASS" and status["two inputs"] == "DIFFERS"
+    assert status["vision (kind vlm)"] == status["vision optional keys"] == "PASS"
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    assert metadata["kind"] == "vlm" and metadata["assets"]["vision"] == metadata["vision"]["asset"]
+    assert metadata["language"]["states"] == {"keyCache": "kv_cache", "valueCache": "kv_cache"}
+    engine = Engine(bundle, backend="coreai")
+    try:
+        assert engine.is_vlm and not hasattr(engine.backend, "model")
+        gate = run_image_gate(engine, Oracle(str(demo)))
+        assert gate.passed, gate.lines()
+        assert gate.positions_exact == gate.prompts == 3 and gate.sweep_positions == 48
+        assert engine.backend.capacity == 512  # the two-image prompt (> 392 tokens) grew the states
+    finally:
+        engine.backend.close()

@@ -17,6 +17,7 @@ from .. import __version__
 from ..bundle.format import (
     BUNDLE_VERSION,
     IMAGE_INPUT_NAMES,
+    STATE_NAMES,
     WEIGHTS,
     atomic_folder,
     copy_tokenizer,
@@ -129,7 +130,7 @@ def convert(
 
             progress.set_postfix_str("export .aimodel")
             aimodel = f"{name}.aimodel"
-            export_aimodel(model, capacity=max_context, out_path=tmp / aimodel, vision=vision)
+            exported = export_aimodel(model, max_context, tmp / aimodel, vision=vision)
             progress.update()
         progress.close()
         if coreai_reason and backend == "all" and log:
@@ -153,7 +154,43 @@ def convert(
             "outputs": {"logits": [1, 1, cfg.vocab_size], "next_token": [1, 1]},
             "bytes_per_token": bytes_per_token(model),
         }
+        if aimodel:
+            apple_language_keys(metadata, model, exported.functions)
         if vision:
-            metadata["vision"] = vision
+            apple_vision_keys(metadata, vision)
         write_metadata(tmp, metadata)
+        if aimodel:
+            from ..bundle.check import check_bundle
+
+            report = check_bundle(tmp)
+            if not report.passed:
+                failed = "; ".join(f"{r.name}: {r.detail}" for r in report.failures)
+                raise LmbundleError(f"{out}: the bundle would not load in Apple's engine ({failed})")
     return out
+
+
+APPLE_STATE_NAMES = {"convState": "convStates", "recState": "recurrentStates"}  # Apple's own Qwen3.5 export
+
+
+def apple_language_keys(metadata: dict[str, Any], model: torch.nn.Module, functions: list[str]) -> None:
+    """What Apple's loader reads beyond the base schema: the state kinds (KV grows, GDN states are fixed)
+    and the entry points of the asset."""
+    state = model.new_state(1, device="meta")
+    present = [STATE_NAMES[f] for f, t in state.tensors().items() if t.numel()]
+    language = metadata["language"]
+    language["states"] = {n: "kv_cache" if n in ("keyCache", "valueCache") else "fixed" for n in present}
+    language["function_map"] = {f: [f] for f in functions}
+    metadata["lmbundle"]["apple_state_names"] = {n: APPLE_STATE_NAMES.get(n, n) for n in present}
+    metadata["lmbundle"]["coreai_kv"] = "dynamic"  # the asset's KV length is -1: grown by the host up to max_context
+
+
+def apple_vision_keys(metadata: dict[str, Any], vision: dict[str, Any]) -> None:
+    """A VLM bundle is `kind` vlm, and its vision section carries the keys Apple's VisionConfig requires
+    (image_token_count, image_strategy beside ours); the encoder asset is also `assets.vision`."""
+    metadata["kind"] = "vlm"
+    vision.setdefault("image_token_count", vision["tokens_per_image"])
+    vision.setdefault("image_strategy", "stretch")
+    if vision.get("asset"):
+        metadata["assets"]["vision"] = vision["asset"]
+    metadata["vision"] = vision
+

@@ -1,23 +1,20 @@
-"""Export the one-token decode step to an Apple Core AI `.aimodel` (torch.export -> coreai-torch).
+"""Export the decoder to an Apple Core AI `.aimodel` (torch.export -> coreai-torch), in the shape
+Apple's `coreai-pipelined` engine loads (docs/coreai.md has the contract table).
 
-The exported `main` function follows the seed engine's run contract:
-
-- inputs  `input_ids` [1, 1] int32 and `position_ids` [1, t + 1] int32, the ramp 0..t whose last entry
-  is the position of the token (the seed's contract; the ramp's length is a dynamic dim, which the
-  Linux runtime accepts, so the same file serves Apple's engine unchanged). `ramp=False` exports a
-  static [1, 1] position instead.
-- outputs `logits` [1, 1, V] fp32 and `next_token` [1, 1] int32 (the argmax, so the host never needs
-  the logits in greedy decode), named explicitly because the runtime's output order is not stable.
-- with `vision` (a VLM bundle's metadata section, for an image-prompt graph), four more inputs, set
-  once per prompt by the host (`ImageContext`): `image_embeds` [M * T, H] fp32, `deepstack_embeds`
-  [n_deepstack * M * T, H] fp32 (zero rows for Qwen3.5), `rope_shift_start` and `rope_shift_amount`
-  [M] int32, for up to M = max_images images of T tokens. The "no images" values make it the text model.
-- states `keyCache`, `valueCache` [n_full, 1, kv_heads, capacity, head_dim] and `convState`,
-  `recState` (fp32), updated in place by the graph; the caller zero-fills them on reset.
-
-The KV capacity is fixed at export time and positions past the current one are masked: a KV cache of
-dynamic length updated in place fails to lower on the Linux runtime ("index_put currently only
-supports dynamic batch dimension"), so a bundle is exported for the context it will serve.
+Two entry points share the weights and the states:
+- `main`, the one-token step: inputs `input_ids` [1, 1] int32 and `position_ids` [1, n] int32, the ramp
+  0..t (dynamic length; the step's position is its last entry); outputs `logits` [1, 1, V] fp16 (the
+  dtype Apple's engine samples from) and `next_token` [1, 1] int32 (the in-graph argmax of the fp32
+  logits, so greedy decode never reads logits), named explicitly because the runtime's output order is
+  not stable.
+- `prefill`, `PREFILL_CHUNK` tokens through the graph's chunked path (the WY gated-delta chunk), no head:
+  it only advances the states (output `hidden`, the last token's residual stream).
+- with `vision` (a VLM bundle's metadata section), both take four more inputs set once per prompt by the
+  host (`ImageContext`): `image_embeds` [M * T, H] fp32, `deepstack_embeds` [n_deepstack * M * T, H] fp32
+  (zero rows for Qwen3.5), `rope_shift_start` and `rope_shift_amount` [M] int32.
+- states `convState`, `recState` (fixed size) and `keyCache`, `valueCache` [n_full, 1, kv_heads, -1,
+  head_dim]: the KV sequence length is dynamic, the host grows the arrays (256, doubling) and the graph
+  masks the slots past the position. `kv="fixed"` exports the old fixed-capacity layout.
 
 int8 layers (`Linear` with qweight + scales) become Core AI blockwise-dequantised constants
 (`coreai.blockwise_shift_scale`), so the asset stores 1 byte per weight plus the scales.
@@ -40,6 +37,11 @@ from ..models.image_prompt import ImageContext
 from ..models.ops import StepOps
 
 COMPILED_NAME = "main-unspecialized.odix"  # where the Linux runtime looks for a compiled program in the folder
+PREFILL_FUNCTION = "prefill"
+PREFILL_OUTPUT_NAMES = ["hidden"]
+LOGITS_DTYPE = torch.float16  # Apple's pipelined engine takes only fp16 logits (its GPU sampler reads them)
+PREFILL_CHUNK = 64
+KV_EXAMPLE = 37  # the traced KV length: distinct from every static size, so no dim is specialised to it
 
 
 class CoreAIStepOps(StepOps):
@@ -53,43 +55,60 @@ class CoreAIStepOps(StepOps):
         return torch.nn.functional.linear(x, weight)
 
 
-class StepGraph(nn.Module):
-    """The step as torch.export sees it: the decode state lives in buffers named per the contract,
-    so the in-place updates of `model.step` become Core AI states."""
+class DecoderGraph(nn.Module):
+    """A decoder entry point as torch.export sees it.
 
-    def __init__(self, model: nn.Module, capacity: int, dtype: torch.dtype, ramp: bool,
-                 images: ImageContext | None = None):
+    `convState`/`recState` (fixed size) are buffers; `keyCache`/`valueCache` are forward arguments the
+    graph mutates in place, so coreai-torch makes all four runtime states ("buffers, then mutated
+    inputs") and the KV pair can take a dynamic sequence length (`fixed_capacity=None`). With a
+    `fixed_capacity` the KV pair are buffers of that length (the old layout, kept for comparison).
+
+    `chunk` is the number of tokens a call takes: 1 for `main` (the step: logits fp16 [1, 1, V] and the
+    in-graph argmax `next_token`), q > 1 for `prefill` (the chunked path, no head: it only advances the
+    states and returns the last token's residual stream).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, images: ImageContext | None = None,
+                 chunk: int = 1, fixed_capacity: int | None = None):
         super().__init__()
-        self.model, self.capacity, self.ramp = model, capacity, ramp
+        self.model, self.chunk, self.fixed_capacity = model, chunk, fixed_capacity
         self.grid = images.grid if images is not None else None
-        state = model.new_state(capacity, device="cpu", dtype=dtype)
+        state = model.new_state(fixed_capacity or 1, device="cpu", dtype=dtype)
         self._state_type = type(state)
         self._empty = {}  # a pure-attention decoder (Qwen3-VL) has no GDN state: no Core AI state for it
+        self.kv_example = {}
         for field in dataclasses.fields(state):
             tensor = getattr(state, field.name)
-            if tensor.numel():
+            if field.name in ("key", "value") and fixed_capacity is None:
+                self.kv_example[field.name] = tensor
+            elif tensor.numel():
                 self.register_buffer(STATE_NAMES[field.name], tensor)
             else:
                 self._empty[field.name] = tensor
 
-    def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
-        deepstack_embeds: torch.Tensor | None = None, rope_shift_start: torch.Tensor | None = None,
-        rope_shift_amount: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image inputs are given only when the graph was built with an image context."""
-        position = position_ids[0, -1:].long()
-        state = self._state_type(**{field: self._empty[field] if field in self._empty else getattr(self, name)
-                                    for field, name in STATE_NAMES.items()})
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *rest: torch.Tensor):
+        """rest: the four image inputs when the graph was built with an image context, then keyCache and
+        valueCache when they are dynamic."""
+        kv = dict(zip(("key", "value"), rest[len(rest) - 2:])) if self.fixed_capacity is None else {}
+        image_inputs = rest[: len(rest) - len(kv)]
+        tensors = {field: kv[field] if field in kv else self._empty[field] if field in self._empty
+                   else getattr(self, name) for field, name in STATE_NAMES.items()}
+        state = self._state_type(**tensors)
+        kv_len = state.key.shape[3]  # the whole buffer: slots past the position are masked
         if self.grid is not None:
-            self.model.set_images(ImageContext(image_embeds, deepstack_embeds, rope_shift_start, rope_shift_amount,
-                                               grid=self.grid))
+            self.model.set_images(ImageContext(*image_inputs, grid=self.grid))
         try:
-            logits = self.model.step(input_ids, position, state, self.capacity)
+            if self.chunk == 1:
+                logits = self.model.step(input_ids, position_ids[0, -1:].long(), state, kv_len)
+            else:
+                positions = position_ids[0, -self.chunk:].long()
+                hidden = self.model.hidden_states(input_ids.view(self.chunk), positions, state, kv_len)
         finally:
             if self.grid is not None:
                 self.model.set_images(None)
-        return logits, logits.argmax(dim=-1).to(torch.int32)
+        if self.chunk == 1:
+            return logits.to(LOGITS_DTYPE), logits.argmax(dim=-1).to(torch.int32)
+        return hidden[-1:].float()
 
 
 def image_context_for(model: nn.Module, vision: dict | None) -> ImageContext | None:
@@ -101,13 +120,41 @@ def image_context_for(model: nn.Module, vision: dict | None) -> ImageContext | N
                               vision["num_deepstack"])
 
 
-def _state_order(exported: torch.export.ExportedProgram, expected: list[str]) -> list[str]:
-    """The state buffers in the order the converter numbers states (the program's input order)."""
-    mutated = set(exported.graph_signature.buffers_to_mutate.values())
-    order = [spec.target for spec in exported.graph_signature.input_specs if spec.target in mutated]
-    if sorted(order) != sorted(expected):
-        raise LmbundleError(f"the step graph mutates {order}, expected exactly {sorted(expected)}")
-    return order
+def _unit_lower_solve(a: torch.Tensor, b: torch.Tensor, upper: bool, left: bool = True,
+                      unitriangular: bool = False) -> torch.Tensor:
+    """`linalg_solve_triangular` for the unit lower-triangular systems of the WY gated-delta chunk,
+    loop-free (Core AI has no triangular solve): with N = -strictly_lower(A), nilpotent of index <= C,
+    (I - N)^-1 = (I + N)(I + N^2)(I + N^4)..., ceil(log2 C) squarings applied to B."""
+    if upper or not left or not unitriangular:
+        raise NotImplementedError("only unit lower-triangular left solves are exported")
+    n = -torch.tril(a, diagonal=-1)
+    x, power, reach = b, n, 1
+    while reach < a.shape[-1]:
+        x = x + power @ x
+        reach *= 2
+        if reach < a.shape[-1]:
+            power = power @ power
+    return x
+
+
+def _decompositions(coreai_torch) -> dict:
+    table = coreai_torch.get_decomp_table()
+    table[torch.ops.aten.linalg_solve_triangular.default] = _unit_lower_solve
+    return table
+
+
+def _state_order(exported: torch.export.ExportedProgram, buffers: list[str], kv: list[str]) -> list[str]:
+    """State names in the order the converter numbers states: mutated buffers, then mutated inputs
+    (the KV pair, in argument order)."""
+    signature = exported.graph_signature
+    mutated = set(signature.buffers_to_mutate.values())
+    order = [spec.target for spec in signature.input_specs if spec.target in mutated]
+    user_mutated = set(signature.user_inputs_to_mutate.values())
+    inputs = [spec.arg.name for spec in signature.input_specs
+              if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT and spec.arg.name in user_mutated]
+    if sorted(order) != sorted(buffers) or len(inputs) != len(kv):
+        raise LmbundleError(f"the step graph mutates {order} and {len(inputs)} inputs, expected {buffers} and {kv}")
+    return order + kv
 
 
 @dataclass
@@ -116,20 +163,46 @@ class ExportReport:
     seconds: float
     bytecode_bytes: int
     compiled: bool
+    functions: list[str]
+
+
+def _export_entry(graph: DecoderGraph, images: ImageContext | None, max_context: int, ramp: bool, decomp: dict):
+    """torch.export one entry point of `graph` with its dynamic dims."""
+    chunk = graph.chunk
+    ids = torch.zeros(1, chunk, dtype=torch.int32)
+    ramp_len = chunk + 2 if ramp else chunk
+    positions = torch.arange(ramp_len, dtype=torch.int32).view(1, -1)
+    image_inputs = tuple(images.tensors().values()) if images is not None else ()
+    kv = tuple(t.new_zeros(*t.shape[:3], KV_EXAMPLE, t.shape[4]) for t in graph.kv_example.values())
+    rest = [None] * len(image_inputs)  # the forward's *rest: the image inputs, then the KV pair
+    if kv:
+        seq = torch.export.Dim("kv_length", min=2, max=max(max_context, KV_EXAMPLE))
+        rest += [{3: seq}, {3: seq}]
+    dynamic = (None, {1: torch.export.Dim(f"positions_{chunk}", min=chunk, max=max_context)} if ramp else None,
+               *((tuple(rest),) if rest else ()))
+    with torch.no_grad():
+        exported = torch.export.export(graph, (ids, positions, *image_inputs, *kv), dynamic_shapes=dynamic,
+                                       strict=False)
+    return exported.run_decompositions(decomp)
 
 
 def export_aimodel(
     model: nn.Module,
-    capacity: int,
+    max_context: int,
     out_path: Path | str,
     *,
     dtype: torch.dtype | None = None,
     ramp: bool = True,
     compile_for_linux: bool = False,
     vision: dict | None = None,
+    kv: str = "dynamic",
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> ExportReport:
-    """Write `out_path` (a `.aimodel` folder) holding the step of `model` at a fixed KV `capacity`.
+    """Write `out_path` (a `.aimodel` folder) holding the decoder of `model`: `main` (one token) and,
+    with `prefill_chunk` > 0, `prefill` (that many tokens, no head), sharing weights and states.
 
+    `kv="dynamic"` (default): the KV states' sequence length is a dynamic dim, grown by the host up to
+    `max_context`; `kv="fixed"`: the old layout, KV states of exactly `max_context` slots.
     `dtype` is the activation/state dtype (default: the embedding's). `compile_for_linux` also stores
     the compiled `main-unspecialized.odix`, which the Linux runtime needs to load the folder by path;
     it roughly doubles the folder, so bundles leave it out and `CoreAIBackend` compiles into its cache.
@@ -139,33 +212,37 @@ def export_aimodel(
     out_path = Path(out_path)
     if out_path.suffix != ".aimodel":
         raise LmbundleError(f"{out_path}: a Core AI asset must end in .aimodel")
+    if kv not in ("dynamic", "fixed"):
+        raise LmbundleError(f"unknown KV layout {kv!r} (dynamic or fixed)")
+    if prefill_chunk and not ramp:
+        raise LmbundleError("a prefill function needs the position ramp input")
     dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
     start = time.perf_counter()
     images = image_context_for(model, vision)
-    graph = StepGraph(model, capacity, dtype, ramp, images).eval()
-    ids = torch.zeros(1, 1, dtype=torch.int32)
-    positions = torch.arange(2 if ramp else 1, dtype=torch.int32).view(1, -1)
-    image_inputs = tuple(images.tensors().values()) if images is not None else ()
     input_names = [*STEP_INPUT_NAMES, *(IMAGE_INPUT_NAMES if images is not None else ())]
-    ramp_dim = {1: torch.export.Dim("positions", min=1, max=capacity)}
-    dynamic = ({}, ramp_dim, *({} for _ in image_inputs)) if ramp else None
-
-    previous, model.ops = model.ops, CoreAIStepOps()  # never a device kernel in the graph
-    try:
-        with torch.no_grad():
-            exported = torch.export.export(graph, (ids, positions, *image_inputs), dynamic_shapes=dynamic, strict=False)
-        exported = exported.run_decompositions(coreai_torch.get_decomp_table())
-    finally:
-        model.ops = previous
+    fixed = max_context if kv == "fixed" else None
+    chunks = {"main": 1} | ({PREFILL_FUNCTION: prefill_chunk} if prefill_chunk else {})
+    decomp = _decompositions(coreai_torch)
 
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
-    converter.add_exported_program(
-        exported, input_names=input_names, output_names=list(STEP_OUTPUT_NAMES),
-        state_names=_state_order(exported, [n for n in STATE_NAMES.values() if n in graph._buffers]),
-    )
+    previous, model.ops = model.ops, CoreAIStepOps()  # never a device kernel in the graph
+    try:
+        for name, chunk in chunks.items():
+            graph = DecoderGraph(model, dtype, images, chunk=chunk, fixed_capacity=fixed).eval()
+            exported = _export_entry(graph, images, max_context, ramp, decomp)
+            buffers = [n for n in STATE_NAMES.values() if n in graph._buffers]
+            kv_names = [STATE_NAMES[f] for f in graph.kv_example]
+            converter.add_exported_program(
+                exported, input_names=input_names,
+                output_names=list(STEP_OUTPUT_NAMES) if chunk == 1 else PREFILL_OUTPUT_NAMES,
+                state_names=_state_order(exported, buffers, kv_names), entrypoint_name=name,
+            )
+            del exported, graph
+    finally:
+        model.ops = previous
     program = converter.to_coreai()
     program.save_asset(out_path)
-    del exported, converter, program
+    del converter, program
     if compile_for_linux:
         compile_asset(out_path, out_path)
         (out_path / COMPILED_FILE).rename(out_path / COMPILED_NAME)
@@ -175,4 +252,5 @@ def export_aimodel(
         seconds=time.perf_counter() - start,
         bytecode_bytes=(out_path / "main.mlirb").stat().st_size,
         compiled=compile_for_linux,
+        functions=list(chunks),
     )

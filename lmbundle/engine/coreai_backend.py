@@ -8,6 +8,9 @@ Steps are enqueued on the runtime's event loop (a thread of ours) and run in ord
 handle at once, so the engine can enqueue step n + 1, feeding it step n's handle as its token (the
 token then never visits the host), before it reads step n's token.
 
+KV states of dynamic length are grown as Apple's pipelined engine grows them (class docstring); an
+asset with a `prefill` function takes prompts in its chunks.
+
 A VLM asset also takes the four image inputs of an `ImageContext` on every step; the backend holds
 them as runtime arrays, the "no images" values until `set_images` hands it a prompt's context.
 """
@@ -30,6 +33,8 @@ from ..models.state import State
 from .sampling import Sampling, sample
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+INITIAL_CAPACITY = 256  # Apple's engine: KV states start at min(256, max_context_length) slots
+PREFILL_FUNCTION = "prefill"
 
 
 def _asset_of(source, verify: bool) -> Path:
@@ -58,12 +63,19 @@ class CoreAIStep:
 
 class CoreAIBackend:
     """The engine's backend interface (reset / prefill / step / next_token / read_token / logits) on a
-    Core AI asset: a bundle (its `main` asset) or a bare `.aimodel` folder."""
+    Core AI asset: a bundle (its `main` asset) or a bare `.aimodel` folder.
+
+    KV states: an asset with dynamic KV states (sequence dim -1) gets them grown as Apple's pipelined
+    engine grows them: `INITIAL_CAPACITY` slots (at most the context), doubled by copying the written
+    prefix into a longer zeroed buffer whenever a call would reach past the end, up to `max_context`.
+    Every call is given states of at least position + 1 slots (a shorter one is written nowhere,
+    silently), K and V always the same length. An old asset with fixed KV states keeps its capacity.
+    """
 
     name = "coreai"
     resumable = False  # its state lives in the runtime: every prompt starts over
 
-    def __init__(self, source, cache: Path | None = None, verify: bool = True):
+    def __init__(self, source, cache: Path | None = None, verify: bool = True, max_context: int | None = None):
         _, runtime = import_runtime()
         self._runtime = runtime
         self.aimodel = _asset_of(source, verify)
@@ -73,13 +85,13 @@ class CoreAIBackend:
         self._thread.start()
         self._lock = asyncio.Lock()
         try:
-            self._function = self._call(self._load()).result()
+            self._function, self._prefill = self._call(self._load()).result()
         except RuntimeError:
             # A cache entry that verifies but does not load is rebuilt once; the asset decides after that.
             discard_entry(self.compiled)
             self.compiled, self.cache_hit = compiled_entry(self.aimodel, cache)
             try:
-                self._function = self._call(self._load()).result()
+                self._function, self._prefill = self._call(self._load()).result()
             except RuntimeError as exc:
                 self.close()
                 raise LmbundleError(f"{self.aimodel}: the Core AI runtime could not load it ({exc})") from exc
@@ -89,8 +101,16 @@ class CoreAIBackend:
             name: (tuple(desc.state_descriptor(name).shape), np.dtype(desc.state_descriptor(name).dtype))
             for name in desc.state_names
         }
+        self._kv_names = [name for name in (STATE_NAMES["key"], STATE_NAMES["value"]) if name in self._state_layout]
+        kv_length = self._state_layout[STATE_NAMES["key"]][0][3]
+        self.dynamic_kv = kv_length == -1
+        if max_context is None:
+            max_context = source.max_context if hasattr(source, "max_context") else 1 << 20
+        self.max_context = max_context if self.dynamic_kv else min(max_context, kv_length)
+        self.prefill_chunk = (int(self._prefill.desc.input_descriptor("input_ids").shape[1])
+                              if self._prefill is not None else 0)
+        self.capacity = 0  # KV slots of the states the runtime holds now
         self.states: dict = {}
-        self.capacity = int(desc.state_descriptor("keyCache").shape[3])
         self._image_layout = {
             name: (tuple(desc.input_descriptor(name).shape), np.dtype(desc.input_descriptor(name).dtype))
             for name in IMAGE_INPUT_NAMES if name in desc.input_names
@@ -102,7 +122,8 @@ class CoreAIBackend:
 
     async def _load(self):
         model = await self._runtime.AIModel.load(self.compiled)
-        return model.load_function("main")
+        prefill = model.load_function(PREFILL_FUNCTION) if PREFILL_FUNCTION in model.function_names else None
+        return model.load_function("main"), prefill
 
     def _call(self, coroutine) -> Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -111,12 +132,47 @@ class CoreAIBackend:
         async with self._lock:  # after the steps in flight
             self.states = {name: self._runtime.NDArray(array) for name, array in arrays.items()}
 
+    def _shape(self, name: str, capacity: int) -> tuple[int, ...]:
+        shape = self._state_layout[name][0]
+        return tuple(capacity if (name in self._kv_names and i == 3) else n for i, n in enumerate(shape))
+
+    def _room_for(self, length: int) -> int:
+        """The KV length Apple's engine would hold for `length` positions: the current length (at first
+        min(256, max_context)) doubled until it fits, at most max_context."""
+        if length > self.max_context:
+            kind = "context" if self.dynamic_kv else "KV capacity"
+            raise LmbundleError(f"{length} positions do not fit the asset's {kind} of {self.max_context}")
+        if not self.dynamic_kv:
+            return self.max_context
+        capacity = self.capacity or min(INITIAL_CAPACITY, self.max_context)
+        while capacity < length:
+            capacity = min(capacity * 2, self.max_context)
+        return capacity
+
     def reset(self, length: int = 0) -> None:
-        """Fresh zeroed states with room for `length` positions. Built from numpy zeros: memory from
-        `NDArray.from_descriptor` is uninitialised and its `.numpy()` is a copy, so it cannot be zeroed in place."""
-        self.grow(length)
-        zeros = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self._state_layout.items()}
+        """Fresh zeroed states with room for `length` positions (Apple's engine pre-grows to prompt + max
+        tokens). Built from numpy zeros: memory from `NDArray.from_descriptor` is uninitialised and its
+        `.numpy()` is a copy, so it cannot be zeroed in place."""
+        self.capacity = 0
+        capacity = self._room_for(max(length, 1))
+        zeros = {name: np.zeros(self._shape(name, capacity), dtype) for name, (_, dtype) in self._state_layout.items()}
         self._call(self._set_states(zeros)).result()
+        self.capacity = capacity
+
+    async def _grow(self, capacity: int) -> None:
+        async with self._lock:  # after the steps in flight: they wrote the prefix that is copied
+            for name in self._kv_names:
+                old = self.states[name].numpy()
+                grown = np.zeros(self._shape(name, capacity), old.dtype)
+                grown[:, :, :, : old.shape[3]] = old
+                self.states[name] = self._runtime.NDArray(grown)
+
+    def grow(self, length: int) -> None:
+        """Make the KV states hold at least `length` positions (doubling, the written prefix copied)."""
+        capacity = self._room_for(length)
+        if capacity > self.capacity:
+            self._call(self._grow(capacity))  # queued in order with the steps
+            self.capacity = capacity
 
     async def _set_images(self, arrays: dict[str, np.ndarray]) -> None:
         async with self._lock:  # after the steps in flight, which keep the inputs they were given
@@ -142,16 +198,11 @@ class CoreAIBackend:
                 arrays[name] = np.array(tensor.numpy(), dtype=dtype, copy=True)
         self._call(self._set_images(arrays)).result()
 
-    def grow(self, length: int) -> None:
-        """The KV capacity is fixed at export: a longer context is a user error, not a resize."""
-        if length > self.capacity:
-            raise LmbundleError(f"{length} positions do not fit the asset's KV capacity {self.capacity} "
-                                "(export it with a larger capacity)")
-
     def load_state(self, write) -> None:
         """Let `write(state)` fill a torch `State` (the gates seed it from the oracle's cache); it becomes
-        the runtime's state."""
-        tensors = {field: torch.zeros(*self._state_layout[name][0], dtype=_TORCH_DTYPES[self._state_layout[name][1]])
+        the runtime's state, at the current KV length."""
+        tensors = {field: torch.zeros(*self._shape(name, self.capacity),
+                                      dtype=_TORCH_DTYPES[self._state_layout[name][1]])
                    if name in self._state_layout else torch.zeros(0)
                    for field, name in STATE_NAMES.items()}
         write(State(**tensors))
@@ -159,24 +210,30 @@ class CoreAIBackend:
                   if STATE_NAMES[field] in self._state_layout}
         self._call(self._set_states(arrays)).result()
 
-    def _position_ids(self, position: int) -> np.ndarray:
-        if position >= self.capacity:
-            raise LmbundleError(f"position {position} is past the asset's KV capacity {self.capacity}")
+    def _position_ids(self, position: int, count: int = 1) -> np.ndarray:
+        """The ramp 0..position + count - 1 (or the [1, 1] position of a static-position asset), after
+        making the KV states long enough for it."""
+        self.grow(position + count)
         if self.ramp:
-            return np.arange(position + 1, dtype=np.int32).reshape(1, -1)
+            return np.arange(position + count, dtype=np.int32).reshape(1, -1)
         return np.array([[position]], dtype=np.int32)
 
-    async def _step(self, handle: CoreAIStep, token: int | CoreAIStep, position_ids: np.ndarray) -> None:
+    async def _run(self, handle: CoreAIStep, function, token: int | CoreAIStep | np.ndarray,
+                   position_ids: np.ndarray, after: list[Future] = ()) -> None:
         NDArray = self._runtime.NDArray
         async with self._lock:
+            if any(f.done() and f.exception() is not None for f in after):
+                raise RuntimeError("a prefill chunk before this step failed")
             if isinstance(token, CoreAIStep):
                 if token.outputs is None:
                     raise RuntimeError("the step that feeds this one failed")
                 ids = token.outputs["next_token"]
+            elif isinstance(token, np.ndarray):
+                ids = NDArray(token)
             else:
                 ids = NDArray(np.array([[token]], dtype=np.int32))
             inputs = {"input_ids": ids, "position_ids": NDArray(position_ids), **self._images}
-            handle.outputs = await self._function(inputs, self.states)
+            handle.outputs = await function(inputs, self.states)
 
     def step(self, token: int | torch.Tensor | CoreAIStep, position: int) -> CoreAIStep:
         """Enqueue one step: `token` is an id ([1, 1] tensor or int) or the handle of the step whose
@@ -184,14 +241,23 @@ class CoreAIBackend:
         if isinstance(token, torch.Tensor):
             token = int(token.item())
         handle = CoreAIStep()
-        handle.done = self._call(self._step(handle, token, self._position_ids(position)))
+        handle.done = self._call(self._run(handle, self._function, token, self._position_ids(position)))
         return handle
 
     def prefill(self, ids: list[int], chunk: int = 0) -> CoreAIStep:
-        """The prompt as S=1 steps (the asset has one `main` function; `chunk` does not apply)."""
+        """The prompt: with `chunk` > 0 and an asset with a `prefill` function, whole chunks of its size
+        (all but the last token, which needs the head), then S=1 steps for the rest; else S=1 steps."""
+        size = self.prefill_chunk if chunk and self._prefill is not None else 0
+        done = (len(ids) - 1) // size * size if size else 0
+        chunks = []
+        for start in range(0, done, size or 1):
+            tokens = np.array([ids[start : start + size]], dtype=np.int32)
+            chunks.append(self._call(self._run(CoreAIStep(), self._prefill, tokens, self._position_ids(start, size))))
         handle = None
-        for position, token in enumerate(ids):
-            handle = self.step(token, position)
+        for position in range(done, len(ids)):
+            handle = CoreAIStep()
+            handle.done = self._call(self._run(handle, self._function, ids[position], self._position_ids(position),
+                                               chunks))
         return handle
 
     def next_token(self, handle: CoreAIStep, sampling: Sampling, generator) -> CoreAIStep | torch.Tensor:
@@ -207,7 +273,8 @@ class CoreAIBackend:
         return int(token.item()) if isinstance(token, torch.Tensor) else int(token)
 
     def read_logits(self, handle: CoreAIStep) -> torch.Tensor:
-        """Logits [1, 1, V] fp32 (a copy: the runtime owns its output buffers)."""
+        """Logits [1, 1, V] as fp32 (a copy: the runtime owns its output buffers; the asset's are fp16,
+        as Apple's pipelined engine requires)."""
         handle.done.result()
         return torch.from_numpy(np.array(handle.outputs["logits"].numpy(), dtype=np.float32, copy=True))
 
@@ -225,4 +292,3 @@ class CoreAIBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -70,6 +70,20 @@ class ImageGateReport(Report):
         ]  # the verdict is the one line `gate.verdict` prints for text and image parts together
 
 
+def _rope_positions(engine: Engine, ids: list[int]) -> torch.Tensor:
+    """(t, h, w) [3, S] of a prompt as the decoder graph computes them in-graph, from the engine's
+    active image context: the torch graph's own method, or on Core AI (whose graph runs inside the
+    asset) the same shared method on the context the backend was handed."""
+    from ..models.image_prompt import ImagePromptGraph
+
+    model = getattr(engine.backend, "model", None)
+    if model is None:
+        cfg = type("Config", (), {"vocab_size": engine.vision.vocab_size})
+        model = type("Host", (ImagePromptGraph,), {"cfg": cfg, "images": engine.vision.context})()
+    device = engine.device
+    return model.rope_positions(torch.tensor(ids, device=device), torch.arange(len(ids), device=device))
+
+
 @torch.inference_mode()
 def run_image_gate(engine: Engine, oracle: Oracle, prompts=PROMPTS) -> ImageGateReport:
     vision = engine.vision
@@ -89,8 +103,7 @@ def run_image_gate(engine: Engine, oracle: Oracle, prompts=PROMPTS) -> ImageGate
         vision.activate(ids)
         expected_positions, _ = hf.model.get_rope_index(raw[None], token_types, grid_thw)
         device = engine.device
-        ours_positions = engine.backend.model.rope_positions(torch.tensor(ids, device=device),
-                                                             torch.arange(len(ids), device=device))
+        ours_positions = _rope_positions(engine, ids)
         report.positions_exact += int(torch.equal(ours_positions.cpu(), expected_positions[:, 0]))
 
         # 2. vision tower

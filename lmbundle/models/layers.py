@@ -199,7 +199,7 @@ def attention(
     lead = q.shape[:-3]
     qg = q.reshape(*lead, kv_heads, heads // kv_heads * seq, dim)
     scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * dim**-0.5  # [..., KVH, G*S, L]
-    visible = torch.arange(length, device=q.device) <= q_positions.unsqueeze(-1)  # [..., S, L]
+    visible = torch.arange(length, device=q.device).unsqueeze(0) <= q_positions.unsqueeze(-1)  # [..., S, L] (Core AI)
     visible = visible.repeat(*(1,) * len(lead), heads // kv_heads, 1).unsqueeze(-3)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
@@ -284,8 +284,9 @@ def gated_attention(
         v = v.reshape(seq, kvh, d).transpose(0, 1)
         q = apply_rope(q.transpose(0, 1), cos, sin)
         k = apply_rope(k.transpose(0, 1), cos, sin)
-        key_cache.index_copy_(1, positions, k.to(key_cache.dtype))
-        value_cache.index_copy_(1, positions, v.to(value_cache.dtype))
+        slots = positions.view(1, -1, 1).expand(kvh, seq, d)  # a scatter, not index_copy_: it lowers to Core AI
+        key_cache.scatter_(1, slots, k.to(key_cache.dtype))   # on a KV cache of dynamic length
+        value_cache.scatter_(1, slots, v.to(value_cache.dtype))
         o = attention(q, key_cache[:, :kv_len], value_cache[:, :kv_len], positions).to(dtype)
     if dims.output_gate:
         o = o * torch.sigmoid(gate)
