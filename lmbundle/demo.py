@@ -9,14 +9,95 @@ prompt and prints the speed.
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LmbundleError
 
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 PROMPT = "Tell me a short story about a king and his three sons."
+
+# ----------------------------------------------------------------------------- pictures
+# The demo VLM (scripts/train_demo_model.py) learned these pictures: one filled shape of one of four
+# colours on a plain background of another colour, at any position and size, in images of several
+# sizes and aspect ratios. Training, `make demo`, the accuracy test and the browser test all draw here.
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220), "yellow": (240, 210, 30)}
+SHAPES = ("circle", "square", "triangle")
+SIDES = ("left", "right")
+BACKGROUNDS = {
+    "white": (255, 255, 255), "light grey": (200, 200, 200), "grey": (128, 128, 128),
+    "dark grey": (60, 60, 60), "black": (0, 0, 0), "cream": (245, 238, 210), "lavender": (200, 185, 235),
+    "pink": (250, 200, 215), "brown": (115, 75, 45), "purple": (100, 45, 125),
+}
+# (question, answer template): what the demo VLM was taught to answer about a picture.
+QUESTIONS = (
+    ("What is in the image?", "A {colour} {shape}."),
+    ("What do you see?", "A {colour} {shape}."),
+    ("Describe the image.", "A {colour} {shape} on the {side}."),
+    ("What colour is the shape?", "{Colour}."),
+    ("What shape is it?", "A {shape}."),
+    ("Is it on the left or the right?", "On the {side}."),
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What a drawn picture shows (the answers' ground truth)."""
+
+    colour: str
+    shape: str
+    side: str
+    background: str
+    size: tuple[int, int]  # (width, height)
+
+    def answer(self, template: str) -> str:
+        return template.format(colour=self.colour, Colour=self.colour.capitalize(), shape=self.shape,
+                               side=self.side)
+
+
+def draw_scene(rng: random.Random, colour: str | None = None, shape: str | None = None,
+               side: str | None = None, size: tuple[int, int] | None = None):
+    """(PIL image, Scene): one shape, its colour jittered, on a plain background, clearly in the
+    left or the right half; the image 96..512 pixels wide with an aspect ratio of 1:2..2:1."""
+    from PIL import Image, ImageDraw
+
+    colour = colour or rng.choice(list(COLOURS))
+    shape = shape or rng.choice(SHAPES)
+    side = side or rng.choice(SIDES)
+    background = rng.choice(list(BACKGROUNDS))
+    if size is None:
+        width = rng.randint(96, 512)
+        height = min(640, max(96, round(width / 2 ** rng.uniform(-1, 1))))
+        size = (width, height)
+    width, height = size
+    extent = min(0.8 * width, rng.uniform(0.3, 0.7) * min(width, height))  # the shape's side (or diameter)
+    half = extent / 2
+    low, high = half, max(half, width / 2 - 0.08 * width)  # the centre's x range in the left half
+    cx = rng.uniform(low, high)
+    if side == "right":
+        cx = width - cx
+    cy = rng.uniform(half, height - half)
+    fill = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in COLOURS[colour])
+    image = Image.new("RGB", size, BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    box = (cx - half, cy - half, cx + half, cy + half)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+    return image, Scene(colour, shape, side, background, size)
+
+
+def named(answer: str, words) -> list[str]:
+    """The words of `words` that an answer names (lower case)."""
+    text = answer.lower()
+    return [w for w in words if w in text]
 
 
 def main(argv: list[str] | None = None) -> None:

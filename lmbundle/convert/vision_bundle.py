@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import LmbundleError
-from .image import DEFAULT_IMAGE_SIZE, ImageSpec
+from .image import ImageSpec
 
 if TYPE_CHECKING:
     from ..models.vision import VisionEncoder
@@ -42,7 +42,7 @@ _TOKEN_KEYS = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
 
 def write_vision(
     checkpoint: "Checkpoint", folder: Path, text_hidden: int, dtype: torch.dtype = torch.float16,
-    max_images: int = DEFAULT_MAX_IMAGES, image_size: int = DEFAULT_IMAGE_SIZE, asset: str | None = None,
+    max_images: int = DEFAULT_MAX_IMAGES, image_size: int | None = None, asset: str | None = None,
 ) -> dict[str, Any]:
     """Write the checkpoint's vision encoder to `folder/vision.safetensors` (and the Core AI `asset`,
     a `.aimodel` folder name, when given); returns the metadata section."""
