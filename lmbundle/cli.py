@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .errors import LmbundleError
+from .quiet import quiet
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what a bundle holds: config, quant, sizes, bytes per token")
     p.add_argument("bundle")
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true",
+                             help="keep the libraries' known-harmless warnings and log lines (lmbundle/quiet.py)")
     return parser
 
 
@@ -249,7 +252,7 @@ COMMANDS = {"convert": cmd_convert, "run": cmd_run, "chat": cmd_chat, "bench": c
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet(args.verbose)
     try:
         COMMANDS[args.command](args)
     except LmbundleError as exc:

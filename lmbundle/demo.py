@@ -104,7 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lmbundle.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/demo", help="where the demo bundles are written")
     parser.add_argument("--backend", default="all", help="bundle backends to build (all | torch)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="keep the libraries' known-harmless warnings and log lines (lmbundle/quiet.py)")
     args = parser.parse_args(argv)
+    from .quiet import quiet
+
+    quiet(args.verbose)
     try:
         run(Path(args.out), args.backend)
     except LmbundleError as exc:
@@ -123,8 +128,9 @@ def run(out: Path, backend: str) -> None:
     checkpoint = DEMO_DIR / "qwen35-tiny"
     shutil.rmtree(out, ignore_errors=True)
     bundles = {}
+    print(f"Converting the demo Qwen3.5 ({checkpoint.relative_to(DEMO_DIR.parents[1])}) into {out}/")
     for quant in ("fp16", "int8hu"):
-        bundles[quant] = convert(str(checkpoint), out / f"qwen35-tiny-{quant}", quant=quant, backend=backend)
+        bundles[quant] = convert(str(checkpoint), out / f"qwen35-tiny-{quant}", quant=quant, backend=backend, log=None)
         info = open_bundle(bundles[quant]).info
         print(f"  {quant}: {info['size_on_disk'] / 1e6:.2f} MB on disk, "
               f"{info['bytes_per_token']['total_at_empty_context'] / 1e6:.2f} MB read per token")
@@ -146,7 +152,7 @@ def run(out: Path, backend: str) -> None:
     if open_bundle(bundles["int8hu"]).aimodel_path:
         passed &= compare_backends(bundles["int8hu"], int8hu, oracle, ids)
     print(format_bench(bench(int8hu, prompt_tokens=64, gen_tokens=128, trials=3)))
-    image_demo(out)
+    passed &= image_demo(out)
     if not passed:
         raise SystemExit(1)
 
@@ -170,24 +176,50 @@ def compare_backends(bundle: Path, torch_engine, oracle, ids: list[int], tokens:
     return tie
 
 
-def image_demo(out: Path) -> None:
-    """The VLM path: a Qwen3-VL bundle (decoder + vision encoder) answering about a drawn picture.
-    The demo's vision tower is untrained, so the answer shows the pipeline, not understanding."""
-    from PIL import Image, ImageDraw
+# (colour, shape, side, size) of the pictures `make demo` draws, and the second question each gets
+DEMO_PICTURES = (
+    (("blue", "triangle", "left", (320, 240)), "What colour is the shape?"),
+    (("yellow", "circle", "right", (200, 360)), "Is it on the left or the right?"),
+    (("red", "square", "right", (480, 300)), "What shape is it?"),
+)
+DEMO_SEED = 7  # the background, jitter, position and size; training drew with other seeds
 
+
+def image_demo(out: Path) -> bool:
+    """The VLM path: the demo Qwen3-VL as an int8hu bundle (decoder + vision encoder), its image gate
+    against the oracle, then questions about pictures drawn now (saved next to the bundles)."""
     from .convert.convert import convert
     from .engine.engine import Engine
+    from .gates.image_gate import run_image_gate
+    from .gates.oracle import Oracle
 
-    bundle = convert(str(DEMO_DIR / "qwen3vl-tiny"), out / "qwen3vl-tiny-int8hu", quant="int8hu", backend="torch")
+    checkpoint = DEMO_DIR / "qwen3vl-tiny"
+    bundle = convert(str(checkpoint), out / "qwen3vl-tiny-int8hu", quant="int8hu", backend="torch", log=None)
     engine = Engine(bundle, backend="torch")
-    picture = Image.new("RGB", (448, 448), "white")
-    ImageDraw.Draw(picture).ellipse((100, 100, 350, 350), fill="red")
-    question = "Describe the image."
-    ids = engine.chat_ids([{"role": "user", "content": [*engine.attach_images([picture]),
-                                                          {"type": "text", "text": question}]}])
-    answer = "".join(engine.generate_text(ids, max_new_tokens=40))
-    print(f"\n[image: a red circle, {len(ids)} prompt tokens with 196 image tokens]\nuser: {question}\n"
-          f"assistant: {answer}")
+    report = run_image_gate(engine, Oracle(str(checkpoint)))
+    print("\n".join(report.lines()))
+    side = engine.vision.info.spec.image_size
+    folder = out / "pictures"
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nPictures drawn just now (not seen in training), in {folder}/; the encoder sees each "
+          f"stretched to {side}x{side}:")
+    rng = random.Random(DEMO_SEED)
+    right = asked = 0
+    for number, ((colour, shape, where, size), question) in enumerate(DEMO_PICTURES, 1):
+        image, scene = draw_scene(rng, colour, shape, where, size)
+        path = folder / f"{number}-{colour}-{shape}.png"
+        image.save(path)
+        print(f"\n[{path.name}: {size[0]}x{size[1]}, a {colour} {shape} on the {where}, {scene.background} background]")
+        for q in ("What is in the image?", question):
+            template = dict(QUESTIONS)[q]
+            ids = engine.chat_ids([{"role": "user", "content": [{"type": "image", "image": image},
+                                                                  {"type": "text", "text": q}]}])
+            answer = "".join(engine.generate_text(ids, max_new_tokens=16)).strip()
+            ok = answer == scene.answer(template)
+            right, asked = right + ok, asked + 1
+            print(f"user: {q}\nassistant: {answer}" + ("" if ok else f"   (expected: {scene.answer(template)})"))
+    print(f"\n{right}/{asked} answers about the pictures right\n")
+    return report.passed
 
 
 if __name__ == "__main__":

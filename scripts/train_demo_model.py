@@ -357,8 +357,8 @@ def train(model: torch.nn.Module, stream: torch.Tensor, s: TrainSettings, seed: 
 class SeeSettings:
     """Stage 2 of the demo VLM: pictures with captions and short Q/A, mixed with Shakespeare windows."""
 
-    steps: int = 700
-    image_batch: int = 24
+    steps: int = 450
+    image_batch: int = 16
     text_batch: int = 4
     text_len: int = 128
     lr_vision: float = 2e-3
@@ -432,6 +432,17 @@ class PictureBatches:
         }
 
 
+def answer_loss(model, batch: dict) -> tuple[torch.Tensor, float]:
+    """Cross-entropy on the answer tokens only, the head applied just there (not on the prompt's image
+    and question tokens), and the fraction of answer tokens the model already gets right."""
+    labels = batch.pop("labels")
+    hidden = model.model(**batch, use_cache=False).last_hidden_state
+    picked = labels[:, 1:] != -100
+    logits = model.lm_head(hidden[:, :-1][picked])
+    targets = labels[:, 1:][picked]
+    return torch.nn.functional.cross_entropy(logits, targets), (logits.argmax(-1) == targets).float().mean().item()
+
+
 def train_seeing(model, tokenizer, stream: torch.Tensor, s: SeeSettings, seed: int) -> dict:
     """Vision tower, mergers (DeepStack included) and text model trained together: each step one batch
     of pictures (loss on the answers) plus one batch of Shakespeare windows (keeps the text model)."""
@@ -454,11 +465,11 @@ def train_seeing(model, tokenizer, stream: torch.Tensor, s: SeeSettings, seed: i
         schedule = TrainSettings(steps=s.steps, warmup=s.warmup, lr=1.0)
         model.train()
         start = time.perf_counter()
-        image_losses, text_losses = [], []
+        image_losses, text_losses, accuracies = [], [], []
         for step in range(s.steps):
             for group in opt.param_groups:
                 group["lr"] = group["base"] * learning_rate(step, schedule)
-            image_loss = model(**pictures.batch(s.image_batch), use_cache=False).loss
+            image_loss, answer_accuracy = answer_loss(model, pictures.batch(s.image_batch))
             starts = torch.randint(0, len(stream) - s.text_len, (s.text_batch,), generator=gen)
             windows = torch.stack([stream[i : i + s.text_len] for i in starts.tolist()])
             text_loss = model(input_ids=windows, labels=windows, use_cache=False).loss
@@ -467,9 +478,11 @@ def train_seeing(model, tokenizer, stream: torch.Tensor, s: SeeSettings, seed: i
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             image_losses = (image_losses + [image_loss.item()])[-50:]
+            accuracies = (accuracies + [answer_accuracy])[-50:]
             text_losses = (text_losses + [text_loss.item()])[-50:]
             if step % 25 == 0 or step == s.steps - 1:
                 print(f"[see] step {step:4d} image loss {image_loss.item():.3f} text loss {text_loss.item():.3f} "
+                      f"answer tokens right {sum(accuracies) / len(accuracies):.1%} (last 50) "
                       f"({time.perf_counter() - start:.0f}s)", flush=True)
         model.eval()
     finally:
@@ -485,6 +498,7 @@ def train_seeing(model, tokenizer, stream: torch.Tensor, s: SeeSettings, seed: i
         "train_seconds": round(time.perf_counter() - start, 1),
         "final_image_loss": round(sum(image_losses) / len(image_losses), 4),
         "final_text_loss": round(sum(text_losses) / len(text_losses), 4),
+        "final_answer_token_accuracy": round(sum(accuracies) / len(accuracies), 4),
     }
 
 

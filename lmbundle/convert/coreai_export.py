@@ -36,6 +36,7 @@ from torch import nn
 
 from ..engine.coreai_backend import STATE_NAMES, compile_asset
 from ..errors import LmbundleError
+from ..quiet import python_stdout_filtered
 from ..models import linear as linear_module
 from ..models.qwen3vl import ImageContext
 
@@ -188,7 +189,8 @@ def export_aimodel(
         exported, input_names=input_names, output_names=OUTPUT_NAMES,
         state_names=_state_order(exported, [n for n in STATE_NAMES.values() if n in graph._buffers]),
     )
-    program = converter.to_coreai()
+    with python_stdout_filtered():  # its "converting 1 program(s)" line (lmbundle/quiet.py)
+        program = converter.to_coreai()
     program.save_asset(out_path)
     del exported, converter, program
     if compile_for_linux:

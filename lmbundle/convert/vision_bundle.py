@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import LmbundleError
+from ..quiet import python_stdout_filtered
 from .image import ImageSpec
 
 if TYPE_CHECKING:
@@ -195,5 +196,7 @@ def export_vision_aimodel(encoder: "VisionEncoder", out_path: Path) -> Path:
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
     converter.add_exported_program(exported, input_names=["patches"],
                                    output_names=["image_embeds", "deepstack_embeds"])
-    converter.to_coreai().save_asset(Path(out_path))
+    with python_stdout_filtered():  # its "converting 1 program(s)" line (lmbundle/quiet.py)
+        program = converter.to_coreai()
+    program.save_asset(Path(out_path))
     return Path(out_path)

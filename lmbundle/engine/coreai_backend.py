@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import LmbundleError
+from ..quiet import native_stderr_filtered
 
 COMPILED_FILE = "main-universal.odix"
 STATE_NAMES = {"key": "keyCache", "value": "valueCache", "conv": "convState", "rec": "recState"}
@@ -223,7 +224,8 @@ class CoreAIBackend:
 
     async def _load(self):
         model = await self._runtime.AIModel.load(self.compiled)
-        return model.load_function("main")
+        with native_stderr_filtered():  # the runtime's "ODIE [default]: Loading function 'main'" (lmbundle/quiet.py)
+            return model.load_function("main")
 
     def _call(self, coroutine) -> Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)

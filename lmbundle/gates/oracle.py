@@ -9,6 +9,7 @@ import torch
 
 from ..convert.checkpoint import open_checkpoint
 from ..errors import LmbundleError
+from ..quiet import transformers_loading
 from ..models.qwen35 import State
 
 
@@ -35,7 +36,7 @@ class Oracle:
         ckpt = open_checkpoint(source)
         arch = next(a for a in ckpt.config.get("architectures") or ["Qwen3_5ForCausalLM"])
         model_class = getattr(transformers, arch, None) or transformers.AutoModelForCausalLM
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), transformers_loading():
             warnings.simplefilter("ignore")
             try:
                 self.model = model_class.from_pretrained(str(ckpt.path), dtype=torch.float32).eval()

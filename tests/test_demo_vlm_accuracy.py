@@ -1,0 +1,105 @@
+"""The demo Qwen3-VL sees: its int8hu bundle names the colour and the shape of pictures it never saw.
+
+Pictures come from `lmbundle.demo.draw_scene` with a seed the training never used (training draws with
+random.Random(1235), its own check with 99): one of red/green/blue/yellow x circle/square/triangle, any
+position and size, on a plain background of another colour, at sizes 96..512 pixels wide and aspect
+ratios 1:2..2:1. Each is asked "What is in the image?" through the bundle's own path (stretch to the
+fixed 128 x 128 square, normalize, patchify, encoder, extension-id image slots, DeepStack).
+Torch backend: 50 pictures, colour and shape each >= 90 %. Core AI backend: a few pictures, the same
+tokens as the torch backend and right answers.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from lmbundle.convert.convert import convert
+from lmbundle.demo import COLOURS, SHAPES, draw_scene, named
+from lmbundle.engine.engine import Engine
+
+DEMO = Path(__file__).resolve().parents[1] / "lmbundle" / "data" / "demo" / "qwen3vl-tiny"
+QUESTION = "What is in the image?"
+SEED = 2026  # not a training seed
+PICTURES, TARGET = 50, 0.9
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _coreai_present() -> bool:
+    try:
+        import coreai.runtime  # noqa: F401
+        import coreai_torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    backend = "all" if _coreai_present() else "torch"
+    return convert(str(DEMO), tmp_path_factory.mktemp("demo-vlm") / "int8hu", quant="int8hu", backend=backend,
+                   max_context=256, log=None)
+
+
+def _pictures(count: int, seed: int = SEED):
+    rng = random.Random(seed)
+    return [draw_scene(rng) for _ in range(count)]
+
+
+def _ask(engine: Engine, image, question: str = QUESTION) -> tuple[list[int], str]:
+    ids = engine.chat_ids([{"role": "user", "content": [{"type": "image", "image": image},
+                                                        {"type": "text", "text": question}]}])
+    tokens = list(engine.generate(ids, max_new_tokens=10))
+    return tokens, engine.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _accuracy(engine: Engine, pictures) -> tuple[float, float, list[str]]:
+    colour = shape = 0
+    wrong = []
+    for image, scene in pictures:
+        _, answer = _ask(engine, image)
+        colour_ok = named(answer, COLOURS) == [scene.colour]
+        shape_ok = named(answer, SHAPES) == [scene.shape]
+        colour, shape = colour + colour_ok, shape + shape_ok
+        if not (colour_ok and shape_ok):
+            wrong.append(f"{scene.colour} {scene.shape} {scene.size} on {scene.background}: {answer!r}")
+    return colour / len(pictures), shape / len(pictures), wrong
+
+
+def test_colour_and_shape_accuracy_torch(bundle):
+    engine = Engine(bundle, backend="torch", device="cpu")
+    colour, shape, wrong = _accuracy(engine, _pictures(PICTURES))
+    print(f"\ntorch backend, {PICTURES} pictures: colour {colour:.0%}, shape {shape:.0%}; wrong: {wrong}")
+    assert colour >= TARGET and shape >= TARGET, (colour, shape, wrong)
+
+
+def test_answers_follow_the_question(bundle):
+    """Colour, shape and side questions on a few fixed pictures get the short answers taught."""
+    engine = Engine(bundle, backend="torch", device="cpu")
+    rng = random.Random(SEED + 1)
+    cases = [draw_scene(rng, colour="blue", shape="triangle", side="left", size=(320, 240)),
+             draw_scene(rng, colour="yellow", shape="circle", side="right", size=(200, 400)),
+             draw_scene(rng, colour="red", shape="square", side="right", size=(448, 448))]
+    for image, scene in cases:
+        assert _ask(engine, image)[1] == f"A {scene.colour} {scene.shape}."
+        assert _ask(engine, image, "What colour is the shape?")[1] == f"{scene.colour.capitalize()}."
+        assert _ask(engine, image, "Is it on the left or the right?")[1] == f"On the {scene.side}."
+
+
+@pytest.mark.skipif(not _coreai_present(), reason="Core AI (coreai-core, coreai-torch) not installed")
+def test_core_ai_backend_answers_the_same(bundle):
+    torch_engine = Engine(bundle, backend="torch", device="cpu")
+    coreai = Engine(bundle, backend="coreai")
+    try:
+        pictures = _pictures(4, SEED + 2)
+        for image, scene in pictures:
+            ours, answer = _ask(coreai, image)
+            assert ours == _ask(torch_engine, image)[0], answer
+        colour, shape, wrong = _accuracy(coreai, pictures)
+        print(f"\nCore AI backend, {len(pictures)} pictures: colour {colour:.0%}, shape {shape:.0%}; wrong: {wrong}")
+        assert colour >= 0.75 and shape >= 0.75, wrong
+    finally:
+        coreai.backend.close()
