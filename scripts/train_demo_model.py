@@ -374,11 +374,11 @@ def train(model: torch.nn.Module, stream: torch.Tensor, s: TrainSettings, seed: 
 class SeeSettings:
     """Stage 2 of the demo VLM: pictures with captions and short Q/A, mixed with Shakespeare windows."""
 
-    steps: int = 450
-    image_batch: int = 16
+    steps: int = 900
+    image_batch: int = 24
     text_batch: int = 4
     text_len: int = 128
-    lr_vision: float = 2e-3
+    lr_vision: float = 4e-3
     lr_text: float = 6e-4
     warmup: int = 50
     weight_decay: float = 0.05
@@ -682,6 +682,7 @@ def seed_everything(seed: int) -> None:
 
 
 def main() -> None:
+    global IMAGE_SIDE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["qwen35", "qwen3vl"], help="train one of the two")
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
@@ -689,6 +690,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=TrainSettings.seq_len)
     parser.add_argument("--vocab", type=int, default=3072)
     parser.add_argument("--see-steps", type=int, default=SeeSettings.steps, help="Qwen3-VL stage 2 steps")
+    parser.add_argument("--image-side", type=int, default=IMAGE_SIDE, help="the VLM's fixed image square")
+    parser.add_argument("--lr-vision", type=float, default=SeeSettings.lr_vision)
     parser.add_argument("--threads", type=int, default=SeeSettings.threads, help="CPU threads of stage 2")
     parser.add_argument("--see-from", type=Path,
                         help="Qwen3-VL stage 2 only, from this stage-1 checkpoint's text weights and tokenizer")
@@ -701,6 +704,7 @@ def main() -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty() costs 2x on CPU
     if args.see_from:
         args.only = "qwen3vl"
+    IMAGE_SIDE = args.image_side
 
     plays = load_plays(args.cache)
     train_texts = [t for name, t in plays.items() if name != HELD_OUT_PLAY]
@@ -740,7 +744,7 @@ def main() -> None:
             report["text"] = train(model, stream, settings, SEED, key)
         model.to("cpu")  # measured and sampled on the CPU in fp32, as the gates run
         if is_vl:
-            report["see"] = train_seeing(model, tokenizer, stream, SeeSettings(steps=args.see_steps, threads=args.threads), SEED)
+            report["see"] = train_seeing(model, tokenizer, stream, SeeSettings(steps=args.see_steps, threads=args.threads, lr_vision=args.lr_vision), SEED)
             report["see"].update(picture_accuracy(model, tokenizer))
         report.update(held_out_figures(model, held_out, settings.seq_len))
         report["greedy"] = samples(model, tokenizer)
