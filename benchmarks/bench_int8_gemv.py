@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lmbundle.engine.kernels import triton_gemv
-from lmbundle.engine.kernels.int8_gemv import reference_int8_matmul
+from lmbundle.models.linear import int8_matmul as reference_int8_matmul
 
 SHAPES = [  # (label, out_features, in_features)
     ("lm_head", 248320, 2048),

@@ -36,7 +36,7 @@ def main() -> None:
                         backend="torch", device="cuda")
         backend = engine.backend
         token = torch.ones(1, 1, dtype=torch.long, device="cuda")
-        ops = backend.model.step_ops
+        ops = backend.model.ops
         replay = {}
         for pdl in ([True, False] if getattr(ops, "pdl", False) else [False]):
             ops.pdl = pdl

@@ -9,13 +9,14 @@ import argparse
 import json
 import sys
 
+from .engine import BACKENDS
 from .errors import LmbundleError
 from .quiet import quiet
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder (made by `lmbundle convert`)")
-    p.add_argument("--backend", choices=["torch", "coreai"], help="default: the fastest present (PyTorch on Linux)")
+    p.add_argument("--backend", choices=BACKENDS, help="default: the fastest present (PyTorch on Linux)")
     p.add_argument("--device", help="torch device (cpu, cuda, mps); default: the best present")
     p.add_argument("--prefill", choices=["s1", "chunked"], default="chunked",
                    help="feed the prompt in chunks (default; on the PyTorch backend 13x faster for a 0.8B on "
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--image", action="append", default=[], help="image for the first turn (VLM bundles)")
 
-    p = sub.add_parser("bench", help="prefill and decode speed, and % of the memory-bandwidth ceiling")
+    p = sub.add_parser("bench", help="prefill and decode speed, and %% of the memory-bandwidth ceiling")
     _add_engine_args(p)
     p.add_argument("-p", "--prompt-tokens", type=int, default=128)
     p.add_argument("-g", "--gen-tokens", type=int, default=256)
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--oracle", required=True, help="the original checkpoint (folder or hub id)")
     p.add_argument("--against", help="another bundle (e.g. fp16) that greedy rollouts must equal")
-    p.add_argument("--backend", choices=["torch", "coreai"])
+    p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
 
@@ -107,8 +108,8 @@ def _sampling(args):
 
 
 def cmd_convert(args) -> None:
+    from .bundle.format import open_bundle
     from .convert.convert import convert
-    from .convert.bundle import open_bundle
 
     out = convert(args.source, args.out, quant=args.quant, head_quant=args.head_quant, backend=args.backend,
                   max_context=args.max_context, name=args.name)
@@ -131,7 +132,7 @@ def _print_info(bundle) -> None:
 
 
 def cmd_info(args) -> None:
-    from .convert.bundle import open_bundle
+    from .bundle.format import open_bundle
 
     _print_info(open_bundle(args.bundle))
 
@@ -166,10 +167,7 @@ def cmd_run(args) -> None:
 def _user_message(engine, text: str, images: list[str]) -> dict:
     if not images:
         return {"role": "user", "content": text}
-    attach = getattr(engine, "attach_images", None)
-    if attach is None:
-        raise LmbundleError(f"{engine.bundle.path}: this bundle has no vision encoder; --image needs a VLM bundle")
-    return {"role": "user", "content": [*attach(images), {"type": "text", "text": text}]}
+    return {"role": "user", "content": [*engine.attach_images(images), {"type": "text", "text": text}]}
 
 
 def cmd_chat(args) -> None:

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(out: Path, backend: str) -> None:
-    from .convert.bundle import open_bundle
+    from .bundle.format import open_bundle
     from .convert.convert import convert
     from .engine.bench import bench, format_bench
     from .engine.engine import Engine

@@ -21,7 +21,7 @@ and the data order come out identical on any machine.
 Stage 2 ("seeing", Qwen3-VL only): pictures drawn with PIL by `lmbundle.demo.draw_scene` (red, green,
 blue or yellow circle, square or triangle, any position and size, on a plain background of another
 colour, 96..512 pixels wide, aspect 1:2..2:1) go through lmbundle's own preprocessing
-(`lmbundle.convert.image.preprocess_image`: the bundle's fixed square resize, rescale/normalize,
+(`lmbundle.engine.image.preprocess_image`: the bundle's fixed square resize, rescale/normalize,
 merge-window patches) into transformers' model with DeepStack, as chat prompts whose answers are
 captions and short Q/A ("What is in the image?" -> "A blue triangle.", colour, shape, left/right);
 each step also trains on Shakespeare windows so the text model keeps its quality. The processor's
@@ -390,9 +390,9 @@ CAPTION = (None, "A {colour} {shape} on the {side}.")  # an image with no questi
 
 def demo_image_spec(model):
     """lmbundle's ImageSpec for this model, built by the converter's own rule (128 x 128 here)."""
-    from lmbundle.convert.image import ImageSpec
+    from lmbundle.convert.vision_export import image_spec_from_configs
 
-    return ImageSpec.from_configs(model.config.vision_config.to_dict(), image_processor().to_dict())
+    return image_spec_from_configs(model.config.vision_config.to_dict(), image_processor().to_dict())
 
 
 class PictureBatches:
@@ -421,7 +421,7 @@ class PictureBatches:
         return out
 
     def sample(self):
-        from lmbundle.convert.image import preprocess_image
+        from lmbundle.engine.image import preprocess_image
 
         image, scene = self.demo.draw_scene(self.rng)
         question, template = self.rng.choice(self.questions)
@@ -531,7 +531,7 @@ def picture_accuracy(model, tokenizer, count: int = 60, seed: int = 99) -> dict:
     answers = []
     for _ in range(count):
         image, scene = demo.draw_scene(pictures.rng)
-        from lmbundle.convert.image import preprocess_image
+        from lmbundle.engine.image import preprocess_image
 
         out = model.generate(
             input_ids=prompt, attention_mask=torch.ones_like(prompt),

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmbundle.convert.bundle import open_bundle
-from lmbundle.convert.checkpoint import load_text_model, open_checkpoint
-from lmbundle.convert.convert import convert, load_graph
+from lmbundle.bundle.format import open_bundle
+from lmbundle.bundle.load import load_graph
+from lmbundle.convert.checkpoint import open_checkpoint
+from lmbundle.convert.convert import convert, load_checkpoint_graph
 from lmbundle.errors import LmbundleError
 from tests import checkpoints
 
@@ -49,7 +50,7 @@ def test_quant_layouts_and_bytes_per_token(bundles):
 
 @pytest.mark.parametrize("quant,tol", [("fp16", 2e-2), ("int8lin", 0.15), ("int8hu", 0.2)])
 def test_bundle_graph_matches_checkpoint(bundles, tiny_qwen35, quant, tol):
-    ref = load_text_model(open_checkpoint(tiny_qwen35))
+    ref = load_checkpoint_graph(open_checkpoint(tiny_qwen35))
     ours = load_graph(open_bundle(bundles[quant]))
     ids = torch.arange(5, 25)
     with torch.no_grad():
@@ -132,7 +133,7 @@ def test_bad_checkpoints(tiny_qwen35, tmp_path):
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(LmbundleError, match="model.safetensors: unreadable or truncated"):
-        load_text_model(open_checkpoint(truncated))
+        load_checkpoint_graph(open_checkpoint(truncated))
     with pytest.raises(LmbundleError, match="cannot fetch hub model 'nobody-here/no-such-model'"):
         open_checkpoint("nobody-here/no-such-model")
 
@@ -146,9 +147,9 @@ def test_multimodal_layout_loads_its_text_part(tmp_path):
                                                              num_heads=2, out_hidden_size=64))
     Qwen3_5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "vl")
     ckpt = open_checkpoint(tmp_path / "vl")
-    assert ckpt.architecture == "qwen3_5" and ckpt.has_vision
+    assert ckpt.architecture.name == "qwen3_5" and ckpt.has_vision
     ref = Qwen3_5ForConditionalGeneration.from_pretrained(tmp_path / "vl", dtype=torch.float32).eval()
-    ours = load_text_model(ckpt)
+    ours = load_checkpoint_graph(ckpt)
     ids = torch.arange(3, 15)
     with torch.no_grad():
         expected = ref(ids[None]).logits[0]

@@ -17,9 +17,11 @@ import torch
 pytest.importorskip("coreai.runtime")
 pytest.importorskip("coreai_torch")
 
-from lmbundle.convert.checkpoint import load_text_model, open_checkpoint  # noqa: E402
+from lmbundle.bundle.coreai import COMPILED_FILE, MANIFEST  # noqa: E402
+from lmbundle.convert.checkpoint import open_checkpoint
+from lmbundle.convert.convert import load_checkpoint_graph  # noqa: E402
 from lmbundle.convert.coreai_export import export_aimodel  # noqa: E402
-from lmbundle.engine.coreai_backend import COMPILED_FILE, MANIFEST, CoreAIBackend  # noqa: E402
+from lmbundle.engine.coreai_backend import CoreAIBackend  # noqa: E402
 from lmbundle.engine.sampling import Sampling  # noqa: E402
 from lmbundle.errors import LmbundleError  # noqa: E402
 from lmbundle.models.linear import Linear  # noqa: E402
@@ -46,8 +48,8 @@ def exported(tmp_path_factory):
     config = dict(checkpoints.TINY_CONFIGS["base"], rope_parameters=rope)
     checkpoint = checkpoints.make_qwen35(folder / "ckpt", **config)
     models = {
-        "fp32": load_text_model(open_checkpoint(checkpoint)),
-        "int8": quantize_all(load_text_model(open_checkpoint(checkpoint))),
+        "fp32": load_checkpoint_graph(open_checkpoint(checkpoint)),
+        "int8": quantize_all(load_checkpoint_graph(open_checkpoint(checkpoint))),
     }
     return {kind: (model, export_aimodel(model, CAPACITY, folder / f"{kind}.aimodel").path)
             for kind, model in models.items()}

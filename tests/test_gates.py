@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from lmbundle.convert.checkpoint import load_text_model, open_checkpoint
+from lmbundle.convert.checkpoint import open_checkpoint
+from lmbundle.convert.convert import load_checkpoint_graph
 from lmbundle.engine.engine import Engine
 from lmbundle.gates.gate import PROMPTS, TIE_MARGIN, run_gate
 from lmbundle.gates.oracle import Oracle
@@ -54,7 +55,7 @@ def _clipped(weight: torch.Tensor, quantile: float = 0.95) -> torch.Tensor:
 
 
 def test_clipping_head_flips_confident_top1_where_absmax_does_not():
-    model = load_text_model(open_checkpoint(DEMO_QWEN35))
+    model = load_checkpoint_graph(open_checkpoint(DEMO_QWEN35))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_QWEN35))

@@ -1,4 +1,4 @@
-"""The int8 matmul dispatcher: the fused Triton GEMV against a float64 reference on CUDA (eager and inside
+"""The ops' int8 matmul: the Triton ops' fused GEMV against a float64 reference on CUDA (eager and inside
 a captured CUDA graph), and exact fallback to the reference (dequantize + F.linear) everywhere else."""
 
 from __future__ import annotations
@@ -7,11 +7,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmbundle.engine.kernels import int8_matmul, int8_swiglu
-from lmbundle.engine.kernels.int8_gemv import gemv_applies
-from lmbundle.models.linear import Linear, dequantize, quantize_absmax, set_int8_matmul
+from lmbundle.models.linear import Linear, dequantize, quantize_absmax
+from lmbundle.models.ops import REFERENCE
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+triton = pytest.importorskip("triton")
+from lmbundle.engine.kernels.triton_ops import TritonStepOps  # noqa: E402
+
+OPS = TritonStepOps(pdl=False)
+
+
+def int8_matmul(x, q, s):
+    return OPS.int8_matmul(x, q, s)
+
+
+def _linear(q: torch.Tensor, s: torch.Tensor) -> Linear:
+    layer = Linear(q.shape[1], q.shape[0])
+    layer.weight, layer.qweight, layer.scales = None, q, s
+    return layer
+
+
+def int8_swiglu(x, qg, sg, qu, su):
+    return OPS.swiglu(x, _linear(qg, sg), _linear(qu, su))
 
 
 def _quantized(out_features: int, in_features: int, device: str = "cpu", block: int = 32):
@@ -39,16 +56,11 @@ def test_cpu_falls_back_to_the_reference_exactly(shape):
     assert torch.equal(int8_swiglu(x, q, s, q2, s2), swiglu_ref)
 
 
-def test_linear_with_the_dispatcher_installed_matches_the_default():
-    layer = Linear(64, 24)
-    layer.qweight, layer.scales = _quantized(24, 64)
+def test_linear_through_the_ops_matches_the_module():
+    layer = _linear(*_quantized(24, 64))
     x = torch.randn(2, 64)
-    default = layer(x)
-    set_int8_matmul(int8_matmul)
-    try:
-        assert torch.equal(layer(x), default)
-    finally:
-        set_int8_matmul(None)
+    assert torch.equal(REFERENCE.linear(x, layer), layer(x))
+    assert torch.equal(OPS.linear(x, layer), layer(x))
 
 
 @cuda
@@ -58,7 +70,7 @@ def test_gemv_matches_float64(out_features, in_features, rows):
     q, s = _quantized(out_features, in_features, "cuda")
     q[0, :3] = torch.tensor([-127, 127, 0], dtype=torch.int8)  # the extremes of the byte trick
     x = torch.randn(1, rows, in_features, device="cuda", dtype=torch.bfloat16)
-    assert gemv_applies(x, q, s)
+    assert OPS._short_int8(x, q, s)
     y = int8_matmul(x, q, s)
     assert y.shape == (1, rows, out_features) and y.dtype == torch.bfloat16
     ref = _exact(x, q, s)
@@ -78,10 +90,10 @@ def test_swiglu_matches_float64():
 def test_other_calls_take_the_reference_on_cuda():
     q, s = _quantized(64, 128, "cuda")
     x = torch.randn(5, 128, device="cuda", dtype=torch.bfloat16)
-    assert not gemv_applies(x, q, s)
+    assert not OPS._short_int8(x, q, s)
     assert torch.equal(int8_matmul(x, q, s), F.linear(x, dequantize(q, s, x.dtype)))
     q1, s1 = _quantized(64, 128, "cuda", block=128)  # per-channel scales
-    assert not gemv_applies(x[:1], q1, s1)
+    assert not OPS._short_int8(x[:1], q1, s1)
 
 
 @cuda

@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmbundle.convert.checkpoint import load_text_model, open_checkpoint
+from lmbundle.convert.checkpoint import open_checkpoint
+from lmbundle.convert.convert import load_checkpoint_graph
 from tests import checkpoints
 
 PROMPT_LEN, DECODE_STEPS = 12, 64
@@ -50,7 +51,7 @@ def check_parity(folder, vocab):
     torch.manual_seed(1)
     prompt = torch.randint(0, vocab, (PROMPT_LEN,))
     ref = oracle_rollout(folder, prompt, DECODE_STEPS)
-    ours = our_rollout(load_text_model(open_checkpoint(folder)), prompt, ref)
+    ours = our_rollout(load_checkpoint_graph(open_checkpoint(folder)), prompt, ref)
     worst = (ours - ref).abs().max().item()
     assert worst < 1e-4, f"worst logit difference {worst:.3g}"
     assert torch.equal(ours.argmax(-1), ref.argmax(-1)), "argmax differs at some step"
@@ -68,7 +69,7 @@ def test_greedy_generation_identical(tiny_qwen35):
     ref = AutoModelForCausalLM.from_pretrained(tiny_qwen35, dtype=torch.float32).eval()
     prompt = torch.arange(3, 13)
     expected = ref.generate(prompt[None], max_new_tokens=40, do_sample=False, min_new_tokens=40)[0, 10:]
-    model = load_text_model(open_checkpoint(tiny_qwen35))
+    model = load_checkpoint_graph(open_checkpoint(tiny_qwen35))
     state = model.new_state(64)
     with torch.no_grad():
         token = model.forward_tokens(prompt, 0, state, last_only=True).argmax(-1)
@@ -80,7 +81,7 @@ def test_greedy_generation_identical(tiny_qwen35):
 
 
 def test_steps_equal_one_chunk(tiny_qwen35):
-    model = load_text_model(open_checkpoint(tiny_qwen35))
+    model = load_checkpoint_graph(open_checkpoint(tiny_qwen35))
     ids = torch.randint(0, 320, (17,))
     chunk_state, step_state = model.new_state(32), model.new_state(32)
     with torch.no_grad():

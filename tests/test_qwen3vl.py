@@ -11,10 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmbundle.convert.checkpoint import load_text_model, open_checkpoint
+from lmbundle.convert.checkpoint import open_checkpoint
+from lmbundle.convert.convert import load_checkpoint_graph
+from lmbundle.convert.vision_export import load_vision_encoder
 from lmbundle.errors import LmbundleError
-from lmbundle.models.qwen3vl import ImageContext, Qwen3VLForStep, prepare_image_prompt
-from lmbundle.models.vision import load_vision_encoder
+from lmbundle.models.image_prompt import ImageContext, prepare_image_prompt
+from lmbundle.models.qwen3vl import Qwen3VLForStep
 
 VOCAB, IMAGE, START, END = 160, 150, 148, 149
 GRID = 14  # patches per side: 224x224 images, 7x7 = 49 tokens each (keeps the test fast)
@@ -91,7 +93,7 @@ def test_positions_equal_get_rope_index(tiny_vl, name, max_images):
     expected, delta = ref.model.get_rope_index(ids[None], (ids == IMAGE).int()[None], grid_thw)
     fake = [(torch.zeros(TOKENS, 48), torch.zeros(2 * TOKENS, 48))] * count
     new_ids, context = prepare_image_prompt(ids, IMAGE, VOCAB, fake, MERGED, max_images)
-    model = load_text_model(open_checkpoint(folder))
+    model = load_checkpoint_graph(open_checkpoint(folder))
     model.set_images(context)
     positions = torch.arange(ids.numel())
     assert torch.equal(model.rope_positions(new_ids, positions), expected[:, 0])
@@ -107,7 +109,7 @@ def test_image_prompt_logits_chunk_and_steps(tiny_vl):
     pixels, grid_thw, images = _encode_images(folder, 2)
     with torch.no_grad():
         expected = ref(**_hf_inputs(ids, pixels, grid_thw)).logits[0]
-    model = load_text_model(open_checkpoint(folder))
+    model = load_checkpoint_graph(open_checkpoint(folder))
     assert isinstance(model, Qwen3VLForStep)
     new_ids, context = prepare_image_prompt(ids, IMAGE, VOCAB, images, MERGED, max_images=3)
     model.set_images(context)
@@ -130,7 +132,7 @@ def test_greedy_generation_after_image_prompt(tiny_vl):
     with torch.no_grad():
         generated = ref.generate(**_hf_inputs(ids, pixels, grid_thw), max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False)[0, ids.numel():]
-    model = load_text_model(open_checkpoint(folder))
+    model = load_checkpoint_graph(open_checkpoint(folder))
     new_ids, context = prepare_image_prompt(ids, IMAGE, VOCAB, images, MERGED)
     model.set_images(context)
     state = model.new_state(ids.numel() + new_tokens)
@@ -148,7 +150,7 @@ def test_text_only_with_and_without_empty_context(tiny_vl):
     ids = torch.tensor([5, 17, 33, 2, 90, 41, 8])
     with torch.no_grad():
         expected = ref(input_ids=ids[None]).logits[0]
-    model = load_text_model(open_checkpoint(folder))
+    model = load_checkpoint_graph(open_checkpoint(folder))
     results = {}
     for name, context in (("none", None), ("empty", ImageContext.empty(48, 2, MERGED, 2))):
         model.set_images(context)
@@ -189,7 +191,7 @@ def test_positions_at_the_shipped_448_grid(tiny_vl):
     expected, delta = ref.model.get_rope_index(ids[None], (ids == IMAGE).int()[None], torch.tensor([[1, 28, 28]] * 2))
     fake = [(torch.zeros(tokens, 48), torch.zeros(2 * tokens, 48))] * 2
     new_ids, context = prepare_image_prompt(ids, IMAGE, VOCAB, fake, merged)
-    model = load_text_model(open_checkpoint(folder))
+    model = load_checkpoint_graph(open_checkpoint(folder))
     model.set_images(context)
     assert torch.equal(model.rope_positions(new_ids, torch.arange(ids.numel())), expected[:, 0])
     assert delta.item() == -2 * 182
@@ -220,9 +222,8 @@ def tiny_qwen35_vl(tmp_path_factory):
 
 def test_qwen35_image_prompt_logits(tiny_qwen35_vl):
     """The same mechanism on the GDN hybrid (no DeepStack): positions and logits vs transformers."""
-    from lmbundle.convert.checkpoint import load_weights
-    from lmbundle.models.qwen35 import Qwen35Config
-    from lmbundle.models.qwen3vl import Qwen35ImageForStep
+    from lmbundle.bundle.load import load_weights
+    from lmbundle.models.qwen35 import Qwen35Config, Qwen35ForStep
 
     folder, ref = tiny_qwen35_vl
     ids = _prompt([1, 2], "img", [3, 4], "img", [5, 6, 7])
@@ -232,7 +233,7 @@ def test_qwen35_image_prompt_logits(tiny_qwen35_vl):
         expected = ref(**_hf_inputs(ids, pixels, grid_thw)).logits[0]
     expected_positions, _ = ref.model.get_rope_index(ids[None], (ids == IMAGE).int()[None], grid_thw)
     checkpoint = open_checkpoint(folder)
-    model = Qwen35ImageForStep(Qwen35Config.from_hf(checkpoint.text_config, checkpoint.tie_word_embeddings))
+    model = Qwen35ForStep(Qwen35Config.from_hf(checkpoint.text_config, checkpoint.tie_word_embeddings))
     load_weights(model, checkpoint.text_tensors(), folder)
     new_ids, context = prepare_image_prompt(ids, IMAGE, VOCAB, images, MERGED, max_images=2)
     model.eval().set_images(context)

@@ -149,12 +149,14 @@ def _vlm_checkpoint(vocab: Vocab, folder: Path, tokenizer_folder: Path):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if vocab is QWEN3_VL:
-        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
 
         vision = dict(VISION, depth=2, deepstack_visual_indexes=[1])
         text = dict(TEXT, num_hidden_layers=2, rope_parameters=dict(ROPE, rope_theta=5e6, mrope_section=[4, 2, 2]))
     else:
-        from transformers import Qwen3_5Config as Config, Qwen3_5ForConditionalGeneration as Model
+        from transformers import Qwen3_5Config as Config
+        from transformers import Qwen3_5ForConditionalGeneration as Model
 
         vision = dict(VISION, depth=1)
         text = dict(TEXT, **GDN, num_hidden_layers=4, rope_parameters=QWEN3_5_ROPE)

@@ -1,4 +1,4 @@
-"""The fused decode kernels (`engine/kernels/step_ops.py`) against the reference layer groups.
+"""The fused decode kernels (`engine/kernels/triton_ops.py`) against the reference ops (`models/ops.py`).
 
 Each fused group (input norm + projections, norm + SwiGLU, projection + residual, the GDN mixer, the
 attention mixer) is checked alone on random inputs, then whole decode steps of tiny checkpoints (both
@@ -14,10 +14,12 @@ import os
 import pytest
 import torch
 
-from lmbundle.convert.bundle import open_bundle
-from lmbundle.convert.convert import convert, load_graph
+from lmbundle.bundle.format import open_bundle
+from lmbundle.bundle.load import load_graph
+from lmbundle.convert.convert import convert
 from lmbundle.models.layers import mrope_cos_sin
-from lmbundle.models.step_ops import REFERENCE
+from lmbundle.models.linear import Linear, dequantize
+from lmbundle.models.ops import REFERENCE, Norm, Rope
 from tests import checkpoints
 
 if torch.cuda.is_available():
@@ -40,7 +42,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def ops():
-    from lmbundle.engine.kernels.step_ops import TritonStepOps
+    from lmbundle.engine.kernels.triton_ops import TritonStepOps
 
     return TritonStepOps(PDL, devices=(DEVICE,))
 
@@ -76,27 +78,26 @@ def test_norm_projection_swiglu_and_residual_groups(graphs, ops, quant):
     hidden = model.cfg.hidden_size
     x = _x(hidden, 3.0)
     for zero_centered in (True, False):
-        norm = layer.input_layernorm.weight
+        norm = Norm(layer.input_layernorm.weight, 1e-6, zero_centered)
+        norm64 = Norm(norm.weight.double(), 1e-6, zero_centered)
         for linear in (layer.linear_attn.in_proj_fused, model.lm_head):
-            ours = ops.norm_linears(x, norm, 1e-6, zero_centered, [linear])[0]
-            assert _rel(ours, REFERENCE.norm_linears(x.double(), norm.double(), 1e-6, zero_centered,
-                                                     [_double(linear)])[0]) < 2e-2
+            ours = ops.norm_linears(x, norm, [linear])[0]
+            assert _rel(ours, REFERENCE.norm_linears(x.double(), norm64, [_double(linear)])[0]) < 2e-2
         mlp = layer.mlp
-        ours = ops.norm_swiglu(x, norm, 1e-6, zero_centered, mlp.gate_proj, mlp.up_proj)
-        ref = REFERENCE.norm_swiglu(x.double(), norm.double(), 1e-6, zero_centered, _double(mlp.gate_proj),
-                                    _double(mlp.up_proj))
+        ours = ops.norm_swiglu(x, norm, mlp.gate_proj, mlp.up_proj)
+        ref = REFERENCE.norm_swiglu(x.double(), norm64, _double(mlp.gate_proj), _double(mlp.up_proj))
         assert _rel(ours, ref) < 2e-2
     h = _x(model.cfg.intermediate_size)
     ours = ops.linear_residual(h, layer.mlp.down_proj, x)
-    assert _rel(ours, x.double() + _double(layer.mlp.down_proj)(h.double())) < 1e-2
+    assert _rel(ours, REFERENCE.linear_residual(h.double(), _double(layer.mlp.down_proj), x.double())) < 1e-2
 
 
-def _double(linear):
+def _double(linear: Linear) -> Linear:
     """The linear's exact weights in float64 (the answer every path rounds)."""
-    from lmbundle.models.linear import dequantize
-
     weight = dequantize(linear.qweight, linear.scales, torch.float64) if linear.quantized else linear.weight.double()
-    return lambda h: h.double() @ weight.T
+    exact = Linear(linear.in_features, linear.out_features)
+    exact.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return exact
 
 
 def test_gated_delta_mixer_matches_reference_over_steps(graphs, ops):
@@ -104,13 +105,14 @@ def test_gated_delta_mixer_matches_reference_over_steps(graphs, ops):
     model = graphs[2]
     layer = model.model.layers[0]
     mixer = layer.linear_attn
+    norm = Norm(layer.input_layernorm.weight, model.cfg.rms_norm_eps, True)
     ref_state, our_state = model.new_state(32), model.new_state(32)
     torch.manual_seed(1)
     for _ in range(6):
         x = _x(model.cfg.hidden_size, 3.0, torch.float32)
         outputs = []
         for step_ops, state in ((REFERENCE, ref_state), (ops, our_state)):
-            o = step_ops.gated_delta(mixer, x, layer.input_layernorm.weight, state.conv[0, 0], state.rec[0, 0])
+            o = step_ops.gdn_mixer(x, norm, mixer.weights(), state.conv[0, 0], state.rec[0, 0])
             outputs.append(step_ops.linear_residual(o, mixer.out_proj, torch.zeros_like(x)))
         ref, ours = outputs
         assert _rel(ours, ref) < 1e-4
@@ -121,19 +123,20 @@ def test_gated_delta_mixer_matches_reference_over_steps(graphs, ops):
 @pytest.mark.parametrize("capacity", [32, 4096])  # one split; 64 splits of which the first four are used
 def test_attention_mixer_matches_reference_across_splits(graphs, ops, capacity):
     model = graphs[2]
-    index = model.cfg.full_layers[0]
+    index = model.state_spec.full_layers[0]
     layer = model.model.layers[index]
+    norm = Norm(layer.input_layernorm.weight, model.cfg.rms_norm_eps, True)
     ref_state, our_state = model.new_state(capacity), model.new_state(capacity)
     torch.manual_seed(2)
     positions = list(range(5)) + ([63, 64, 200] if capacity > 32 else [])
     for pos in positions:
         x = _x(model.cfg.hidden_size, 3.0, torch.float32)
         position = torch.tensor([pos], device=DEVICE)
-        cos, sin = mrope_cos_sin(position, model.inv_freq, model.rope_axes)
+        rope = Rope(*mrope_cos_sin(position, model.inv_freq, model.rope_axes), position, capacity)
         outputs = []
         for step_ops, state in ((REFERENCE, ref_state), (ops, our_state)):
-            outputs.append(step_ops.attention(layer.self_attn, x, layer.input_layernorm.weight, cos, sin, position,
-                                              state.key[0, 0], state.value[0, 0], capacity))
+            outputs.append(step_ops.attention_mixer(x, norm, layer.self_attn.weights(), rope,
+                                                    state.key[0, 0], state.value[0, 0]))
         ref, ours = outputs
         assert _rel(ours, ref) < 5e-3  # tf32 products in the attention dots
         assert _rel(our_state.key[0, 0, :, pos], ref_state.key[0, 0, :, pos]) < 1e-5
@@ -142,7 +145,7 @@ def test_attention_mixer_matches_reference_across_splits(graphs, ops, capacity):
 
 def _decode(model, step_ops, ids: list[int]) -> torch.Tensor:
     """Logits [len(ids), V] of decode steps over ids with the given ops."""
-    model.step_ops = step_ops
+    model.ops = step_ops
     state = model.new_state(32)
     try:
         with torch.no_grad():
@@ -150,7 +153,7 @@ def _decode(model, step_ops, ids: list[int]) -> torch.Tensor:
                 model.step(torch.tensor([[t]], device=DEVICE), torch.tensor([p], device=DEVICE), state, 32).view(-1)
                 for p, t in enumerate(ids)])
     finally:
-        model.step_ops = REFERENCE
+        model.ops = REFERENCE
 
 
 IDS = [5, 17, 33, 2, 99, 120, 7, 64]
@@ -186,7 +189,7 @@ def test_gate_passes_on_cuda_with_fused_kernels(demo_bundles, quant):
     from tests.conftest import DEMO_QWEN35
 
     engine = Engine(demo_bundles[quant], backend="torch", device="cuda")
-    assert type(engine.backend.model.step_ops).__name__ == "TritonStepOps"
+    assert type(engine.backend.model.ops).__name__ == "TritonStepOps"
     report = run_gate(engine, Oracle(str(DEMO_QWEN35)))
     assert report.passed, report.lines()
     assert report.teacher_forced_top1 + report.teacher_forced_ties == 16

@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lmbundle.convert.image import ImageSpec, load_image, preprocess_image
+from lmbundle.convert.vision_export import image_spec_from_configs, image_spec_of, load_vision_encoder
+from lmbundle.engine.image import load_image, preprocess_image
 from lmbundle.errors import LmbundleError
-from lmbundle.models.vision import VisionConfig, VisionEncoder, load_vision_encoder, sanitize
+from lmbundle.models.vision import VisionConfig, VisionEncoder, sanitize
 
 VISION = dict(
     depth=3, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=48,
@@ -30,11 +31,13 @@ TOLERANCE = 1e-4
 
 def _vl_model(family: str, deepstack: list[int]):
     if family == "qwen3_vl":
-        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
 
         vision = dict(VISION, deepstack_visual_indexes=deepstack)
     else:
-        from transformers import Qwen3_5Config as Config, Qwen3_5ForConditionalGeneration as Model
+        from transformers import Qwen3_5Config as Config
+        from transformers import Qwen3_5ForConditionalGeneration as Model
 
         vision = dict(VISION)
     torch.manual_seed(0)
@@ -89,7 +92,7 @@ def test_end_to_end_image_matches_transformers(vl_checkpoint):
     """Our preprocessing + encoder vs the processor + `model.visual` on one image the processor keeps at 448x448."""
     folder, model = vl_checkpoint
     image = _random_image(np.random.default_rng(2), 448, 448)
-    prepared = preprocess_image(image, ImageSpec.from_checkpoint(folder))
+    prepared = preprocess_image(image, image_spec_of(folder))
     ref_inputs = _processor()(images=image, return_tensors="pt")
     with torch.no_grad():
         ref = model.model.visual(ref_inputs["pixel_values"], grid_thw=ref_inputs["image_grid_thw"])
@@ -116,7 +119,7 @@ def test_preprocess_matches_processor(size, mode):
     if mode == "P":
         image = image.quantize(64)
         image.info["transparency"] = 5
-    spec = ImageSpec.from_configs({"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2}, PROCESSOR)
+    spec = image_spec_from_configs({"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2}, PROCESSOR)
     prepared = preprocess_image(image, spec)
     ref = _processor()(images=image, return_tensors="pt")
     assert ref["image_grid_thw"].tolist() == [list(prepared.grid_thw)] == [[1, 28, 28]]
@@ -131,7 +134,7 @@ def test_preprocess_accepts_path_and_bytes(tmp_path):
     image = _random_image(np.random.default_rng(4), 100, 60)
     path = tmp_path / "photo.png"
     image.save(path)
-    spec = ImageSpec.from_configs({}, PROCESSOR)
+    spec = image_spec_from_configs({}, PROCESSOR)
     from_path = preprocess_image(path, spec)
     from_bytes = preprocess_image(path.read_bytes(), spec)
     assert torch.equal(from_path.patches, from_bytes.patches) and from_path.patches.shape == (784, 1536)
@@ -180,18 +183,18 @@ def test_missing_image_file(tmp_path):
 
 def test_spec_from_checkpoint(vl_checkpoint, tmp_path):
     folder, _ = vl_checkpoint
-    spec = ImageSpec.from_checkpoint(folder)
+    spec = image_spec_of(folder)
     assert spec.mean == tuple(PROCESSOR["image_mean"]) and spec.grid_thw == (1, 28, 28)
     assert (spec.num_patches, spec.num_tokens, spec.patch_dim) == (784, 196, 1536)
     bad = dict(PROCESSOR, patch_size=14)
     with pytest.raises(LmbundleError, match="patch_size"):
-        ImageSpec.from_configs({"patch_size": 16}, bad)
+        image_spec_from_configs({"patch_size": 16}, bad)
     # transformers 5 writes the processor as processor_config.json with the image processor nested
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(LmbundleError, match="no image processor settings"):
-        ImageSpec.from_checkpoint(tmp_path)
+        image_spec_of(tmp_path)
     (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": PROCESSOR}))
-    assert ImageSpec.from_checkpoint(tmp_path) == spec
+    assert image_spec_of(tmp_path) == spec
 
 
 def test_sanitize_is_idempotent_and_takes_both_prefixes(vl_checkpoint):

@@ -75,11 +75,13 @@ def _save_tokenizer(folder):
 
 def _make_checkpoint(family, folder):
     if family == "qwen3_vl":
-        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
 
         vision = dict(VISION, depth=3, deepstack_visual_indexes=[0, 2])
     else:
-        from transformers import Qwen3_5Config as Config, Qwen3_5ForConditionalGeneration as Model
+        from transformers import Qwen3_5Config as Config
+        from transformers import Qwen3_5ForConditionalGeneration as Model
 
         vision = dict(VISION, depth=2)
     torch.manual_seed(0)
@@ -305,9 +307,9 @@ def test_vision_aimodel_runs_on_core_ai(vlm, tmp_path):
 
     import coreai.runtime as runtime
 
+    from lmbundle.bundle.coreai import compile_asset
     from lmbundle.convert.checkpoint import open_checkpoint
-    from lmbundle.convert.vision_bundle import write_vision
-    from lmbundle.engine.coreai_backend import compile_asset
+    from lmbundle.convert.vision_export import write_vision
 
     family, ref, _, checkpoint = vlm
     if family != "qwen3_vl":

@@ -1,4 +1,4 @@
-"""`lmbundle convert`: checkpoint -> bundle, and the inverse: bundle -> runnable graph."""
+"""`lmbundle convert`: checkpoint -> bundle (read back by `bundle.load.load_graph`)."""
 
 from __future__ import annotations
 
@@ -11,26 +11,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from .. import __version__
-from ..errors import LmbundleError
-from .bundle import (
+from ..bundle.format import (
     BUNDLE_VERSION,
+    IMAGE_INPUT_NAMES,
     WEIGHTS,
-    Bundle,
     atomic_folder,
     copy_tokenizer,
     language_bundle_metadata,
     write_metadata,
     write_safetensors,
 )
-from .checkpoint import load_weights, open_checkpoint, text_model_class
-from .quantize import apply_layout, bytes_per_token, check_mode, keeps_high_precision, quantize_model
-from .vision_bundle import write_vision
+from ..bundle.load import build_graph, load_weights
+from ..bundle.quant import bytes_per_token, check_mode, quantize_model
+from ..errors import LmbundleError
+from ..models.decoder import DecoderForStep
+from .checkpoint import Checkpoint, open_checkpoint
+from .vision_export import write_vision
 
-BACKENDS = ("all", "torch", "coreai")
+EXPORT_TARGETS = ("all", "torch", "coreai")  # what a bundle carries: both graphs, or one
 DEFAULT_MAX_CONTEXT = 4096
 
 
@@ -46,29 +47,21 @@ def _checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
 
 
-def build_graph(model_class, cfg, dtype: torch.dtype) -> torch.nn.Module:
-    """The graph with its weights allocated (uninitialised) directly in `dtype`: no fp32 detour, so
-    converting needs about the checkpoint's size in memory, not twice it."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = model_class(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    for name, param in model.named_parameters():
-        if keeps_high_precision(name):  # GDN parameters and norms load into fp32 whatever the compute dtype
-            param.data = param.data.float()
-    if cfg.tie_word_embeddings:
-        model.tie_head()
-    return model
+def load_checkpoint_graph(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> DecoderForStep:
+    """The checkpoint's text graph with its weights, in `dtype` (GDN parameters and norms stay fp32)."""
+    arch = checkpoint.architecture
+    cfg = arch.config.from_hf(checkpoint.text_config, checkpoint.tie_word_embeddings)
+    model = build_graph(arch.model, cfg, dtype)
+    load_weights(model, checkpoint.text_tensors(), checkpoint.path)
+    return model.eval()
 
 
 def image_inputs(vision: dict[str, Any]) -> dict[str, list[int]]:
     """The decoder's static image inputs (the seed's VLM contract), sized by the vision section."""
-    slots = vision["max_images"] * vision["tokens_per_image"]
-    return {"image_embeds": [slots, vision["out_hidden_size"]],
-            "deepstack_embeds": [vision["num_deepstack"] * slots, vision["out_hidden_size"]],
-            "rope_shift_start": [vision["max_images"]], "rope_shift_amount": [vision["max_images"]]}
+    slots, hidden = vision["max_images"] * vision["tokens_per_image"], vision["out_hidden_size"]
+    shapes = ([slots, hidden], [vision["num_deepstack"] * slots, hidden], [vision["max_images"]],
+              [vision["max_images"]])
+    return dict(zip(IMAGE_INPUT_NAMES, shapes, strict=True))
 
 
 def state_layout(model: torch.nn.Module, capacity: int) -> dict[str, Any]:
@@ -92,8 +85,8 @@ def convert(
 ) -> Path:
     """Convert a checkpoint folder or hub id into a bundle at `out` (atomically)."""
     check_mode(quant, head_quant)
-    if backend not in BACKENDS:
-        raise LmbundleError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})")
+    if backend not in EXPORT_TARGETS:
+        raise LmbundleError(f"unknown backend {backend!r} (choose one of {', '.join(EXPORT_TARGETS)})")
     out = Path(out)
     if out.exists():
         raise LmbundleError(f"{out}: already exists (remove it or choose another output folder)")
@@ -107,10 +100,8 @@ def convert(
 
     with atomic_folder(out) as tmp:
         progress.set_postfix_str("load")
-        model_class = text_model_class(ckpt.architecture)
-        cfg = model_class.config_class.from_hf(ckpt.text_config, ckpt.tie_word_embeddings)
-        model = build_graph(model_class, cfg, _checkpoint_dtype(ckpt.config))
-        load_weights(model, ckpt.text_tensors(), ckpt.path)
+        model = load_checkpoint_graph(ckpt, _checkpoint_dtype(ckpt.config))
+        cfg = model.cfg
         progress.update()
 
         progress.set_postfix_str("quantize")
@@ -152,7 +143,7 @@ def convert(
         metadata["lmbundle"] = {
             "bundle_version": BUNDLE_VERSION,
             "lmbundle_version": __version__,
-            "architecture": ckpt.architecture,
+            "architecture": ckpt.architecture.name,
             "config": dataclasses.asdict(cfg),
             "hf_config": ckpt.config,
             "quant": recipe,
@@ -166,29 +157,3 @@ def convert(
             metadata["vision"] = vision
         write_metadata(tmp, metadata)
     return out
-
-
-def load_graph(bundle: Bundle, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               verify: bool = True) -> torch.nn.Module:
-    """Build the bundle's graph from its metadata and load its weights (checked against their sha256)."""
-    info = bundle.info
-    weights = bundle.path / info["weights"]
-    if verify:
-        bundle.verify([info["weights"]])
-    model_class = text_model_class(info["architecture"])
-    cfg = model_class.config_class(**info["config"])
-    model = build_graph(model_class, cfg, dtype)
-    apply_layout(model, info["quant"])
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            load_weights(model, ((k, handle.get_tensor(k)) for k in handle.keys()), weights)
-    except LmbundleError:
-        raise
-    except Exception as exc:
-        raise LmbundleError(f"{weights}: unreadable weights ({str(exc).splitlines()[0][:200]})") from None
-    from .quantize import cast_float_weights
-
-    cast_float_weights(model, dtype)
-    if info["quant"]["tied_head"]:
-        model.tie_head()
-    return model.to(device).eval()

@@ -27,44 +27,31 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..engine.coreai_backend import STATE_NAMES, compile_asset
+from ..bundle.coreai import COMPILED_FILE, compile_asset, import_coreai_torch
+from ..bundle.format import IMAGE_INPUT_NAMES, STATE_NAMES, STEP_INPUT_NAMES, STEP_OUTPUT_NAMES
 from ..errors import LmbundleError
+from ..models.image_prompt import ImageContext
+from ..models.ops import StepOps
 from ..quiet import python_stdout_filtered
-from ..models import linear as linear_module
-from ..models.qwen3vl import ImageContext
 
-INPUT_NAMES = ["input_ids", "position_ids"]
-IMAGE_INPUT_NAMES = ["image_embeds", "deepstack_embeds", "rope_shift_start", "rope_shift_amount"]
-OUTPUT_NAMES = ["logits", "next_token"]
-COMPILED_NAME = "main-unspecialized.odix"
+COMPILED_NAME = "main-unspecialized.odix"  # where the Linux runtime looks for a compiled program in the folder
 
 
-def _import_coreai_torch():
-    try:
-        with warnings.catch_warnings():  # "only validated with torch<=2.13.0; found 2.13.0+cpu"
-            warnings.filterwarnings("ignore", message="coreai-torch has only been validated")
-            import coreai_torch
-        import coreai_torch._compression.custom_layers  # noqa: F401  (registers torch.ops.coreai.*)
-    except ImportError as exc:
-        raise LmbundleError("Core AI export needs coreai-torch: pip install 'lmbundle[coreai]'") from exc
-    return coreai_torch
+class CoreAIStepOps(StepOps):
+    """The reference ops, with int8 linears as Core AI blockwise constants: w = qweight * scale per block
+    of input columns. The scales are cast to the compute dtype first (the op's output dtype is its
+    scale's); the converter folds that cast, so the asset holds int8 weights + scales and the runtime
+    dequantises."""
 
-
-def coreai_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """int8 linear as a Core AI blockwise constant: w = qweight * scale per block of input columns.
-
-    The scales are cast to the compute dtype first (the op's output dtype is its scale's); the converter
-    folds that cast, so the asset holds int8 weights + scales and the runtime dequantises.
-    """
-    weight = torch.ops.coreai.constexpr_blockwise_shift_scale(qweight, scales.to(x.dtype))
-    return torch.nn.functional.linear(x, weight)
+    def int8_matmul(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        weight = torch.ops.coreai.constexpr_blockwise_shift_scale(qweight, scales.to(x.dtype))
+        return torch.nn.functional.linear(x, weight)
 
 
 class StepGraph(nn.Module):
@@ -115,14 +102,6 @@ def image_context_for(model: nn.Module, vision: dict | None) -> ImageContext | N
                               vision["num_deepstack"])
 
 
-def _add_missing_lowerings(converter) -> None:
-    """coreai-torch 0.4.3 lowers `remainder.Tensor` but not `remainder.Scalar` (M-RoPE's `i % 3`):
-    the same lowering (x - floor(x / y) * y) serves both."""
-    from coreai_torch._aten_to_core import replace_remainder
-
-    converter.register_torch_lowering("aten::remainder.Scalar", allow_override=True)(replace_remainder)
-
-
 def _state_order(exported: torch.export.ExportedProgram, expected: list[str]) -> list[str]:
     """The state buffers in the order the converter numbers states (the program's input order)."""
     mutated = set(exported.graph_signature.buffers_to_mutate.values())
@@ -157,7 +136,7 @@ def export_aimodel(
     it roughly doubles the folder, so bundles leave it out and `CoreAIBackend` compiles into its cache.
     `vision` (the bundle's vision section) adds the image inputs to an image-prompt graph.
     """
-    coreai_torch = _import_coreai_torch()
+    coreai_torch = import_coreai_torch()
     out_path = Path(out_path)
     if out_path.suffix != ".aimodel":
         raise LmbundleError(f"{out_path}: a Core AI asset must end in .aimodel")
@@ -168,25 +147,21 @@ def export_aimodel(
     ids = torch.zeros(1, 1, dtype=torch.int32)
     positions = torch.arange(2 if ramp else 1, dtype=torch.int32).view(1, -1)
     image_inputs = tuple(images.tensors().values()) if images is not None else ()
-    input_names = INPUT_NAMES + (IMAGE_INPUT_NAMES if images is not None else [])
+    input_names = [*STEP_INPUT_NAMES, *(IMAGE_INPUT_NAMES if images is not None else ())]
     ramp_dim = {1: torch.export.Dim("positions", min=1, max=capacity)}
     dynamic = ({}, ramp_dim, *({} for _ in image_inputs)) if ramp else None
 
-    previous = linear_module._int8_matmul, linear_module._int8_swiglu
-    linear_module.set_int8_matmul(coreai_int8_matmul)
-    linear_module.set_int8_swiglu(None)  # a device kernel (Triton) must not end up in the graph
+    previous, model.ops = model.ops, CoreAIStepOps()  # never a device kernel in the graph
     try:
         with torch.no_grad():
             exported = torch.export.export(graph, (ids, positions, *image_inputs), dynamic_shapes=dynamic, strict=False)
         exported = exported.run_decompositions(coreai_torch.get_decomp_table())
     finally:
-        linear_module.set_int8_matmul(previous[0])
-        linear_module.set_int8_swiglu(previous[1])
+        model.ops = previous
 
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
-    _add_missing_lowerings(converter)
     converter.add_exported_program(
-        exported, input_names=input_names, output_names=OUTPUT_NAMES,
+        exported, input_names=input_names, output_names=list(STEP_OUTPUT_NAMES),
         state_names=_state_order(exported, [n for n in STATE_NAMES.values() if n in graph._buffers]),
     )
     with python_stdout_filtered():  # its "converting 1 program(s)" line (lmbundle/quiet.py)
@@ -195,7 +170,7 @@ def export_aimodel(
     del exported, converter, program
     if compile_for_linux:
         compile_asset(out_path, out_path)
-        (out_path / "main-universal.odix").rename(out_path / COMPILED_NAME)
+        (out_path / COMPILED_FILE).rename(out_path / COMPILED_NAME)
         (out_path / "main-universal.dbginfo").unlink(missing_ok=True)
     return ExportReport(
         path=out_path,

@@ -60,7 +60,7 @@ def bench(engine: Engine, prompt_tokens: int = 128, gen_tokens: int = 256, trial
     ttft = statistics.median(r.prefill_seconds for r in runs)
     bpt = engine.bundle.info["bytes_per_token"]
     if engine.backend_name == "torch":  # the weights as loaded (the CPU expands int8 to fp32)
-        from ..convert.quantize import bytes_per_token as weights_read
+        from ..bundle.quant import bytes_per_token as weights_read
 
         bpt = weights_read(engine.backend.model)
     mean_context = prompt_tokens + gen_tokens / 2

@@ -1,12 +1,8 @@
 """Run an exported `.aimodel` step with Apple's Core AI runtime (coreai-core).
 
 On Linux the runtime is a CPU reference interpreter: it proves that the shipped file computes the
-right tokens, not how fast a Mac runs it. The runtime loads a compiled program (ODIX), not the
-bytecode, so the first load compiles and keeps the result in a content-keyed cache
-(`$LMBUNDLE_CACHE/coreai/` or `~/.cache/lmbundle/coreai/`). The key is the bytecode's sha256 as the
-asset records it (`main.hash`, checked against the bytecode before compiling) plus the coreai-core
-version; an entry is built in a temporary folder and renamed into place, and an entry whose files do
-not match its manifest (sizes + CRC32) is rebuilt.
+right tokens, not how fast a Mac runs it. It loads the compiled program from the shared compile cache
+(`bundle/coreai.py`).
 
 Steps are enqueued on the runtime's event loop (a thread of ours) and run in order: `step` returns a
 handle at once, so the engine can enqueue step n + 1, feeding it step n's handle as its token (the
@@ -19,139 +15,22 @@ them as runtime arrays, the "no images" values until `set_images` hands it a pro
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import os
-import shutil
-import subprocess
-import sys
 import threading
-import uuid
-import zlib
 from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..bundle.coreai import compiled_entry, discard_entry, import_runtime
+from ..bundle.format import IMAGE_INPUT_NAMES, STATE_NAMES
 from ..errors import LmbundleError
+from ..models.image_prompt import NO_SHIFT_START
+from ..models.state import State
 from ..quiet import native_stderr_filtered
+from .sampling import Sampling, sample
 
-COMPILED_FILE = "main-universal.odix"
-STATE_NAMES = {"key": "keyCache", "value": "valueCache", "conv": "convState", "rec": "recState"}
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
-MANIFEST = "manifest.json"
-IMAGE_INPUTS = ("image_embeds", "deepstack_embeds", "rope_shift_start", "rope_shift_amount")
-NO_SHIFT_START = 2**30  # as in models.qwen3vl: no sequence index reaches it
-
-
-def cache_root() -> Path:
-    base = os.environ.get("LMBUNDLE_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "lmbundle") / "coreai"
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _runtime():
-    try:
-        import coreai.runtime
-        from coreai._version import __version__
-    except ImportError as exc:
-        raise LmbundleError("the Core AI backend needs coreai-core: pip install 'lmbundle[coreai]'") from exc
-    return __version__, coreai.runtime
-
-
-def asset_digest(aimodel: Path) -> str:
-    """The sha256 an asset records for its bytecode (`main.hash`, written by coreai-core's save_asset)."""
-    digest = aimodel / "main.hash"
-    if not (aimodel / "metadata.json").is_file() or not (aimodel / "main.mlirb").is_file() or not digest.is_file():
-        raise LmbundleError(f"{aimodel}: not a Core AI asset (needs metadata.json, main.mlirb, main.hash)")
-    return digest.read_bytes().hex()
-
-
-def check_bytecode(aimodel: Path, digest: str) -> None:
-    if _sha256(aimodel / "main.mlirb") != digest:
-        raise LmbundleError(f"{aimodel}: main.mlirb does not match main.hash (damaged or partly copied)")
-
-
-def _crc32(path: Path) -> int:
-    """A whole-file checksum for cache entries: catches truncation and damaged bytes at ~1 GB/s
-    (sha256 runs at a third of that here, and an entry is never untrusted input)."""
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _entry_is_complete(entry: Path) -> bool:
-    try:
-        manifest = json.loads((entry / MANIFEST).read_text())
-        return bool(manifest["files"]) and all(
-            (entry / name).stat().st_size == meta["size"] and _crc32(entry / name) == meta["crc32"]
-            for name, meta in manifest["files"].items()
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _discard(entry: Path) -> None:
-    """Move a bad entry out of the way first (a rename is atomic), then delete it."""
-    trash = entry.with_name(f".trash-{entry.name}-{uuid.uuid4().hex}")
-    try:
-        entry.rename(trash)
-    except OSError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def compile_asset(aimodel: Path, out_dir: Path) -> None:
-    """Lower the asset's bytecode to ODIX (`main-universal.odix`) in out_dir, in a child process:
-    the compiler aborts the whole process on some malformed bytecode, and its peak memory goes with it.
-
-    coreai-core 1.0.0b3 has no public call that keeps the compiled program (`executable()` compiles to a
-    temporary folder each time); `AIModelAsset._write_odix` is the one private call we rely on.
-    """
-    script = "import sys, pathlib; from coreai.authoring.asset import AIModelAsset as A; " \
-        "A.load(sys.argv[1])._write_odix(pathlib.Path(sys.argv[2]))"
-    done = subprocess.run([sys.executable, "-c", script, str(aimodel), str(out_dir)], capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line.split("error:", 1)[1] for line in done.stderr.splitlines() if "error:" in line]
-        reason = "; ".join(line.strip() for line in lines) or f"exit status {done.returncode}"
-        raise LmbundleError(f"{aimodel}: Core AI could not compile it ({reason})")
-
-
-def compiled_entry(aimodel: Path, root: Path | None = None) -> tuple[Path, bool]:
-    """The cache folder holding the compiled program of `aimodel`, built if needed; (path, was_cached)."""
-    version, _ = _runtime()
-    sha = asset_digest(aimodel)
-    key = hashlib.sha256(f"{sha}:{version}".encode()).hexdigest()[:32]
-    root = root or cache_root()
-    entry = root / f"{key}.aimodelx"
-    if _entry_is_complete(entry):
-        return entry, True
-    if entry.exists():
-        _discard(entry)
-    root.mkdir(parents=True, exist_ok=True)
-    check_bytecode(aimodel, sha)  # only on a miss: a hit runs what was compiled from the verified bytes
-    building = root / f".tmp-{key}-{uuid.uuid4().hex}.aimodelx"
-    building.mkdir()
-    try:
-        compile_asset(aimodel, building)
-        files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in building.iterdir()}
-        manifest = {"source_sha256": sha, "coreai_core": version, "files": files}
-        (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        try:
-            building.rename(entry)
-        except OSError:  # another process finished the same entry first
-            if not _entry_is_complete(entry):
-                raise
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    return entry, False
 
 
 def _asset_of(source, verify: bool) -> Path:
@@ -170,7 +49,7 @@ def _asset_of(source, verify: bool) -> Path:
     return aimodel
 
 
-class StepHandle:
+class CoreAIStep:
     """One enqueued step: `done` completes when it ran; `outputs` is filled in by the loop thread."""
 
     def __init__(self) -> None:
@@ -186,7 +65,7 @@ class CoreAIBackend:
     resumable = False  # its state lives in the runtime: every prompt starts over
 
     def __init__(self, source, cache: Path | None = None, verify: bool = True):
-        _, runtime = _runtime()
+        _, runtime = import_runtime()
         self._runtime = runtime
         self.aimodel = _asset_of(source, verify)
         self.compiled, self.cache_hit = compiled_entry(self.aimodel, cache)
@@ -198,7 +77,7 @@ class CoreAIBackend:
             self._function = self._call(self._load()).result()
         except RuntimeError:
             # A cache entry that verifies but does not load is rebuilt once; the asset decides after that.
-            _discard(self.compiled)
+            discard_entry(self.compiled)
             self.compiled, self.cache_hit = compiled_entry(self.aimodel, cache)
             try:
                 self._function = self._call(self._load()).result()
@@ -215,7 +94,7 @@ class CoreAIBackend:
         self.capacity = int(desc.state_descriptor("keyCache").shape[3])
         self._image_layout = {
             name: (tuple(desc.input_descriptor(name).shape), np.dtype(desc.input_descriptor(name).dtype))
-            for name in IMAGE_INPUTS if name in desc.input_names
+            for name in IMAGE_INPUT_NAMES if name in desc.input_names
         }
         self.takes_images = bool(self._image_layout)
         self._images: dict = {}
@@ -274,8 +153,6 @@ class CoreAIBackend:
     def load_state(self, write) -> None:
         """Let `write(state)` fill a torch `State` (the gates seed it from the oracle's cache); it becomes
         the runtime's state."""
-        from ..models.qwen35 import State
-
         tensors = {field: torch.zeros(*self._state_layout[name][0], dtype=_TORCH_DTYPES[self._state_layout[name][1]])
                    if name in self._state_layout else torch.zeros(0)
                    for field, name in STATE_NAMES.items()}
@@ -291,10 +168,10 @@ class CoreAIBackend:
             return np.arange(position + 1, dtype=np.int32).reshape(1, -1)
         return np.array([[position]], dtype=np.int32)
 
-    async def _step(self, handle: StepHandle, token: int | StepHandle, position_ids: np.ndarray) -> None:
+    async def _step(self, handle: CoreAIStep, token: int | CoreAIStep, position_ids: np.ndarray) -> None:
         NDArray = self._runtime.NDArray
         async with self._lock:
-            if isinstance(token, StepHandle):
+            if isinstance(token, CoreAIStep):
                 if token.outputs is None:
                     raise RuntimeError("the step that feeds this one failed")
                 ids = token.outputs["next_token"]
@@ -303,42 +180,40 @@ class CoreAIBackend:
             inputs = {"input_ids": ids, "position_ids": NDArray(position_ids), **self._images}
             handle.outputs = await self._function(inputs, self.states)
 
-    def step(self, token: int | torch.Tensor | StepHandle, position: int) -> StepHandle:
+    def step(self, token: int | torch.Tensor | CoreAIStep, position: int) -> CoreAIStep:
         """Enqueue one step: `token` is an id ([1, 1] tensor or int) or the handle of the step whose
         in-graph argmax feeds this one (the greedy pipeline: the token stays in the runtime)."""
         if isinstance(token, torch.Tensor):
             token = int(token.item())
-        handle = StepHandle()
+        handle = CoreAIStep()
         handle.done = self._call(self._step(handle, token, self._position_ids(position)))
         return handle
 
-    def prefill(self, ids: list[int], chunk: int = 0) -> StepHandle:
+    def prefill(self, ids: list[int], chunk: int = 0) -> CoreAIStep:
         """The prompt as S=1 steps (the asset has one `main` function; `chunk` does not apply)."""
         handle = None
         for position, token in enumerate(ids):
             handle = self.step(token, position)
         return handle
 
-    def next_token(self, handle: StepHandle, sampling, generator) -> StepHandle | torch.Tensor:
+    def next_token(self, handle: CoreAIStep, sampling: Sampling, generator) -> CoreAIStep | torch.Tensor:
         """Greedy: the step itself (its `next_token` output feeds the next step); else sampled on the host."""
         if sampling.greedy:
             return handle
-        from .sampling import sample
-
         return sample(self.read_logits(handle), sampling, generator)
 
-    def read_token(self, token: StepHandle | torch.Tensor | int) -> int:
-        if isinstance(token, StepHandle):
+    def read_token(self, token: CoreAIStep | torch.Tensor | int) -> int:
+        if isinstance(token, CoreAIStep):
             token.done.result()
             return int(token.outputs["next_token"].numpy().reshape(-1)[0])
         return int(token.item()) if isinstance(token, torch.Tensor) else int(token)
 
-    def read_logits(self, handle: StepHandle) -> torch.Tensor:
+    def read_logits(self, handle: CoreAIStep) -> torch.Tensor:
         """Logits [1, 1, V] fp32 (a copy: the runtime owns its output buffers)."""
         handle.done.result()
         return torch.from_numpy(np.array(handle.outputs["logits"].numpy(), dtype=np.float32, copy=True))
 
-    def logits(self, handle: StepHandle) -> torch.Tensor:
+    def logits(self, handle: CoreAIStep) -> torch.Tensor:
         return self.read_logits(handle).reshape(-1)
 
     def close(self) -> None:

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..convert.bundle import Bundle, open_bundle
-from ..convert.convert import load_graph
+from ..bundle.format import Bundle, open_bundle
+from ..bundle.load import load_graph
 from ..errors import LmbundleError
+from . import BACKENDS
 from .sampling import Sampling
 from .torch_backend import TorchBackend, pick_device
 from .vision import ImagePrompts, split_images
 
-BACKENDS = ("torch", "coreai")
 _STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 

@@ -3,7 +3,7 @@
 The next token never leaves the device between steps: `step` takes the previous step's token tensor,
 so the host can enqueue step n+1 before it reads token n. The KV part of the state is pre-grown to
 the request's length in chunks (powers of two), never per token. On CUDA a one-token step runs the
-fused Triton kernels of `kernels/step_ops.py` (five or six launches a layer, chained with programmatic
+fused Triton kernels of `kernels/triton_ops.py` (five or six launches a layer, chained with programmatic
 dependent launch on Hopper) and is captured in a CUDA graph per KV capacity (with and without the
 head), so the steady state is one graph replay per token and the only host sync is reading token n
 after step n+1 is enqueued.
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.linear import Linear, set_int8_matmul, set_int8_swiglu
-from ..models.qwen35 import State
+from ..models.linear import Linear
+from ..models.state import State
+from .kernels import triton_installed
 from .sampling import Sampling, sample
 
 MIN_CAPACITY = 256
@@ -34,18 +35,14 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 def _install_cuda_kernels(model: torch.nn.Module, device: torch.device) -> None:
-    """The fused decode kernels for one-token steps, and the int8 GEMV for other short int8 matmuls."""
-    from .kernels import int8_matmul, int8_swiglu
-    from .kernels.int8_gemv import triton_available
-
-    set_int8_matmul(int8_matmul)
-    set_int8_swiglu(int8_swiglu)
+    """The fused projections layout, and the Triton ops: fused kernels for one-token steps, the int8
+    GEMV for other short int8 matmuls."""
     model.fuse_projections_()
-    if triton_available():
-        from .kernels.step_ops import TritonStepOps
+    if triton_installed():
+        from .kernels.triton_ops import TritonStepOps
 
         pdl = torch.cuda.get_device_capability(device) >= (9, 0) and os.environ.get("LMBUNDLE_PDL", "1") != "0"
-        model.step_ops = TritonStepOps(pdl)
+        model.ops = TritonStepOps(pdl)
 
 
 def _available_memory() -> int | None:
@@ -87,8 +84,10 @@ def bucket(length: int, capacity: int) -> int:
 
 
 @dataclass
-class StepHandle:
-    logits: torch.Tensor  # [1, 1, V] fp32 on the device
+class TorchStep:
+    """An enqueued step: its logits [1, 1, V] fp32, on the device."""
+
+    logits: torch.Tensor
 
 
 @dataclass
@@ -139,7 +138,7 @@ class TorchBackend:
 
     def snapshot(self) -> State:
         """A copy of the state (a prompt's, kept so the next turn of a chat can start from it)."""
-        return State(*(t.clone() for t in (self.state.conv, self.state.rec, self.state.key, self.state.value)))
+        return self.state.clone()
 
     def restore(self, saved: State, length: int) -> None:
         """Put a snapshot back, with room for `length` positions (slots past its own stay masked)."""
@@ -158,7 +157,7 @@ class TorchBackend:
 
     # -- steps ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, ids: list[int], chunk: int = 0, start: int = 0) -> StepHandle:
+    def prefill(self, ids: list[int], chunk: int = 0, start: int = 0) -> TorchStep:
         """Feed prompt tokens at positions start, start+1, ...: S=1 steps (chunk 0), or chunks of `chunk`
         tokens. Returns the last step."""
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -171,10 +170,10 @@ class TorchBackend:
             piece = tokens[offset : offset + chunk]
             logits = self.model.forward_tokens(piece, start + offset, self.state, last_only=True)
         self.writes += 1
-        return StepHandle(logits.view(1, 1, -1))
+        return TorchStep(logits.view(1, 1, -1))
 
     @torch.inference_mode()
-    def step(self, token: torch.Tensor | PendingToken, position: int, with_head: bool = True) -> StepHandle:
+    def step(self, token: torch.Tensor | PendingToken, position: int, with_head: bool = True) -> TorchStep:
         """Enqueue one decode step for `token` ([1, 1] device tensor) at `position` (without the head:
         a prompt token whose logits nobody reads)."""
         if isinstance(token, PendingToken):
@@ -183,7 +182,7 @@ class TorchBackend:
         if not self.use_graphs:
             window = bucket(position + 1, self.state.capacity)
             pos = torch.tensor([position], device=self.device)
-            return StepHandle(self.model.step(token.view(1, 1), pos, self.state, window, with_head))
+            return TorchStep(self.model.step(token.view(1, 1), pos, self.state, window, with_head))
         # one graph per KV capacity: the step attends over the whole (masked) cache, which costs
         # kv_per_position bytes per slot and saves a capture per window
         key = (self.state.capacity, with_head)
@@ -191,7 +190,7 @@ class TorchBackend:
         self._token_in.copy_(token.view(1, 1))
         self._position_in.fill_(position)
         graph.replay()
-        return StepHandle(logits)
+        return TorchStep(logits)
 
     def _capture(self, window: int, with_head: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         snapshot = {k: v.clone() for k, v in self.state.tensors().items()}
@@ -209,7 +208,7 @@ class TorchBackend:
         self._graphs[(window, with_head)] = (graph, logits)
         return graph, logits
 
-    def next_token(self, handle: StepHandle, sampling: Sampling, generator) -> torch.Tensor | PendingToken:
+    def next_token(self, handle: TorchStep, sampling: Sampling, generator) -> torch.Tensor | PendingToken:
         """The chosen token on the device [1, 1] (a copy: graph outputs are reused); on CUDA its copy to
         the host starts right away (a `PendingToken`)."""
         token = sample(handle.logits, sampling, generator).clone()
@@ -228,5 +227,5 @@ class TorchBackend:
             return int(token.host.item())
         return int(token.item())
 
-    def logits(self, handle: StepHandle) -> torch.Tensor:
+    def logits(self, handle: TorchStep) -> torch.Tensor:
         return handle.logits.reshape(-1).float().cpu()

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from ..convert.bundle import Bundle
-from ..convert.image import ImageSource, PreparedImage, preprocess_image
-from ..convert.vision_bundle import VisionInfo, load_bundle_encoder, read_vision
+from ..bundle.format import Bundle
+from ..bundle.vision import VisionInfo, load_bundle_encoder, read_vision
 from ..errors import LmbundleError
-from ..models.qwen3vl import NO_SHIFT_START, ImageContext, prepare_image_prompt
+from ..models.image_prompt import NO_SHIFT_START, ImageContext, prepare_image_prompt
+from .image import ImageSource, PreparedImage, preprocess_image
 
 CACHE_IMAGES = 16  # encoded images kept (LRU); a 2B image is 196 x 2048 x 4 levels x fp32 = 6.4 MB
 

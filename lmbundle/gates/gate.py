@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..bundle.load import state_spec
 from ..engine.engine import Engine
 from ..engine.sampling import Sampling
 from .oracle import Oracle, state_from_cache
@@ -106,9 +107,8 @@ def _prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
 def _seeded_step(engine: Engine, cache, ids: list[int], token: int) -> torch.Tensor:
     backend = engine.backend
     backend.reset(len(ids) + 1)
-    config = engine.bundle.info["config"]  # Qwen3-VL configs name no layer_types: every layer is attention
-    layer_types = config.get("layer_types") or ["full_attention"] * config["num_hidden_layers"]
-    backend.load_state(lambda state: state_from_cache(cache, layer_types, state))
+    spec = state_spec(engine.bundle)
+    backend.load_state(lambda state: state_from_cache(cache, spec, state))
     return backend.logits(backend.step(torch.tensor([[token]], device=engine.device), len(ids)))
 
 

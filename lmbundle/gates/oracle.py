@@ -9,8 +9,8 @@ import torch
 
 from ..convert.checkpoint import open_checkpoint
 from ..errors import LmbundleError
+from ..models.state import LINEAR_ATTENTION, State, StateSpec
 from ..quiet import transformers_loading
-from ..models.qwen35 import State
 
 
 @dataclass
@@ -65,18 +65,14 @@ class Oracle:
         return tokens
 
 
-def state_from_cache(cache, layer_types: list[str], into: State) -> None:
+def state_from_cache(cache, spec: StateSpec, into: State) -> None:
     """Write transformers' cache into our State (conv: its last K-1 inputs; KV: the prefix slots)."""
-    n_lin = n_full = 0
-    for i, kind in enumerate(layer_types):
+    for i, (kind, (a, b)) in enumerate(zip(spec.layer_types, spec.per_layer(into))):
         layer = cache.layers[i]
-        if kind == "linear_attention":
-            conv = layer.conv_states[0][0]
-            into.conv[n_lin, 0].copy_(conv[:, -into.conv.shape[-1]:])
-            into.rec[n_lin, 0].copy_(layer.recurrent_states[0][0])
-            n_lin += 1
+        if kind == LINEAR_ATTENTION:
+            a.copy_(layer.conv_states[0][0][:, -a.shape[-1]:])
+            b.copy_(layer.recurrent_states[0][0])
         else:
             length = layer.keys.shape[2]
-            into.key[n_full, 0, :, :length].copy_(layer.keys[0])
-            into.value[n_full, 0, :, :length].copy_(layer.values[0])
-            n_full += 1
+            a[:, :length].copy_(layer.keys[0])
+            b[:, :length].copy_(layer.values[0])

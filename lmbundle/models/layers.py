@@ -7,8 +7,38 @@ Shapes: x [S, hidden] (batch 1 is implicit), heads as [H, S, D].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GDNDims:
+    """Sizes of a Gated DeltaNet mixer."""
+
+    key_heads: int
+    value_heads: int
+    key_dim: int
+    value_dim: int
+    eps: float  # of the gated output norm
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal conv: q, k (key heads) and v (value heads), side by side."""
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+
+@dataclass(frozen=True)
+class AttentionDims:
+    """Sizes and variant of an attention mixer (Qwen3.5: output gate, zero-centred q/k norms)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    output_gate: bool
+    zero_centered: bool
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
@@ -169,3 +199,71 @@ def attention(
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     out = torch.matmul(probs, values).reshape(heads, seq, dim)
     return out.transpose(0, 1).reshape(seq, heads * dim)
+
+
+def gdn_mix(
+    projected: tuple[torch.Tensor, ...], conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+    norm_weight: torch.Tensor, dims: GDNDims, conv_state: torch.Tensor, rec_state: torch.Tensor,
+) -> torch.Tensor:
+    """A Gated DeltaNet mixer from its input projections to the gated-normed output [S, Hv * Dv] (what
+    out_proj reads). `projected` is (qkv, z, b, a), or the four side by side in one tensor.
+
+    causal conv + SiLU over qkv; q, k L2-normed (k heads repeated to the value heads), beta = sigmoid(b),
+    decay g = -exp(A_log) * softplus(a + dt_bias); the delta rule (one token: the loop-free step; more:
+    the WY chunks) on rec_state [Hv, Dk, Dv]; then RMSNorm(o) * silu(z) per head.
+    """
+    hk, hv, dk, dv = dims.key_heads, dims.value_heads, dims.key_dim, dims.value_dim
+    if len(projected) == 1:
+        projected = projected[0].split([dims.conv_dim, hv * dv, hv, hv], dim=-1)
+    qkv, z, b, a = projected
+    seq, dtype = qkv.shape[0], qkv.dtype
+    qkv = causal_conv(qkv, conv_state, conv_weight)
+    q, k, v = torch.split(qkv, [hk * dk, hk * dk, hv * dv], dim=-1)
+    q = l2_normalize(q.reshape(seq, hk, dk).float())
+    k = l2_normalize(k.reshape(seq, hk, dk).float())
+    v = v.reshape(seq, hv, dv).float()
+    if hv != hk:
+        q = q.repeat_interleave(hv // hk, dim=1)
+        k = k.repeat_interleave(hv // hk, dim=1)
+    q = q * dk**-0.5
+    beta = torch.sigmoid(b).float()
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    if seq == 1:
+        o = gated_delta_step(q[0], k[0], v[0], g[0], beta[0], rec_state).unsqueeze(0)
+    else:
+        o = gated_delta_chunk(q, k, v, g, beta, rec_state)
+    o = gated_rms_norm(o.to(dtype), z.reshape(seq, hv, dv), norm_weight, dims.eps)
+    return o.reshape(seq, hv * dv)
+
+
+def gated_attention(
+    projected: tuple[torch.Tensor, ...], q_norm: torch.Tensor, k_norm: torch.Tensor, dims: AttentionDims,
+    cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, key_cache: torch.Tensor,
+    value_cache: torch.Tensor, kv_len: int,
+) -> torch.Tensor:
+    """An attention mixer from its projections (q, k, v, or the three side by side) to its output
+    [S, H * D] (what o_proj reads).
+
+    q (with its output gate, Qwen3.5) and k get per-head RMSNorm and RoPE; k/v are written at
+    `positions` of key/value_cache [KVH, capacity, D]; attention over the first kv_len slots; the
+    output is gated by sigmoid(gate) where the variant has one.
+    """
+    heads, kvh, d = dims.heads, dims.kv_heads, dims.head_dim
+    if len(projected) == 1:
+        projected = projected[0].split([heads * d * (2 if dims.output_gate else 1), kvh * d, kvh * d], dim=-1)
+    q, k, v = projected
+    seq, dtype = q.shape[0], q.dtype
+    q = q.reshape(seq, heads, -1)
+    if dims.output_gate:
+        q, gate = q[..., :d], q[..., d:].reshape(seq, heads * d)
+    q = rms_norm(q, q_norm, dims.eps, dims.zero_centered).transpose(0, 1)
+    k = rms_norm(k.reshape(seq, kvh, d), k_norm, dims.eps, dims.zero_centered)
+    v = v.reshape(seq, kvh, d).transpose(0, 1)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k.transpose(0, 1), cos, sin)
+    key_cache.index_copy_(1, positions, k.to(key_cache.dtype))
+    value_cache.index_copy_(1, positions, v.to(value_cache.dtype))
+    o = attention(q, key_cache[:, :kv_len], value_cache[:, :kv_len], positions).to(dtype)
+    if dims.output_gate:
+        o = o * torch.sigmoid(gate)
+    return o

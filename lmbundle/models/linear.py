@@ -4,13 +4,12 @@ int8 weights are stored as `qweight` int8 [out, in] and `scales` fp16 [out, in /
 w = qweight * scale (block = 32 along the input dim, or block = in for per-channel). Never clipped:
 absmax keeps every outlier row exact to within half a step, which is what keeps top-1 stable.
 
-How an int8 linear is computed is a backend choice (dequantize-then-matmul here, a fused Triton
-GEMV on CUDA, Core AI's blockwise constant in the exporter), swapped through `set_int8_matmul`.
+How an int8 linear is computed in the step graph is a backend choice, made by the graph's ops object
+(`ops.py`: dequantize-then-matmul by default, a Triton GEMV on CUDA, Core AI's blockwise constant in the
+exporter); `Linear.forward` is the reference, for modules outside the step graph (the vision encoder).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,33 +44,9 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype =
     return w.reshape(out_features, in_features)
 
 
-def _dequantize_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The reference int8 linear: dequantize to x's dtype, then one matmul."""
     return F.linear(x, dequantize(qweight, scales, x.dtype))
-
-
-_int8_matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = _dequantize_matmul
-
-
-def set_int8_matmul(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
-    """Install the backend's int8 matmul (x, qweight, scales) -> y; None restores the reference."""
-    global _int8_matmul
-    _int8_matmul = fn or _dequantize_matmul
-
-
-_int8_swiglu: Callable[..., torch.Tensor] | None = None
-
-
-def set_int8_swiglu(fn: Callable[..., torch.Tensor] | None) -> None:
-    """Install a fused silu(x @ gate.T) * (x @ up.T) over two int8 weights; None: two matmuls."""
-    global _int8_swiglu
-    _int8_swiglu = fn
-
-
-def swiglu(x: torch.Tensor, gate: "Linear", up: "Linear") -> torch.Tensor:
-    """The MLP's gated activation, one fused pass over both weights where the backend has one."""
-    if _int8_swiglu is not None and gate.quantized and up.quantized:
-        return _int8_swiglu(x, gate.qweight, gate.scales, up.qweight, up.scales)
-    return F.silu(gate(x)) * up(x)
 
 
 class Linear(nn.Module):
@@ -126,7 +101,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
-            return _int8_matmul(x, self.qweight, self.scales)
+            return int8_matmul(x, self.qweight, self.scales)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:

@@ -1,268 +1,63 @@
-"""Qwen3-VL text decoder with image prompts, in the single-step form of qwen35.py (same layers, same `State`),
-and the same image-prompt mechanism for Qwen3.5 (`Qwen35ImageForStep`).
-
-Images reach a text-only step graph through the id space, as in the seed: the host rewrites the
-k-th image placeholder of the prompt to id `vocab + k` and sets four static inputs once per prompt
-(`ImageContext`). In the graph a token's embedding is the table row if id < vocab, else
-`image_embeds[id - vocab]`; after decoder layer l < n_deepstack, image tokens add
-`deepstack_embeds[l * slots + id - vocab]`.
-
-Interleaved M-RoPE positions are derived in the graph from (id, sequence position) and a per-image
-shift table. Image k spans T = gh * gw tokens but advances the rope position by only max(gh, gw),
-so every token after it is shifted back by T - max(gh, gw). With shift(i) = sum of the amounts of
-images that ended at or before sequence index i (`rope_shift_start[k]` = end of image k,
-`rope_shift_amount[k]` = its shift; unused entries start at 2^30 with amount 0):
-  text token:  t = h = w = i - shift(i)
-  image token (slot s within its image):  base = i - s - shift(i); (t, h, w) = (base, base + s // gw, base + s % gw)
-which equals transformers' `get_rope_index` for any mix of text and images, decode steps included
-(their `past_len + rope_delta` is the text rule). The KV cache slot and causal mask keep the
-sequence index.
+"""Qwen3-VL's text decoder as a step graph: the shared decoder pieces (every layer full attention) with
+image prompts (`image_prompt.py`: image embeddings in the id space, in-graph M-RoPE) and DeepStack:
+after decoder layer l < n_deepstack, image tokens add their row of the encoder's DeepStack level l.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from lmbundle.errors import LmbundleError
-
-from .layers import rope_inv_freq
-from .linear import Linear
-from .qwen35 import DecoderLayer, GatedAttention, Qwen35ForStep, State, TextModel
-
-NO_SHIFT_START = 2**30  # "this image slot is unused": no sequence index reaches it
-DEFAULT_MROPE_SECTION = [24, 20, 20]  # transformers' default when the config names none
+from .decoder import Architecture, DecoderConfig, DecoderForStep, DecoderLayer, GatedAttention, sanitize_text
+from .image_prompt import ImagePromptGraph
+from .state import FULL_ATTENTION, State, StateSpec
 
 
 @dataclass
-class Qwen3VLConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
+class Qwen3VLConfig(DecoderConfig):
+    """Every layer full attention, no output gate, plain w * x RMSNorm, M-RoPE over the whole head."""
+
     rope_theta: float = 5000000.0
-    mrope_section: list[int] = field(default_factory=lambda: list(DEFAULT_MROPE_SECTION))
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 262144
-    eos_token_id: list[int] = field(default_factory=list)
+    mrope_section: list[int] = field(default_factory=lambda: [24, 20, 20])
+    attn_output_gate: bool = False
+    norm_zero_centered: bool = False
 
-    @classmethod
-    def from_hf(cls, text_config: dict[str, Any], tie_word_embeddings: bool | None = None) -> "Qwen3VLConfig":
-        """From the checkpoint's text_config; rope keys in either layout (rope_parameters / rope_scaling + rope_theta)."""
-        rope = dict(text_config.get("rope_parameters") or text_config.get("rope_scaling") or {})
-        known = {f.name for f in fields(cls)}
-        args = {k: v for k, v in text_config.items() if k in known}
-        args.setdefault("head_dim", text_config["hidden_size"] // text_config["num_attention_heads"])
-        args["rope_theta"] = rope.get("rope_theta", text_config.get("rope_theta", 5000000.0))
-        args["mrope_section"] = list(rope.get("mrope_section") or DEFAULT_MROPE_SECTION)
-        if tie_word_embeddings is not None:
-            args["tie_word_embeddings"] = tie_word_embeddings
-        eos = text_config.get("eos_token_id")
-        args["eos_token_id"] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        return cls(**args)
-
-    # GDN sizes, which shared code multiplies by the number of GDN layers (none here)
-    conv_dim = linear_conv_kernel_dim = linear_num_value_heads = linear_key_head_dim = linear_value_head_dim = 0
-
-    @property
-    def layer_types(self) -> list[str]:
-        return ["full_attention"] * self.num_hidden_layers
-
-    @property
-    def linear_layers(self) -> list[int]:
-        return []
-
-    @property
-    def full_layers(self) -> list[int]:
-        return list(range(self.num_hidden_layers))
+    hf_defaults: ClassVar[dict[str, Any]] = {"rope_theta": 5000000.0, "mrope_section": [24, 20, 20]}
 
 
-@dataclass
-class ImageContext:
-    """The per-prompt static inputs of the decoder for up to M images of T = gh * gw tokens each."""
-
-    image_embeds: torch.Tensor  # [M * T, hidden]
-    deepstack_embeds: torch.Tensor  # [n_deepstack * M * T, hidden], row l * M * T + slot
-    rope_shift_start: torch.Tensor  # [M] int32: sequence index just past image k
-    rope_shift_amount: torch.Tensor  # [M] int32: T - max(gh, gw) for a used slot, else 0
-    grid: tuple[int, int]  # (gh, gw) merged tokens per image side: (14, 14) for 448x448
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def slots(self) -> int:
-        return self.image_embeds.shape[0]
-
-    @property
-    def num_deepstack(self) -> int:
-        return self.deepstack_embeds.shape[0] // self.slots
-
-    @classmethod
-    def empty(
-        cls, hidden: int, max_images: int, grid: tuple[int, int], num_deepstack: int, dtype=torch.float32, device=None
-    ) -> "ImageContext":
-        """No images: the decoder behaves as a plain text model (the export's example inputs)."""
-        slots = max_images * grid[0] * grid[1]
-        return cls(
-            image_embeds=torch.zeros(slots, hidden, dtype=dtype, device=device),
-            deepstack_embeds=torch.zeros(num_deepstack * slots, hidden, dtype=dtype, device=device),
-            rope_shift_start=torch.full((max_images,), NO_SHIFT_START, dtype=torch.int32, device=device),
-            rope_shift_amount=torch.zeros(max_images, dtype=torch.int32, device=device),
-            grid=grid,
-        )
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "image_embeds": self.image_embeds,
-            "deepstack_embeds": self.deepstack_embeds,
-            "rope_shift_start": self.rope_shift_start,
-            "rope_shift_amount": self.rope_shift_amount,
-        }
+def state_spec(cfg: Qwen3VLConfig) -> StateSpec:
+    """KV caches only."""
+    return StateSpec(layer_types=tuple(cfg.layer_types), conv=(0, 0), rec=(0, 0, 0),
+                     kv=(cfg.num_key_value_heads, cfg.head_dim))
 
 
-def prepare_image_prompt(
-    ids: Sequence[int] | torch.Tensor,
-    image_token_id: int,
-    vocab_size: int,
-    images: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    grid: tuple[int, int],
-    max_images: int | None = None,
-) -> tuple[torch.Tensor, ImageContext | None]:
-    """Host side of an image prompt: rewrite placeholders to `vocab + slot` and build the ImageContext.
-
-    `ids` hold T = gh * gw image_token_id placeholders per image, in the order of `images`, each a
-    (image_embeds [T, hidden], deepstack_embeds [n_deepstack * T, hidden]) pair from the encoder.
-    With no images the context is None (text only).
-    """
-    ids = torch.as_tensor(ids, dtype=torch.long).clone()
-    per_image = grid[0] * grid[1]
-    max_images = max_images or max(len(images), 1)
-    placeholders = (ids == image_token_id).nonzero().flatten()
-    if placeholders.numel() != per_image * len(images):
-        raise LmbundleError(
-            f"prompt has {placeholders.numel()} image placeholder tokens; {len(images)} image(s) need {per_image} each"
-        )
-    if len(images) > max_images:
-        raise LmbundleError(f"prompt has {len(images)} images; this decoder takes at most {max_images}")
-    if not images:
-        return ids, None
-    starts = placeholders[::per_image]
-    for k, start in enumerate(starts.tolist()):
-        if not torch.equal(placeholders[k * per_image : (k + 1) * per_image], torch.arange(start, start + per_image)):
-            raise LmbundleError(f"image {k + 1}'s {per_image} placeholder tokens are not contiguous in the prompt")
-    ids[placeholders] = vocab_size + torch.arange(placeholders.numel())
-
-    embeds, deepstack = images[0]
-    context = ImageContext.empty(embeds.shape[-1], max_images, grid, deepstack.shape[0] // per_image, embeds.dtype)
-    num_deepstack = context.num_deepstack
-    slots = context.slots
-    for k, (embeds, deepstack) in enumerate(images):
-        first = k * per_image
-        context.image_embeds[first : first + per_image] = embeds
-        for layer in range(num_deepstack):
-            row = layer * slots + first
-            context.deepstack_embeds[row : row + per_image] = deepstack[layer * per_image : (layer + 1) * per_image]
-        context.rope_shift_start[k] = int(starts[k]) + per_image
-        context.rope_shift_amount[k] = per_image - max(grid)
-    return ids, context
-
-
-class ImagePromptGraph:
-    """Image prompts for a step graph (mixed in before `Qwen35ForStep`, whose hooks it fills): the
-    id-space embedding, in-graph M-RoPE and DeepStack adds of the module docstring. With no
-    `ImageContext` set the graph is the plain text model."""
-
-    images: ImageContext | None = None
-
-    def set_images(self, images: ImageContext | None) -> None:
-        """The host's per-prompt static inputs (None: text only)."""
-        self.images = images
-
-    def _slots(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(is_image [S], slot [S]) of tokens; slot is 0 for text tokens."""
-        is_image = ids >= self.cfg.vocab_size
-        return is_image, torch.where(is_image, ids - self.cfg.vocab_size, torch.zeros_like(ids))
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.model.embed_tokens.weight
-        if self.images is None:
-            return table[ids]
-        is_image, slot = self._slots(ids)
-        text = table[torch.where(is_image, torch.zeros_like(ids), ids)]
-        image = self.images.image_embeds[slot].to(table.dtype)
-        return torch.where(is_image.unsqueeze(-1), image, text)
-
-    def rope_positions(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(t, h, w) [3, S] from ids and sequence positions (module docstring)."""
-        if self.images is None:
-            return positions.unsqueeze(0).expand(3, -1)
-        images = self.images
-        is_image, slot = self._slots(ids)
-        _, within = _divmod(slot, images.tokens_per_image)
-        ended = positions.unsqueeze(-1) >= images.rope_shift_start.to(positions.dtype)  # [S, M]
-        amount = images.rope_shift_amount.to(positions.dtype).expand_as(ended)
-        shift = torch.where(ended, amount, torch.zeros_like(amount)).sum(-1)
-        base = positions - shift - within
-        rows, cols = _divmod(within, images.grid[1])  # both 0 for text tokens
-        return torch.stack((base, base + rows, base + cols))
-
-    def decoder_hook(self, layer_index: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """DeepStack: after layer l < n_deepstack, image tokens add their row of deepstack level l."""
-        if self.images is None or layer_index >= self.images.num_deepstack:
-            return x
-        is_image, slot = self._slots(ids)
-        rows = self.images.deepstack_embeds[layer_index * self.images.slots + slot].to(x.dtype)
-        return x + torch.where(is_image.unsqueeze(-1), rows, torch.zeros_like(rows))
-
-
-class Qwen3VLForStep(ImagePromptGraph, Qwen35ForStep):
-    """The Qwen3-VL decoder: every layer plain attention (no output gate), plain w * x RMSNorm,
-    interleaved M-RoPE over the full head dim."""
+class Qwen3VLForStep(ImagePromptGraph, DecoderForStep):
+    """The Qwen3-VL decoder with image prompts."""
 
     config_class = Qwen3VLConfig
-    zero_centered_norm = False
 
     def __init__(self, cfg: Qwen3VLConfig):
-        nn.Module.__init__(self)  # the Qwen3.5 constructor would build GDN / gated layers; the rest is shared
-        self.cfg = cfg
-        layers = [
-            DecoderLayer(cfg, "full_attention", GatedAttention(cfg, output_gate=False, zero_centered=False))
-            for _ in range(cfg.num_hidden_layers)
-        ]
-        self.model = TextModel(cfg, layers)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
-            self.tie_head()
-        self.inv_freq = nn.Buffer(rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
-        self.set_rope_axes()
+        layers = [DecoderLayer(cfg, FULL_ATTENTION, GatedAttention(cfg)) for _ in range(cfg.num_hidden_layers)]
+        super().__init__(cfg, layers, state_spec(cfg))
 
-    def new_state(self, capacity: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
-        """KV caches only; the GDN parts are empty."""
-        cfg = self.cfg
-        dtype = dtype or self.model.embed_tokens.weight.dtype
-        device = device or self.model.embed_tokens.weight.device
-        shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        empty = torch.zeros(0, dtype=dtype, device=device)
-        return State(conv=empty, rec=empty.float(), key=torch.zeros(shape, dtype=dtype, device=device),
-                     value=torch.zeros(shape, dtype=dtype, device=device))
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int) -> torch.Tensor:
+        """Embed (text rows or image embeddings), then every attention layer in order, the first
+        n_deepstack of them followed by their DeepStack add."""
+        x = self.embed(ids)
+        rope = self.rope(ids, positions, kv_len)
+        for index, (layer, kv) in enumerate(zip(self.model.layers, self.state_spec.per_layer(state))):
+            x = self.deepstack(index, layer(x, kv, rope, self.ops), ids)
+        return x
 
 
-class Qwen35ImageForStep(ImagePromptGraph, Qwen35ForStep):
-    """Qwen3.5 (GDN hybrid) with image prompts: the same trick without DeepStack (its ImageContext
-    has no deepstack rows). Text-only it is exactly `Qwen35ForStep`."""
-
-
-def _divmod(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Floor quotient and remainder of non-negative ints, as ops Core AI lowers (it has no aten.remainder)."""
-    quotient = torch.div(a, b, rounding_mode="floor")
-    return quotient, a - quotient * b
+ARCHITECTURE = Architecture(
+    name="qwen3_vl",
+    hf_architectures=("Qwen3VLForConditionalGeneration",),
+    hf_model_types=("qwen3_vl",),
+    config=Qwen3VLConfig,
+    model=Qwen3VLForStep,
+    state_spec=state_spec,
+    sanitize=sanitize_text,
+)

@@ -16,20 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmbundle.errors import LmbundleError
-from lmbundle.models.linear import Linear
 
-if TYPE_CHECKING:
-    from lmbundle.convert.checkpoint import Checkpoint
+from .layers import apply_rope, rope_inv_freq
+from .linear import Linear
 
-CHECKPOINT_PREFIXES = ("model.visual.", "visual.")
+VISION_PREFIXES = ("model.visual.", "visual.")  # the vision tower's tensors in a checkpoint
 _OWN_ROOTS = ("patch_embed.", "pos_embed.", "blocks.", "merger.", "deepstack_merger_list.")
 _LAYER_NORM_EPS = 1e-6
 
@@ -253,8 +250,7 @@ def grid_tables(config: VisionConfig, grid_side: int) -> GridTables:
     pos_index = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
     pos_weight = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
     # 2D rotary: half the frequencies follow the row, half the column
-    half = config.head_dim // 2
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half))
+    inv_freq = rope_inv_freq(config.head_dim // 2, config.rope_theta)
     angles = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=-1)
     angles = torch.cat([angles, angles], dim=-1)
     return GridTables(pos_index, pos_weight, angles.cos(), angles.sin())
@@ -283,11 +279,8 @@ def _bilinear_taps(position: torch.Tensor, size: int, side: int) -> tuple[torch.
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary on [N, H, D] with rotate-half pairing, in fp32."""
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    """Rotary on [N, H, D] in fp32 whatever the weights' dtype (as the checkpoint's encoder does)."""
+    return apply_rope(x.float().transpose(0, 1), cos, sin).transpose(0, 1).to(x.dtype)
 
 
 def sanitize(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -306,21 +299,7 @@ def sanitize(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str,
 
 
 def _own_name(name: str) -> str | None:
-    for prefix in CHECKPOINT_PREFIXES:
+    for prefix in VISION_PREFIXES:
         if name.startswith(prefix):
             return name[len(prefix):]
     return name if name.startswith(_OWN_ROOTS) else None
-
-
-def load_vision_encoder(
-    source: "Checkpoint | str | Path", grid_side: int = 28, dtype: torch.dtype = torch.float32
-) -> VisionEncoder:
-    """Build the encoder from a checkpoint (or its folder) and stream in its vision tensors."""
-    from lmbundle.convert.checkpoint import Checkpoint, load_weights, open_checkpoint
-
-    checkpoint = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-    if not checkpoint.has_vision:
-        raise LmbundleError(f"{checkpoint.path}: no vision tower (vision_config and model.visual.* tensors)")
-    encoder = VisionEncoder(VisionConfig.from_hf(checkpoint.vision_config), grid_side).to(dtype)
-    load_weights(encoder, sanitize(checkpoint.vision_tensors()), checkpoint.path)
-    return encoder.eval()

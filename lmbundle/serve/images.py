@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
-from ..convert.image import load_image
+from ..engine.image import load_image
 from ..errors import LmbundleError
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024

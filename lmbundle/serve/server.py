@@ -28,8 +28,7 @@ from ..engine.engine import GenerationStats, StreamDecoder
 from ..engine.sampling import Sampling
 from ..errors import LmbundleError
 from .images import ImageError, decode_image_url, resolve_dirs
-from .openai_api import (ApiError, ChatRequest, CompletionRequest, ImagePart, Shapes, StopMatcher, parse,
-                         timings, usage)
+from .openai_api import ApiError, ChatRequest, CompletionRequest, ImagePart, Shapes, StopMatcher, parse, timings, usage
 from .worker import Job, QueueFull, Worker
 
 STATIC = Path(__file__).parent / "static"

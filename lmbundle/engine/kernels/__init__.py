@@ -1,5 +1,12 @@
-"""Device kernels of the PyTorch backend; each module dispatches to a pure-torch reference off-device."""
+"""Device kernels of the PyTorch backend: the CUDA decode step as fused Triton kernels (`triton_ops.py`)."""
 
-from lmbundle.engine.kernels.int8_gemv import int8_matmul, int8_swiglu
+from __future__ import annotations
 
-__all__ = ["int8_matmul", "int8_swiglu"]
+import functools
+import importlib.util
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Triton is importable (CUDA machines, and CPU ones that run it in its interpreter for the tests)."""
+    return importlib.util.find_spec("triton") is not None

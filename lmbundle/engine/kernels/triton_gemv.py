@@ -14,7 +14,7 @@ loads its first weight tile (weights never depend on the previous kernel), then 
 predecessor (`gdc_wait`) before it reads x. Small per-layer GEMVs are latency-bound, and this hides
 their launch and first DRAM round trip behind the previous kernel.
 
-Imported only on CUDA machines with Triton (see `int8_gemv.py` and `step_ops.py`).
+Imported only where Triton is installed (`triton_ops.py` is its one user).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-GROUP = 32  # input columns that share one int8 scale; also the dense tile's inner width
+from lmbundle.models.linear import BLOCK
+
+GROUP = BLOCK  # input columns that share one int8 scale; also the dense tile's inner width
 MAX_ROWS = 4  # rows of x one call takes (one launch per row)
 _GROUP = tl.constexpr(GROUP)
 _FLOAT_BIAS_BITS = tl.constexpr(0x4B000080)  # fp32 bits of 2**23 + 128

@@ -1,10 +1,8 @@
-"""Image preprocessing for the fixed-grid vision encoder.
+"""Image preprocessing for the fixed-grid vision encoder (the sizes and constants: `bundle.vision.ImageSpec`).
 
 The shipped encoder has static shapes, so every image is stretched to one square size (448 for
 Qwen3-VL / Qwen3.5: a 28x28 patch grid, 196 merged tokens) instead of the processor's
-aspect-preserving `smart_resize`. A checkpoint whose processor allows fewer pixels than 448^2 (its
-`size.longest_edge`, or `max_pixels`) gets the largest square within that bound (the demo Qwen3-VL:
-128, an 8x8 grid, 16 tokens), see `ImageSpec.from_configs`. Past the resize, every step reproduces the checkpoint's image
+aspect-preserving `smart_resize`. Past the resize, every step reproduces the checkpoint's image
 processor (transparency on white, PIL bicubic, rescale, mean/std, patch layout), so on an image
 that already has the target size our `patches` equal its `pixel_values`.
 
@@ -16,114 +14,21 @@ token are adjacent. Each row is [channel, frame, y, x] with the single frame rep
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lmbundle.errors import LmbundleError
+from ..bundle.vision import ImageSpec
+from ..errors import LmbundleError
 
 MAX_MEGAPIXELS = 50
-DEFAULT_IMAGE_SIZE = 448
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image]
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """Everything preprocessing needs, read from the checkpoint (config.json + preprocessor_config.json)."""
-
-    patch_size: int
-    temporal_patch_size: int
-    merge_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    rescale_factor: float = 1 / 255
-    resample: int = int(Image.Resampling.BICUBIC)
-    image_size: int = DEFAULT_IMAGE_SIZE
-
-    def __post_init__(self):
-        unit = self.patch_size * self.merge_size
-        if self.image_size % unit:
-            raise LmbundleError(
-                f"image size {self.image_size} is not a multiple of patch_size x merge_size = {unit}"
-            )
-
-    @property
-    def grid_side(self) -> int:
-        """Patches per side (28 for 448 / 16)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def grid_thw(self) -> tuple[int, int, int]:
-        return (1, self.grid_side, self.grid_side)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_side**2
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens the image becomes in the text sequence (196 for 448)."""
-        return self.num_patches // self.merge_size**2
-
-    @property
-    def patch_dim(self) -> int:
-        return 3 * self.temporal_patch_size * self.patch_size**2
-
-    @classmethod
-    def from_configs(
-        cls, vision_config: Mapping, processor_config: Mapping, image_size: int | None = None
-    ) -> "ImageSpec":
-        """Build from the `vision_config` dict of config.json and the preprocessor_config.json dict.
-
-        `image_size` None: 448, or less where the processor's pixel bound is below 448^2 (the largest
-        multiple of patch x merge whose square fits it)."""
-        patch = vision_config.get("patch_size", 16)
-        merge = vision_config.get("spatial_merge_size", 2)
-        temporal = vision_config.get("temporal_patch_size", 2)
-        for key, model_value in (("patch_size", patch), ("merge_size", merge), ("temporal_patch_size", temporal)):
-            if key in processor_config and processor_config[key] != model_value:
-                raise LmbundleError(
-                    f"preprocessor_config.json {key}={processor_config[key]} disagrees with the vision config ({model_value})"
-                )
-        for key in ("image_mean", "image_std"):
-            if key not in processor_config:
-                raise LmbundleError(f"preprocessor_config.json has no {key}")
-        return cls(
-            patch_size=patch,
-            temporal_patch_size=temporal,
-            merge_size=merge,
-            mean=tuple(float(v) for v in processor_config["image_mean"]),
-            std=tuple(float(v) for v in processor_config["image_std"]),
-            rescale_factor=float(processor_config.get("rescale_factor", 1 / 255)),
-            resample=int(processor_config.get("resample", Image.Resampling.BICUBIC)),
-            image_size=image_size or default_image_size(processor_config, patch * merge),
-        )
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, image_size: int | None = None) -> "ImageSpec":
-        checkpoint = Path(checkpoint)
-        config = _read_json(checkpoint / "config.json")
-        if "vision_config" not in config:
-            raise LmbundleError(f"{checkpoint / 'config.json'} has no vision_config: not an image-text checkpoint")
-        return cls.from_configs(config["vision_config"], _processor_config(checkpoint), image_size)
-
-
-def default_image_size(processor_config: Mapping, unit: int) -> int:
-    """448, capped by the processor's largest pixel count (`size.longest_edge` in transformers 5,
-    `max_pixels` before) and rounded down to a multiple of `unit` (patch x merge)."""
-    size = processor_config.get("size")
-    bound = size.get("longest_edge") if isinstance(size, Mapping) else None
-    bound = bound or processor_config.get("max_pixels")
-    if not isinstance(bound, (int, float)) or bound >= DEFAULT_IMAGE_SIZE**2:
-        return DEFAULT_IMAGE_SIZE
-    return max(unit, int(bound**0.5) // unit * unit)
 
 
 @dataclass(frozen=True)
@@ -249,23 +154,3 @@ def _describe(source: ImageSource) -> str:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"image bytes ({len(source)} B)"
     return f"image {source}"
-
-
-def _processor_config(checkpoint: Path) -> dict:
-    """The image processor's settings: preprocessor_config.json (Hub checkpoints), else the
-    `image_processor` entry of processor_config.json (what transformers 5 writes)."""
-    legacy, unified = checkpoint / "preprocessor_config.json", checkpoint / "processor_config.json"
-    if legacy.is_file():
-        return _read_json(legacy)
-    if unified.is_file() and isinstance(_read_json(unified).get("image_processor"), dict):
-        return _read_json(unified)["image_processor"]
-    raise LmbundleError(f"{checkpoint}: no image processor settings (preprocessor_config.json or processor_config.json)")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LmbundleError(f"missing {path}") from None
-    except json.JSONDecodeError as exc:
-        raise LmbundleError(f"{path} is not valid JSON ({exc})") from None

@@ -76,9 +76,8 @@ def cast_float_weights(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def bytes_per_token(model: nn.Module) -> dict[str, int]:
-    """Bytes a decode step reads: weights (an embedding row, not the table), GDN state read + written,
-    and the KV bytes each cached position adds to every later step."""
-    cfg = model.cfg
+    """Bytes a decode step reads: weights (an embedding row, not the table), GDN state read + written
+    (16-bit activations), and the KV bytes each cached position adds to every later step."""
     seen: set[int] = set()
     weights = 0
     embed = model.model.embed_tokens.weight
@@ -90,9 +89,5 @@ def bytes_per_token(model: nn.Module) -> dict[str, int]:
             weights += embed.shape[1] * embed.element_size()  # a gather of one row
         else:
             weights += t.numel() * t.element_size()
-    n_lin, n_full = len(cfg.linear_layers), len(cfg.full_layers)
-    conv = n_lin * cfg.conv_dim * (cfg.linear_conv_kernel_dim - 1) * 2
-    rec = n_lin * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
-    kv_per_position = n_full * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
-    return {"weights": weights, "gdn_state": 2 * (conv + rec), "kv_per_position": kv_per_position,
-            "total_at_empty_context": weights + 2 * (conv + rec)}
+    state = model.state_spec.bytes_per_token(dtype_bytes=2)
+    return {"weights": weights, **state, "total_at_empty_context": weights + state["gdn_state"]}

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ import torch
 
 from .. import __version__
 from ..errors import LmbundleError
+from ..models.image_prompt import ImageContext
+from ..models.state import State
 
 BUNDLE_VERSION = 1
 METADATA = "metadata.json"
@@ -34,6 +36,14 @@ TOKENIZER_PATTERNS = (
     "video_preprocessor_config.json", "generation_config.json", "*.model", "*.tiktoken",
 )
 
+
+# The exported step's names (the seed's contract): one Core AI state per `State` field (a pure-attention
+# decoder has no GDN state, so no convState/recState), and the image inputs are an `ImageContext`'s tensors.
+_COREAI_STATE_NAMES = {"conv": "convState", "rec": "recState", "key": "keyCache", "value": "valueCache"}
+STATE_NAMES = {f.name: _COREAI_STATE_NAMES[f.name] for f in fields(State)}
+IMAGE_INPUT_NAMES = tuple(f.name for f in fields(ImageContext) if f.name != "grid")
+STEP_INPUT_NAMES = ("input_ids", "position_ids")
+STEP_OUTPUT_NAMES = ("logits", "next_token")
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8", torch.int32: "I32",

@@ -1,0 +1,116 @@
+"""The decode step's fused kernels: `StepOps` whose one-token calls run Triton kernels.
+
+Per layer a decode step becomes five launches (six for attention): input norm + projections (+ the GDN
+causal conv), the mixer (delta rule, or flash-decoding attention with its combine), output projection
+(+ the GDN gated norm) + residual, post norm + SwiGLU, down projection + residual. Short int8 matmuls
+(1..4 rows: small prefill chunks) take the plain GEMV. Anything else (longer chunks, layouts the
+kernels do not take) falls back to the reference composition of `models/ops.py`, which the tests
+compare these with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmbundle.models.linear import Linear
+from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOps
+
+from . import triton_gemv, triton_mixers
+
+
+def _weights(linear: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, scales) in a layout the GEMV streams (int8 block-32 or dense 16-bit), else None."""
+    if linear.quantized:
+        if linear.scales.shape[1] * triton_gemv.GROUP != linear.in_features or not linear.qweight.is_contiguous():
+            return None
+        return linear.qweight, linear.scales
+    weight = linear.weight
+    ok = weight.dtype in (torch.bfloat16, torch.float16) and linear.in_features % triton_gemv.GROUP == 0
+    return (weight, None) if ok and weight.is_contiguous() else None
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0  # the mixer kernels tile whole heads (tl.arange, tl.dot)
+
+
+class TritonStepOps(StepOps):
+    def __init__(self, pdl: bool, devices: tuple[str, ...] = ("cuda",)):
+        self.pdl = pdl  # programmatic dependent launch (Hopper and newer)
+        self.devices = devices  # ("cpu",) runs the kernels in Triton's interpreter (tests)
+
+    def _on_device(self, x: torch.Tensor) -> bool:
+        return x.device.type in self.devices
+
+    def _one_token(self, x: torch.Tensor) -> bool:
+        return self._on_device(x) and x.dim() == 2 and x.shape[0] == 1
+
+    def _short_int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+        """1..4 rows of x, block-32 scales, contiguous: the plain GEMV streams it."""
+        in_features = qweight.shape[1]
+        return (self._on_device(x) and 0 < x.numel() <= triton_gemv.MAX_ROWS * in_features
+                and scales.shape[1] * triton_gemv.GROUP == in_features
+                and qweight.is_contiguous() and scales.is_contiguous())
+
+    def int8_matmul(self, x, qweight, scales):
+        if self._short_int8(x, qweight, scales):
+            return triton_gemv.int8_gemv(x, qweight, scales)
+        return super().int8_matmul(x, qweight, scales)
+
+    def swiglu(self, h, gate, up):
+        """Both int8 and short: one pass over both weights (rounded once), else two matmuls."""
+        if (gate.quantized and up.quantized and self._short_int8(h, gate.qweight, gate.scales)
+                and self._short_int8(h, up.qweight, up.scales)):
+            return triton_gemv.int8_swiglu(h, gate.qweight, gate.scales, up.qweight, up.scales)
+        return super().swiglu(h, gate, up)
+
+    def norm_linears(self, x: torch.Tensor, norm: Norm, linears: list[Linear]):
+        weights = _weights(linears[0]) if len(linears) == 1 and self._one_token(x) else None
+        if weights is None:
+            return super().norm_linears(x, norm, linears)
+        return (triton_gemv.gemv(x, *weights, norm=norm, pdl=self.pdl).view(1, -1),)
+
+    def norm_swiglu(self, x: torch.Tensor, norm: Norm, gate: Linear, up: Linear):
+        gate_weights, up_weights = _weights(gate), _weights(up)
+        if not self._one_token(x) or gate_weights is None or up_weights is None or (
+                (gate_weights[1] is None) != (up_weights[1] is None)):
+            return super().norm_swiglu(x, norm, gate, up)
+        return triton_gemv.gemv(x, *gate_weights, *up_weights, norm=norm, pdl=self.pdl).view(1, -1)
+
+    def linear_residual(self, h, w: Linear, residual: torch.Tensor):
+        weights = _weights(w)
+        if isinstance(h, triton_gemv.GatedNormInput):  # from gdn_mixer, which checked the weights
+            return triton_gemv.gemv(h.output, *weights, gated_norm=h, residual=residual.reshape(-1),
+                                    pdl=self.pdl).view(1, -1)
+        if weights is None or not self._one_token(h):
+            return super().linear_residual(h, w, residual)
+        return triton_gemv.gemv(h, *weights, residual=residual.reshape(-1), pdl=self.pdl).view(1, -1)
+
+    def gdn_mixer(self, x: torch.Tensor, norm: Norm, w: GDNWeights, conv_state: torch.Tensor,
+                  rec_state: torch.Tensor):
+        """Two launches: norm + the fused projections + causal conv, then the delta rule; the output
+        norm waits for out_proj (a `GatedNormInput`)."""
+        dims = w.dims
+        in_weights = _weights(w.in_proj[0]) if len(w.in_proj) == 1 else None
+        if (not self._one_token(x) or in_weights is None or _weights(w.out_proj) is None
+                or not (_power_of_two(dims.key_dim) and _power_of_two(dims.value_dim))):
+            return super().gdn_mixer(x, norm, w, conv_state, rec_state)
+        hv, dv = dims.value_heads, dims.value_dim
+        projected = triton_gemv.gemv(x, *in_weights, norm=norm, conv=(conv_state, w.conv), pdl=self.pdl)
+        o, sumsq = triton_mixers.gated_delta_step(
+            projected, w.A_log, w.dt_bias, rec_state, (dims.key_heads, hv), (dims.key_dim, dv), pdl=self.pdl)
+        gate = projected[dims.conv_dim : dims.conv_dim + hv * dv]
+        return triton_gemv.GatedNormInput(o, sumsq, gate, w.norm, dims.eps, dv)
+
+    def attention_mixer(self, x: torch.Tensor, norm: Norm, w: AttentionWeights, rope: Rope,
+                        key_cache: torch.Tensor, value_cache: torch.Tensor):
+        dims = w.dims
+        weights = _weights(w.in_proj[0]) if len(w.in_proj) == 1 else None
+        if not self._one_token(x) or weights is None or not _power_of_two(dims.head_dim):
+            return super().attention_mixer(x, norm, w, rope, key_cache, value_cache)
+        projected = triton_gemv.gemv(x, *weights, norm=norm, pdl=self.pdl)
+        o = triton_mixers.attention_step(
+            projected, rope.positions, w.q_norm, w.k_norm, rope.cos, rope.sin, key_cache, value_cache,
+            (dims.heads, dims.kv_heads), dims.head_dim, dims.output_gate, dims.zero_centered, dims.eps,
+            pdl=self.pdl,
+        )
+        return o.view(1, -1)
