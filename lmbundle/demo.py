@@ -194,10 +194,12 @@ def image_demo(out: Path) -> bool:
     from .gates.oracle import Oracle
 
     checkpoint = DEMO_DIR / "qwen3vl-tiny"
+    print(f"\nConverting the demo Qwen3-VL ({checkpoint.relative_to(DEMO_DIR.parents[1])}) into {out}/")
     bundle = convert(str(checkpoint), out / "qwen3vl-tiny-int8hu", quant="int8hu", backend="torch", log=None)
-    engine = Engine(bundle, backend="torch")
-    report = run_image_gate(engine, Oracle(str(checkpoint)))
+    report = run_image_gate(Engine(bundle, backend="torch"), Oracle(str(checkpoint)))  # leaves inference-mode state
+    print(f"gate  {bundle.name}  [int8hu, torch backend, image prompts]")
     print("\n".join(report.lines()))
+    engine = Engine(bundle, backend="torch")
     side = engine.vision.info.spec.image_size
     folder = out / "pictures"
     folder.mkdir(parents=True, exist_ok=True)
