@@ -83,16 +83,21 @@ def test_colour_and_shape_accuracy_torch(bundle):
 
 
 def test_answers_follow_the_question(bundle):
-    """Colour, shape and side questions on a few fixed pictures get the short answers taught."""
+    """The colour, shape and side questions on 20 other pictures get the short answers taught, and right."""
     engine = Engine(bundle, backend="torch", device="cpu")
-    rng = random.Random(SEED + 1)
-    cases = [draw_scene(rng, colour="blue", shape="triangle", side="left", size=(320, 240)),
-             draw_scene(rng, colour="yellow", shape="circle", side="right", size=(200, 400)),
-             draw_scene(rng, colour="red", shape="square", side="right", size=(448, 448))]
-    for image, scene in cases:
-        assert _ask(engine, image)[1] == f"A {scene.colour} {scene.shape}."
-        assert _ask(engine, image, "What colour is the shape?")[1] == f"{scene.colour.capitalize()}."
-        assert _ask(engine, image, "Is it on the left or the right?")[1] == f"On the {scene.side}."
+    right = {"colour": 0, "shape": 0, "side": 0}
+    wrong = []
+    pictures = _pictures(20, SEED + 1)
+    for image, scene in pictures:
+        for key, question, expected in (("colour", "What colour is the shape?", f"{scene.colour.capitalize()}."),
+                                        ("shape", "What shape is it?", f"A {scene.shape}."),
+                                        ("side", "Is it on the left or the right?", f"On the {scene.side}.")):
+            answer = _ask(engine, image, question)[1]
+            right[key] += answer == expected
+            if answer != expected:
+                wrong.append(f"{question} {expected!r} <- {answer!r} ({scene.size}, {scene.background})")
+    print(f"\ntorch backend, {len(pictures)} pictures, by question: {right}; wrong: {wrong}")
+    assert all(count >= 0.85 * len(pictures) for count in right.values()), (right, wrong)
 
 
 @pytest.mark.skipif(not _coreai_present(), reason="Core AI (coreai-core, coreai-torch) not installed")
