@@ -8,8 +8,11 @@ llm-benchmark protocol (p prompt tokens, g generated, n trials after a 1-token w
   - transformers (bf16, not compiled, its default attention) greedy generate, twice, each in its own process
     (benchmarks/peer_transformers.py): with its default torch GDN path, and with the flash-linear-attention
     Triton kernels unpacked from the wheels in --fla-wheels (skipped, with a note, when there are none),
-and prints the ratios. Usage (GPU; scripts/fetch_peer_wheels.sh first, and carry .peer to the GPU machine):
-  python benchmarks/bench_decode.py --config Qwen3.5-2B --quant int8hu fp16 -p 128 -g 256 -n 3
+  - llama.cpp CUDA (--llama-cpp .llama, from `benchmarks/llama_cpp.py fetch`): llama-bench is built in the
+    background while ours run, then the same checkpoint is converted to GGUF (q8_0, bf16) and benched,
+and prints the ratios. Usage (GPU; scripts/fetch_peer_wheels.sh first, and carry .peer and .llama to the GPU machine):
+  python benchmarks/bench_decode.py --config Qwen3.5-2B --quant int8hu fp16 -p 128 -g 256 -n 3 --llama-cpp .llama
+Each run writes its JSON into --results-dir (benchmarks/results/ by default; RESULTS.md summarizes the latest).
 --config Qwen3-VL-2B builds Qwen3VLForConditionalGeneration instead (text + the real vision tower, which the
 bundle carries but the bench never runs: text-only decode); its transformers peer loads
 AutoModelForImageTextToText, and there is no fla peer (Qwen3-VL has no gated-delta layers).
@@ -171,10 +174,21 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--fla-wheels", default=str(REPO / ".peer" / "wheels"),
                         help="flash-linear-attention wheels for the second peer (scripts/fetch_peer_wheels.sh)")
+    parser.add_argument("--llama-cpp", help="llama.cpp source folder from benchmarks/llama_cpp.py fetch (built here)")
+    parser.add_argument("--llama-types", nargs="+", default=["q8_0", "bf16"])
+    parser.add_argument("-j", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="llama.cpp build jobs")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = {"date": dt.date.today().isoformat(), "config": args.config, "torch": torch.__version__,
+    started = dt.datetime.now(dt.timezone.utc)
+    build = None
+    if args.llama_cpp:
+        from benchmarks import llama_cpp
+
+        build = llama_cpp.Background(Path(args.llama_cpp), args.j, Path(tempfile.gettempdir()) / "llama-build.log")
+    results = {"date": started.isoformat(timespec="seconds"), "config": args.config, "torch": torch.__version__,
+               "command": " ".join(["python3", "benchmarks/bench_decode.py", *sys.argv[1:]]),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "copy_bandwidth_gb_s": round(measured_bandwidth(device) / 1e9, 1), "ours": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,6 +213,23 @@ def main() -> None:
                   flush=True)
             del engine
             torch.cuda.empty_cache() if device.type == "cuda" else None
+        if build is not None:
+            write_results(args, started, results)  # ours, in case the peer's build outlasts the call
+            try:
+                results["llama_cpp_build_s"] = round(build.wait(), 1)
+                print(f"llama.cpp built ({results['llama_cpp_build_s']} s since the start)", flush=True)
+                results["llama_cpp"] = llama_cpp.side_by_side(Path(args.llama_cpp), ckpt, args.llama_types, args.p,
+                                                              args.g, tmp)
+            except Exception as exc:  # noqa: BLE001 - report ours anyway
+                results["llama_cpp"] = {"error": str(exc)[-3000:]}
+                print("llama.cpp:", results["llama_cpp"]["error"], flush=True)
+            for outtype, peer in results["llama_cpp"].items():
+                if isinstance(peer, dict) and "decode_tok_s" in peer:
+                    for quant, r in results["ours"].items():
+                        print(f"  ratio lmbundle {quant} / llama.cpp {outtype}: decode "
+                              f"{r['decode_tok_s'] / peer['decode_tok_s']:.2f}x, S=1 prompt "
+                              f"{r['prefill_tok_s'] / peer.get('prompt_tok_s', float('nan')):.2f}x, chunked prompt "
+                              f"{r['chunked_prefill_tok_s'] / peer.get('prompt_tok_s', float('nan')):.2f}x", flush=True)
         if not args.no_peer:
             vl = args.config in VL_CONFIGS
             if vl:
@@ -221,9 +252,21 @@ def main() -> None:
                     print(f"  ratio lmbundle {quant} / {PEERS[key]}: "
                           f"decode {r['decode_tok_s'] / peer['decode_tok_s']:.1f}x, "
                           f"prefill {r['prefill_tok_s'] / peer['prefill_tok_s']:.1f}x", flush=True)
-    print(json.dumps(results))
+    print(json.dumps({k: v for k, v in results.items() if k != "llama_cpp"}))
+    write_results(args, started, results)
+
+
+def write_results(args, started, results: dict) -> None:
+    """--json and the results folder (one file per run, named by its start)."""
+    text = json.dumps(results, indent=2)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(text)
+    if args.results_dir:
+        folder = Path(args.results_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{started:%Y%m%dT%H%M%SZ}-{args.config}-{'-'.join(args.quant)}.json"
+        (folder / name).write_text(text)
+        print(f"results: {folder / name}")
 
 
 if __name__ == "__main__":

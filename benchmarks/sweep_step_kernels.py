@@ -30,12 +30,14 @@ GEMVS = {  # kind: (out, in, fused parts)
     "mlp gate/up + norm + swiglu": (INTER, HIDDEN, {"norm", "swiglu"}),
     "mlp down + residual": (HIDDEN, INTER, {"residual"}),
     "attn qkv + norm": (4096 + 1024, HIDDEN, {"norm"}),
+    "attn o_proj + residual": (HIDDEN, 2048, {"residual"}),
     "lm_head + norm": (VOCAB, HIDDEN, {"norm"}),
 }
 CANDIDATES = [(n, g, w, True) for n, (g, w) in itertools.product((8, 16, 32), ((16, 4), (32, 4), (64, 8)))]
 
 
 def sweep_gemv(kind: str, pdl: bool) -> list[tuple[float, tuple]]:
+    """Seconds per call of the default config and each candidate, best first."""
     out_features, in_features, parts = GEMVS[kind]
     nbytes = out_features * in_features * (2 if "swiglu" in parts else 1) * 34 // 32
     weights = int8_copies(out_features, in_features)
@@ -54,11 +56,11 @@ def sweep_gemv(kind: str, pdl: bool) -> list[tuple[float, tuple]]:
             x, torch.rand(HV, 4, device="cuda"), torch.randn(in_features, device="cuda", dtype=torch.bfloat16),
             torch.rand(DV, device="cuda"), 1e-6, DV)
     results = []
-    for config in CANDIDATES:
+    default = triton_gemv.pick_config(out_features, in_features, bool(parts & {"norm", "gated"}), "swiglu" in parts)
+    for config in dict.fromkeys([default, *CANDIDATES]):
         calls = [lambda w=w, u=u: triton_gemv.gemv(x, *w, *u, pdl=pdl, config=config, **kwargs)
                  for w, u in zip(weights, ups)]
-        seconds = seconds_per_call(calls, nbytes)
-        results.append((seconds, config))
+        results.append((seconds_per_call(calls, nbytes), config))
     return sorted(results)
 
 
@@ -85,10 +87,11 @@ def main() -> None:
     for kind, (out_features, in_features, parts) in GEMVS.items():
         ranked = sweep_gemv(kind, pdl)
         nbytes = out_features * in_features * (2 if "swiglu" in parts else 1) * 34 // 32
-        default = triton_gemv.pick_config(out_features, in_features)
-        default_s = next(s for s, c in ranked if c == default) if default in CANDIDATES else float("nan")
+        default = triton_gemv.pick_config(out_features, in_features, bool(parts & {"norm", "gated"}),
+                                          "swiglu" in parts)
+        default_s = next(s for s, c in ranked if c == default)
         print(f"{kind} [{out_features}x{in_features}]: default {default} {1e6 * default_s:.1f} us")
-        for seconds, config in ranked[:4]:
+        for seconds, config in ranked[:6]:
             print(f"   {config}: {1e6 * seconds:7.1f} us  {nbytes / seconds / 1e12:.2f} TB/s")
         report["gemv"][kind] = [(s, c) for s, c in ranked]
     ranked = sweep_gdn(pdl)

@@ -81,9 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this bearer token on every request")
+    p.add_argument("--api-key", help="require this bearer token on every request (better: set LMBUNDLE_API_KEY, "
+                   "which other local users cannot read from the process list)")
     p.add_argument("--allow-remote", action="store_true", help="needed to listen on a non-loopback address")
-    p.add_argument("--queue-size", type=int, default=16)
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for a slot (then 429)")
+    p.add_argument("--max-batch", type=int, default=1, help="requests decoded at once (slots)")
+    p.add_argument("--token-budget", type=int, default=512,
+                   help="with --max-batch > 1: tokens per scheduler iteration, decode rows + prompt pieces "
+                        "(smaller: steadier decode while prompts arrive; larger: sooner first tokens)")
+    p.add_argument("--cache-mem", default="1G",
+                   help="prefix cache budget on the device, e.g. 512M, 2G (0: no prefix cache)")
+    p.add_argument("--cache-host-mem", help="host memory the prefix cache spills to (default 4x --cache-mem)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request time limit in seconds")
     p.add_argument("--allow-files", action="append", default=[], metavar="DIR",
                    help="let file:// image URLs read images inside this folder (repeatable)")
@@ -212,8 +220,9 @@ def cmd_chat(args) -> None:
 def cmd_bench(args) -> None:
     from .engine.bench import bench, format_bench
 
+    chunked = args.prefill == "chunked"
     result = bench(_engine(args), args.prompt_tokens, args.gen_tokens, args.trials,
-                   prefill_chunk=args.chunk if args.prefill == "chunked" else 0)
+                   prefill_chunk=args.chunk if chunked else 0, chunked_prefill=0 if chunked else args.chunk)
     print(json.dumps(result) if args.json else format_bench(result))
 
 

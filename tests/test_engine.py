@@ -49,15 +49,16 @@ def test_next_turn_prefills_only_its_new_tokens_and_matches_the_oracle(engine, t
         list(engine.generate(first, 6, stop=False))
         stats = GenerationStats()
         assert list(engine.generate(turn, 12, stop=False, stats=stats, prefill_chunk=chunk)) == oracle.greedy(turn, 12)
-        assert stats.cached_tokens == len(first) + len(reply) - 1  # the last reply token was never fed
+        # the state after the reply (its last token was never fed); then this very turn, cached the first time
+        assert stats.cached_tokens == (len(first) + len(reply) - 1 if chunk == 0 else len(turn) - 1)
     other = GenerationStats()  # a prompt that does not extend what the state holds starts over
-    list(engine.generate(engine.encode("The quick brown fox"), 2, stop=False, stats=other))
+    list(engine.generate(engine.encode("A small model speaks plain English"), 2, stop=False, stats=other))
     assert other.cached_tokens == 0
     list(engine.generate(first, 6, stop=False))
-    engine.backend.reset(8)  # anything else touched the state (the gates do): back to the prompt's snapshot
+    engine.backend.reset(8)  # anything else touched the state (the gates do): back to the prefix cache's copy
     touched = GenerationStats()
     assert list(engine.generate(turn, 12, stop=False, stats=touched)) == oracle.greedy(turn, 12)
-    assert touched.cached_tokens == len(first)
+    assert touched.cached_tokens == len(turn) - 1  # this very prompt ran above: only its last token is fed
 
 
 def test_sampling_is_seeded_and_topk1_is_greedy(engine):
@@ -115,6 +116,7 @@ def test_cli_run_streams_and_bench_reports(fp16_bundle, engine):
 
     result = json.loads(bench.stdout)
     assert result["decode_tok_s"] > 0 and result["bytes_per_token"] > 0 and 0 < result["bandwidth_fraction"]
+    assert result["prefill"] == "s1" and result["chunked_prefill"] == 256 and result["chunked_prefill_tok_s"] > 0
 
 
 @pytest.mark.parametrize("args,message", [

@@ -12,7 +12,6 @@ import base64
 import http.client
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from lmbundle.serve.worker import Job, QueueFull, Worker
 
 API_KEY = "test-key"
 QUEUE_SIZE = 4
+MAX_BATCH = 2
 MAX_CONTEXT = 2048
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,6 +98,16 @@ def request(method: str, host: str, path: str, body: bytes | dict | None = None,
         return response.status, raw
 
 
+def wait_idle(host: str, seconds: float = 5) -> dict:
+    """/health once the worker is idle (it marks itself idle just after the answer's last event)."""
+    deadline = time.monotonic() + seconds
+    while (health := request("GET", host, "/health")[1])["running"] or health["waiting"]:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return health
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -123,7 +133,8 @@ def bundle(tiny_qwen35, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    proc, host = start_server(bundle, "--api-key", API_KEY, "--queue-size", str(QUEUE_SIZE), "--timeout", "60")
+    proc, host = start_server(bundle, "--api-key", API_KEY, "--queue-size", str(QUEUE_SIZE), "--timeout", "60",
+                              "--max-batch", str(MAX_BATCH), "--cache-mem", "64M")
     yield proc, host
     stop_server(proc)
 
@@ -155,6 +166,57 @@ def test_models_and_health(client, server, engine):
     assert models[0].model_extra["max_context"] == MAX_CONTEXT and models[0].model_extra["vision"] is False
     status, health = request("GET", server[1], "/health")
     assert status == 200 and health["status"] == "ok" and health["queue_size"] == QUEUE_SIZE
+    assert health["max_batch"] == MAX_BATCH and health["prefix_cache"]["device_budget"] == 64 << 20
+
+
+def test_metrics_in_prometheus_text(client, server, engine):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=4, temperature=0)
+    client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=4, temperature=0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the answer leaves before its job is counted
+        conn = http.client.HTTPConnection(server[1], timeout=30)
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+        response = conn.getresponse()
+        text = response.read().decode()
+        assert response.status == 200 and response.getheader("content-type").startswith("text/plain")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        if samples[("lmbundle_requests_total", (("outcome", "served"),))] >= 2:
+            break
+        time.sleep(0.05)
+    assert samples[("lmbundle_max_batch", ())] == MAX_BATCH
+    assert samples[("lmbundle_requests_total", (("outcome", "served"),))] >= 2
+    assert samples[("lmbundle_prefix_cache_hits_total", ())] >= 1
+    assert samples[("lmbundle_cached_tokens_total", ())] >= len(engine.chat_ids(MESSAGES)) - 1
+    assert samples[("lmbundle_prefix_cache_bytes", (("tier", "device"),))] > 0
+    assert ("lmbundle_requests_waiting", ()) in samples and ("lmbundle_batch_size", ()) in samples
+    assert request("GET", server[1], "/metrics", key=None)[0] == 401
+
+
+def test_interleaved_chats_keep_their_cache(client, engine):
+    """Two conversations taking turns on one server: each next turn restores its own earlier turns
+    (as cached_tokens), however many other requests ran in between; a shared system prompt is a hit too."""
+    def ask(messages):
+        out = client.chat.completions.create(model=engine.name, messages=messages, max_tokens=6, temperature=0)
+        return out.choices[0].message.content, out.usage.prompt_tokens_details.cached_tokens
+
+    system = {"role": "system", "content": "You are a careful assistant for the little cat by the sea."}
+    a = [system, {"role": "user", "content": "Once upon a time"}]
+    b = [system, {"role": "user", "content": "The quick brown fox"}]
+    reply_a, _ = ask(a)
+    reply_b, shared = ask(b)
+    start = engine.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    system_len = [p for p, t in enumerate(engine.chat_ids(b)) if t == start][1]
+    assert shared >= system_len  # b's system prompt came from a's request
+    for _ in range(2):  # at least the previous prompt (all of the reply too where it re-tokenizes the same)
+        before_a, before_b = len(engine.chat_ids(a)), len(engine.chat_ids(b))
+        a += [{"role": "assistant", "content": reply_a}, {"role": "user", "content": "And then?"}]
+        b += [{"role": "assistant", "content": reply_b}, {"role": "user", "content": "Why?"}]
+        reply_a, cached_a = ask(a)
+        reply_b, cached_b = ask(b)
+        assert cached_a >= before_a - 1 and cached_b >= before_b - 1, (cached_a, before_a, cached_b, before_b)
 
 
 def test_chat_greedy_equals_engine(client, engine):
@@ -291,17 +353,14 @@ def chat_error(client, engine, messages) -> dict:
     return err.value.body
 
 
-def test_bad_images_are_400(client, engine):
-    garbage = "data:image/png;base64," + base64.b64encode(b"certainly not a png" * 10).decode()
-    assert "not an image" in chat_error(client, engine, image_message(garbage))["message"]
-    png = base64.b64decode(png_data_url(Image.new("RGB", (64, 64), "red")).split(",")[1])
-    truncated = "data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()
-    assert "truncated" in chat_error(client, engine, image_message(truncated))["message"]
-    huge = png_data_url(Image.new("1", (8000, 7000)))  # 56 megapixels, a few kB of PNG
-    assert "megapixel" in chat_error(client, engine, image_message(huge))["message"]
-    big = "data:image/png;base64," + base64.b64encode(os.urandom(21 * 2**20)).decode()
-    assert "20 MB" in chat_error(client, engine, image_message(big))["message"]
-    assert "fetch" in chat_error(client, engine, image_message("https://example.com/cat.png"))["message"]
+def test_images_to_a_text_bundle_are_refused_before_decoding(client, engine):
+    """A text-only bundle refuses any image part at once, however large or broken (the VLM limits are in
+    test_serve_limits.py)."""
+    huge = png_data_url(Image.new("RGB", (7000, 7000), "white"))
+    start = time.monotonic()
+    for url in (huge, "data:image/png;base64,AAAA", "https://example.com/cat.png"):
+        assert "this bundle has no vision encoder" in chat_error(client, engine, image_message(url))["message"]
+    assert time.monotonic() - start < 3
 
 
 def test_valid_image_to_text_bundle_is_400(client, engine):
@@ -332,7 +391,8 @@ def test_client_disconnect_stops_generation(server, engine, stream):
     conn.request("POST", "/v1/chat/completions",
                  headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
                  body=json.dumps({"messages": MESSAGES, "stream": stream, "max_tokens": MAX_CONTEXT - 100,
-                                  "temperature": 0.8, "seed": 1}))
+                                  "temperature": 0.8, "seed": 1,  # the stop tokens barred: it cannot end by itself
+                                  "logit_bias": {str(t): -100 for t in engine.stop_ids}}))
     if stream:
         response = conn.getresponse()
         assert response.status == 200
@@ -371,11 +431,7 @@ def test_100_concurrent_requests_bounded_queue_and_memory(server, engine):
     texts = {b["choices"][0]["message"]["content"] for s, b in results if s == 200}
     assert len(texts) == 1  # every admitted greedy request got the same answer
     assert request("POST", host, "/v1/chat/completions", body=body)[0] == 200  # still serving
-    for _ in range(40):  # the worker thread clears its running job just after the answer goes out
-        health = request("GET", host, "/health")[1]
-        if not health["running"]:
-            break
-        time.sleep(0.05)
+    health = wait_idle(host)
     assert health["waiting"] == 0 and not health["running"]
     assert rss_mb(proc.pid) < rss_before + 40
 

@@ -191,3 +191,44 @@ def test_text_bundle_hides_image_upload(page):
     sync_api.expect(page.locator("#model-name")).to_have_text(info["id"])
     assert page.locator("#attach").is_hidden()
     page.unroute("**/api/info")
+
+
+def test_non_image_files_are_refused_at_attach_time(page, tmp_path):
+    """A text file, a text file named .png (the browser says image/png) and an SVG: none is attached, each
+    says why at once; nothing is sent."""
+    page.click("#new-chat")
+    (tmp_path / "notes.txt").write_text("just text")
+    (tmp_path / "fake.png").write_text("not a png at all")
+    (tmp_path / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>')
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/v1/" in r.url else None)
+    for name, why in (("notes.txt", "not an image"), ("fake.png", "does not decode"), ("drawing.svg", "not an image")):
+        page.evaluate("setStatus('')")
+        page.set_input_files("#file-picker", str(tmp_path / name))
+        sync_api.expect(page.locator("#status")).to_contain_text(name)
+        sync_api.expect(page.locator("#status")).to_contain_text(why)
+        sync_api.expect(page.locator(".thumb")).to_have_count(0)
+    assert sent == []
+
+
+def test_failed_message_stays_in_the_next_request(page):
+    """After an error the failed message is still shown, and so it is also in the conversation sent next."""
+    page.click("#new-chat")
+    set_field(page, "#max-tokens", str(MAX_CONTEXT + 1))
+    close_settings(page)
+    send(page, "This one fails")
+    sync_api.expect(last_answer(page).locator(".bubble.error")).to_contain_text("context too long")
+    set_field(page, "#max-tokens", "4")
+    close_settings(page)
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send(page, "This one works")
+    messages = sent.value.post_data_json["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["This one fails", "This one works"]
+    finished(page)
+
+
+def test_settings_say_where_the_key_is_kept(page):
+    if page.locator("#settings").is_hidden():
+        page.click("#settings-toggle")
+    sync_api.expect(page.locator("#key-note")).to_contain_text("local storage")
+    close_settings(page)

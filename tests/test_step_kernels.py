@@ -193,3 +193,17 @@ def test_gate_passes_on_cuda_with_fused_kernels(demo_bundles, quant):
     report = run_gate(engine, Oracle(str(DEMO_QWEN35)))
     assert report.passed, report.lines()
     assert report.teacher_forced_top1 + report.teacher_forced_ties == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_pass_dequantize_equals_the_reference(dtype):
+    """Chunks' int8 matmuls dequantize in one Triton pass: the same bits as `models.linear.dequantize`."""
+    from lmbundle.engine.kernels import triton_gemv
+    from lmbundle.models.linear import dequantize, quantize_absmax
+
+    q, s = (t.to(DEVICE) for t in quantize_absmax(torch.randn(37, 160) * 3, 32))
+    ours, ref = triton_gemv.dequantize(q, s, dtype), dequantize(q, s, dtype)
+    if DEVICE == "cpu":  # the interpreter rounds to bf16 by truncation
+        assert _rel(ours, ref) < 1e-2
+    else:
+        assert torch.equal(ours, ref)

@@ -1,7 +1,9 @@
 """`lmbundle bench`: the seed's llm-benchmark protocol on our engine.
 
 A synthetic prompt of p tokens, g generated tokens, n trials after a 1-token warm-up. Prefill tok/s =
-p / time to first token; decode tok/s = (g - 1) / time after the first token (medians). The bandwidth
+p / time to first token; decode tok/s = (g - 1) / time after the first token (medians). The protocol
+feeds the prompt as S=1 steps (prompt speed = decode speed, as on the seed's engine); the same prompt
+fed in chunks (what `run`, `chat` and `serve` do) is timed too, so both prompt speeds are shown. The bandwidth
 figure divides bytes read per token by the time per token and compares it with a device copy measured
 in the same run (the achievable ceiling, not the data-sheet number).
 """
@@ -42,7 +44,9 @@ def _sync(device: torch.device) -> None:
 
 
 def bench(engine: Engine, prompt_tokens: int = 128, gen_tokens: int = 256, trials: int = 3,
-          prefill_chunk: int = 0) -> dict:
+          prefill_chunk: int = 0, chunked_prefill: int = 256) -> dict:
+    """The protocol's figures with `prefill_chunk` (0: S=1 steps), plus the time to first token of the
+    same prompt fed in chunks of `chunked_prefill` tokens (0: not measured)."""
     vocab = engine.bundle.info["config"]["vocab_size"]
     ids = [(17 + 31 * i) % min(vocab, 1000) for i in range(prompt_tokens)]  # synthetic, like llm-benchmark
     engine.check_length(prompt_tokens, gen_tokens)
@@ -58,6 +62,12 @@ def bench(engine: Engine, prompt_tokens: int = 128, gen_tokens: int = 256, trial
     decode = statistics.median(r.decode_tok_s for r in runs)
     prefill = statistics.median(r.prefill_tok_s for r in runs)
     ttft = statistics.median(r.prefill_seconds for r in runs)
+    chunked = []
+    for _ in range(trials if chunked_prefill else 0):
+        stats = GenerationStats()
+        for _token in engine.generate(ids, 1, stop=False, prefill_chunk=chunked_prefill, stats=stats):
+            pass
+        chunked.append(stats)
     bpt = engine.bundle.info["bytes_per_token"]
     if engine.backend_name == "torch":  # the weights as loaded (the CPU expands int8 to fp32)
         from ..bundle.quant import bytes_per_token as weights_read
@@ -78,6 +88,9 @@ def bench(engine: Engine, prompt_tokens: int = 128, gen_tokens: int = 256, trial
         "quant": engine.bundle.info["quant"]["mode"], "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
         "trials": trials, "prefill": "chunked" if prefill_chunk else "s1",
         "prefill_tok_s": round(prefill, 2), "decode_tok_s": round(decode, 2), "ttft_s": round(ttft, 4),
+        "chunked_prefill": chunked_prefill or None,
+        "chunked_prefill_tok_s": round(statistics.median(r.prefill_tok_s for r in chunked), 2) if chunked else None,
+        "chunked_ttft_s": round(statistics.median(r.prefill_seconds for r in chunked), 4) if chunked else None,
         "peak_memory_bytes": peak, "bytes_per_token": int(bytes_per_token),
         "achieved_bandwidth_gb_s": round(achieved / 1e9, 2),
         "measured_copy_bandwidth_gb_s": round(ceiling / 1e9, 2) if ceiling else None,
@@ -91,6 +104,8 @@ def format_bench(r: dict) -> str:
         f"{r['bundle']} [{r['quant']}] on {r['device']} ({r['backend']} backend), "
         f"p={r['prompt_tokens']} g={r['gen_tokens']} n={r['trials']}, prefill {r['prefill']}",
         f"  prefill {r['prefill_tok_s']:.1f} tok/s (TTFT {1000 * r['ttft_s']:.1f} ms)   decode {r['decode_tok_s']:.1f} tok/s",
+        *([f"  prefill in chunks of {r['chunked_prefill']} (run/chat/serve): {r['chunked_prefill_tok_s']:.1f} tok/s "
+           f"(TTFT {1000 * r['chunked_ttft_s']:.1f} ms)"] if r.get("chunked_prefill_tok_s") else []),
         f"  reads {r['bytes_per_token'] / 1e6:.2f} MB/token -> {r['achieved_bandwidth_gb_s']:.1f} GB/s"
         + (f" = {100 * r['bandwidth_fraction']:.1f}% of the measured copy bandwidth "
            f"({r['measured_copy_bandwidth_gb_s']:.0f} GB/s)" if r["bandwidth_fraction"] else ""),

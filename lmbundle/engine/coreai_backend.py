@@ -198,7 +198,7 @@ class CoreAIBackend:
 
     def next_token(self, handle: CoreAIStep, sampling: Sampling, generator) -> CoreAIStep | torch.Tensor:
         """Greedy: the step itself (its `next_token` output feeds the next step); else sampled on the host."""
-        if sampling.greedy:
+        if sampling.greedy and not sampling.processors:
             return handle
         return sample(self.read_logits(handle), sampling, generator)
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -18,11 +20,14 @@ from ..bundle.format import Bundle, open_bundle
 from ..bundle.load import load_graph
 from ..errors import LmbundleError
 from . import BACKENDS
+from .prefix_cache import PrefixCache
+from .prompt import ChatPrompt, render_chat
 from .sampling import Sampling
 from .torch_backend import TorchBackend, pick_device
 from .vision import ImagePrompts, split_images
 
 _STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+DEFAULT_CACHE_BYTES = 1 << 30  # the prefix cache's budget on the device (4x that on the host behind it)
 
 
 def default_backend() -> str:
@@ -86,7 +91,8 @@ class StreamDecoder:
 
 class Engine:
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str | None = None, device: str | None = None,
-                 verify: bool = True):
+                 verify: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES, cache_host_bytes: int | None = None,
+                 cache_block: int = 256, max_batch: int = 1, token_budget: int = 512):
         from transformers import AutoTokenizer
 
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
@@ -118,7 +124,29 @@ class Engine:
                 self.vision.on_write = self.backend.set_images
         self.backend_name = backend
         self._held: tuple[list[int], int] | None = None  # (tokens the state holds, backend.writes then)
-        self._prompt_snapshot: tuple[list[int], object] | None = None  # (last text prompt, its state)
+        self._lock = threading.Lock()  # one request at a time on the one state (serve runs several threads)
+        self._batch_size = 0
+        self.totals: Counter[str] = Counter(dict.fromkeys(  # what has been served (read by /metrics)
+            ("requests", "prompt_tokens", "cached_tokens", "generated_tokens"), 0))
+        self._totals_lock = threading.Lock()
+        host = 4 * cache_bytes if cache_host_bytes is None else cache_host_bytes
+        self.prefix_cache = PrefixCache(cache_bytes if self.backend.resumable else 0, host, self.device, cache_block)
+        start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        self._message_start = start if isinstance(start, int) and start != self.tokenizer.unk_token_id else None
+        self.scheduler = None  # continuous batching of text prompts (the torch backend, max_batch > 1)
+        if max_batch > 1 and backend == "torch" and self.vision is None:
+            from .batch import BatchScheduler
+
+            self.scheduler = BatchScheduler(self, max_batch, token_budget, chunk=cache_block)
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences in the step being run (for /health and /metrics)."""
+        return self.scheduler.batch_size if self.scheduler is not None else self._batch_size
 
     @property
     def name(self) -> str:
@@ -159,16 +187,22 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None,
+                 template_kwargs: dict | None = None) -> list[int]:
+        return self.chat_prompt(messages, tools, template_kwargs).ids
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> ChatPrompt:
+        """The chat template's prompt; message text is always tokenized as text (prompt.py)."""
         if not self.tokenizer.chat_template:
             raise LmbundleError(f"{self.bundle.tokenizer_path}: the tokenizer has no chat template")
         messages, images = split_images(messages)
         if images:
             self._check_vision()
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return self.vision.image_prompt(list(ids), images) if images else list(ids)
+        prompt = render_chat(self.tokenizer, messages, tools, template_kwargs)
+        if images:
+            prompt.ids = self.vision.image_prompt(prompt.ids, images)
+        return prompt
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len == 0:
@@ -189,70 +223,144 @@ class Engine:
         stop: bool = True,
         stats: GenerationStats | None = None,
     ) -> Iterator[int]:
-        """Yield generated token ids as they become known (the stop token is not yielded).
-
-        When `ids` extends what an earlier call left (a chat's next turn: the earlier turns, the reply,
-        then the new message), only the new tokens are prefilled (`_resume`)."""
+        """Yield generated token ids as they become known (the stop token is not yielded); callers on
+        several threads take turns (the lock is held from the first token asked for to the last)."""
         self.check_length(len(ids), max_new_tokens)
         stats = stats if stats is not None else GenerationStats()
+        # with the other requests, one step for all; logits processors (grammar, penalties, logprobs)
+        # run on the one-request path
+        if self.scheduler is not None and self.keeps(ids) and not sampling.processors:
+            try:
+                yield from self.scheduler.generate(ids, max_new_tokens, sampling, prefill_chunk, stop, stats)
+            finally:
+                self.count(stats)
+            return
+        with self._lock:
+            self._batch_size = 1
+            try:
+                yield from self._generate(ids, max_new_tokens, sampling, prefill_chunk, stop, stats)
+            finally:
+                self._batch_size = 0
+                self.count(stats)
+
+    def count(self, stats: GenerationStats) -> None:
+        with self._totals_lock:  # requests end on several threads at once when batching
+            self.totals.update(requests=1, prompt_tokens=stats.prompt_tokens, cached_tokens=stats.cached_tokens,
+                               generated_tokens=stats.generated_tokens)
+
+    def _generate(self, ids: list[int], max_new_tokens: int, sampling: Sampling, prefill_chunk: int, stop: bool,
+                  stats: GenerationStats) -> Iterator[int]:
+        """Yield generated token ids as they become known (the stop token is not yielded).
+
+        The longest prefix of `ids` that the state already holds (what the last call left: a chat's
+        next turn) or that the prefix cache holds (an earlier prompt, reply or shared system prompt,
+        whoever sent it) is restored, and only the rest is prefilled (`stats.cached_tokens`)."""
         stats.prompt_tokens = len(ids)
         if self.vision is not None:
             self.vision.activate(ids)
         backend = self.backend
         generator = sampling.generator(self.device)
         start = time.perf_counter()
-        keep = backend.resumable and self._text_only(ids)
-        held = self._resume(ids, len(ids) + max_new_tokens) if keep else 0
+        keep = self.keeps(ids)
+        room = len(ids) + max_new_tokens
+        held = self._resume(ids, room) if keep else 0
         self._held = None
-        if held:
-            handle = backend.prefill(ids[held:], prefill_chunk, start=held)
-        else:
-            backend.reset(len(ids) + max_new_tokens)
-            handle = backend.prefill(ids, prefill_chunk)
-        if keep:  # the prompt's state: the next turn resumes here if its reply tokenizes differently
-            self._prompt_snapshot = (list(ids), backend.snapshot())
+        if not held:
+            backend.reset(room)
+        handle = self._prefill(ids, held, prefill_chunk, keep)
         stats.cached_tokens = held
         token = backend.next_token(handle, sampling, generator)
         fed = list(ids)  # what the state holds: the prompt, then each token a step was enqueued for
         position = len(ids)
         first = None
-        for i in range(max_new_tokens):
-            following = None
-            if i + 1 < max_new_tokens:  # enqueue step n+1 before reading token n
-                following = backend.next_token(backend.step(token, position), sampling, generator)
-                position += 1
-            value = backend.read_token(token)
-            if following is not None:
-                fed.append(value)
-            if keep:  # consistent here: every step enqueued so far fed a token now in `fed`
-                self._held = (fed, backend.writes)
-            now = time.perf_counter()
-            if first is None:
-                first = now
-                stats.prefill_seconds = now - start
-            stats.decode_seconds = now - first
-            if stop and value in self.stop_ids:
-                stats.stop_reason = "stop"
-                return
-            stats.generated_tokens += 1
-            yield value
-            token = following
+        host_bound = sampling.needs_host  # a grammar: token n+1 is chosen once token n is known here
+        try:
+            for i in range(max_new_tokens):
+                following = step = None
+                if i + 1 < max_new_tokens:  # enqueue step n+1 before reading token n
+                    step = backend.step(token, position)
+                    if not host_bound:
+                        following = backend.next_token(step, sampling, generator)
+                    position += 1
+                value = backend.read_token(token)
+                if host_bound:  # the step n+1 runs on the device while the host advances the grammar
+                    sampling.accept(value)
+                    if step is not None and not (stop and value in self.stop_ids):
+                        following = backend.next_token(step, sampling, generator)
+                if step is not None:
+                    fed.append(value)
+                if keep:  # consistent here: every step enqueued so far fed a token now in `fed`
+                    self._held = (fed, backend.writes)
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                    stats.prefill_seconds = now - start
+                stats.decode_seconds = now - first
+                if stop and value in self.stop_ids:
+                    stats.stop_reason = "stop"
+                    return
+                stats.generated_tokens += 1
+                yield value
+                token = following
+        finally:  # the reply too: the next turn of this chat resumes after it, whoever comes in between
+            if keep and self._held is not None and self._held[1] == backend.writes and len(fed) > len(ids):
+                self._remember(fed)
+
+    def _prefill(self, ids: list[int], held: int, chunk: int, keep: bool):
+        """Prefill ids[held:], snapshotting the state into the prefix cache at its cut points. Pieces end at
+        absolute cut points, so a prompt is split the same way whether it starts from a cached prefix or not."""
+        backend, pos, handle = self.backend, held, None
+        cuts = self._cuts(ids, held) if keep and self.prefix_cache.enabled else []
+        for cut in [*cuts, len(ids)]:
+            last = cut == len(ids)
+            if pos == 0 and last:  # the whole prompt: every backend's plain call
+                handle = backend.prefill(ids, chunk)
+            else:
+                handle = backend.prefill(ids[pos:cut], chunk, start=pos, with_head=last)
+            if not last:
+                self._remember(ids[:cut])
+            pos = cut
+        return handle
+
+    def _cuts(self, ids: list[int], held: int) -> list[int]:
+        """Where the state is snapshotted: block multiples, where a chat message starts (a shared system
+        prompt, a turn), and one token before the end (the same prompt again: only its last token is fed)."""
+        block, marker, end = self.prefix_cache.block, self._message_start, len(ids) - 1
+        return [p for p in range(held + 1, len(ids))
+                if p % block == 0 or p == end or (marker is not None and ids[p] == marker)]
+
+    def _remember(self, ids: list[int]) -> None:
+        cache = self.prefix_cache
+        if cache.enabled and not cache.contains(ids):
+            cache.insert(ids, self.backend.snapshot_prefix(len(ids)))
+
+    def _remember_state(self, ids: list[int], state) -> None:
+        """Put what `state` (a batch slot) holds after `ids` into the prefix cache."""
+        cache = self.prefix_cache
+        if cache.enabled and not cache.contains(ids):
+            cache.insert(ids, state.prefix(len(ids)))
+
+    def keeps(self, ids: list[int]) -> bool:
+        """Whether a prompt's states can be kept and resumed (text prompts on a backend that exposes its state)."""
+        return self.backend.resumable and self._text_only(ids)
 
     def _resume(self, ids: list[int], length: int) -> int:
         """Put the backend in the longest known state that `ids` extends: what it holds from the last
-        call (the prompt and the reply as generated), else the last prompt's snapshot (a chat template
-        may tokenize the reply differently). Returns how many leading tokens of `ids` it holds (0: none)."""
+        call (the prompt and the reply as generated), else the longest prefix in the prefix cache (at
+        least one token is left to prefill: its logits pick the first new token). Returns how many
+        leading tokens of `ids` it holds (0: none)."""
+        live = 0
         if self._held is not None:
             fed, writes = self._held
             if writes == self.backend.writes and _extends(ids, fed):
-                self.backend.make_room(length)
-                return len(fed)
-        if self._prompt_snapshot is not None:
-            prompt, saved = self._prompt_snapshot
-            if _extends(ids, prompt):
-                self.backend.restore(saved, length)
-                return len(prompt)
-        return 0
+                live = len(fed)
+        cached, entry = self.prefix_cache.lookup(ids, limit=len(ids) - 1, min_length=live + 1)
+        if entry is not None:
+            self.backend.restore_prefix(entry.tensors, cached, length)
+            return cached
+        if live:
+            self.backend.make_room(length)
+        return live
 
     def _text_only(self, ids: list[int]) -> bool:
         vocab = self.bundle.info["config"]["vocab_size"]

@@ -54,6 +54,19 @@ class PreparedImage:
         return f"image resized from {w}x{h} to {side}x{side} (the encoder's fixed size; aspect ratio not kept)"
 
 
+def declared_size(source: ImageSource, name: str | None = None) -> tuple[int, int]:
+    """(width, height) from the image's header, checked against the megapixel limit; no pixel is
+    decoded, so a small file that would decode to gigabytes is refused here."""
+    name = name or _describe(source)
+    if isinstance(source, Image.Image):
+        size = source.size
+    else:
+        with _open(source, name) as image:
+            size = image.size
+    _check_pixels(size, name)
+    return size
+
+
 def load_image(source: ImageSource) -> Image.Image:
     """Open, validate and decode an image as RGB; any problem becomes one LmbundleError line naming it.
 

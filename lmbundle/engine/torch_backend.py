@@ -136,18 +136,14 @@ class TorchBackend:
             self.state = self.state.grown(capacity)
             self._graphs.clear()  # graphs hold the old tensors' addresses
 
-    def snapshot(self) -> State:
-        """A copy of the state (a prompt's, kept so the next turn of a chat can start from it)."""
-        return self.state.clone()
+    def snapshot_prefix(self, length: int) -> dict[str, torch.Tensor]:
+        """What the state holds after `length` positions (a prefix cache entry)."""
+        return self.state.prefix(length)
 
-    def restore(self, saved: State, length: int) -> None:
-        """Put a snapshot back, with room for `length` positions (slots past its own stay masked)."""
-        self.make_room(max(length, saved.capacity))
-        state, slots = self.state, saved.capacity
-        state.conv.copy_(saved.conv)
-        state.rec.copy_(saved.rec)
-        state.key[:, :, :, :slots].copy_(saved.key)
-        state.value[:, :, :, :slots].copy_(saved.value)
+    def restore_prefix(self, saved: dict[str, torch.Tensor], length: int, room: int) -> None:
+        """Put a `snapshot_prefix(length)` back, with room for `room` positions."""
+        self.make_room(max(room, length))
+        self.state.load_prefix(saved, length)
         self.writes += 1
 
     def load_state(self, write) -> None:
@@ -157,15 +153,15 @@ class TorchBackend:
 
     # -- steps ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, ids: list[int], chunk: int = 0, start: int = 0) -> TorchStep:
+    def prefill(self, ids: list[int], chunk: int = 0, start: int = 0, with_head: bool = True) -> TorchStep:
         """Feed prompt tokens at positions start, start+1, ...: S=1 steps (chunk 0), or chunks of `chunk`
-        tokens. Returns the last step."""
+        tokens. Returns the last step (without the head: a piece of a prompt whose logits nobody reads)."""
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
         last = start + len(ids) - 1
         if chunk <= 0:
             for offset in range(len(ids) - 1):
                 self.step(tokens[offset].view(1, 1), start + offset, with_head=False)
-            return self.step(tokens[-1].view(1, 1), last)
+            return self.step(tokens[-1].view(1, 1), last, with_head=with_head)
         for offset in range(0, len(ids), chunk):
             piece = tokens[offset : offset + chunk]
             logits = self.model.forward_tokens(piece, start + offset, self.state, last_only=True)

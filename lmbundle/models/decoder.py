@@ -219,14 +219,16 @@ class DecoderForStep(nn.Module):
         cos, sin = mrope_cos_sin(self.rope_positions(ids, positions), self.inv_freq, self.rope_axes)
         return Rope(cos, sin, positions, kv_len)
 
-    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int) -> torch.Tensor:
-        """The residual stream [S, hidden] after the last layer (before the final norm) of tokens ids [S]."""
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int,
+                      ops: StepOps | None = None) -> torch.Tensor:
+        """The residual stream [S, hidden] after the last layer (before the final norm) of tokens ids [S]
+        (with `ops` instead of the model's own: the batched step's)."""
         raise NotImplementedError
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
+    def head(self, x: torch.Tensor, ops: StepOps | None = None) -> torch.Tensor:
         """Final norm and lm_head: logits [S, V] in fp32."""
         norm = Norm(self.model.norm.weight, self.cfg.rms_norm_eps, self.cfg.norm_zero_centered)
-        return self.ops.norm_linears(x, norm, [self.lm_head])[0].float()
+        return (ops or self.ops).norm_linears(x, norm, [self.lm_head])[0].float()
 
     def forward_tokens(
         self, ids: torch.Tensor, start: int, state: State, kv_len: int | None = None, last_only: bool = False
@@ -250,6 +252,12 @@ class DecoderForStep(nn.Module):
         if not with_head:
             return x
         return self.head(x).view(1, 1, -1)
+
+    def step_rows(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int,
+                  ops: StepOps | None = None) -> torch.Tensor:
+        """The batched decode step: ids [B], token i of the sequence in row i of `state` (`State.rows_of`)
+        at positions[i]; the same graph as `step`, each layer's state with a row axis. Logits [B, V]."""
+        return self.head(self.hidden_states(ids, positions, state, kv_len, ops), ops)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 Every function works for one token (the loop-free decode step) and for a chunk of S tokens (prefill and
 teacher forcing); the recurrent state math runs in fp32 whatever the weight dtype.
-Shapes: x [S, hidden] (batch 1 is implicit), heads as [H, S, D].
+Shapes: x [S, hidden] (batch 1 is implicit), heads as [H, S, D]. The mixers also take *rows* (the batched
+decode step): x [B, hidden] is one token of each of B sequences, each with its own state row (conv
+[B, C, K-1], recurrent [B, Hv, Dk, Dv], KV [B, KVH, L, D]) and position; the same math, with a leading
+batch dimension.
 """
 
 from __future__ import annotations
@@ -99,18 +102,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def causal_conv(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Depthwise causal conv + SiLU over x [S, C] (weight [C, K]) with the last K-1 inputs in conv_state [C, K-1].
+    """Depthwise causal conv + SiLU over x [..., S, C] (weight [C, K]) with the last K-1 inputs in conv_state
+    [..., C, K-1] (leading dims: independent sequences).
 
     Updates conv_state in place with the last K-1 inputs; written as K shifted multiply-adds so the
     one-token case is straight-line math (no conv op, no loop) in every backend.
     """
-    seq = x.shape[0]
+    seq = x.shape[-2]
     taps = weight.shape[-1]
-    window = torch.cat((conv_state.transpose(0, 1).to(x.dtype), x), dim=0)  # [K-1+S, C]
-    out = window[0:seq] * weight[:, 0].to(x.dtype)
+    window = torch.cat((conv_state.transpose(-1, -2).to(x.dtype), x), dim=-2)  # [..., K-1+S, C]
+    out = window[..., 0:seq, :] * weight[:, 0].to(x.dtype)
     for j in range(1, taps):
-        out = out + window[j : j + seq] * weight[:, j].to(x.dtype)
-    conv_state.copy_(window[seq:].transpose(0, 1).to(conv_state.dtype))
+        out = out + window[..., j : j + seq, :] * weight[:, j].to(x.dtype)
+    conv_state.copy_(window[..., seq:, :].transpose(-1, -2).to(conv_state.dtype))
     return F.silu(out)
 
 
@@ -121,9 +125,9 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def gated_delta_step(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
 ) -> torch.Tensor:
-    """One token of the gated delta rule, loop-free, fp32. q,k [H, Dk], v [H, Dv], g, beta [H],
-    state [H, Dk, Dv] updated in place. Returns o [H, Dv]."""
-    s = state * g.exp().view(-1, 1, 1)
+    """One token of the gated delta rule, loop-free, fp32. q,k [..., H, Dk], v [..., H, Dv], g, beta [..., H],
+    state [..., H, Dk, Dv] updated in place (leading dims: independent sequences). Returns o [..., H, Dv]."""
+    s = state * g.exp().unsqueeze(-1).unsqueeze(-1)
     memory = (k.unsqueeze(-1) * s).sum(-2)  # elementwise + reduce: no batched matmul of tiny shapes
     delta = beta.unsqueeze(-1) * (v - memory)
     s = s + k.unsqueeze(-1) * delta.unsqueeze(-2)
@@ -184,21 +188,23 @@ def gated_delta_chunk(
 def attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor
 ) -> torch.Tensor:
-    """Causal GQA attention of q [H, S, D] over cached keys/values [KVH, L, D] (cache slot = position).
+    """Causal GQA attention of q [..., H, S, D] over cached keys/values [..., KVH, L, D] (cache slot =
+    position), q_positions [..., S] (leading dims: independent sequences).
 
     Key j is visible to the query at position p when j <= p, so slots past the written prefix are
-    masked and a fixed-capacity cache needs no separate length. Softmax in fp32. Returns [S, H * D].
+    masked and a fixed-capacity cache needs no separate length. Softmax in fp32. Returns [..., S, H * D].
     """
-    heads, seq, dim = q.shape
-    kv_heads, length, _ = keys.shape
-    qg = q.reshape(kv_heads, heads // kv_heads * seq, dim)
-    scores = torch.matmul(qg, keys.transpose(1, 2)).float() * dim**-0.5  # [KVH, G*S, L]
-    visible = torch.arange(length, device=q.device).view(1, -1) <= q_positions.view(-1, 1)  # [S, L]
-    visible = visible.repeat(heads // kv_heads, 1).unsqueeze(0)
+    heads, seq, dim = q.shape[-3:]
+    kv_heads, length = keys.shape[-3], keys.shape[-2]
+    lead = q.shape[:-3]
+    qg = q.reshape(*lead, kv_heads, heads // kv_heads * seq, dim)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * dim**-0.5  # [..., KVH, G*S, L]
+    visible = torch.arange(length, device=q.device) <= q_positions.unsqueeze(-1)  # [..., S, L]
+    visible = visible.repeat(*(1,) * len(lead), heads // kv_heads, 1).unsqueeze(-3)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values).reshape(heads, seq, dim)
-    return out.transpose(0, 1).reshape(seq, heads * dim)
+    out = torch.matmul(probs, values).reshape(*lead, heads, seq, dim)
+    return out.transpose(-2, -3).reshape(*lead, seq, heads * dim)
 
 
 def gdn_mix(
@@ -210,14 +216,17 @@ def gdn_mix(
 
     causal conv + SiLU over qkv; q, k L2-normed (k heads repeated to the value heads), beta = sigmoid(b),
     decay g = -exp(A_log) * softplus(a + dt_bias); the delta rule (one token: the loop-free step; more:
-    the WY chunks) on rec_state [Hv, Dk, Dv]; then RMSNorm(o) * silu(z) per head.
+    the WY chunks) on rec_state [Hv, Dk, Dv]; then RMSNorm(o) * silu(z) per head. Rows (rec_state
+    [B, Hv, Dk, Dv], conv_state [B, C, K-1]): token i belongs to sequence i, one loop-free step each.
     """
+    rows = rec_state.dim() == 4
     hk, hv, dk, dv = dims.key_heads, dims.value_heads, dims.key_dim, dims.value_dim
     if len(projected) == 1:
         projected = projected[0].split([dims.conv_dim, hv * dv, hv, hv], dim=-1)
     qkv, z, b, a = projected
     seq, dtype = qkv.shape[0], qkv.dtype
-    qkv = causal_conv(qkv, conv_state, conv_weight)
+    qkv = causal_conv(qkv.unsqueeze(-2), conv_state, conv_weight).squeeze(-2) if rows else causal_conv(
+        qkv, conv_state, conv_weight)
     q, k, v = torch.split(qkv, [hk * dk, hk * dk, hv * dv], dim=-1)
     q = l2_normalize(q.reshape(seq, hk, dk).float())
     k = l2_normalize(k.reshape(seq, hk, dk).float())
@@ -228,7 +237,9 @@ def gdn_mix(
     q = q * dk**-0.5
     beta = torch.sigmoid(b).float()
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-    if seq == 1:
+    if rows:
+        o = gated_delta_step(q, k, v, g, beta, rec_state)
+    elif seq == 1:
         o = gated_delta_step(q[0], k[0], v[0], g[0], beta[0], rec_state).unsqueeze(0)
     else:
         o = gated_delta_chunk(q, k, v, g, beta, rec_state)
@@ -246,8 +257,10 @@ def gated_attention(
 
     q (with its output gate, Qwen3.5) and k get per-head RMSNorm and RoPE; k/v are written at
     `positions` of key/value_cache [KVH, capacity, D]; attention over the first kv_len slots; the
-    output is gated by sigmoid(gate) where the variant has one.
+    output is gated by sigmoid(gate) where the variant has one. Rows (key/value_cache [B, KVH, capacity, D]):
+    token i belongs to sequence i, at positions[i] of its own cache row.
     """
+    rows = key_cache.dim() == 4
     heads, kvh, d = dims.heads, dims.kv_heads, dims.head_dim
     if len(projected) == 1:
         projected = projected[0].split([heads * d * (2 if dims.output_gate else 1), kvh * d, kvh * d], dim=-1)
@@ -256,14 +269,24 @@ def gated_attention(
     q = q.reshape(seq, heads, -1)
     if dims.output_gate:
         q, gate = q[..., :d], q[..., d:].reshape(seq, heads * d)
-    q = rms_norm(q, q_norm, dims.eps, dims.zero_centered).transpose(0, 1)
+    q = rms_norm(q, q_norm, dims.eps, dims.zero_centered)
     k = rms_norm(k.reshape(seq, kvh, d), k_norm, dims.eps, dims.zero_centered)
-    v = v.reshape(seq, kvh, d).transpose(0, 1)
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k.transpose(0, 1), cos, sin)
-    key_cache.index_copy_(1, positions, k.to(key_cache.dtype))
-    value_cache.index_copy_(1, positions, v.to(value_cache.dtype))
-    o = attention(q, key_cache[:, :kv_len], value_cache[:, :kv_len], positions).to(dtype)
+    if rows:  # [B, H, 1, D] queries, each against its own cache row
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        q = apply_rope(q.unsqueeze(-2), cos.unsqueeze(-2), sin.unsqueeze(-2))
+        k = apply_rope(k, cos, sin)
+        index = torch.arange(seq, device=positions.device)
+        key_cache[index, :, positions] = k.to(key_cache.dtype)
+        value_cache[index, :, positions] = v.reshape(seq, kvh, d).to(value_cache.dtype)
+        o = attention(q, key_cache[..., :kv_len, :], value_cache[..., :kv_len, :], positions.unsqueeze(-1))
+        o = o.reshape(seq, heads * d).to(dtype)
+    else:
+        v = v.reshape(seq, kvh, d).transpose(0, 1)
+        q = apply_rope(q.transpose(0, 1), cos, sin)
+        k = apply_rope(k.transpose(0, 1), cos, sin)
+        key_cache.index_copy_(1, positions, k.to(key_cache.dtype))
+        value_cache.index_copy_(1, positions, v.to(value_cache.dtype))
+        o = attention(q, key_cache[:, :kv_len], value_cache[:, :kv_len], positions).to(dtype)
     if dims.output_gate:
         o = o * torch.sigmoid(gate)
     return o

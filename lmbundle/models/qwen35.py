@@ -102,13 +102,14 @@ class Qwen35ForStep(ImagePromptGraph, DecoderForStep):
                   for kind in cfg.layer_types]
         super().__init__(cfg, layers, state_spec(cfg))
 
-    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int,
+                      ops: StepOps | None = None) -> torch.Tensor:
         """The whole step up to the final norm: embed, then every layer in order, each with its part of
         the state (GDN: conv + recurrent; attention: its KV cache)."""
         x = self.embed(ids)
-        rope = self.rope(ids, positions, kv_len)
+        rope, ops = self.rope(ids, positions, kv_len), ops or self.ops
         for layer, layer_state in zip(self.model.layers, self.state_spec.per_layer(state)):
-            x = layer(x, layer_state, rope, self.ops)
+            x = layer(x, layer_state, rope, ops)
         return x
 
 

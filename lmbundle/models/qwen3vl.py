@@ -12,6 +12,7 @@ import torch
 
 from .decoder import Architecture, DecoderConfig, DecoderForStep, DecoderLayer, GatedAttention, sanitize_text
 from .image_prompt import ImagePromptGraph
+from .ops import StepOps
 from .state import FULL_ATTENTION, State, StateSpec
 
 
@@ -42,13 +43,14 @@ class Qwen3VLForStep(ImagePromptGraph, DecoderForStep):
         layers = [DecoderLayer(cfg, FULL_ATTENTION, GatedAttention(cfg)) for _ in range(cfg.num_hidden_layers)]
         super().__init__(cfg, layers, state_spec(cfg))
 
-    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int,
+                      ops: StepOps | None = None) -> torch.Tensor:
         """Embed (text rows or image embeddings), then every attention layer in order, the first
         n_deepstack of them followed by their DeepStack add."""
         x = self.embed(ids)
-        rope = self.rope(ids, positions, kv_len)
+        rope, ops = self.rope(ids, positions, kv_len), ops or self.ops
         for index, (layer, kv) in enumerate(zip(self.model.layers, self.state_spec.per_layer(state))):
-            x = self.deepstack(index, layer(x, kv, rope, self.ops), ids)
+            x = self.deepstack(index, layer(x, kv, rope, ops), ids)
         return x
 
 

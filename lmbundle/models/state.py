@@ -9,6 +9,7 @@ reads, the exported Core AI states, and seeding the state from the oracle's cach
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -19,12 +20,16 @@ FULL_ATTENTION = "full_attention"
 @dataclass
 class State:
     """conv [n_linear, 1, conv_dim, K-1], rec [n_linear, 1, Hv, Dk, Dv] (fp32): fixed size;
-    key/value [n_full, 1, kv_heads, capacity, head_dim]: grow with the context."""
+    key/value [n_full, 1, kv_heads, capacity, head_dim]: grow with the context.
+
+    The second axis is the sequence slot: a pool for batched decoding holds P slots, and a step on `rows`
+    B of them (`rows_of`) gives each layer its state with that axis kept (one row per sequence)."""
 
     conv: torch.Tensor
     rec: torch.Tensor
     key: torch.Tensor
     value: torch.Tensor
+    rows: ClassVar[bool] = False  # a view of several slots for the batched step (`Rows`); else slot 0
 
     @property
     def capacity(self) -> int:
@@ -48,8 +53,48 @@ class State:
     def clone(self) -> "State":
         return State(*(t.clone() for t in self.tensors().values()))
 
+    @property
+    def slots(self) -> int:
+        return self.key.shape[1]
+
+    def slot(self, index: int) -> "State":
+        """One slot of a pool as a one-sequence state (views: steps on it write the pool)."""
+        return State(*(t[:, index : index + 1] for t in self.tensors().values()))
+
+    def prefix(self, length: int) -> dict[str, torch.Tensor]:
+        """Copies of what the state holds after `length` positions: conv and recurrent state and the first
+        `length` KV rows (a prefix cache entry)."""
+        return {"conv": self.conv.clone(), "rec": self.rec.clone(),
+                "key": self.key[..., :length, :].clone(), "value": self.value[..., :length, :].clone()}
+
+    def load_prefix(self, saved: dict[str, torch.Tensor], length: int) -> None:
+        """Put a `prefix(length)` back (positions past it stay masked until written)."""
+        non_blocking = saved["rec"].device != self.rec.device  # pinned host copies
+        self.conv.copy_(saved["conv"], non_blocking=non_blocking)
+        self.rec.copy_(saved["rec"], non_blocking=non_blocking)
+        self.key[..., :length, :].copy_(saved["key"], non_blocking=non_blocking)
+        self.value[..., :length, :].copy_(saved["value"], non_blocking=non_blocking)
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Slot src's state (its first `length` KV rows) into slot dst of a pool."""
+        for name, t in self.tensors().items():
+            if name in ("key", "value"):
+                t[:, dst, :, :length].copy_(t[:, src, :, :length])
+            else:
+                t[:, dst].copy_(t[:, src])
+
+    def rows_of(self, count: int) -> "State":
+        """Slots 0..count-1 as the rows of a batched step (views)."""
+        return Rows(*(t[:, :count] for t in self.tensors().values()))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"conv": self.conv, "rec": self.rec, "key": self.key, "value": self.value}
+
+
+class Rows(State):
+    """Slots 0..B-1 of a pool as the rows of a batched step: each layer's state keeps the slot axis."""
+
+    rows: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -67,29 +112,31 @@ class StateSpec:
     def full_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == FULL_ATTENTION]
 
-    def shapes(self, capacity: int) -> dict[str, tuple[int, ...]]:
+    def shapes(self, capacity: int, slots: int = 1) -> dict[str, tuple[int, ...]]:
         n_lin, n_full = len(self.linear_layers), len(self.full_layers)
-        conv = (n_lin, 1, *self.conv) if n_lin else (0,)
-        rec = (n_lin, 1, *self.rec) if n_lin else (0,)
-        kv = (n_full, 1, self.kv[0], capacity, self.kv[1])
+        conv = (n_lin, slots, *self.conv) if n_lin else (0,)
+        rec = (n_lin, slots, *self.rec) if n_lin else (0,)
+        kv = (n_full, slots, self.kv[0], capacity, self.kv[1])
         return {"conv": conv, "rec": rec, "key": kv, "value": kv}
 
-    def new(self, capacity: int, device=None, dtype: torch.dtype = torch.float32) -> State:
-        """A zeroed state: the recurrent state in fp32, the rest in the activation dtype."""
-        shapes = self.shapes(capacity)
+    def new(self, capacity: int, device=None, dtype: torch.dtype = torch.float32, slots: int = 1) -> State:
+        """A zeroed state (`slots` sequences: a pool for batched decoding): the recurrent state in fp32,
+        the rest in the activation dtype."""
+        shapes = self.shapes(capacity, slots)
         return State(**{name: torch.zeros(shape, dtype=torch.float32 if name == "rec" else dtype, device=device)
                         for name, shape in shapes.items()})
 
     def per_layer(self, state: State) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each decoder layer's part of the state: (conv, rec) of a GDN layer, (key, value) [KVH, L, D]
-        of an attention layer."""
+        of an attention layer; with a leading row axis [B, ...] for a batched step's rows."""
         views, n_lin, n_full = [], 0, 0
+        slot = slice(None) if state.rows else 0
         for kind in self.layer_types:
             if kind == LINEAR_ATTENTION:
-                views.append((state.conv[n_lin, 0], state.rec[n_lin, 0]))
+                views.append((state.conv[n_lin, slot], state.rec[n_lin, slot]))
                 n_lin += 1
             else:
-                views.append((state.key[n_full, 0], state.value[n_full, 0]))
+                views.append((state.key[n_full, slot], state.value[n_full, slot]))
                 n_full += 1
         return views
 

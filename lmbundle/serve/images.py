@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
-from ..engine.image import load_image
+from ..engine.image import declared_size, load_image
 from ..errors import LmbundleError
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -25,19 +25,36 @@ class ImageError(LmbundleError):
 
 
 def decode_image_url(url: str, allowed_dirs: list[Path]) -> Image.Image:
+    data, name = image_bytes(url, allowed_dirs)
+    return decode_bytes(data, name)
+
+
+def image_bytes(url: str, allowed_dirs: list[Path]) -> tuple[bytes, str]:
+    """The encoded bytes of an image URL and a name for messages; sizes checked, nothing decoded."""
     if not isinstance(url, str) or not url:
         raise ImageError("image_url.url must be a non-empty string")
     if url.startswith("data:"):
-        return _from_bytes(_data_url_bytes(url), "data URL image")
+        return _data_url_bytes(url), "data URL image"
     if url.startswith("file:"):
         path = _allowed_file(url, allowed_dirs)
         size = path.stat().st_size
         if size > MAX_IMAGE_BYTES:
             raise ImageError(f"{path}: {size / 2**20:.1f} MB, over the {MAX_IMAGE_BYTES // 2**20} MB image limit")
-        return _from_bytes(path.read_bytes(), str(path))
+        return path.read_bytes(), str(path)
     scheme = url.split(":", 1)[0][:16]
     raise ImageError(f"unsupported image URL scheme {scheme!r}: send the image inline as a data URL "
                      "(data:image/png;base64,...); this server does not fetch URLs")
+
+
+def check_header(data: bytes, name: str) -> tuple[int, int]:
+    """The declared pixel size from the image's header (PIL reads no pixels for this), checked against
+    the megapixel limit: a small file that would decode to gigabytes is refused here."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB, over the {MAX_IMAGE_BYTES // 2**20} MB image limit")
+    try:
+        return declared_size(data, name)
+    except LmbundleError as exc:
+        raise ImageError(str(exc)) from None
 
 
 def _data_url_bytes(url: str) -> bytes:
@@ -67,13 +84,31 @@ def _allowed_file(url: str, allowed_dirs: list[Path]) -> Path:
     return path
 
 
-def _from_bytes(data: bytes, name: str) -> Image.Image:
+def decode_bytes(data: bytes, name: str) -> Image.Image:
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB, over the {MAX_IMAGE_BYTES // 2**20} MB image limit")
     try:
         return load_image(data)
     except LmbundleError as exc:
         raise ImageError(str(exc).replace(f"image bytes ({len(data)} B)", name, 1)) from None
+
+
+def give_back_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them after a decoded image is freed: a few hundred
+    MB per large image would stay in the process's RSS). A no-op where there is no glibc."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def resolve_dirs(folders: list[str]) -> list[Path]:

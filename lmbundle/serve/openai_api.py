@@ -1,7 +1,7 @@
 """OpenAI's wire format: request schemas, response and stream-chunk shapes, the error shape.
 
-Only what one local model can honour is accepted; a field we would silently ignore in a way that
-changes the answer (n > 1, logprobs, tools, echo) is refused with a 400 instead.
+What one local model can honour is accepted (see docs/serve.md); a field we would otherwise ignore in a way
+that changes the answer (n > 1, echo, suffix) is refused with a 400 that says so.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_STOP_STRINGS = 8
+MAX_JSON_DEPTH = 64  # far past any real request (a JSON schema in response_format or tools included)
 
 
 class ApiError(Exception):
@@ -28,6 +29,34 @@ class ApiError(Exception):
     def body(self) -> dict:
         kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def check_json(body: object) -> None:
+    """Refuse what would fail later as a server error: nesting past MAX_JSON_DEPTH (recursive code
+    downstream: pydantic, the chat template, the grammar compiler) and strings with lone UTF-16
+    surrogates (JSON's "\\ud800" escape decodes to one; no tokenizer or UTF-8 encoder accepts it)."""
+    stack = [(body, 1, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels (at {where or 'body'})",
+                           code="invalid_json")
+        if isinstance(value, str):
+            _check_text(value, where)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, where)
+                stack.append((item, depth + 1, f"{where}.{key}" if where else key))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value))
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{where or 'body'}: a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) is not "
+                       "text; send valid Unicode", code="invalid_value", param=where or None) from None
 
 
 class _Schema(BaseModel):
@@ -56,9 +85,56 @@ class ImagePart(_Schema):
 Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
+class ToolCallFunction(_Schema):
+    name: str
+    arguments: Union[str, dict] = "{}"
+
+
+class ToolCall(_Schema):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class Message(_Schema):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[Part], None] = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+class FunctionDef(_Schema):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Schema):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Schema):
+    name: str
+
+
+class NamedToolChoice(_Schema):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Schema):
+    name: str = "response"
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Schema):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(_Schema):
@@ -66,7 +142,7 @@ class StreamOptions(_Schema):
 
 
 class _Sampled(_Schema):
-    """Fields shared by both endpoints. top_k is an extension (as in vLLM and llama.cpp)."""
+    """Fields shared by both endpoints. top_k, min_p are extensions (as in vLLM and llama.cpp)."""
 
     model: str | None = None
     stream: bool = False
@@ -75,10 +151,13 @@ class _Sampled(_Schema):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # a signed 64-bit integer: distinct seeds never wrap
     stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1, le=1)
-    logprobs: bool | int | None = None
+    n: int = Field(1, ge=1)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -91,15 +170,45 @@ class _Sampled(_Schema):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def bias(self, vocab: int) -> dict[int, float]:
+        """logit_bias as {token id: bias}, checked (OpenAI's range: -100 to 100)."""
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise ApiError(400, f"logit_bias: {key!r} is not a token id", param="logit_bias") from None
+            if not 0 <= token < vocab:
+                raise ApiError(400, f"logit_bias: token id {token} is not in [0, {vocab})", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias: {value} for token {token} is not in [-100, 100]",
+                               param="logit_bias")
+            out[token] = float(value)
+        return out
+
 
 class ChatRequest(_Sampled):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: dict | None = None
+    enable_thinking: bool | None = None  # an extension (also accepted inside chat_template_kwargs)
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def top_count(self) -> int | None:
+        """None: no logprobs; else how many top alternatives to list per token."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampled):
@@ -107,10 +216,15 @@ class CompletionRequest(_Sampled):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
 
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def top_count(self) -> int | None:
+        return self.logprobs
 
 
 def parse(schema: type[_Sampled], body: object) -> _Sampled:
@@ -123,8 +237,10 @@ def parse(schema: type[_Sampled], body: object) -> _Sampled:
         deepest = max(exc.errors(), key=lambda e: len(e["loc"]))  # within a union: the branch that got furthest
         where = ".".join(str(p) for p in deepest["loc"] if not _is_type_tag(p))
         raise ApiError(400, f"{where or 'body'}: {deepest['msg']}", code="invalid_value", param=where or None) from None
-    refused = {"logprobs": request.logprobs, "tools": getattr(request, "tools", None),
-               "echo": getattr(request, "echo", False), "suffix": getattr(request, "suffix", None)}
+    if request.n > 1:
+        raise ApiError(400, f"n={request.n}: this server returns one choice per request; send {request.n} requests "
+                       "(with different seeds) instead", code="unsupported", param="n")
+    refused = {"echo": getattr(request, "echo", False), "suffix": getattr(request, "suffix", None)}
     for name, value in refused.items():
         if value:
             raise ApiError(400, f"{name} is not supported by this server", code="unsupported", param=name)
@@ -193,21 +309,23 @@ class Shapes:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def full(self, text: str, finish_reason: str, usage_: dict, timings_: dict) -> dict:
+    def full(self, answer: dict | str, finish_reason: str, usage_: dict, timings_: dict,
+             logprobs: dict | None = None) -> dict:
+        """`answer`: the chat message's fields (content, reasoning_content, tool_calls) or the completion text."""
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": 0, "message": {"role": "assistant", **answer},
+                      "finish_reason": finish_reason, "logprobs": logprobs}
             return self._envelope("chat.completion", [choice], usage=usage_, timings=timings_)
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": 0, "text": answer, "finish_reason": finish_reason, "logprobs": logprobs}
         return self._envelope("text_completion", [choice], usage=usage_, timings=timings_)
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False,
-              **extra) -> dict:
+    def chunk(self, delta: dict | str | None = None, finish_reason: str | None = None, first: bool = False,
+              logprobs: dict | None = None, **extra) -> dict:
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            delta = {"role": "assistant", "content": ""} if first else (delta or {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
             return self._envelope("chat.completion.chunk", [choice], **extra)
-        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": logprobs}
         return self._envelope("text_completion", [choice], **extra)
 
     def usage_chunk(self, usage_: dict) -> dict:

@@ -1,9 +1,11 @@
-"""One decode at a time: a single worker thread serves jobs in arrival order from a bounded queue.
+"""The decode workers: up to `max_batch` jobs run at once, the rest wait in arrival order in a bounded queue.
 
-The engine holds one model and one state cache, so requests cannot interleave; a FIFO keeps waiting
-fair and the bound turns overload into an immediate "busy" answer instead of an ever-growing wait.
-A job talks back to its request (on the event loop) through an asyncio queue of events, and the
-request tells the job to stop (client gone, time limit) through a flag the job checks every token.
+Each running job has its own thread; the engine decides how they share the device (a batching engine
+steps them together, one step per token for all; a one-request engine takes them in turn). A FIFO keeps
+waiting fair and the bound turns overload into an immediate "busy" answer (429 once every slot and
+every waiting place is taken) instead of an ever-growing wait. A job talks back to its request (on the
+event loop) through an asyncio queue of events, and the request tells the job to stop (client gone,
+time limit) through a flag the job checks every token.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class Job:
         self.deadline = deadline  # time.monotonic() value
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.on_cancel: Callable[["Job"], None] | None = None  # the worker drops a queued job at once
+        self.state = "queued"  # -> "running" -> "done"; or "dropped" when cancelled while queued
 
     def emit(self, kind: str, value: object = None) -> None:
         """Called on the worker thread; delivers to the request's event loop."""
@@ -53,66 +57,112 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel(self)
 
 
 class Worker:
-    """The thread that runs jobs one after another."""
+    """`max_batch` threads that take jobs from one FIFO."""
 
-    def __init__(self, queue_size: int):
+    def __init__(self, queue_size: int, max_batch: int = 1):
         self.queue_size = queue_size
+        self.max_batch = max(1, max_batch)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
-        self.running: Job | None = None
+        self.active: set[Job] = set()
         self.served = 0
         self.stopped = 0  # jobs ended early: client gone or time limit
+        self.failed = 0
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="lmbundle-decode", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"lmbundle-decode-{i}", daemon=True)
+                         for i in range(self.max_batch)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def waiting(self) -> int:
         return self._waiting
 
     @property
+    def running(self) -> int:
+        return len(self.active)
+
+    @property
     def full(self) -> bool:
-        """Every slot taken: the running job's and the `queue_size` waiting ones."""
-        return self._waiting + (self.running is not None) > self.queue_size
+        """Every slot taken: the `max_batch` running jobs' and the `queue_size` waiting ones."""
+        return self._waiting + len(self.active) >= self.queue_size + self.max_batch
 
     def submit(self, work: Callable[[Job], None], timeout: float) -> Job:
-        """Queue `work` (run as work(job) on the worker thread) or raise QueueFull."""
+        """Queue `work` (run as work(job) on a worker thread) or raise QueueFull."""
         job = Job(work, asyncio.get_running_loop(), time.monotonic() + timeout)
         with self._lock:
-            if self.full:
+            if self._closing or self.full:
                 raise QueueFull()
             self._waiting += 1
+        job.on_cancel = self._drop
         self._queue.put(job)
         return job
 
-    def close(self) -> None:
-        """Stop the running job, drop the waiting ones, end the thread."""
-        self._closing = True
-        if (job := self.running) is not None:
+    def _drop(self, job: Job) -> None:
+        """A queued job whose client left (or the server is stopping) gives its slot back now, not when
+        its turn comes: otherwise gone clients keep the queue full and new requests get 429."""
+        with self._lock:
+            if job.state != "queued":
+                return
+            job.state = "dropped"
+            self._waiting -= 1
+            self.stopped += 1
+        job.emit("end")
+
+    def stop_all(self) -> None:
+        """Stop the running jobs and every waiting one, and take no more (the server is shutting down);
+        returns at once (the signal handler runs on the event loop)."""
+        with self._lock:
+            self._closing = True
+            running = list(self.active)
+        for job in running:
             job.cancel()
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        for job in list(self._queue.queue):
+            if job is not None:
+                job.cancel()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Stop the running jobs, drop the waiting ones, end the threads."""
+        self._closing = True
+        for job in list(self.active):
+            job.cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
             with self._lock:
+                if job.state == "dropped":
+                    continue
+                job.state = "running"
                 self._waiting -= 1
-                self.running = job
+                self.active.add(job)
             if self._closing:
                 job.cancel()
+            outcome = "served"
             try:
                 job.check()
                 job.work(job)
-                self.served += 1
             except JobStopped:
-                self.stopped += 1
+                outcome = "stopped"
             except Exception as exc:  # reported to the request, never kills the worker
+                outcome = "failed"
                 job.emit("error", exc)
             finally:
                 with self._lock:
-                    self.running = None
+                    self.active.discard(job)
+                    job.state = "done"
+                    setattr(self, outcome, getattr(self, outcome) + 1)
                 job.emit("end")

@@ -20,7 +20,16 @@ function setStatus(text, isError = false) {
 }
 
 async function errorText(response) {
-  try { return (await response.json()).error.message; } catch { return `HTTP ${response.status}`; }
+  return (await apiError(response)).message;
+}
+
+// The server's error as an Error with its OpenAI error code (e.g. "invalid_image").
+async function apiError(response) {
+  let body = null;
+  try { body = (await response.json()).error; } catch { /* not JSON */ }
+  const error = new Error(body?.message || `HTTP ${response.status}`);
+  error.code = body?.code || null;
+  return error;
 }
 
 async function loadInfo() {
@@ -49,6 +58,19 @@ async function loadInfo() {
 function scrollDown() {
   const box = $("conversation");
   box.scrollTop = box.scrollHeight;
+}
+
+function addReasoning(reply) {
+  if (!reply.reasoning) {
+    const box = document.createElement("details");
+    box.className = "reasoning";
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking";
+    box.append(summary, document.createTextNode(""));
+    reply.bubble.before(box);
+    reply.reasoning = box.lastChild;
+  }
+  return reply.reasoning;
 }
 
 function addTurn(role, text, images = []) {
@@ -138,12 +160,18 @@ async function send(text) {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: state.controller.signal,
     });
-    if (!response.ok) throw new Error(await errorText(response));
+    if (!response.ok) throw await apiError(response);
+    let reasoning = "";
     for await (const chunk of events(response)) {
-      if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.error) throw Object.assign(new Error(chunk.error.message), { code: chunk.error.code });
       if (chunk.usage) usage = chunk.usage;
       const choice = chunk.choices[0];
       if (!choice) continue;
+      if (choice.delta.reasoning_content) {
+        reasoning += choice.delta.reasoning_content;
+        addReasoning(reply).textContent = reasoning;
+        scrollDown();
+      }
       if (choice.delta.content) {
         answer += choice.delta.content;
         reply.text.textContent = answer;
@@ -163,7 +191,12 @@ async function send(text) {
       state.history.push({ role: "assistant", content: answer });
       reply.meta.textContent = "stopped";
     } else {
-      state.history.pop();
+      // The message stays in the conversation the next request sends (it is shown, so it is part of it);
+      // images the server refused are dropped from it, or every later message would fail the same way.
+      const sent = state.history[state.history.length - 1];
+      if (error.code === "invalid_image" && Array.isArray(sent.content)) {
+        sent.content = sent.content.filter((part) => part.type === "text").map((part) => part.text).join("\n");
+      }
       reply.bubble.classList.add("error");
       reply.text.textContent = error.message;
       scrollDown();
@@ -197,13 +230,26 @@ function renderAttachments() {
 }
 
 const MAX_IMAGE_BYTES = 20 * 1024 * 1024;
+// What the server decodes (Pillow); SVG and other types are refused here, before anything is sent.
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp"];
 
+// Attach only what is really an image of a type the server reads: the type the browser gives is a guess
+// from the file name, so the data is decoded here first; a file that does not decode is refused now.
 function attachFiles(files) {
   for (const file of files) {
-    if (!file.type.startsWith("image/")) { setStatus(`${file.name}: not an image`, true); continue; }
+    if (!IMAGE_TYPES.includes(file.type)) {
+      setStatus(`${file.name}: not an image (PNG, JPEG, GIF, WebP or BMP)`, true);
+      continue;
+    }
     if (file.size > MAX_IMAGE_BYTES) { setStatus(`${file.name}: over the 20 MB image limit`, true); continue; }
     const reader = new FileReader();
-    reader.onload = () => { state.images.push(reader.result); renderAttachments(); };
+    reader.onload = () => {
+      const probe = new Image();
+      probe.onload = () => { state.images.push(reader.result); renderAttachments(); setStatus(""); };
+      probe.onerror = () => setStatus(`${file.name}: not an image (it does not decode)`, true);
+      probe.src = reader.result;
+    };
+    reader.onerror = () => setStatus(`${file.name}: cannot be read`, true);
     reader.readAsDataURL(file);
   }
 }
@@ -245,7 +291,11 @@ function wire() {
     $("settings").hidden = !open;
     $("settings-toggle").setAttribute("aria-expanded", String(open));
   });
-  $("api-key").addEventListener("change", () => { localStorage.setItem("lmbundle-key", $("api-key").value); loadInfo(); });
+  $("api-key").addEventListener("change", () => {
+    const key = $("api-key").value;
+    if (key) localStorage.setItem("lmbundle-key", key); else localStorage.removeItem("lmbundle-key");
+    loadInfo();
+  });
   $("attach").addEventListener("click", () => $("file-picker").click());
   $("file-picker").addEventListener("change", (event) => { attachFiles(event.target.files); event.target.value = ""; });
   const composer = $("composer");

@@ -1,0 +1,293 @@
+"""`lmbundle serve` under load: aggregate tok/s, p50/p95 latency and time to first token at N concurrent
+clients, batched (--max-batch) against one request at a time, and a chat workload's prefix cache hits.
+
+A real HTTP load generator: each client is a thread with its own connection that sends streaming
+/v1/completions requests back to back (prompt of --prompt random token ids, distinct per request, so
+nothing is cached; --max-tokens generated, greedy; a random-weight model never stops early) and times
+the first streamed text and the end. The chat workload: --chat-users users share one system prompt and
+take --turns turns each (every turn sends the whole conversation), reporting
+usage.prompt_tokens_details.cached_tokens. Exactness: 8 different greedy prompts alone, then all at once.
+
+Usage (GPU): python benchmarks/bench_serve.py --config Qwen3.5-2B --quant int8hu --clients 1 4 16 32 \
+    --max-batch 32 --tokenizer DIR  (DIR: a tokenizer.json + tokenizer_config.json + chat_template.jinja to
+    use instead of the small stand-in, e.g. the real Qwen3.5 vocabulary)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(host: str, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(host, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def start_server(bundle: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmbundle", "serve", str(bundle), "--port", str(port),
+                             "--backend", "torch", "--timeout", "900", *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    host = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()[-3000:]}")
+        try:
+            if get(host, "/health")[0] == 200:
+                return proc, host
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def stop_server(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out or ""
+
+
+def stream(host: str, path: str, body: dict) -> dict:
+    """One streamed request: TTFT (first text), latency, completion tokens, cached prompt tokens, text."""
+    body = dict(body, stream=True, stream_options={"include_usage": True})
+    conn = http.client.HTTPConnection(host, timeout=900)
+    start = time.perf_counter()
+    first, text, usage, status = None, [], {}, None
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        status = response.status
+        if status != 200:
+            return {"status": status, "error": response.read().decode()[:300]}
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            for choice in event.get("choices") or []:
+                piece = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                if piece:
+                    first = first or time.perf_counter()
+                    text.append(piece)
+            if event.get("usage"):
+                usage = event["usage"]
+    finally:
+        conn.close()
+    end = time.perf_counter()
+    return {"status": status, "ttft": (first or end) - start, "latency": end - start,
+            "tokens": usage.get("completion_tokens", 0), "prompt_tokens": usage.get("prompt_tokens", 0),
+            "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0), "text": "".join(text)}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else 0.0
+
+
+def load(host: str, clients: int, per_client: int, prompt: int, max_tokens: int, vocab: int, seed: int) -> dict:
+    results, lock = [], threading.Lock()
+
+    def client(index: int) -> None:
+        rng = random.Random(seed * 1000 + index)
+        for _ in range(per_client):
+            ids = [rng.randrange(vocab) for _ in range(prompt)]
+            r = stream(host, "/v1/completions", {"prompt": ids, "max_tokens": max_tokens, "temperature": 0})
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ok = [r for r in results if r["status"] == 200]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"clients": clients, "requests": len(results), "ok": len(ok), "wall_s": round(wall, 3),
+            "generated_tokens": tokens, "aggregate_tok_s": round(tokens / wall, 1),
+            "latency_p50_s": round(pct([r["latency"] for r in ok], 0.5), 3),
+            "latency_p95_s": round(pct([r["latency"] for r in ok], 0.95), 3),
+            "ttft_p50_s": round(pct([r["ttft"] for r in ok], 0.5), 3),
+            "ttft_p95_s": round(pct([r["ttft"] for r in ok], 0.95), 3),
+            "per_request_tok_s_p50": round(pct([(r["tokens"] - 1) / max(r["latency"] - r["ttft"], 1e-9)
+                                               for r in ok if r["tokens"] > 1], 0.5), 1),
+            "errors": sorted({r.get("error", "")[:120] for r in results if r["status"] != 200})}
+
+
+def chat(host: str, users: int, turns: int, max_tokens: int) -> dict:
+    system = ("You are a helpful assistant for a city library. Answer questions about opening hours, loans, "
+              "renewals, fines, events, study rooms and the catalogue. Be concise, friendly and exact. ") * 6
+    questions = ["When do you open on Sundays?", "How many books can I borrow?", "Can I renew a loan online?",
+                 "Is there a study room free today?", "What events are on this week?"]
+    per_turn = [[] for _ in range(turns)]
+    lock = threading.Lock()
+
+    def user(index: int) -> None:
+        messages = [{"role": "system", "content": system}]
+        for turn in range(turns):
+            messages.append({"role": "user", "content": f"(user {index}) {questions[(index + turn) % len(questions)]}"})
+            r = stream(host, "/v1/chat/completions", {"messages": messages, "max_tokens": max_tokens,
+                                                       "temperature": 0})
+            messages.append({"role": "assistant", "content": r.get("text", "")})
+            with lock:
+                per_turn[turn].append(r)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = []
+    for turn, results in enumerate(per_turn):
+        ok = [r for r in results if r["status"] == 200]
+        prompt = sum(r["prompt_tokens"] for r in ok)
+        cached = sum(r["cached"] for r in ok)
+        rows.append({"turn": turn + 1, "ok": len(ok), "prompt_tokens": prompt, "cached_tokens": cached,
+                     "cached_fraction": round(cached / max(prompt, 1), 3),
+                     "ttft_p50_s": round(pct([r["ttft"] for r in ok], 0.5), 3),
+                     "ttft_p95_s": round(pct([r["ttft"] for r in ok], 0.95), 3),
+                     "errors": sorted({r.get("error", "")[:120] for r in results if r["status"] != 200})})
+    return {"users": users, "turns": rows}
+
+
+def exactness(host: str, vocab: int, max_tokens: int) -> dict:
+    rng = random.Random(7)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randrange(20, 300))] for _ in range(8)]
+    body = lambda ids: {"prompt": ids, "max_tokens": max_tokens, "temperature": 0}  # noqa: E731
+    alone = [stream(host, "/v1/completions", body(p))["text"] for p in prompts]
+    together = [None] * len(prompts)
+
+    def run(i):
+        together[i] = stream(host, "/v1/completions", body(prompts[i]))["text"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"prompts": len(prompts), "identical": sum(a == b for a, b in zip(alone, together))}
+
+
+def metrics(host: str) -> dict:
+    status, text = get(host, "/metrics")
+    keep = ("lmbundle_prefix_cache", "lmbundle_cached_tokens", "lmbundle_prompt_tokens", "lmbundle_generated")
+    return {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines()
+            if line.startswith(keep)} if status == 200 else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="Qwen3.5-2B")
+    parser.add_argument("--quant", default="int8hu")
+    parser.add_argument("--bundle", help="an existing bundle (skips building the checkpoint)")
+    parser.add_argument("--tokenizer", help="tokenizer files to put in the checkpoint")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--baseline-clients", type=int, nargs="*", default=[1, 4])
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--per-client", type=int, default=2, help="requests each client sends")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--chat-users", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--cache-mem", default="8G")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    import torch
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    t0 = time.perf_counter()
+    bundle = args.bundle
+    if bundle is None:
+        from benchmarks.bench_decode import make_checkpoint
+        from lmbundle.convert.convert import convert
+
+        ckpt = make_checkpoint(tmp / "ckpt", args.config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.tokenizer:
+            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+                if (Path(args.tokenizer) / name).exists():
+                    shutil.copy(Path(args.tokenizer) / name, ckpt / name)
+        bundle = convert(str(ckpt), tmp / args.quant, quant=args.quant, backend="torch", log=None)
+        print(f"checkpoint + {args.quant} bundle in {time.perf_counter() - t0:.0f} s", flush=True)
+    from transformers import AutoTokenizer
+
+    tokenizer = Path(bundle) / "tokenizer"
+    vocab = min(len(AutoTokenizer.from_pretrained(str(tokenizer))) if tokenizer.exists() else 512, 200000)
+    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": args.config,
+              "quant": args.quant, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "prompt_tokens": args.prompt, "max_tokens": args.max_tokens, "per_client": args.per_client,
+              "max_batch": args.max_batch, "batched": [], "batch1": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    path = args.out / f"serve-{args.config}-{args.quant}-{stamp}.json"
+
+    def save() -> None:  # after every measurement: a run cut short keeps what it measured
+        base = report["batch1"][0]["aggregate_tok_s"] if report["batch1"] else None
+        for row in report["batched"]:
+            if base:
+                row["x_batch1"] = round(row["aggregate_tok_s"] / base, 2)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    for label, max_batch, levels in (("batched", args.max_batch, args.clients), ("batch1", 1, args.baseline_clients)):
+        if not levels:
+            continue
+        proc, host = start_server(bundle, "--max-batch", str(max_batch), "--queue-size", "256",
+                                  "--cache-mem", args.cache_mem)
+        try:
+            for clients in levels:  # warm: CUDA graphs per batch bucket and window, the dense weights
+                load(host, clients, 1, args.prompt, 8, vocab, seed=99)
+            for clients in levels:
+                row = load(host, clients, args.per_client, args.prompt, args.max_tokens, vocab, seed=clients)
+                report[label].append(row)
+                save()
+                print(label, json.dumps(row), flush=True)
+            if label == "batched":
+                report["exactness"] = exactness(host, vocab, 32)
+                print("exactness", report["exactness"], flush=True)
+                if args.chat_users:
+                    report["chat"] = chat(host, args.chat_users, args.turns, 32)
+                    print("chat", json.dumps(report["chat"]), flush=True)
+                report["metrics"] = metrics(host)
+                save()
+        finally:
+            log = stop_server(proc)
+            if any(row.get("errors") for row in report[label]):
+                print(log[-3000:])
+    save()
+    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

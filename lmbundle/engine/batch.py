@@ -1,0 +1,337 @@
+"""Continuous batching: many requests share one decode step, each with its own slot of the state pool.
+
+The pool holds 2 x `max_batch` slots (GDN conv + recurrent state and a KV cache row each, preallocated):
+the decoding sequences in slots 0..B-1, the ones still prefilling in the upper half.
+A scheduler thread loops: admit waiting requests into free slots (restoring the longest cached prefix
+into the slot), prefill prompt pieces under a token budget (a long prompt goes in pieces between decode
+steps, so it never stalls the others), then one batched decode step for every sequence that has its
+first token: B tokens at B different positions, one read of the weights for all (`step_rows`, the same
+graph as the one-token step with a row axis on each layer's state). Sequences join and leave between
+steps; the decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last). On CUDA the
+step is captured in a CUDA graph per batch bucket: B rounds up to a power of two, the padding rows
+step free decode slots.
+
+Exact: a request's tokens do not depend on what else runs. Its prompt is cut into pieces at fixed
+absolute positions (chunk multiples and the prefix cache's cut points), whatever the load; the batched
+step pads each linear's rows to a fixed count (a GEMM's row results depend on the row count, not on the
+other rows) and attends over the whole KV row of each slot (the same softmax sums at any load). Each
+request samples with its own generator, so a seeded request repeats whatever runs beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..models.linear import Linear, dequantize
+from ..models.ops import StepOps
+from .sampling import Sampling, sample
+
+ROW_TILE = 16
+
+
+class BatchOps(StepOps):
+    """The batched step's ops: the reference math with each linear's rows padded to `rows` (so a row's
+    result is the same in any batch) and, on an accelerator, the int8 weights read from a dense copy
+    made once (one weight read serves every row; the values the reference computes on each call)."""
+
+    def __init__(self, rows: int, dense: bool):
+        self.rows = rows
+        self.dense = dense
+        self._weights: dict[int, torch.Tensor] = {}
+
+    def weight(self, w: Linear, dtype: torch.dtype) -> torch.Tensor:
+        if not w.quantized:
+            return w.weight
+        if not self.dense:
+            return dequantize(w.qweight, w.scales, dtype)
+        if (dense := self._weights.get(id(w))) is None:
+            dense = self._weights[id(w)] = dequantize(w.qweight, w.scales, dtype)
+        return dense
+
+    def linear(self, x: torch.Tensor, w: Linear) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows < self.rows:
+            x = F.pad(x, (0, 0, 0, self.rows - rows))
+        return F.linear(x, self.weight(w, x.dtype))[:rows]
+
+
+@dataclass
+class Sequence:
+    ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    stop: bool
+    stats: object  # GenerationStats
+    chunk: int
+    generator: torch.Generator | None = None
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    slot: int = -1
+    pos: int = 0  # positions the slot's state holds
+    cuts: set[int] = field(default_factory=set)  # where the prefix cache snapshots the prompt
+    decoding: bool = False
+    last: int = 0  # the token the next decode step feeds
+    tokens: list[int] = field(default_factory=list)
+    start: float = 0.0
+    first: float | None = None
+
+
+class BatchScheduler:
+    def __init__(self, engine, max_batch: int, token_budget: int = 512, chunk: int = 256):
+        backend = engine.backend
+        self.engine, self.model, self.device = engine, backend.model, backend.device
+        self.max_batch, self.token_budget, self.chunk = max_batch, token_budget, chunk
+        self.capacity = engine.max_context
+        weight = self.model.model.embed_tokens.weight
+        self.pool = self.model.state_spec.new(self.capacity, self.device, weight.dtype, slots=2 * max_batch)
+        self.ops = BatchOps(-(-max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu")
+        self.owner: list[Sequence | None] = [None] * (2 * max_batch)  # decode slots, then prefill slots
+        self.use_graphs = self.device.type == "cuda" and os.environ.get("LMBUNDLE_BATCH_GRAPHS", "1") != "0"
+        self.padded = self.use_graphs  # rows rounded up to a power of two (the graphs' buckets)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._ids_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._positions_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.active: list[Sequence] = []  # admission order
+        self.decoding: list[Sequence] = []  # slot order: decoding[i].slot == i
+        self.batch_size = 0
+        self.peak_batch = 0
+        self.steps = 0
+        self._pending: deque[Sequence] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        # the request threads wake once per token each; at Python's default 5 ms switch interval the
+        # scheduler waits that long for the GIL after every step (measured on the H200: 6 ms steps at B=1)
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
+        self._thread = threading.Thread(target=self._loop, name="lmbundle-batch", daemon=True)
+        self._thread.start()
+
+    # -- the requests' side ---------------------------------------------------------------------
+    def generate(self, ids: list[int], max_new_tokens: int, sampling: Sampling, prefill_chunk: int, stop: bool,
+                 stats) -> Iterator[int]:
+        seq = Sequence(list(ids), max_new_tokens, sampling, stop, stats, prefill_chunk or self.chunk)
+        seq.generator = sampling.generator(self.device)
+        seq.start = time.perf_counter()
+        stats.prompt_tokens = len(ids)
+        with self._wake:
+            self._pending.append(seq)
+            self._wake.notify()
+        try:
+            while (item := seq.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            seq.cancelled.set()
+            with self._wake:
+                self._wake.notify()
+
+    def close(self) -> None:
+        self._closing = True
+        with self._wake:
+            self._wake.notify()
+        self._thread.join(timeout=5)
+
+    # -- the scheduler thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._closing:
+                with self._wake:
+                    self._admit()
+                    if not self.active:
+                        self.batch_size = 0
+                        self._wake.wait(timeout=1.0)
+                        continue
+                try:
+                    self._iteration()
+                except Exception as exc:  # a fault of the step itself: every request in it fails, slots free
+                    for seq in list(self.active):
+                        self._finish(seq, None, error=exc)
+
+    def _admit(self) -> None:
+        while self._pending and len(self.active) < self.max_batch:
+            seq = self._pending.popleft()
+            if seq.cancelled.is_set():
+                continue
+            seq.slot = self.owner.index(None, self.max_batch)
+            self.owner[seq.slot] = seq
+            self.active.append(seq)
+            try:
+                self._restore(seq)
+            except Exception as exc:
+                self._finish(seq, None, error=exc)
+
+    def _restore(self, seq: Sequence) -> None:
+        """The longest cached prefix into the sequence's slot (else a zeroed slot)."""
+        engine, state = self.engine, self.pool.slot(seq.slot)
+        cache = engine.prefix_cache
+        held, entry = cache.lookup(seq.ids, limit=len(seq.ids) - 1) if engine.keeps(seq.ids) else (0, None)
+        if entry is not None:
+            state.load_prefix(entry.tensors, held)
+        else:
+            for t in state.tensors().values():
+                t.zero_()
+        seq.pos = held
+        seq.stats.cached_tokens = held
+        if cache.enabled and engine.keeps(seq.ids):
+            seq.cuts = set(engine._cuts(seq.ids, held))
+
+    def _iteration(self) -> None:
+        for seq in list(self.active):
+            if seq.cancelled.is_set():
+                self._finish(seq, "cancelled")
+        budget = self.token_budget - len(self.decoding)
+        fed = 0
+        for seq in [s for s in self.active if not s.decoding]:
+            while not seq.decoding and seq.slot >= 0 and (budget > 0 or not fed):
+                n = self._prefill_piece(seq)
+                budget, fed = budget - n, fed + n
+        if self.decoding:
+            self._decode()
+
+    def _prefill_piece(self, seq: Sequence) -> int:
+        """Prefill from seq.pos to the next cut point (chunk multiple, prefix cache cut, prompt end)."""
+        ids, start = seq.ids, seq.pos
+        end = min(len(ids), (start // seq.chunk + 1) * seq.chunk, *(c for c in seq.cuts if c > start))
+        piece = torch.tensor(ids[start:end], dtype=torch.long, device=self.device)
+        try:
+            logits = self.model.forward_tokens(piece, start, self.pool.slot(seq.slot), last_only=True)
+        except Exception as exc:
+            self._finish(seq, None, error=exc)
+            return end - start
+        seq.pos = end
+        if end in seq.cuts:
+            self.engine._remember_state(ids[:end], self.pool.slot(seq.slot))
+        if end == len(ids):
+            self._join_decoding(seq)
+            self._emit(seq, self._sample([seq], logits.view(1, -1))[0])
+        return end - start
+
+    def _join_decoding(self, seq: Sequence) -> None:
+        """Move the sequence from its prefill slot into slot len(decoding): the decoding ones stay in 0..B-1."""
+        target = len(self.decoding)
+        self.pool.copy_slot(seq.slot, target, seq.pos)
+        self.owner[seq.slot], self.owner[target] = None, seq
+        seq.slot = target
+        seq.decoding = True
+        self.decoding.append(seq)
+
+    def _decode(self) -> None:
+        rows = self.decoding
+        count = len(rows)
+        self.batch_size = count
+        self.peak_batch = max(self.peak_batch, count)
+        ids = torch.tensor([s.last for s in rows], dtype=torch.long)
+        positions = torch.tensor([s.pos for s in rows], dtype=torch.long)
+        window = self.capacity  # each slot's whole KV row: the same softmax sums whatever the others' lengths
+        if self.padded:
+            size = min(1 << (count - 1).bit_length(), self.max_batch)
+            self._ids_in.zero_()
+            self._positions_in.zero_()  # padding rows: token 0 at position 0 of a free decode slot
+            self._ids_in[:count].copy_(ids, non_blocking=True)
+            self._positions_in[:count].copy_(positions, non_blocking=True)
+            if self.use_graphs:
+                graph, out = self._graphs.get(size) or self._capture(size, window)
+                graph.replay()
+            else:
+                out = self.model.step_rows(self._ids_in[:size], self._positions_in[:size], self.pool.rows_of(size),
+                                           window, self.ops)
+            logits = out[:count]
+        else:
+            logits = self.model.step_rows(ids.to(self.device), positions.to(self.device), self.pool.rows_of(count),
+                                          window, self.ops)
+        self.steps += 1
+        for seq in rows:
+            seq.pos += 1
+        for seq, token in zip(list(rows), self._sample(rows, logits)):
+            self._emit(seq, token)
+
+    def _capture(self, size: int, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The batched step for `size` rows and an attention window, as a CUDA graph (its writes to the
+        pool during warm-up and capture are undone: only padding rows and live rows' own steps count)."""
+        rows = self.pool.rows_of(size)
+        saved = {name: t.clone() for name, t in rows.tensors().items()}
+        ids, positions = self._ids_in[:size], self._positions_in[:size]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm the allocator and the dense weights outside capture
+            for _ in range(2):
+                self.model.step_rows(ids, positions, rows, window, self.ops)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.model.step_rows(ids, positions, rows, window, self.ops)
+        for name, t in rows.tensors().items():
+            t.copy_(saved[name])
+        self._graphs[size] = (graph, out)
+        return graph, out
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | BaseException]:
+        """One token per row: greedy rows by one argmax, sampled rows each with its own generator."""
+        chosen: list = logits.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            if not seq.sampling.greedy:
+                try:
+                    chosen[i] = int(sample(logits[i], seq.sampling, seq.generator).item())
+                except Exception as exc:
+                    chosen[i] = exc
+        return chosen
+
+    def _emit(self, seq: Sequence, token: int | BaseException) -> None:
+        if isinstance(token, BaseException):
+            self._finish(seq, None, error=token)
+            return
+        now = time.perf_counter()
+        stats = seq.stats
+        if seq.first is None:
+            seq.first = now
+            stats.prefill_seconds = now - seq.start
+        stats.decode_seconds = now - seq.first
+        if seq.stop and token in self.engine.stop_ids:
+            self._finish(seq, "stop")
+            return
+        seq.tokens.append(token)
+        stats.generated_tokens += 1
+        seq.out.put(token)
+        if stats.generated_tokens >= seq.max_new_tokens:
+            self._finish(seq, "length")
+        else:
+            seq.last = token
+
+    def _finish(self, seq: Sequence, reason: str | None, error: BaseException | None = None) -> None:
+        """End a sequence: its reply's state into the prefix cache, its slot freed (the last decoding
+        sequence moves into a decoding hole), its consumer told."""
+        if seq.slot < 0:
+            return
+        if reason is not None:
+            seq.stats.stop_reason = reason if reason != "cancelled" else seq.stats.stop_reason
+            fed = (seq.ids + seq.tokens)[: seq.pos]  # what the slot holds
+            if seq.decoding and len(fed) > len(seq.ids) and self.engine.keeps(seq.ids):
+                self.engine._remember_state(fed, self.pool.slot(seq.slot))
+        slot = seq.slot
+        if seq.decoding:
+            last = self.decoding.pop()
+            if last is not seq:
+                self.pool.copy_slot(last.slot, slot, last.pos)
+                self.owner[last.slot] = None
+                last.slot = slot
+                self.decoding[self.decoding.index(seq)] = last
+                self.owner[slot] = last
+            else:
+                self.owner[slot] = None
+        else:
+            self.owner[slot] = None
+        seq.slot = -1
+        self.active.remove(seq)
+        seq.out.put(error if error is not None else None)
+        if error is not None:
+            seq.out.put(None)

@@ -1,0 +1,168 @@
+"""A prefix cache for hybrid models: snapshots of the whole decode state after a token prefix.
+
+A GDN layer cannot truncate its state to an earlier position the way an attention KV cache can: its
+recurrent and conv state after token n says nothing about token n-1. So the cache keeps *snapshots*
+(recurrent state, conv state and the KV rows of the prefix) taken at chosen points of a prompt:
+every `block` positions, where a chat message starts (so a system prompt that many users share is
+prefilled once, whatever its length), one token before the end of the prompt (the same prompt sent
+again) and at the end of the reply (so a chat's next turn resumes after its last answer even when
+other users ran in between).
+
+Entries are keyed by a 128-bit BLAKE2 digest of the token prefix and store the tokens themselves: a
+hit is verified against them, so a digest collision can never return another prefix's state. They
+are evicted least-recently-used by byte budgets: `device_bytes` on the accelerator, and where there
+is one, entries pushed out of it move to pinned host memory (`host_bytes`) before they are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+          "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'512M', '2G', '1.5GiB', '0', 1024 -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 2G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _token_bytes(ids) -> bytes:
+    return np.asarray(ids, dtype=np.int64).tobytes()
+
+
+@dataclass
+class Entry:
+    tokens: bytes  # the prefix (int64), compared on every hit
+    length: int
+    tensors: dict[str, torch.Tensor]
+    nbytes: int
+    on_device: bool
+
+
+class PrefixCache:
+    def __init__(self, device_bytes: int, host_bytes: int = 0, device: torch.device | str = "cpu", block: int = 256):
+        self.device = torch.device(device)
+        self.block = block
+        self.device_bytes = device_bytes
+        self.spills = self.device.type != "cpu" and host_bytes > 0
+        self.host_bytes = host_bytes if self.spills else 0
+        self._entries: OrderedDict[bytes, Entry] = OrderedDict()  # least recently used first
+        self._lengths: Counter[int] = Counter()  # the prefix lengths held, for the longest-match lookup
+        self.used = {"device": 0, "host": 0}
+        # every key from the start: /metrics reads these from another thread while they change
+        self.counts = Counter(dict.fromkeys(("lookups", "hits", "hit_tokens", "inserts", "spilled", "evicted",
+                                             "collisions"), 0))
+
+    @staticmethod
+    def digest(tokens: bytes) -> bytes:
+        return hashlib.blake2b(tokens, digest_size=16).digest()
+
+    @property
+    def enabled(self) -> bool:
+        return self.device_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> dict:
+        return {"entries": len(self._entries), "device_bytes": self.used["device"], "host_bytes": self.used["host"],
+                "device_budget": self.device_bytes, "host_budget": self.host_bytes, **self.counts}
+
+    def _find(self, tokens: bytes) -> Entry | None:
+        entry = self._entries.get(self.digest(tokens))
+        if entry is None:
+            return None
+        if entry.tokens != tokens:  # same digest, another prefix
+            self.counts["collisions"] += 1
+            return None
+        return entry
+
+    def contains(self, ids) -> bool:
+        return self._find(_token_bytes(ids)) is not None
+
+    def lookup(self, ids, limit: int, min_length: int = 1) -> tuple[int, Entry | None]:
+        """The longest cached prefix of `ids` with min_length <= length <= limit: (length, entry), or (0, None)."""
+        if not self.enabled:
+            return 0, None
+        self.counts["lookups"] += 1
+        tokens = _token_bytes(ids)
+        width = 8
+        for length in sorted((n for n in self._lengths if min_length <= n <= limit), reverse=True):
+            entry = self._find(tokens[: length * width])
+            if entry is not None:
+                self._entries.move_to_end(self.digest(entry.tokens))
+                self.counts["hits"] += 1
+                self.counts["hit_tokens"] += length
+                return length, entry
+        return 0, None
+
+    def insert(self, ids, tensors: dict[str, torch.Tensor]) -> bool:
+        """Keep `tensors` (the caller's own copies, on the device) as the state after `ids`."""
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if not self.enabled or nbytes > max(self.device_bytes, self.host_bytes):
+            return False
+        tokens = _token_bytes(ids)
+        key = self.digest(tokens)
+        if (old := self._entries.get(key)) is not None:
+            self._drop(key, old)
+        on_device = nbytes <= self.device_bytes
+        if not on_device:
+            tensors = self._to_host(tensors)
+        entry = Entry(tokens, len(ids), tensors, nbytes, on_device)
+        self._entries[key] = entry
+        self._lengths[entry.length] += 1
+        self.used["device" if on_device else "host"] += nbytes
+        self.counts["inserts"] += 1
+        self._fit()
+        return True
+
+    def clear(self) -> None:
+        for key, entry in list(self._entries.items()):
+            self._drop(key, entry)
+
+    def _drop(self, key: bytes, entry: Entry) -> None:
+        del self._entries[key]
+        self._lengths[entry.length] -= 1
+        if not self._lengths[entry.length]:
+            del self._lengths[entry.length]
+        self.used["device" if entry.on_device else "host"] -= entry.nbytes
+
+    def _to_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pin = torch.cuda.is_available() and self.device.type == "cuda"  # stream-ordered: restores copy after it
+        return {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin)
+                for name, t in tensors.items()}
+
+    def _fit(self) -> None:
+        """Spill (or drop) least recently used device entries past the device budget, then drop host ones."""
+        for key, entry in list(self._entries.items()):
+            if self.used["device"] <= self.device_bytes:
+                break
+            if not entry.on_device:
+                continue
+            if self.spills:
+                entry.tensors = self._to_host(entry.tensors)
+                entry.on_device = False
+                self.used["device"] -= entry.nbytes
+                self.used["host"] += entry.nbytes
+                self.counts["spilled"] += 1
+            else:
+                self._drop(key, entry)
+                self.counts["evicted"] += 1
+        for key, entry in list(self._entries.items()):
+            if self.used["host"] <= self.host_bytes:
+                break
+            if not entry.on_device:
+                self._drop(key, entry)
+                self.counts["evicted"] += 1

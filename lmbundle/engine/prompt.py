@@ -1,0 +1,80 @@
+"""Chat prompts where only the chat template makes control tokens.
+
+A tokenizer encodes the string `<|im_end|>` as the control token wherever it occurs, so a message that
+contains `<|im_end|>\\n<|im_start|>system ...` would end its own turn and open a system turn (a role
+injection). Here every string that came from the caller (message text, reasoning, tool results, tool
+definitions) has its special-token strings defused with a private-use mark before the template runs;
+the rendered prompt is then cut at the special tokens that remain (the template's own) and each piece
+between them is encoded with special tokens split into text (the mark removed first). For prompts
+without such strings this gives exactly the ids of a plain `apply_chat_template(tokenize=True)`: a
+tokenizer also cuts at its special tokens first and encodes the pieces between them on their own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MARK = "\ue000"  # a private-use character: inserted after the first character of a special token
+_UNMARK = re.compile(MARK + "(" + MARK + "?)")
+
+
+@dataclass
+class ChatPrompt:
+    ids: list[int]
+    text: str  # the rendered template (client special-token strings shown as text)
+
+    @property
+    def opens_thinking(self) -> bool:
+        """The prompt ends inside an open <think> block (Qwen3.5's generation prompt when thinking is on):
+        the model's first tokens are reasoning, and `</think>` ends them."""
+        tail = self.text[self.text.rfind("<|im_start|>"):]
+        return tail.rfind("<think>") > tail.rfind("</think>")
+
+
+def special_tokens(tokenizer) -> list[str]:
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    found = {t.content for t in decoder.values() if getattr(t, "special", False)}
+    found.update(getattr(tokenizer, "all_special_tokens", []) or [])
+    return sorted((t for t in found if t and len(t) > 1), key=len, reverse=True)
+
+
+def defuse(value, pattern: re.Pattern):
+    """A deep copy of `value` with every special-token string in its strings (dict keys too) marked."""
+    if isinstance(value, str):
+        return pattern.sub(lambda m: m.group(0)[0] + MARK + m.group(0)[1:], value.replace(MARK, MARK + MARK))
+    if isinstance(value, dict):
+        return {defuse(k, pattern): defuse(v, pattern) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [defuse(v, pattern) for v in value]
+    return value
+
+
+def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                template_kwargs: dict | None = None, add_generation_prompt: bool = True) -> ChatPrompt:
+    """Template-rendered chat -> ids, with the caller's strings always tokenized as text. Image parts
+    ({"type": "image"}) and other non-string values pass through untouched."""
+    specials = special_tokens(tokenizer)
+    kwargs = dict(template_kwargs or {})
+    if not specials:
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                             tokenize=False, **kwargs)
+        return ChatPrompt(list(tokenizer.encode(text, add_special_tokens=False)), text)
+    pattern = re.compile("|".join(map(re.escape, specials)))
+    rendered = tokenizer.apply_chat_template(defuse(messages, pattern), tools=defuse(tools, pattern) if tools else None,
+                                             add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
+    ids: list[int] = []
+    cut = 0
+    for match in pattern.finditer(rendered):  # the template's own control tokens (the caller's are marked)
+        ids += _as_text(tokenizer, rendered[cut:match.start()])
+        ids.append(tokenizer.convert_tokens_to_ids(match.group(0)))
+        cut = match.end()
+    ids += _as_text(tokenizer, rendered[cut:])
+    return ChatPrompt(ids, _UNMARK.sub(r"\1", rendered))
+
+
+def _as_text(tokenizer, piece: str) -> list[int]:
+    if not piece:
+        return []
+    piece = _UNMARK.sub(r"\1", piece)
+    return list(tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"])

@@ -1,0 +1,178 @@
+"""Continuous batching on the CPU (the reference ops): a greedy request's tokens are the same alone or
+among 8 others that join and leave at different times, seeded sampling repeats per request, a request
+that stops mid-batch frees its slot without touching the others' tokens, and the prefix cache works
+through the batch slots."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from lmbundle.convert.convert import convert
+from lmbundle.engine.engine import Engine, GenerationStats
+from lmbundle.engine.sampling import Sampling
+from tests.conftest import DEMO_QWEN35
+
+TEXTS = [
+    "Once upon a time there was a little cat",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "A small model speaks plain English.",
+    "The old man",
+    "Once upon a time there was a little cat who lived in a house by the sea. " * 2,
+    "The king",
+    "lived in a house by the sea",
+    "The quick brown fox",
+    "plain English. A small model",
+]
+LENGTHS = [12, 5, 16, 9, 3, 14, 7, 10, 11]  # they leave the batch at different steps
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_qwen35, tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    return {"tiny": convert(str(tiny_qwen35), root / "tiny", quant="fp16", backend="torch", max_context=512, log=None),
+            "demo": convert(str(DEMO_QWEN35), root / "demo", quant="int8hu", backend="torch", max_context=512,
+                            log=None)}
+
+
+def tokens(engine, ids, n, sampling=Sampling(), stats=None, chunk=0):
+    return list(engine.generate(ids, n, sampling, stop=False, stats=stats, prefill_chunk=chunk))
+
+
+def together(engine, prompts, lengths, sampling=Sampling(), stagger=0.0):
+    def run(i):
+        time.sleep(stagger * i)
+        return tokens(engine, prompts[i], lengths[i], sampling)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(run, range(len(prompts))))
+
+
+@pytest.mark.parametrize("which,padded", [("tiny", False), ("demo", False), ("tiny", True)])
+def test_greedy_alone_equals_among_eight_others(which, padded, bundles, one_thread):
+    engine = Engine(bundles[which], backend="torch", device="cpu", max_batch=9, cache_bytes=0, cache_block=16)
+    engine.scheduler.padded = padded  # the CUDA graphs' layout: rows up to a power of two, padding in free slots
+    try:
+        prompts = [engine.encode(t) for t in TEXTS]
+        alone = [tokens(engine, p, n) for p, n in zip(prompts, LENGTHS)]
+        assert engine.scheduler.peak_batch == 1
+        assert together(engine, prompts, LENGTHS) == alone
+        assert engine.scheduler.peak_batch >= 5
+        assert together(engine, prompts, LENGTHS, stagger=0.01) == alone  # joining mid-way
+        assert not engine.scheduler.active
+        if which == "demo":  # a trained model's margins: the one-request engine picks the same tokens
+            single = Engine(bundles[which], backend="torch", device="cpu", cache_bytes=0)
+            assert [tokens(single, p, n) for p, n in zip(prompts, LENGTHS)] == alone
+    finally:
+        engine.close()
+
+
+def test_seeded_sampling_repeats_per_request(bundles, one_thread):
+    engine = Engine(bundles["tiny"], backend="torch", device="cpu", max_batch=9, cache_bytes=0, cache_block=16)
+    try:
+        prompts = [engine.encode(t) for t in TEXTS]
+        seeded = Sampling(temperature=0.9, top_p=0.95, seed=11)
+        alone = [tokens(engine, p, n, seeded) for p, n in zip(prompts, LENGTHS)]
+        assert together(engine, prompts, LENGTHS, seeded) == alone
+    finally:
+        engine.close()
+
+
+def test_logits_processors_apply_with_batching_on(bundles, one_thread):
+    """A request with a logit bias (penalties, grammars and logprob recorders alike) runs on the
+    one-request path even when the engine batches: the bias is applied, greedy or not."""
+    from lmbundle.engine.sampling import Penalties
+
+    engine = Engine(bundles["tiny"], backend="torch", device="cpu", max_batch=4, cache_bytes=0, cache_block=16)
+    try:
+        ids = engine.encode(TEXTS[0])
+        plain = tokens(engine, ids, 6)
+        vocab = engine.bundle.info["config"]["vocab_size"]
+        barred = Sampling(processors=(Penalties(vocab, engine.device, bias={t: -100.0 for t in set(plain)}),))
+        biased = tokens(engine, ids, 6, barred)
+        assert not set(biased) & set(plain)
+    finally:
+        engine.close()
+
+
+def test_a_request_stopped_mid_batch_frees_its_slot(bundles, one_thread):
+    engine = Engine(bundles["tiny"], backend="torch", device="cpu", max_batch=3, cache_bytes=0, cache_block=16)
+    try:
+        prompts = [engine.encode(t) for t in TEXTS[:3]]
+        alone = [tokens(engine, p, 20) for p in prompts]
+        started = threading.Barrier(3)
+
+        def quitter():
+            gen = engine.generate(prompts[0], 400, stop=False)
+            next(gen)
+            started.wait()
+            next(gen)
+            gen.close()  # the client went away: its slot is freed between steps
+
+        def stayer(i):
+            started.wait()
+            return tokens(engine, prompts[i], 20)
+
+        with ThreadPoolExecutor(3) as pool:
+            quit_ = pool.submit(quitter)
+            rest = [pool.submit(stayer, i) for i in (1, 2)]
+            quit_.result()
+            assert [f.result() for f in rest] == alone[1:]
+        deadline = time.monotonic() + 5
+        while engine.scheduler.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not engine.scheduler.active and engine.scheduler.owner == [None] * 6
+        assert tokens(engine, prompts[0], 20) == alone[0]  # the freed slot serves again, exactly
+        with pytest.raises(Exception, match="top_p"):  # a bad request fails alone
+            tokens(engine, prompts[1], 4, Sampling(top_p=0.0))
+    finally:
+        engine.close()
+
+
+def test_a_failing_request_fails_alone(bundles, one_thread):
+    """A fault in one request's prefill (here: planted) ends that request with the error; the others in
+    the batch keep their exact tokens and the slot serves again."""
+    engine = Engine(bundles["tiny"], backend="torch", device="cpu", max_batch=4, cache_bytes=0, cache_block=16)
+    try:
+        prompts = [engine.encode(t) for t in TEXTS[:4]]
+        alone = [tokens(engine, p, 12) for p in prompts]
+        model, bad = engine.scheduler.model, prompts[2][0]
+        real = model.forward_tokens
+
+        def faulty(ids, start, state, **kwargs):
+            if start == 0 and int(ids[0]) == bad:
+                raise RuntimeError("planted fault")
+            return real(ids, start, state, **kwargs)
+
+        model.forward_tokens = faulty
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                futures = [pool.submit(tokens, engine, p, 12) for p in prompts]
+                with pytest.raises(RuntimeError, match="planted fault"):
+                    futures[2].result()
+                assert [f.result() for i, f in enumerate(futures) if i != 2] == alone[:2] + alone[3:]
+        finally:
+            del model.forward_tokens
+        assert tokens(engine, prompts[2], 12) == alone[2] and not engine.scheduler.active
+    finally:
+        engine.close()
+
+
+def test_prefix_cache_through_the_batch(bundles, one_thread):
+    engine = Engine(bundles["tiny"], backend="torch", device="cpu", max_batch=4, cache_block=16)
+    plain = Engine(bundles["tiny"], backend="torch", device="cpu", max_batch=4, cache_bytes=0, cache_block=16)
+    try:
+        base = engine.encode(TEXTS[4])
+        first = tokens(engine, base, 6)
+        turn = base + first + engine.encode(" The king")
+        stats = GenerationStats()
+        got = tokens(engine, turn, 8, stats=stats)
+        assert stats.cached_tokens == len(base) + len(first) - 1  # the reply's state, kept at its end
+        assert got == tokens(plain, turn, 8)
+        assert engine.totals["cached_tokens"] >= stats.cached_tokens
+    finally:
+        engine.close()
+        plain.close()
