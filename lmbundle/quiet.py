@@ -4,15 +4,21 @@
 imports lmbundle as a library sees everything. Each message below is matched by its text, so any
 other warning, log line or runtime output still shows, and errors still end as one `error:` line.
 
-| source | message | silenced by |
-| --- | --- | --- |
-| torch.utils._pytree (torch.export, conversion) | FutureWarning "`isinstance(treespec, LeafSpec)` is deprecated" | warnings filter |
-| torch.utils._pytree (older transformers) | FutureWarning "`torch.utils._pytree._register_pytree_node` is deprecated" | warnings filter |
-| coreai-torch import | UserWarning "coreai-torch has only been validated with torch<=..." | warnings filter |
-| transformers.integrations.hub_kernels (the oracle's Qwen3.5 GDN) | "`causal_conv1d_fn` is falling back to its reference PyTorch implementation because `causal_conv1d` is not installed..." (also `flash-linear-attention`) | logging filter |
-| transformers `from_pretrained` (the oracle) | "Loading weights" progress bar | `transformers_loading()` around it |
-| coreai-torch converter (rich console on stdout) | "coreai-torch 0.4.3: converting 1 program(s) to Core AI" | `python_stdout_filtered()` around `to_coreai()` |
-| Core AI runtime (native code, straight to file descriptor 2) | "ODIE [default]: Loading function 'main'" | `native_stderr_filtered()` around `load_function` |
+- torch.utils._pytree (torch.export, in conversion): FutureWarning "`isinstance(treespec, LeafSpec)`
+  is deprecated"; with older transformers "`torch.utils._pytree._register_pytree_node` is
+  deprecated". A warnings filter.
+- coreai-torch, on import: UserWarning "coreai-torch has only been validated with torch<=...".
+  A warnings filter.
+- transformers.integrations.hub_kernels (the oracle's Qwen3.5 GDN layers): "`causal_conv1d_fn` is
+  falling back to its reference PyTorch implementation because `causal_conv1d` is not installed..."
+  and the same for `flash-linear-attention`. A filter on that logger.
+- transformers `from_pretrained` (the oracle): the "Loading weights" progress bar.
+  `transformers_loading()` around the load (hub downloads keep their bars).
+- coreai-torch's converter (a rich console on stdout): "coreai-torch 0.4.3: converting 1 program(s)
+  to Core AI". `python_stdout_filtered()` around `to_coreai()` (convert/coreai_export.py,
+  convert/vision_export.py).
+- The Core AI runtime (native code, straight to file descriptor 2): "ODIE [default]: Loading function
+  'main'". `native_stderr_filtered()` around `load_function` (engine/coreai_backend.py).
 
 The last two are written by code that Python's filters never see, so the calls that emit them run
 inside a context manager that captures the stream and writes back every line it does not know.

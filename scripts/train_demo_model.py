@@ -807,8 +807,9 @@ def main() -> None:
             report["text"] = train(model, stream, settings, SEED, key)
         model.to("cpu")  # measured and sampled on the CPU in fp32, as the gates run
         if is_vl:
-            report["see"] = train_seeing(model, tokenizer, stream, SeeSettings(steps=args.see_steps, threads=args.threads, lr_vision=args.lr_vision,
-                                                                  warmup_steps=args.warmup_steps), SEED)
+            see = SeeSettings(steps=args.see_steps, threads=args.threads, lr_vision=args.lr_vision,
+                              warmup_steps=args.warmup_steps)
+            report["see"] = train_seeing(model, tokenizer, stream, see, SEED)
             report["see"].update(picture_accuracy(model, tokenizer))
         report.update(held_out_figures(model, held_out, settings.seq_len))
         report["greedy"] = samples(model, tokenizer)
