@@ -730,6 +730,9 @@ def save(model, tokenizer, folder: Path, report: dict, with_processor: bool) -> 
     model.generation_config.bos_token_id = None
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    config = folder / "tokenizer_config.json"  # keys from_pretrained adds (--see-from) and nothing reads
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                  if k not in ("is_local", "local_files_only")}, indent=2) + "\n")
     if with_processor:
         save_processor(folder)
     (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
