@@ -35,6 +35,7 @@ from ..bundle.format import IMAGE_INPUT_NAMES, STATE_NAMES, STEP_INPUT_NAMES, ST
 from ..errors import LmbundleError
 from ..models.image_prompt import ImageContext
 from ..models.ops import StepOps
+from ..quiet import python_stdout_filtered
 
 COMPILED_NAME = "main-unspecialized.odix"  # where the Linux runtime looks for a compiled program in the folder
 PREFILL_FUNCTION = "prefill"
@@ -240,7 +241,8 @@ def export_aimodel(
             del exported, graph
     finally:
         model.ops = previous
-    program = converter.to_coreai()
+    with python_stdout_filtered():  # its "converting N program(s)" line (lmbundle/quiet.py)
+        program = converter.to_coreai()
     program.save_asset(out_path)
     del converter, program
     if compile_for_linux:

@@ -26,6 +26,7 @@ from ..bundle.load import load_weights
 from ..bundle.vision import DEFAULT_IMAGE_SIZE, VISION_WEIGHTS, ImageSpec
 from ..errors import LmbundleError
 from ..models.vision import VisionConfig, VisionEncoder, sanitize
+from ..quiet import python_stdout_filtered
 from .checkpoint import Checkpoint, open_checkpoint, read_json
 
 DEFAULT_MAX_IMAGES = 4  # image slots of the decoder's fixed ImageContext (4 x 196 tokens)
@@ -34,7 +35,7 @@ _TOKEN_KEYS = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
 
 def write_vision(
     checkpoint: Checkpoint, folder: Path, text_hidden: int, dtype: torch.dtype = torch.float16,
-    max_images: int = DEFAULT_MAX_IMAGES, image_size: int = DEFAULT_IMAGE_SIZE, asset: str | None = None,
+    max_images: int = DEFAULT_MAX_IMAGES, image_size: int | None = None, asset: str | None = None,
 ) -> dict[str, Any]:
     """Write the checkpoint's vision encoder to `folder/vision.safetensors` (and the Core AI `asset`,
     a `.aimodel` folder name, when given); returns the metadata section."""
@@ -107,7 +108,9 @@ def export_vision_aimodel(encoder: VisionEncoder, out_path: Path) -> Path:
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
     converter.add_exported_program(exported, input_names=["patches"],
                                    output_names=["image_embeds", "deepstack_embeds"])
-    converter.to_coreai().save_asset(Path(out_path))
+    with python_stdout_filtered():  # its "converting 1 program(s)" line (lmbundle/quiet.py)
+        program = converter.to_coreai()
+    program.save_asset(Path(out_path))
     return Path(out_path)
 
 
@@ -123,8 +126,9 @@ def load_vision_encoder(
     return encoder.eval()
 
 
-def image_spec_of(checkpoint: str | Path, image_size: int = DEFAULT_IMAGE_SIZE) -> ImageSpec:
-    """The preprocessing a checkpoint's image processor does, at our fixed square size."""
+def image_spec_of(checkpoint: str | Path, image_size: int | None = None) -> ImageSpec:
+    """The preprocessing a checkpoint's image processor does, at our fixed square size (None: see
+    `default_image_size`)."""
     checkpoint = Path(checkpoint)
     config = read_json(checkpoint / "config.json")
     if "vision_config" not in config:
@@ -132,8 +136,20 @@ def image_spec_of(checkpoint: str | Path, image_size: int = DEFAULT_IMAGE_SIZE) 
     return image_spec_from_configs(config["vision_config"], _processor_config(checkpoint), image_size)
 
 
+def default_image_size(processor_config: Mapping, unit: int) -> int:
+    """The fixed square's side: 448, or less where the processor allows fewer pixels than 448^2 (its
+    `size.longest_edge` in transformers 5, `max_pixels` before): the largest multiple of `unit`
+    (patch x merge) whose square fits. The demo Qwen3-VL's bound is 128^2: 128, 8x8 patches, 16 tokens."""
+    size = processor_config.get("size")
+    bound = size.get("longest_edge") if isinstance(size, Mapping) else None
+    bound = bound or processor_config.get("max_pixels")
+    if not isinstance(bound, (int, float)) or bound >= DEFAULT_IMAGE_SIZE**2:
+        return DEFAULT_IMAGE_SIZE
+    return max(unit, int(bound**0.5) // unit * unit)
+
+
 def image_spec_from_configs(
-    vision_config: Mapping, processor_config: Mapping, image_size: int = DEFAULT_IMAGE_SIZE
+    vision_config: Mapping, processor_config: Mapping, image_size: int | None = None
 ) -> ImageSpec:
     """From the `vision_config` dict of config.json and the preprocessor_config.json dict."""
     patch = vision_config.get("patch_size", 16)
@@ -155,7 +171,7 @@ def image_spec_from_configs(
         std=tuple(float(v) for v in processor_config["image_std"]),
         rescale_factor=float(processor_config.get("rescale_factor", 1 / 255)),
         resample=int(processor_config.get("resample", Image.Resampling.BICUBIC)),
-        image_size=image_size,
+        image_size=image_size or default_image_size(processor_config, patch * merge),
     )
 
 

@@ -30,6 +30,7 @@ from ..bundle.format import IMAGE_INPUT_NAMES, STATE_NAMES
 from ..errors import LmbundleError
 from ..models.image_prompt import NO_SHIFT_START
 from ..models.state import State
+from ..quiet import native_stderr_filtered
 from .sampling import Sampling, sample
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
@@ -122,8 +123,9 @@ class CoreAIBackend:
 
     async def _load(self):
         model = await self._runtime.AIModel.load(self.compiled)
-        prefill = model.load_function(PREFILL_FUNCTION) if PREFILL_FUNCTION in model.function_names else None
-        return model.load_function("main"), prefill
+        with native_stderr_filtered():  # the runtime's "ODIE [default]: Loading function ..." (lmbundle/quiet.py)
+            prefill = model.load_function(PREFILL_FUNCTION) if PREFILL_FUNCTION in model.function_names else None
+            return model.load_function("main"), prefill
 
     def _call(self, coroutine) -> Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)

@@ -11,7 +11,7 @@ one stretched to it, two images in one prompt. For each:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -58,6 +58,20 @@ class ImageGateReport(Report):
     sweep_ties: int = 0
     sweep_positions: int = 0
     sweep_min_cosine: float = 1.0
+    sweep_margins: list = field(default_factory=list)  # the oracle's top-2 logit margin at each sweep position
+
+    @property
+    def margin_min(self) -> float:
+        return min(self.sweep_margins, default=0.0)
+
+    @property
+    def margin_median(self) -> float:
+        return float(np.median(self.sweep_margins)) if self.sweep_margins else 0.0
+
+    @property
+    def margin_decided(self) -> float:
+        """Share of sweep positions where top-1 is decided (margin >= the tie bound), not a coin toss."""
+        return float(np.mean([m >= TIE_MARGIN for m in self.sweep_margins])) if self.sweep_margins else 0.0
 
     def lines(self) -> list[str]:
         ties = f" ({self.sweep_ties} ties)" if self.sweep_ties else ""
@@ -67,6 +81,8 @@ class ImageGateReport(Report):
             f"   vision embeddings min cosine {self.vision_min_cosine:.6f}",
             f"  image sweep top-1 (last {SWEEP}, S=1) {self.sweep_top1}/{self.sweep_positions}{ties}"
             f"   min logits cosine {self.sweep_min_cosine:.6f}",
+            f"  oracle top-2 margin at those positions: min {self.margin_min:.3f}, median {self.margin_median:.3f}, "
+            f"{self.margin_decided:.0%} >= {TIE_MARGIN}",
         ]  # the verdict is the one line `gate.verdict` prints for text and image parts together
 
 
@@ -135,6 +151,7 @@ def run_image_gate(engine: Engine, oracle: Oracle, prompts=PROMPTS) -> ImageGate
         report.sweep_top1 += int((same | tie).sum())
         report.sweep_ties += int(tie.sum())
         report.sweep_positions += len(ours)
+        report.sweep_margins += (top2[:, 0] - top2[:, 1]).tolist()
         cosine = torch.nn.functional.cosine_similarity(ours, logits, dim=-1).min().item()
         report.sweep_min_cosine = min(report.sweep_min_cosine, cosine)
 

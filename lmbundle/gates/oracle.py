@@ -23,6 +23,7 @@ from ..convert.checkpoint import open_checkpoint
 from ..errors import LmbundleError
 from ..models.linear import dequantize, quantize_absmax
 from ..models.state import LINEAR_ATTENTION, State, StateSpec
+from ..quiet import transformers_loading
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Oracle:
         ckpt = open_checkpoint(source)
         arch = next(a for a in ckpt.config.get("architectures") or ["Qwen3_5ForCausalLM"])
         model_class = getattr(transformers, arch, None) or transformers.AutoModelForCausalLM
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), transformers_loading():
             warnings.simplefilter("ignore")
             try:
                 self.model = model_class.from_pretrained(str(ckpt.path), dtype=torch.float32).eval()
