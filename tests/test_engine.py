@@ -110,13 +110,14 @@ def test_cli_run_streams_and_bench_reports(fp16_bundle, engine):
     ids = engine.encode("Once upon a time")
     expected = engine.tokenizer.decode(list(engine.generate(ids, 12)), skip_special_tokens=True)
     assert out.stdout.rstrip("\n") == expected
-    bench = _cli("bench", str(fp16_bundle), "-p", "16", "-g", "16", "-n", "1", "--json", "--device", "cpu")
+    bench = _cli("bench", str(fp16_bundle), "-p", "16", "-g", "16", "-n", "2", "--json", "--device", "cpu")
     assert bench.returncode == 0, bench.stderr
     import json
 
     result = json.loads(bench.stdout)
     assert result["decode_tok_s"] > 0 and result["bytes_per_token"] > 0 and 0 < result["bandwidth_fraction"]
     assert result["prefill"] == "s1" and result["chunked_prefill"] == 256 and result["chunked_prefill_tok_s"] > 0
+    assert result["cached_tokens"] == 0  # every trial timed the whole prompt, not a prefix-cache hit
 
 
 @pytest.mark.parametrize("args,message", [

@@ -134,6 +134,12 @@ class Engine:
 
             self.scheduler = BatchScheduler(self, max_batch, token_budget, chunk=cache_block)
 
+    def forget(self) -> None:
+        """Start the next prompt cold: no state kept from the last call, an empty prefix cache (benchmarks
+        time prompts, not cache hits)."""
+        self._held = None
+        self.prefix_cache.clear()
+
     def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.close()
