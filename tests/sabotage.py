@@ -76,7 +76,7 @@ def reexport(folder: Path) -> None:
     asset = bundle.aimodel_path
     model = load_graph(bundle, dtype=torch.float16, verify=False)  # the layout convert exports: fp16, int8, fp32 GDN
     shutil.rmtree(asset)
-    export_aimodel(model, capacity=bundle.max_context, out_path=asset, vision=bundle.metadata.get("vision"))
+    export_aimodel(model, max_context=bundle.max_context, out_path=asset, vision=bundle.metadata.get("vision"))
 
 
 def edit_metadata(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:

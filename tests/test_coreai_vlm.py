@@ -91,8 +91,8 @@ def test_text_prompt_after_an_image_prompt_matches_torch(engines):
 
 def test_image_gate_on_core_ai(tmp_path):
     """`lmbundle gate VLM --backend coreai`'s image part on the trained demo Qwen3-VL: in-graph M-RoPE
-    positions == get_rope_index, the S=1 sweep on the Core AI asset (dynamic KV grown past 256 by the
-    two-image prompt) top-1 == the fp32 transformers oracle; and the bundle's Apple keys."""
+    positions == get_rope_index, the S=1 sweep on the Core AI asset (dynamic KV states) top-1 == the
+    fp32 transformers oracle; and the bundle's Apple keys. (Growth past 256: test_coreai_bundle.py.)"""
     import json
     from pathlib import Path
 
@@ -116,6 +116,6 @@ def test_image_gate_on_core_ai(tmp_path):
         gate = run_image_gate(engine, Oracle(str(demo)))
         assert gate.passed, gate.lines()
         assert gate.positions_exact == gate.prompts == 3 and gate.sweep_positions == 48
-        assert engine.backend.capacity == 512  # the two-image prompt (> 392 tokens) grew the states
+        assert engine.backend.capacity >= 256  # the engine's first allocation (the demo's images are 16 tokens)
     finally:
         engine.backend.close()
