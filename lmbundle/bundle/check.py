@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LmbundleError
+from .format import IMAGE_INPUT_NAMES
 
 PASS, FAIL, DIFFERS = "PASS", "FAIL", "DIFFERS"
 APPLE = "apple/coreai-models"
@@ -38,7 +39,6 @@ EXPORT_BUNDLE = "python/src/coreai_models/export/bundle.py"
 BUNDLE_KINDS = ("llm", "vlm", "diffusion", "segmenter", "speech_recognizer")
 STATE_KINDS = ("kv_cache", "sliding_cache", "fixed")
 IMAGE_STRATEGIES = ("stretch", "center_crop", "pad")
-OUR_IMAGE_INPUTS = ("image_embeds", "deepstack_embeds", "rope_shift_start", "rope_shift_amount")
 
 
 @dataclass
@@ -289,7 +289,7 @@ def _check_asset(report: CheckReport, aimodel: Path, meta: dict, language: dict)
 def _check_pipelined(report: CheckReport, sig: Signature, meta: dict, language: dict) -> None:
     inputs, outputs, states = sig.inputs, sig.outputs, sig.states
     names = [n for n, _ in inputs]
-    image = [n for n in names[2:] if n in OUR_IMAGE_INPUTS]
+    image = [n for n in names[2:] if n in IMAGE_INPUT_NAMES]
     report.add("two inputs", len(inputs) == 2, f"{names}; the engine binds exactly 2 (input_ids, position_ids)",
                PIPELINED, differs="the 4 extra inputs are the VLM image rows (zoo static-inputs patch)"
                if image and len(inputs) == 2 + len(image) else None)

@@ -29,6 +29,7 @@ from ..bundle.load import build_graph, load_weights
 from ..bundle.quant import bytes_per_token, check_mode, quantize_model
 from ..errors import LmbundleError
 from ..models.decoder import DecoderForStep
+from ..models.state import GROWING_STATES
 from .checkpoint import Checkpoint, open_checkpoint
 from .vision_export import write_vision
 
@@ -69,7 +70,7 @@ def state_layout(model: torch.nn.Module, capacity: int) -> dict[str, Any]:
     state = model.new_state(capacity, device="meta")
     return {
         name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-               "grows": name in ("key", "value")}
+               "grows": name in GROWING_STATES}
         for name, t in state.tensors().items()
     }
 
@@ -169,18 +170,19 @@ def convert(
     return out
 
 
-APPLE_STATE_NAMES = {"convState": "convStates", "recState": "recurrentStates"}  # Apple's own Qwen3.5 export
+APPLE_STATE_NAMES = {"conv": "convStates", "rec": "recurrentStates"}  # Apple's own Qwen3.5 export, where ours differ
 
 
 def apple_language_keys(metadata: dict[str, Any], model: torch.nn.Module, functions: list[str]) -> None:
     """What Apple's loader reads beyond the base schema: the state kinds (KV grows, GDN states are fixed)
     and the entry points of the asset."""
     state = model.new_state(1, device="meta")
-    present = [STATE_NAMES[f] for f, t in state.tensors().items() if t.numel()]
+    present = [f for f, t in state.tensors().items() if t.numel()]
     language = metadata["language"]
-    language["states"] = {n: "kv_cache" if n in ("keyCache", "valueCache") else "fixed" for n in present}
+    language["states"] = {STATE_NAMES[f]: "kv_cache" if f in GROWING_STATES else "fixed" for f in present}
     language["function_map"] = {f: [f] for f in functions}
-    metadata["lmbundle"]["apple_state_names"] = {n: APPLE_STATE_NAMES.get(n, n) for n in present}
+    metadata["lmbundle"]["apple_state_names"] = {STATE_NAMES[f]: APPLE_STATE_NAMES.get(f, STATE_NAMES[f])
+                                                 for f in present}
     metadata["lmbundle"]["coreai_kv"] = "dynamic"  # the asset's KV length is -1: grown by the host up to max_context
 
 

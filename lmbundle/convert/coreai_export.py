@@ -35,6 +35,7 @@ from ..bundle.format import IMAGE_INPUT_NAMES, STATE_NAMES, STEP_INPUT_NAMES, ST
 from ..errors import LmbundleError
 from ..models.image_prompt import ImageContext
 from ..models.ops import StepOps
+from ..models.state import GROWING_STATES
 from ..quiet import python_stdout_filtered
 
 COMPILED_NAME = "main-unspecialized.odix"  # where the Linux runtime looks for a compiled program in the folder
@@ -80,7 +81,7 @@ class DecoderGraph(nn.Module):
         self.kv_example = {}
         for field in dataclasses.fields(state):
             tensor = getattr(state, field.name)
-            if field.name in ("key", "value") and fixed_capacity is None:
+            if field.name in GROWING_STATES and fixed_capacity is None:
                 self.kv_example[field.name] = tensor
             elif tensor.numel():
                 self.register_buffer(STATE_NAMES[field.name], tensor)
@@ -90,7 +91,7 @@ class DecoderGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *rest: torch.Tensor):
         """rest: the four image inputs when the graph was built with an image context, then keyCache and
         valueCache when they are dynamic."""
-        kv = dict(zip(("key", "value"), rest[len(rest) - 2:])) if self.fixed_capacity is None else {}
+        kv = dict(zip(GROWING_STATES, rest[len(rest) - 2:])) if self.fixed_capacity is None else {}
         image_inputs = rest[: len(rest) - len(kv)]
         tensors = {field: kv[field] if field in kv else self._empty[field] if field in self._empty
                    else getattr(self, name) for field, name in STATE_NAMES.items()}

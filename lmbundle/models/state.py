@@ -15,6 +15,7 @@ import torch
 
 LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"
+GROWING_STATES = ("key", "value")  # the `State` fields whose sequence axis grows with the context
 
 
 @dataclass
@@ -78,7 +79,7 @@ class State:
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Slot src's state (its first `length` KV rows) into slot dst of a pool."""
         for name, t in self.tensors().items():
-            if name in ("key", "value"):
+            if name in GROWING_STATES:
                 t[:, dst, :, :length].copy_(t[:, src, :, :length])
             else:
                 t[:, dst].copy_(t[:, src])
