@@ -94,12 +94,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one torch thread for tiny models
 
 
 @pytest.fixture(scope="module")

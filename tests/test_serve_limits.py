@@ -12,20 +12,13 @@ import time
 import openai
 import psutil
 import pytest
-import torch
 from PIL import Image
 
 from lmbundle.convert.convert import convert
 from tests.test_serve import API_KEY, start_server, stop_server
 from tests.test_vlm_e2e import _make_checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one torch thread for tiny models
 
 
 @pytest.fixture(scope="module")
