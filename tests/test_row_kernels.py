@@ -1,0 +1,195 @@
+"""The batched step's fused kernels (`engine/kernels/triton_rows.py`) against the reference ops.
+
+Each rows op (norm + projections, norm + SwiGLU, projection + residual, the GDN mixer, the attention
+mixer) on random rows, each row at its own position with its own state; a row's result is bit-identical
+whatever the other rows hold; padding rows (not live) leave their state alone; whole batched steps of
+a tiny checkpoint match `step_rows` with the reference ops. On CUDA the kernels run on the GPU, else in
+Triton's interpreter (conftest sets `TRITON_INTERPRET=1`), else they skip.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lmbundle.bundle.format import open_bundle
+from lmbundle.bundle.load import load_graph
+from lmbundle.convert.convert import convert
+from lmbundle.models.layers import mrope_cos_sin
+from lmbundle.models.linear import Linear, dequantize
+from lmbundle.models.ops import REFERENCE, Norm, Rope
+from tests import checkpoints
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
+if DEVICE is not None:
+    pytest.importorskip("triton")
+ROWS = 5  # not a power of two: the kernels pad the row tile
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module", params=["base", "equal_gdn_heads"])
+def graphs(request, tmp_path_factory):
+    """{(quant, dtype): graph} of a tiny checkpoint on the device, projections fused."""
+    root = tmp_path_factory.mktemp(request.param)
+    ckpt = checkpoints.make_qwen35_with_tokenizer(root / "ckpt", **checkpoints.TINY_CONFIGS[request.param])
+    models = {}
+    for quant, dtype in (("int8hu", torch.float32), ("fp16", torch.float32), ("int8hu", torch.bfloat16)):
+        bundle = root / quant
+        if not bundle.exists():
+            convert(str(ckpt), bundle, quant=quant, backend="torch", log=None)
+        model = load_graph(open_bundle(bundle), DEVICE, dtype)
+        model.fuse_projections_()
+        models[quant, dtype] = model
+    return models
+
+
+def _ops(rows: int = ROWS, live: list[int] | None = None):
+    from lmbundle.engine.kernels.triton_rows import RowStepOps
+
+    flags = torch.tensor(live if live is not None else [1] * rows, dtype=torch.int32, device=DEVICE)
+    return RowStepOps(flags, devices=(DEVICE,))
+
+
+def _x(rows: int, n: int, dtype=torch.float32, scale: float = 3.0) -> torch.Tensor:
+    return (torch.randn(rows, n, device=DEVICE) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("quant", ["int8hu", "fp16"])
+def test_rows_linears_match_reference_and_each_row_stands_alone(graphs, quant):
+    model = graphs[quant, torch.float32]
+    layer = model.model.layers[0]
+    ops = _ops()
+    torch.manual_seed(0)
+    x = _x(ROWS, model.cfg.hidden_size)
+    other = x.clone()
+    other[1:] = _x(ROWS - 1, model.cfg.hidden_size, scale=10.0)
+    for zero_centered in (True, False):
+        norm = Norm(layer.input_layernorm.weight, 1e-6, zero_centered)
+        for linear in (layer.linear_attn.in_proj_fused, model.lm_head):
+            ours = ops.norm_linears(x, norm, [linear])[0]
+            assert _rel(ours, REFERENCE.norm_linears(x, norm, [linear])[0]) < 1e-5
+            assert torch.equal(ops.norm_linears(other, norm, [linear])[0][0], ours[0])
+        mlp = layer.mlp
+        ours = ops.norm_swiglu(x, norm, mlp.gate_proj, mlp.up_proj)
+        assert _rel(ours, REFERENCE.norm_swiglu(x, norm, mlp.gate_proj, mlp.up_proj)) < 1e-5
+        assert torch.equal(ops.norm_swiglu(other, norm, mlp.gate_proj, mlp.up_proj)[0], ours[0])
+    h = _x(ROWS, model.cfg.intermediate_size)
+    ours = ops.linear_residual(h, layer.mlp.down_proj, x)
+    assert _rel(ours, REFERENCE.linear_residual(h, layer.mlp.down_proj, x)) < 1e-5
+
+
+def _double(linear: Linear) -> Linear:
+    """The linear's exact weights in float64 (the answer every path rounds)."""
+    exact = Linear(linear.in_features, linear.out_features)
+    exact.weight = torch.nn.Parameter(dequantize(linear.qweight, linear.scales, torch.float64), requires_grad=False)
+    return exact
+
+
+def test_rows_linear_bf16_int8_close_to_exact(graphs):
+    """bf16 rows on the tensor cores (the reference's dequantized weights, fp32 sums) against float64."""
+    model = graphs["int8hu", torch.bfloat16]
+    layer = model.model.layers[0]
+    torch.manual_seed(3)
+    x = _x(ROWS, model.cfg.hidden_size, torch.bfloat16)
+    norm = Norm(layer.input_layernorm.weight, 1e-6, True)
+    gate, up = layer.mlp.gate_proj, layer.mlp.up_proj
+    ours = _ops().norm_swiglu(x, norm, gate, up)
+    exact = REFERENCE.norm_swiglu(x.double(), Norm(norm.weight.double(), 1e-6, True), _double(gate), _double(up))
+    ref = REFERENCE.norm_swiglu(x, norm, gate, up)
+    bound = 3e-2 if DEVICE == "cpu" else 2 * _rel(ref, exact) + 1e-3  # the interpreter rounds to bf16 by truncation
+    assert _rel(ours, exact) < bound
+
+
+def _rows_state(model, capacity: int, rows: int = ROWS):
+    return model.state_spec.new(capacity, DEVICE, torch.float32, slots=rows).rows_of(rows)
+
+
+def test_gated_delta_rows_match_reference_over_steps(graphs):
+    """Norm + projections + conv, the delta rule and out_proj with the gated norm, per row; a padding
+    row's recurrent state stays as it was."""
+    model = graphs["int8hu", torch.float32]
+    layer = model.model.layers[0]
+    mixer = layer.linear_attn
+    norm = Norm(layer.input_layernorm.weight, model.cfg.rms_norm_eps, True)
+    ref_state, our_state = _rows_state(model, 16), _rows_state(model, 16)
+    ops = _ops(live=[1] * (ROWS - 1) + [0])
+    torch.manual_seed(1)
+    for _ in range(4):
+        x = _x(ROWS, model.cfg.hidden_size)
+        outputs = []
+        for step_ops, state in ((REFERENCE, ref_state), (ops, our_state)):
+            o = step_ops.gdn_mixer(x, norm, mixer.weights(), state.conv[0], state.rec[0])
+            outputs.append(step_ops.linear_residual(o, mixer.out_proj, torch.zeros_like(x)))
+        ref, ours = outputs
+        live = slice(0, ROWS - 1)
+        assert _rel(ours[live], ref[live]) < 1e-4
+        assert _rel(our_state.conv[:, live], ref_state.conv[:, live]) < 1e-5
+        assert _rel(our_state.rec[:, live], ref_state.rec[:, live]) < 1e-4
+        assert not our_state.rec[:, ROWS - 1].any()
+
+
+@pytest.mark.parametrize("capacity", [32, 1024])  # one split; 16 splits of which each row uses its own few
+def test_attention_rows_match_reference_at_each_rows_position(graphs, capacity):
+    model = graphs["int8hu", torch.float32]
+    layer = model.model.layers[model.state_spec.full_layers[0]]
+    norm = Norm(layer.input_layernorm.weight, model.cfg.rms_norm_eps, True)
+    ref_state, our_state = _rows_state(model, capacity), _rows_state(model, capacity)
+    ops = _ops()
+    torch.manual_seed(2)
+    starts = [0, 3, 9, 60, 140][:ROWS] if capacity > 32 else [0, 3, 9, 1, 20][:ROWS]
+    for step in range(5):
+        positions = torch.tensor([s + step for s in starts], device=DEVICE)
+        x = _x(ROWS, model.cfg.hidden_size)
+        rope = Rope(*mrope_cos_sin(positions, model.inv_freq, model.rope_axes), positions, capacity)
+        outputs = [step_ops.attention_mixer(x, norm, layer.self_attn.weights(), rope, state.key[0], state.value[0])
+                   for step_ops, state in ((REFERENCE, ref_state), (ops, our_state))]
+        assert _rel(outputs[1], outputs[0]) < 5e-3  # tf32 products in the attention dots
+        index = torch.arange(ROWS, device=DEVICE)
+        for name in ("key", "value"):
+            ours, ref = getattr(our_state, name)[0], getattr(ref_state, name)[0]
+            assert _rel(ours[index, :, positions], ref[index, :, positions]) < 1e-5
+        if step == 0:  # row 0 alone against the others changed: the same bits
+            again = _rows_state(model, capacity)
+            for name in ("key", "value"):
+                getattr(again, name).copy_(getattr(our_state, name))
+            x2 = x.clone()
+            x2[1:] = _x(ROWS - 1, model.cfg.hidden_size)
+            getattr(again, "key")[0, 0, :, positions[0]] = 0  # rewritten by the step
+            alone = ops.attention_mixer(x2, norm, layer.self_attn.weights(), rope, again.key[0], again.value[0])
+            assert torch.equal(alone[0], outputs[1][0])
+
+
+def _batched_logits(model, ops, ids: list[list[int]], starts: list[int], capacity: int = 32) -> torch.Tensor:
+    """Logits [steps, rows, V] of batched steps: row i feeds ids[i] from position starts[i]."""
+    state = _rows_state(model, capacity, len(ids))
+    out = []
+    with torch.no_grad():
+        for step in range(len(ids[0])):
+            tokens = torch.tensor([row[step] for row in ids], device=DEVICE)
+            positions = torch.tensor([s + step for s in starts], device=DEVICE)
+            out.append(model.step_rows(tokens, positions, state, capacity, ops))
+    return torch.stack(out)
+
+
+IDS = [[5, 17, 33, 2, 99], [120, 7, 64, 3, 8], [1, 2, 3, 4, 5]]
+
+
+def test_whole_batched_steps_match_reference_and_rows_stand_alone(graphs):
+    model = graphs["int8hu", torch.float32]
+    starts = [0, 4, 11]
+    ours = _batched_logits(model, _ops(3), IDS, starts)
+    assert _rel(ours, _batched_logits(model, REFERENCE, IDS, starts)) < 1e-3
+    others = [IDS[0], [9, 9, 9, 9, 9], [40, 41, 42, 43, 44]]
+    assert torch.equal(_batched_logits(model, _ops(3), others, [0, 20, 2])[:, 0], ours[:, 0])
