@@ -1,5 +1,6 @@
-"""Continuous batching on the CPU (the reference ops): a greedy request's tokens are the same alone or
-among 8 others that join and leave at different times, seeded sampling repeats per request, a request
+"""Continuous batching on the CPU (the reference ops), and on CUDA where present (the fused rows kernels
+in one CUDA graph): a greedy request's tokens are the same alone or among 8 others that join and leave
+at different times, seeded sampling repeats per request, a request
 that stops mid-batch frees its slot without touching the others' tokens, and the prefix cache works
 through the batch slots."""
 
@@ -10,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine, GenerationStats
@@ -51,10 +53,15 @@ def together(engine, prompts, lengths, sampling=Sampling(), stagger=0.0):
         return list(pool.map(run, range(len(prompts))))
 
 
-@pytest.mark.parametrize("which,padded", [("tiny", False), ("demo", False), ("tiny", True)])
-def test_greedy_alone_equals_among_eight_others(which, padded, bundles, one_thread):
-    engine = Engine(bundles[which], backend="torch", device="cpu", max_batch=9, cache_bytes=0, cache_block=16)
-    engine.scheduler.padded = padded  # the CUDA graphs' layout: rows up to a power of two, padding in free slots
+CUDA = [("tiny", "cuda"), ("demo", "cuda")] if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("which,device", [("tiny", "cpu"), ("demo", "cpu"), ("tiny", "cpu-padded"), *CUDA])
+def test_greedy_alone_equals_among_eight_others(which, device, bundles, one_thread):
+    engine = Engine(bundles[which], backend="torch", device=device.split("-")[0], max_batch=9, cache_bytes=0,
+                    cache_block=16)
+    if device == "cpu-padded":
+        engine.scheduler.padded = True  # CUDA's layout: all max_batch rows every step, padding in free slots
     try:
         prompts = [engine.encode(t) for t in TEXTS]
         alone = [tokens(engine, p, n) for p, n in zip(prompts, LENGTHS)]
@@ -64,7 +71,7 @@ def test_greedy_alone_equals_among_eight_others(which, padded, bundles, one_thre
         assert together(engine, prompts, LENGTHS, stagger=0.01) == alone  # joining mid-way
         assert not engine.scheduler.active
         if which == "demo":  # a trained model's margins: the one-request engine picks the same tokens
-            single = Engine(bundles[which], backend="torch", device="cpu", cache_bytes=0)
+            single = Engine(bundles[which], backend="torch", device=engine.device, cache_bytes=0)
             assert [tokens(single, p, n) for p, n in zip(prompts, LENGTHS)] == alone
     finally:
         engine.close()

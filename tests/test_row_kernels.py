@@ -183,13 +183,15 @@ def _batched_logits(model, ops, ids: list[list[int]], starts: list[int], capacit
     return torch.stack(out)
 
 
-IDS = [[5, 17, 33, 2, 99], [120, 7, 64, 3, 8], [1, 2, 3, 4, 5]]
+IDS = [[5, 17, 33, 2], [120, 7, 64, 3], [1, 2, 3, 4]]
 
 
-def test_whole_batched_steps_match_reference_and_rows_stand_alone(graphs):
+def test_whole_batched_steps_match_reference_and_rows_stand_alone(graphs, request):
+    if DEVICE == "cpu" and "base" not in request.node.name:
+        pytest.skip("half a minute in Triton's interpreter; the base config runs there, all on CUDA")
     model = graphs["int8hu", torch.float32]
     starts = [0, 4, 11]
     ours = _batched_logits(model, _ops(3), IDS, starts)
     assert _rel(ours, _batched_logits(model, REFERENCE, IDS, starts)) < 1e-3
-    others = [IDS[0], [9, 9, 9, 9, 9], [40, 41, 42, 43, 44]]
+    others = [IDS[0], [9, 9, 9, 9], [40, 41, 42, 43]]
     assert torch.equal(_batched_logits(model, _ops(3), others, [0, 20, 2])[:, 0], ours[:, 0])

@@ -8,14 +8,15 @@ steps, so it never stalls the others), then one batched decode step for every se
 first token: B tokens at B different positions, one read of the weights for all (`step_rows`, the same
 graph as the one-token step with a row axis on each layer's state). Sequences join and leave between
 steps; the decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last). On CUDA the
-step is captured in a CUDA graph per batch bucket: B rounds up to a power of two, the padding rows
-step free decode slots.
+step runs the fused rows kernels (`kernels/triton_rows.py`) on all `max_batch` rows at every load, as one
+CUDA graph: the padding rows (flagged in `live`) step free decode slots and skip the mixers' state work.
 
 Exact: a request's tokens do not depend on what else runs. Its prompt is cut into pieces at fixed
 absolute positions (chunk multiples and the prefix cache's cut points), whatever the load; the batched
-step pads each linear's rows to a fixed count (a GEMM's row results depend on the row count, not on the
-other rows) and attends over the whole KV row of each slot (the same softmax sums at any load). Each
-request samples with its own generator, so a seeded request repeats whatever runs beside it.
+step always has the same row count, so every kernel runs the same configuration, and no row's result
+reads another row's (the rows kernels attend over each row's own prefix; the reference ops pad each
+linear's rows to a fixed count and attend over each slot's whole KV row). Each request samples with its
+own generator, so a seeded request repeats whatever runs beside it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from ..models.linear import Linear, dequantize
 from ..models.ops import StepOps
+from .kernels import triton_installed
 from .sampling import Sampling, sample
 
 ROW_TILE = 16
@@ -94,13 +96,14 @@ class BatchScheduler:
         self.capacity = engine.max_context
         weight = self.model.model.embed_tokens.weight
         self.pool = self.model.state_spec.new(self.capacity, self.device, weight.dtype, slots=2 * max_batch)
-        self.ops = BatchOps(-(-max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu")
         self.owner: list[Sequence | None] = [None] * (2 * max_batch)  # decode slots, then prefill slots
         self.use_graphs = self.device.type == "cuda" and os.environ.get("LMBUNDLE_BATCH_GRAPHS", "1") != "0"
-        self.padded = self.use_graphs  # rows rounded up to a power of two (the graphs' buckets)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.padded = self.device.type == "cuda"  # every step on all max_batch rows (the one graph's layout)
+        self._graph: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
         self._ids_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._positions_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._live_in = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        self.ops = self._batch_ops()
         self.active: list[Sequence] = []  # admission order
         self.decoding: list[Sequence] = []  # slot order: decoding[i].slot == i
         self.batch_size = 0
@@ -114,6 +117,14 @@ class BatchScheduler:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
         self._thread = threading.Thread(target=self._loop, name="lmbundle-batch", daemon=True)
         self._thread.start()
+
+    def _batch_ops(self) -> StepOps:
+        """The fused rows kernels on CUDA, else the reference math with padded rows."""
+        if self.device.type == "cuda" and triton_installed():
+            from .kernels.triton_rows import RowStepOps
+
+            return RowStepOps(self._live_in)
+        return BatchOps(-(-self.max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu")
 
     # -- the requests' side ---------------------------------------------------------------------
     def generate(self, ids: list[int], max_new_tokens: int, sampling: Sampling, prefill_chunk: int, stop: bool,
@@ -234,16 +245,16 @@ class BatchScheduler:
         positions = torch.tensor([s.pos for s in rows], dtype=torch.long)
         window = self.capacity  # each slot's whole KV row: the same softmax sums whatever the others' lengths
         if self.padded:
-            size = min(1 << (count - 1).bit_length(), self.max_batch)
-            self._ids_in.zero_()
-            self._positions_in.zero_()  # padding rows: token 0 at position 0 of a free decode slot
+            for t in (self._ids_in, self._positions_in, self._live_in):
+                t.zero_()  # padding rows: token 0 at position 0 of a free decode slot, not live
             self._ids_in[:count].copy_(ids, non_blocking=True)
             self._positions_in[:count].copy_(positions, non_blocking=True)
+            self._live_in[:count].fill_(1)
             if self.use_graphs:
-                graph, out = self._graphs.get(size) or self._capture(size, window)
+                graph, out = self._graph or self._capture(window)
                 graph.replay()
             else:
-                out = self.model.step_rows(self._ids_in[:size], self._positions_in[:size], self.pool.rows_of(size),
+                out = self.model.step_rows(self._ids_in, self._positions_in, self.pool.rows_of(self.max_batch),
                                            window, self.ops)
             logits = out[:count]
         else:
@@ -255,12 +266,12 @@ class BatchScheduler:
         for seq, token in zip(list(rows), self._sample(rows, logits)):
             self._emit(seq, token)
 
-    def _capture(self, size: int, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The batched step for `size` rows and an attention window, as a CUDA graph (its writes to the
-        pool during warm-up and capture are undone: only padding rows and live rows' own steps count)."""
-        rows = self.pool.rows_of(size)
+    def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The batched step on all max_batch rows, as a CUDA graph (its writes to the pool during warm-up
+        and capture are undone: only padding rows and live rows' own steps count)."""
+        rows = self.pool.rows_of(self.max_batch)
         saved = {name: t.clone() for name, t in rows.tensors().items()}
-        ids, positions = self._ids_in[:size], self._positions_in[:size]
+        ids, positions = self._ids_in, self._positions_in
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm the allocator and the dense weights outside capture
@@ -272,7 +283,7 @@ class BatchScheduler:
             out = self.model.step_rows(ids, positions, rows, window, self.ops)
         for name, t in rows.tensors().items():
             t.copy_(saved[name])
-        self._graphs[size] = (graph, out)
+        self._graph = (graph, out)
         return graph, out
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | BaseException]:

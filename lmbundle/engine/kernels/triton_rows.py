@@ -230,7 +230,7 @@ def _gated_delta_rows_kernel(proj_ptr, proj_stride, live_ptr, a_log_ptr, dt_bias
         for r in tl.static_range(ratio):
             head = key_head * ratio + r
             tl.store(out + head * DV + dv, tl.zeros([BV], out_ptr.dtype.element_ty))
-            tl.store(sumsq + head * blocks + block, 0.0)
+            tl.store(sumsq + head * blocks + block, tl.full([], 0.0, tl.float32))
     else:
         b_ptr = proj + 2 * key_dim + 2 * HV * DV
         state_ptrs = (rec_ptr + (row.to(tl.int64) * HV + key_head * ratio) * DK * DV
