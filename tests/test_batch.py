@@ -70,7 +70,7 @@ def test_greedy_alone_equals_among_eight_others(which, device, bundles, one_thre
         assert engine.scheduler.peak_batch >= 5
         assert together(engine, prompts, LENGTHS, stagger=0.01) == alone  # joining mid-way
         assert not engine.scheduler.active
-        if which == "demo":  # a trained model's margins: the one-request engine picks the same tokens
+        if which == "demo" and device == "cpu":  # the one-request engine (the same reference ops) agrees
             single = Engine(bundles[which], backend="torch", device=engine.device, cache_bytes=0)
             assert [tokens(single, p, n) for p, n in zip(prompts, LENGTHS)] == alone
     finally:

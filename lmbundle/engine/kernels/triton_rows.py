@@ -80,13 +80,13 @@ def _rows_linear_kernel(x_ptr, norm_ptr, eps, res_ptr, w_ptr, s_ptr, w2_ptr, s2_
                 h = (normed * (1.0 + nw)).to(dtype)
             else:
                 h = (nw * normed.to(dtype).to(tl.float32)).to(dtype)
-        if GATED_NORM:  # gated_rms_norm per head of HEAD_DIM columns; x holds the rounded GDN output
-            heads = in_features // HEAD_DIM
-            partial = sumsq_ptr + (m[:, None] * heads + cols[None, :] // HEAD_DIM) * HEAD_SPLITS
-            sumsq = tl.load(partial, mask=x_ok, other=1.0)
+        if GATED_NORM:  # gated_rms_norm per head of HEAD_DIM columns (BLOCK_K divides it: one head a tile)
+            partial = sumsq_ptr + (m * (in_features // HEAD_DIM) + k0 // HEAD_DIM) * HEAD_SPLITS
+            sumsq = tl.load(partial, mask=m_ok, other=1.0)
             for j in tl.static_range(1, HEAD_SPLITS):
-                sumsq += tl.load(partial + j, mask=x_ok, other=0.0)
-            normed = (h.to(tl.float32) * tl.rsqrt(sumsq / HEAD_DIM + eps)).to(dtype).to(tl.float32)
+                sumsq += tl.load(partial + j, mask=m_ok, other=0.0)
+            rstd_head = tl.rsqrt(sumsq / HEAD_DIM + eps)[:, None]
+            normed = (h.to(tl.float32) * rstd_head).to(dtype).to(tl.float32)
             gate = tl.load(gate_ptr + m[:, None] * gate_stride + cols[None, :], mask=x_ok, other=0.0).to(tl.float32)
             nw = tl.load(norm_ptr + cols % HEAD_DIM, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             h = (nw * normed * (gate * tl.sigmoid(gate))).to(dtype)
@@ -153,12 +153,15 @@ def _conv_silu_rows(new, conv_ptr, conv_w_ptr, m, n, channels, ok, TAPS: tl.cons
 Config = tuple[int, int, int, int, int]  # ROWS, BLOCK_N, BLOCK_K, num_warps, num_stages
 
 
-def pick_config(rows: int, out_features: int, in_features: int, swiglu: bool = False) -> Config:
-    """Block sizes by shape and the step's row count (the scheduler's capacity, never its load)."""
+def pick_config(rows: int, out_features: int, in_features: int, swiglu: bool = False,
+                head_dim: int | None = None) -> Config:
+    """Block sizes by shape and the step's row count (the scheduler's capacity, never its load); with the
+    gated norm a K tile stays within one head of `head_dim` columns. Three stages of x, weight and scale
+    tiles fit the H200's shared memory up to 32 rows, two above."""
     tile_rows = min(64, max(16, triton.next_power_of_2(rows)))
     block_n = 16 if out_features <= 4096 else 32 if swiglu else 64
-    block_k = min(256, max(32, triton.next_power_of_2(in_features)))
-    return tile_rows, block_n, block_k, 4, 3
+    block_k = min(256, head_dim or 256, max(32, triton.next_power_of_2(in_features)))
+    return tile_rows, block_n, block_k, 4, 3 if tile_rows <= 32 else 2
 
 
 @dataclass
@@ -187,7 +190,7 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | No
     out_features = weight.shape[0]
     y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     tile_rows, block_n, block_k, num_warps, num_stages = config or pick_config(
-        rows, out_features, in_features, weight2 is not None)
+        rows, out_features, in_features, weight2 is not None, gated_norm.head_dim if gated_norm else None)
     norm_weight, eps, zero_centered = norm or (x, 0.0, False)
     if gated_norm is not None:
         norm_weight, eps = gated_norm.weight, gated_norm.eps
