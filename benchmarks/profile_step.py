@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--config", default="Qwen3.5-2B")
     parser.add_argument("--quant", default="int8hu")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--prefill", type=int, default=0, help="also profile a chunked prefill of this many tokens")
+    parser.add_argument("--prefill", type=int, nargs="*", default=[], help="also profile prompt chunks of these lengths")
     parser.add_argument("--wy-chunks", default="", help="time that prefill with these GDN (WY) chunk lengths, e.g. 64,128")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,13 +71,11 @@ def main() -> None:
               f"kernels per step: {sum(e.count for e in events) / args.steps:.0f}")
         for e in events[:20]:
             print(f"  {e.self_device_time_total / args.steps / 1e3:7.3f} ms  {e.count // args.steps:4d}x  {e.key[:90]}")
+        for tokens in args.prefill:
+            profile_prefill(backend, tokens)
         if args.prefill:
-            profile_prefill(backend, args.prefill)
-            eager = chunked_prefill(engine, args.prefill, args.prefill)
-            print(f"  chunked prefill of {args.prefill}, eager: {eager:.0f} tok/s; "
-                  f"replayed as one CUDA graph: {graphed_prefill(backend, args.prefill):.0f} tok/s")
             for chunk in filter(None, args.wy_chunks.split(",")):
-                print(f"  GDN chunk {chunk}: {time_prefill(engine, args.prefill, int(chunk)):.0f} tok/s")
+                print(f"  GDN chunk {chunk}: {time_prefill(engine, args.prefill[-1], int(chunk)):.0f} tok/s")
 
 
 def time_prefill(engine, tokens: int, wy_chunk: int) -> float:
@@ -87,57 +85,46 @@ def time_prefill(engine, tokens: int, wy_chunk: int) -> float:
     defaults = layers.gated_delta_chunk.__defaults__
     layers.gated_delta_chunk.__defaults__ = (wy_chunk,)
     try:
+        engine.backend._prefill_graphs = None  # captured with the old chunk length
         return chunked_prefill(engine, tokens, tokens)
     finally:
         layers.gated_delta_chunk.__defaults__ = defaults
 
 
-def graphed_prefill(backend, tokens: int) -> float:
-    """The same one-chunk prefill (positions 0..tokens-1) captured in a CUDA graph and replayed: what the
-    prompt costs once the host no longer launches its ~7,700 kernels one by one (best of 3)."""
-    ids = torch.tensor([(7 + 13 * i) % 1000 for i in range(tokens)], device="cuda")
-    model, state = backend.model, backend.state
-    backend.reset(tokens + 1)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.inference_mode():
-        with torch.cuda.stream(stream):
-            model.forward_tokens(ids, 0, state, last_only=True)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model.forward_tokens(ids, 0, state, last_only=True)
-    best = float("inf")
-    for _ in range(3):
-        state.zero_()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    del graph
-    return tokens / best
-
-
 def profile_prefill(backend, tokens: int) -> None:
-    """Kernel time of one chunked prefill by kernel name (where the 20k tok/s target is lost)."""
+    """Kernel time of one prompt chunk by kernel name, run eagerly (a graph replay hides its kernels), and
+    the same chunk replayed as the engine runs it (`graphs.PrefillGraphs`)."""
     ids = [(7 + 13 * i) % 1000 for i in range(tokens)]
+    model, device_ids = backend.model, torch.tensor(ids, device="cuda")
     backend.reset(tokens + 1)
-    backend.prefill(ids, tokens)  # warm-up
-    backend.reset(tokens + 1)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        backend.prefill(ids, tokens)
+    with torch.inference_mode():
+        model.forward_tokens(device_ids, 0, backend.state, last_only=True)  # warm-up
+        backend.reset(tokens + 1)
         torch.cuda.synchronize()
-    wall = time.perf_counter() - start
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model.forward_tokens(device_ids, 0, backend.state, last_only=True)
+            torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     total = sum(e.self_device_time_total for e in events)
-    print(f"chunked prefill of {tokens}: {wall * 1e3:.1f} ms wall under the profiler, kernel time {total / 1e3:.1f} ms, "
-          f"{sum(e.count for e in events)} kernels")
-    for e in events[:12]:
-        print(f"  {e.self_device_time_total / 1e3:7.2f} ms  {e.count:5d}x  {e.key[:90]}")
+    replayed = chunked_prefill_ms(backend, ids)
+    print(f"prompt chunk of {tokens}: kernel time {total / 1e3:.2f} ms in {sum(e.count for e in events)} kernels; "
+          f"replayed as a CUDA graph {replayed:.2f} ms ({tokens / replayed * 1e3:.0f} tok/s)")
+    for e in events[:25]:
+        print(f"  {e.self_device_time_total / 1e3:7.3f} ms  {e.count:5d}x  {e.key[:100]}")
+
+
+def chunked_prefill_ms(backend, ids: list[int]) -> float:
+    """The engine's prefill of ids in one chunk (graph replays on CUDA), best of 3 after a capture."""
+    best = float("inf")
+    for _ in range(4):
+        backend.reset(len(ids) + 1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        backend.prefill(ids, len(ids))
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
 
 
 if __name__ == "__main__":

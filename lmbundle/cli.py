@@ -183,7 +183,8 @@ def cmd_run(args) -> None:
     sys.stdout.write("\n")
     if args.stats:
         print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; prefill "
-              f"{stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s; stop: {stats.stop_reason}]",
+              f"{stats.prefill_tok_s:.1f} tok/s (first token after {1000 * stats.prefill_seconds:.1f} ms), decode "
+              f"{stats.decode_tok_s:.1f} tok/s; stop: {stats.stop_reason}]",
               file=sys.stderr)
 
 

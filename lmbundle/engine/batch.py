@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..models.linear import Linear, dequantize
 from ..models.ops import StepOps
+from .graphs import PrefillGraphs
 from .kernels import triton_installed
 from .sampling import Sampling, sample
 
@@ -96,6 +97,10 @@ class BatchScheduler:
         self.capacity = engine.max_context
         weight = self.model.model.embed_tokens.weight
         self.pool = self.model.state_spec.new(self.capacity, self.device, weight.dtype, slots=2 * max_batch)
+        self.prefill_graphs = None  # on CUDA: prompt pieces replayed on a staging slot
+        if self.device.type == "cuda" and os.environ.get("LMBUNDLE_BATCH_GRAPHS", "1") != "0":
+            staging = self.model.state_spec.new(self.capacity, self.device, weight.dtype)
+            self.prefill_graphs = PrefillGraphs(self.model, staging)
         self.owner: list[Sequence | None] = [None] * (2 * max_batch)  # decode slots, then prefill slots
         self.use_graphs = self.device.type == "cuda" and os.environ.get("LMBUNDLE_BATCH_GRAPHS", "1") != "0"
         self.padded = self.device.type == "cuda"  # every step on all max_batch rows (the one graph's layout)
@@ -214,8 +219,14 @@ class BatchScheduler:
         ids, start = seq.ids, seq.pos
         end = min(len(ids), (start // seq.chunk + 1) * seq.chunk, *(c for c in seq.cuts if c > start))
         piece = torch.tensor(ids[start:end], dtype=torch.long, device=self.device)
+        slot, graphs = self.pool.slot(seq.slot), self.prefill_graphs
         try:
-            logits = self.model.forward_tokens(piece, start, self.pool.slot(seq.slot), last_only=True)
+            if graphs is None:
+                logits = self.model.forward_tokens(piece, start, slot, last_only=True)
+            else:  # through the staging slot the graphs were captured on (a copy of a few MB each way)
+                graphs.state.copy_from(slot, start)
+                logits = graphs.run(piece, start, with_head=end == len(ids))
+                slot.copy_from(graphs.state, end)
         except Exception as exc:
             self._finish(seq, None, error=exc)
             return end - start

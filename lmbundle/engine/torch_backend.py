@@ -1,4 +1,4 @@
-"""The PyTorch backend: the shared graph on CPU, CUDA (step captured in CUDA graphs) or MPS.
+"""The PyTorch backend: the shared graph on CPU, CUDA (steps and prompt chunks as CUDA graphs) or MPS.
 
 The next token never leaves the device between steps: `step` takes the previous step's token tensor,
 so the host can enqueue step n+1 before it reads token n. The KV part of the state is pre-grown to
@@ -6,7 +6,7 @@ the request's length in chunks (powers of two), never per token. On CUDA a one-t
 fused Triton kernels of `kernels/triton_ops.py` (five or six launches a layer, chained with programmatic
 dependent launch on Hopper) and is captured in a CUDA graph per KV capacity (with and without the
 head), so the steady state is one graph replay per token and the only host sync is reading token n
-after step n+1 is enqueued.
+after step n+1 is enqueued. Prompt chunks replay captured graphs too (`graphs.PrefillGraphs`).
 """
 
 from __future__ import annotations
@@ -18,14 +18,9 @@ import torch
 
 from ..models.linear import Linear
 from ..models.state import State
+from .graphs import PrefillGraphs, bucket, capture
 from .kernels import triton_installed
 from .sampling import Sampling, sample
-
-MIN_CAPACITY = 256
-# On CUDA a chunk runs eagerly, some 1,500 kernel launches whatever its length (0.13-0.18 s for the 2B on
-# an H200, a 128-token prompt as slow as a 2,048-token one), while an S=1 step is one CUDA graph replay
-# (about 1 ms): pieces of a prompt up to this length go as steps.
-GRAPH_STEPS_UP_TO = 128
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -79,14 +74,6 @@ def dequantize_for_cpu(model: torch.nn.Module, dtype: torch.dtype) -> None:
             linear.dequantize_(dtype)
 
 
-def bucket(length: int, capacity: int) -> int:
-    """The attention window for a step that sees `length` positions: a power of two, at most capacity."""
-    size = MIN_CAPACITY
-    while size < length:
-        size *= 2
-    return min(size, capacity)
-
-
 @dataclass
 class TorchStep:
     """An enqueued step: its logits [1, 1, V] fp32, on the device."""
@@ -116,6 +103,7 @@ class TorchBackend:
         self.state: State | None = None
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._prefill_graphs: PrefillGraphs | None = None
         self.writes = 0  # counts what changes the state, so a caller can tell it is as it left it
         self._token_in = torch.zeros(1, 1, dtype=torch.long, device=device)
         self._position_in = torch.zeros(1, dtype=torch.long, device=device)
@@ -139,6 +127,7 @@ class TorchBackend:
         elif capacity > self.state.capacity:
             self.state = self.state.grown(capacity)
             self._graphs.clear()  # graphs hold the old tensors' addresses
+            self._prefill_graphs = None
 
     def snapshot_prefix(self, length: int) -> dict[str, torch.Tensor]:
         """What the state holds after `length` positions (a prefix cache entry)."""
@@ -159,18 +148,26 @@ class TorchBackend:
     @torch.inference_mode()
     def prefill(self, ids: list[int], chunk: int = 0, start: int = 0, with_head: bool = True) -> TorchStep:
         """Feed prompt tokens at positions start, start+1, ...: S=1 steps (chunk 0), or chunks of `chunk`
-        tokens. Returns the last step (without the head: a piece of a prompt whose logits nobody reads)."""
+        tokens (on CUDA graph replays). Returns the last step (without the head: a piece of a prompt whose
+        logits nobody reads)."""
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
         last = start + len(ids) - 1
-        if chunk <= 0 or (self.use_graphs and len(ids) <= GRAPH_STEPS_UP_TO):
+        if chunk <= 0:
             for offset in range(len(ids) - 1):
                 self.step(tokens[offset].view(1, 1), start + offset, with_head=False)
             return self.step(tokens[-1].view(1, 1), last, with_head=with_head)
+        self.writes += 1
+        logits = None
         for offset in range(0, len(ids), chunk):
             piece = tokens[offset : offset + chunk]
-            logits = self.model.forward_tokens(piece, start + offset, self.state, last_only=True)
-        self.writes += 1
-        return TorchStep(logits.view(1, 1, -1))
+            head = with_head and offset + chunk >= len(ids)
+            if self.use_graphs:
+                if self._prefill_graphs is None:
+                    self._prefill_graphs = PrefillGraphs(self.model, self.state)
+                logits = self._prefill_graphs.run(piece, start + offset, head)
+            else:
+                logits = self.model.forward_tokens(piece, start + offset, self.state, last_only=True)
+        return TorchStep(logits.view(1, 1, -1) if logits is not None else None)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor | PendingToken, position: int, with_head: bool = True) -> TorchStep:
@@ -193,20 +190,9 @@ class TorchBackend:
         return TorchStep(logits)
 
     def _capture(self, window: int, with_head: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        snapshot = {k: v.clone() for k, v in self.state.tensors().items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compile the kernels and warm the allocator outside capture
-            for _ in range(2):
-                self.model.step(self._token_in, self._position_in, self.state, window, with_head)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self.model.step(self._token_in, self._position_in, self.state, window, with_head)
-        for k, v in self.state.tensors().items():  # capture ran the step: undo its writes
-            v.copy_(snapshot[k])
-        self._graphs[(window, with_head)] = (graph, logits)
-        return graph, logits
+        self._graphs[(window, with_head)] = captured = capture(
+            lambda: self.model.step(self._token_in, self._position_in, self.state, window, with_head), self.state)
+        return captured
 
     def next_token(self, handle: TorchStep, sampling: Sampling, generator) -> torch.Tensor | PendingToken:
         """The chosen token on the device [1, 1] (a copy: graph outputs are reused); on CUDA its copy to

@@ -215,14 +215,16 @@ class DecoderForStep(nn.Module):
         """Rotary positions [3, S] (t, h, w) of the tokens; text only here, so the three are equal."""
         return positions.unsqueeze(0).expand(3, -1)
 
-    def rope(self, ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> Rope:
+    def rope(self, ids: torch.Tensor, positions: torch.Tensor, kv_len: int, valid: torch.Tensor | None = None) -> Rope:
         cos, sin = mrope_cos_sin(self.rope_positions(ids, positions), self.inv_freq, self.rope_axes)
-        return Rope(cos, sin, positions, kv_len)
+        return Rope(cos, sin, positions, kv_len, valid)
 
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int,
-                      ops: StepOps | None = None) -> torch.Tensor:
+                      ops: StepOps | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream [S, hidden] after the last layer (before the final norm) of tokens ids [S]
-        (with `ops` instead of the model's own: the batched step's)."""
+        (with `ops` instead of the model's own: the batched step's). With `valid` ([1], on the device) only
+        the first `valid` tokens are real: the rest are padding that leaves the GDN states as the real
+        tokens left them and writes KV only past them (a CUDA graph of a fixed chunk length, `engine/graphs.py`)."""
         raise NotImplementedError
 
     def head(self, x: torch.Tensor, ops: StepOps | None = None) -> torch.Tensor:

@@ -101,12 +101,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot, x_pass), dim=-1)
 
 
-def causal_conv(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def causal_conv(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal conv + SiLU over x [..., S, C] (weight [C, K]) with the last K-1 inputs in conv_state
     [..., C, K-1] (leading dims: independent sequences).
 
-    Updates conv_state in place with the last K-1 inputs; written as K shifted multiply-adds so the
-    one-token case is straight-line math (no conv op, no loop) in every backend.
+    Updates conv_state in place with the last K-1 inputs (of the first `valid` [1] when the rest is
+    padding); written as K shifted multiply-adds so the one-token case is straight-line math (no conv
+    op, no loop) in every backend.
     """
     seq = x.shape[-2]
     taps = weight.shape[-1]
@@ -114,7 +116,11 @@ def causal_conv(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor)
     out = window[..., 0:seq, :] * weight[:, 0].to(x.dtype)
     for j in range(1, taps):
         out = out + window[..., j : j + seq, :] * weight[:, j].to(x.dtype)
-    conv_state.copy_(window[..., seq:, :].transpose(-1, -2).to(conv_state.dtype))
+    if valid is None:
+        last = window[..., seq:, :]
+    else:  # window rows valid .. valid + K - 2 are the last K-1 real inputs
+        last = window.index_select(-2, valid + torch.arange(taps - 1, device=valid.device))
+    conv_state.copy_(last.transpose(-1, -2).to(conv_state.dtype))
     return F.silu(out)
 
 
@@ -210,13 +216,17 @@ def attention(
 def gdn_mix(
     projected: tuple[torch.Tensor, ...], conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
     norm_weight: torch.Tensor, dims: GDNDims, conv_state: torch.Tensor, rec_state: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A Gated DeltaNet mixer from its input projections to the gated-normed output [S, Hv * Dv] (what
     out_proj reads). `projected` is (qkv, z, b, a), or the four side by side in one tensor.
 
     causal conv + SiLU over qkv; q, k L2-normed (k heads repeated to the value heads), beta = sigmoid(b),
     decay g = -exp(A_log) * softplus(a + dt_bias); the delta rule (one token: the loop-free step; more:
-    the WY chunks) on rec_state [Hv, Dk, Dv]; then RMSNorm(o) * silu(z) per head. Rows (rec_state
+    the WY chunks) on rec_state [Hv, Dk, Dv]; then RMSNorm(o) * silu(z) per head. A chunk whose tokens
+    past `valid` ([1]) are padding leaves the states as its real tokens left them: the padding gets no
+    decay and no write (beta = g = 0, how the WY chunks pad themselves) and the conv keeps the real
+    inputs. Rows (rec_state
     [B, Hv, Dk, Dv], conv_state [B, C, K-1]): token i belongs to sequence i, one loop-free step each.
     """
     rows = rec_state.dim() == 4
@@ -226,7 +236,7 @@ def gdn_mix(
     qkv, z, b, a = projected
     seq, dtype = qkv.shape[0], qkv.dtype
     qkv = causal_conv(qkv.unsqueeze(-2), conv_state, conv_weight).squeeze(-2) if rows else causal_conv(
-        qkv, conv_state, conv_weight)
+        qkv, conv_state, conv_weight, valid)
     q, k, v = torch.split(qkv, [hk * dk, hk * dk, hv * dv], dim=-1)
     q = l2_normalize(q.reshape(seq, hk, dk).float())
     k = l2_normalize(k.reshape(seq, hk, dk).float())
@@ -237,6 +247,9 @@ def gdn_mix(
     q = q * dk**-0.5
     beta = torch.sigmoid(b).float()
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    if valid is not None:
+        real = (torch.arange(seq, device=valid.device) < valid).unsqueeze(-1)
+        beta, g = beta * real, g * real
     if rows:
         o = gated_delta_step(q, k, v, g, beta, rec_state)
     elif seq == 1:

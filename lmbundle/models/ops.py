@@ -33,6 +33,7 @@ class Rope(NamedTuple):
     sin: torch.Tensor
     positions: torch.Tensor  # [S] sequence positions = KV-cache slots
     kv_len: int  # slots attended over (>= last position + 1; later slots are masked)
+    valid: torch.Tensor | None = None  # [1]: the chunk's first `valid` tokens are real, the rest padding
 
 
 class GDNWeights(NamedTuple):
@@ -78,11 +79,12 @@ class StepOps:
         return residual + self.linear(h, w)
 
     def gdn_mixer(self, x: torch.Tensor, norm: Norm, w: GDNWeights, conv_state: torch.Tensor,
-                  rec_state: torch.Tensor) -> torch.Tensor:
+                  rec_state: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """A GDN mixer from the residual stream to its gated-normed output, what out_proj reads (a fused
-        backend may return its own handle here, which only its `linear_residual` takes)."""
+        backend may return its own handle here, which only its `linear_residual` takes). `valid`: a
+        padded chunk's real token count (`gdn_mix`)."""
         projected = self.norm_linears(x, norm, w.in_proj)
-        return gdn_mix(projected, w.conv, w.A_log, w.dt_bias, w.norm, w.dims, conv_state, rec_state)
+        return gdn_mix(projected, w.conv, w.A_log, w.dt_bias, w.norm, w.dims, conv_state, rec_state, valid)
 
     def attention_mixer(self, x: torch.Tensor, norm: Norm, w: AttentionWeights, rope: Rope,
                         key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ class GatedDeltaNet(nn.Module):
                 ops: StepOps) -> torch.Tensor:
         """x [S, hidden], the residual stream -> [S, Hv * Dv], before out_proj. The layer's conv state
         [C, K-1] and recurrent state [Hv, Dk, Dv] (conv_rec) are updated in place; no rotary here."""
-        return ops.gdn_mixer(x, norm, self.weights(), *conv_rec)
+        return ops.gdn_mixer(x, norm, self.weights(), *conv_rec, rope.valid)
 
 
 class Qwen35ForStep(ImagePromptGraph, DecoderForStep):
@@ -103,11 +103,11 @@ class Qwen35ForStep(ImagePromptGraph, DecoderForStep):
         super().__init__(cfg, layers, state_spec(cfg))
 
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int,
-                      ops: StepOps | None = None) -> torch.Tensor:
+                      ops: StepOps | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The whole step up to the final norm: embed, then every layer in order, each with its part of
         the state (GDN: conv + recurrent; attention: its KV cache)."""
         x = self.embed(ids)
-        rope, ops = self.rope(ids, positions, kv_len), ops or self.ops
+        rope, ops = self.rope(ids, positions, kv_len, valid), ops or self.ops
         for layer, layer_state in zip(self.model.layers, self.state_spec.per_layer(state)):
             x = layer(x, layer_state, rope, ops)
         return x

@@ -44,11 +44,11 @@ class Qwen3VLForStep(ImagePromptGraph, DecoderForStep):
         super().__init__(cfg, layers, state_spec(cfg))
 
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, state: State, kv_len: int,
-                      ops: StepOps | None = None) -> torch.Tensor:
+                      ops: StepOps | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Embed (text rows or image embeddings), then every attention layer in order, the first
         n_deepstack of them followed by their DeepStack add."""
         x = self.embed(ids)
-        rope, ops = self.rope(ids, positions, kv_len), ops or self.ops
+        rope, ops = self.rope(ids, positions, kv_len, valid), ops or self.ops
         for index, (layer, kv) in enumerate(zip(self.model.layers, self.state_spec.per_layer(state))):
             x = self.deepstack(index, layer(x, kv, rope, ops), ids)
         return x

@@ -76,6 +76,15 @@ class State:
         self.key[..., :length, :].copy_(saved["key"], non_blocking=non_blocking)
         self.value[..., :length, :].copy_(saved["value"], non_blocking=non_blocking)
 
+    def copy_from(self, other: "State", length: int) -> None:
+        """What `other` (a state of the same shape) holds after `length` positions, copied in place."""
+        for name, t in self.tensors().items():
+            source = other.tensors()[name]
+            if name in GROWING_STATES:
+                t[..., :length, :].copy_(source[..., :length, :])
+            else:
+                t.copy_(source)
+
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Slot src's state (its first `length` KV rows) into slot dst of a pool."""
         for name, t in self.tensors().items():

@@ -91,14 +91,14 @@ class TritonStepOps(StepOps):
         return triton_gemv.gemv(h, *weights, residual=residual.reshape(-1), pdl=self.pdl).view(1, -1)
 
     def gdn_mixer(self, x: torch.Tensor, norm: Norm, w: GDNWeights, conv_state: torch.Tensor,
-                  rec_state: torch.Tensor):
+                  rec_state: torch.Tensor, valid: torch.Tensor | None = None):
         """Two launches: norm + the fused projections + causal conv, then the delta rule; the output
         norm waits for out_proj (a `GatedNormInput`)."""
         dims = w.dims
         in_weights = _weights(w.in_proj[0]) if len(w.in_proj) == 1 else None
         if (not self._one_token(x) or in_weights is None or _weights(w.out_proj) is None
                 or not (_power_of_two(dims.key_dim) and _power_of_two(dims.value_dim))):
-            return super().gdn_mixer(x, norm, w, conv_state, rec_state)
+            return super().gdn_mixer(x, norm, w, conv_state, rec_state, valid)
         hv, dv = dims.value_heads, dims.value_dim
         projected = triton_gemv.gemv(x, *in_weights, norm=norm, conv=(conv_state, w.conv), pdl=self.pdl)
         o, sumsq = triton_mixers.gated_delta_step(

@@ -434,15 +434,15 @@ class RowStepOps(StepOps):
         return rows_linear(h, *weights, residual=residual)
 
     def gdn_mixer(self, x: torch.Tensor, norm: Norm, w: GDNWeights, conv_state: torch.Tensor,
-                  rec_state: torch.Tensor):
+                  rec_state: torch.Tensor, valid: torch.Tensor | None = None):
         """Two launches: norm + the fused projections + causal conv, then the delta rule; the output
-        norm waits for out_proj (a `GatedNormRows`)."""
+        norm waits for out_proj (a `GatedNormRows`). A padded chunk (`valid`) is no batched step."""
         dims = w.dims
         in_weights = _weights(w.in_proj[0]) if len(w.in_proj) == 1 else None
-        if (not self._rows(x) or rec_state.dim() != 4 or in_weights is None or _weights(w.out_proj) is None
-                or not (_power_of_two(dims.key_dim) and _power_of_two(dims.value_dim))
+        if (not self._rows(x) or rec_state.dim() != 4 or valid is not None or in_weights is None
+                or _weights(w.out_proj) is None or not (_power_of_two(dims.key_dim) and _power_of_two(dims.value_dim))
                 or not (conv_state.is_contiguous() and rec_state.is_contiguous())):
-            return super().gdn_mixer(x, norm, w, conv_state, rec_state)
+            return super().gdn_mixer(x, norm, w, conv_state, rec_state, valid)
         hv, dv = dims.value_heads, dims.value_dim
         projected = rows_linear(x, *in_weights, norm=norm, conv=(conv_state, w.conv))
         o, sumsq = gated_delta_rows(projected, self.live, w.A_log, w.dt_bias, rec_state,
