@@ -24,6 +24,7 @@ from benchmarks.bench_decode import make_checkpoint  # noqa: E402
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.engine.batch import ROW_TILE, BatchOps  # noqa: E402
 from lmbundle.engine.engine import Engine  # noqa: E402
+from lmbundle.engine.kernels.triton_rows import RowStepOps  # noqa: E402
 
 
 def time_step(sched, live: int, position: int, steps: int) -> float:
@@ -112,8 +113,8 @@ def main() -> None:
                          log=None)
         engine = Engine(bundle, backend="torch", device="cuda", max_batch=args.max_batch, cache_bytes=0)
         sched = engine.scheduler
-        variants = [("rows kernels", sched.ops)]
-        if args.reference:
+        variants = [("rows kernels", RowStepOps(sched._live_in))]
+        if args.reference:  # the scheduler's default
             variants.append(("reference", BatchOps(-(-args.max_batch // ROW_TILE) * ROW_TILE, dense=True)))
         try:
             for label, ops in variants:

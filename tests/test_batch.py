@@ -53,11 +53,13 @@ def together(engine, prompts, lengths, sampling=Sampling(), stagger=0.0):
         return list(pool.map(run, range(len(prompts))))
 
 
-CUDA = [("tiny", "cuda"), ("demo", "cuda")] if torch.cuda.is_available() else []
+CUDA = [("tiny", "cuda"), ("demo", "cuda"), ("tiny", "cuda-rows"), ("demo", "cuda-rows")] if torch.cuda.is_available() \
+    else []
 
 
 @pytest.mark.parametrize("which,device", [("tiny", "cpu"), ("demo", "cpu"), ("tiny", "cpu-padded"), *CUDA])
-def test_greedy_alone_equals_among_eight_others(which, device, bundles, one_thread):
+def test_greedy_alone_equals_among_eight_others(which, device, bundles, one_thread, monkeypatch):
+    monkeypatch.setenv("LMBUNDLE_ROW_KERNELS", "1" if device.endswith("-rows") else "0")
     engine = Engine(bundles[which], backend="torch", device=device.split("-")[0], max_batch=9, cache_bytes=0,
                     cache_block=16)
     if device == "cpu-padded":

@@ -1,7 +1,7 @@
 """Prompt chunks as CUDA graph replays (`engine/graphs.py`): how a piece is cut and that a padded chunk
 computes its real tokens (everywhere, on the reference graph), and on CUDA that a replayed prompt computes
-what the same chunks compute eagerly, bit for bit, state included, and that generation after it agrees
-with S=1 prefill."""
+what the same chunks compute eagerly, bit for bit, state included, and that its logits agree with S=1
+prefill."""
 
 from __future__ import annotations
 
@@ -104,12 +104,18 @@ def test_replayed_prompt_equals_the_same_chunks_run_eagerly(demo_bundle):
 
 
 @cuda
-def test_generation_after_replayed_prefill_agrees_with_s1_prefill(demo_bundle):
+def test_replayed_prefill_agrees_with_s1_prefill(demo_bundle):
+    """Chunks (padded, replayed) and S=1 steps are different bf16 computations of the same logits: close,
+    and the same top-1 wherever S=1's top two are not nearly tied."""
     engine = Engine(demo_bundle, backend="torch", device="cuda", cache_bytes=0)
+    backend = engine.backend
     for n in (5, 37, 130, 300):
         ids = engine.encode(TEXT)[:n]
-        engine.forget()
-        s1 = list(engine.generate(ids, 16, stop=False, prefill_chunk=0))
-        engine.forget()
-        chunked = list(engine.generate(ids, 16, stop=False, prefill_chunk=256))
-        assert chunked == s1, n
+        backend.reset(n + 1)
+        s1 = backend.logits(backend.prefill(ids, 0))
+        backend.reset(n + 1)
+        chunked = backend.logits(backend.prefill(ids, 256))
+        assert torch.nn.functional.cosine_similarity(s1, chunked, dim=0) > 0.999, n
+        top2 = s1.topk(2).values
+        if top2[0] - top2[1] > 0.1:
+            assert chunked.argmax() == s1.argmax(), n

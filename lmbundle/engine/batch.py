@@ -124,8 +124,11 @@ class BatchScheduler:
         self._thread.start()
 
     def _batch_ops(self) -> StepOps:
-        """The fused rows kernels on CUDA, else the reference math with padded rows."""
-        if self.device.type == "cuda" and triton_installed():
+        """The reference math with padded rows (int8 weights from a dense copy on the GPU); the fused rows
+        kernels with LMBUNDLE_ROW_KERNELS=1 on CUDA. Those are exact and tested but not yet tuned: on the
+        H200 a 2B int8hu step on 32 rows took 13.8 ms with them and 8.9 ms with the reference
+        (`benchmarks/bench_batch_step.py`), so they are not the default yet."""
+        if self.device.type == "cuda" and triton_installed() and os.environ.get("LMBUNDLE_ROW_KERNELS") == "1":
             from .kernels.triton_rows import RowStepOps
 
             return RowStepOps(self._live_in)
