@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..models.linear import Linear, dequantize
 from ..models.ops import StepOps
-from .graphs import PrefillGraphs
+from .graphs import PrefillGraphs, capture
 from .kernels import triton_installed
 from .sampling import Sampling, sample
 
@@ -281,24 +281,12 @@ class BatchScheduler:
             self._emit(seq, token)
 
     def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The batched step on all max_batch rows, as a CUDA graph (its writes to the pool during warm-up
-        and capture are undone: only padding rows and live rows' own steps count)."""
+        """The batched step on all max_batch rows, as a CUDA graph (the warm-up run, which also makes the
+        dense weights, writes nothing that stays: `graphs.capture`)."""
         rows = self.pool.rows_of(self.max_batch)
-        saved = {name: t.clone() for name, t in rows.tensors().items()}
-        ids, positions = self._ids_in, self._positions_in
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm the allocator and the dense weights outside capture
-            for _ in range(2):
-                self.model.step_rows(ids, positions, rows, window, self.ops)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.model.step_rows(ids, positions, rows, window, self.ops)
-        for name, t in rows.tensors().items():
-            t.copy_(saved[name])
-        self._graph = (graph, out)
-        return graph, out
+        self._graph = capture(lambda: self.model.step_rows(self._ids_in, self._positions_in, rows, window, self.ops),
+                              rows)
+        return self._graph
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | BaseException]:
         """One token per row: greedy rows by one argmax, sampled rows each with its own generator."""
