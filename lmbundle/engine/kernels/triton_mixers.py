@@ -20,25 +20,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _gated_delta_kernel(proj_ptr, a_log_ptr, dt_bias_ptr, rec_ptr, out_ptr, sumsq_ptr,
-                        HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                        PDL: tl.constexpr):
-    """Program (key head, value block): q/k of the key head and the value heads sharing it, for value
-    columns [block * BV, +BV). proj holds the convolved, activated q/k/v (the projection GEMV's conv
-    epilogue), then z, b, a. Writes o (rounded) and its per-block sums of squares for the output norm."""
-    key_head = tl.program_id(0)
-    block = tl.program_id(1)
-    blocks = tl.num_programs(1)
+def _delta_rule_heads(proj_ptr, state_ptrs, state, a_log_ptr, dt_bias_ptr, out_ptr, sumsq_ptr, key_head, block,
+                      blocks, dv, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+    """One key head's delta-rule step for value columns `dv`: its L2-normed q/k, then each value head that
+    shares it (the first one's `state` already loaded, the others' at `state_ptrs + r * DK * DV`): decay,
+    write strength, update (stored), read-out (rounded, stored) and the read-out's sum of squares."""
     ratio: tl.constexpr = HV // HK
     key_dim: tl.constexpr = HK * DK
     b_ptr = proj_ptr + 2 * key_dim + 2 * HV * DV
     dk = tl.arange(0, DK)
-    dv = block * BV + tl.arange(0, BV)
-    state_ptrs = rec_ptr + key_head * ratio * DK * DV + dk[:, None] * DV + dv[None, :]
-    state = tl.load(state_ptrs)  # the first value head's state, before waiting on the projections
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     q = tl.load(proj_ptr + key_head * DK + dk).to(tl.float32)
     k = tl.load(proj_ptr + key_dim + key_head * DK + dk).to(tl.float32)
     q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * (1.0 / tl.sqrt(DK * 1.0))
@@ -62,6 +52,27 @@ def _gated_delta_kernel(proj_ptr, a_log_ptr, dt_bias_ptr, rec_ptr, out_ptr, sums
         tl.store(out_ptr + head * DV + dv, o)
         o = o.to(tl.float32)
         tl.store(sumsq_ptr + head * blocks + block, tl.sum(o * o, axis=0))
+
+
+@triton.jit
+def _gated_delta_kernel(proj_ptr, a_log_ptr, dt_bias_ptr, rec_ptr, out_ptr, sumsq_ptr,
+                        HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                        PDL: tl.constexpr):
+    """Program (key head, value block): q/k of the key head and the value heads sharing it, for value
+    columns [block * BV, +BV). proj holds the convolved, activated q/k/v (the projection GEMV's conv
+    epilogue), then z, b, a. Writes o (rounded) and its per-block sums of squares for the output norm."""
+    key_head = tl.program_id(0)
+    block = tl.program_id(1)
+    ratio: tl.constexpr = HV // HK
+    dk = tl.arange(0, DK)
+    dv = block * BV + tl.arange(0, BV)
+    state_ptrs = rec_ptr + key_head * ratio * DK * DV + dk[:, None] * DV + dv[None, :]
+    state = tl.load(state_ptrs)  # the first value head's state, before waiting on the projections
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    _delta_rule_heads(proj_ptr, state_ptrs, state, a_log_ptr, dt_bias_ptr, out_ptr, sumsq_ptr, key_head, block,
+                      tl.num_programs(1), dv, HK, HV, DK, DV)
 
 
 def gated_delta_step(projected: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, rec_state: torch.Tensor,

@@ -30,7 +30,7 @@ from lmbundle.models.linear import Linear
 from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOps
 
 from .triton_gemv import GROUP
-from .triton_mixers import _norm_rope
+from .triton_mixers import _delta_rule_heads, _norm_rope
 from .triton_ops import _power_of_two, _weights
 
 _GROUP = tl.constexpr(GROUP)
@@ -223,7 +223,6 @@ def _gated_delta_rows_kernel(proj_ptr, proj_stride, live_ptr, a_log_ptr, dt_bias
     row = tl.program_id(2)
     blocks = tl.num_programs(1)
     ratio: tl.constexpr = HV // HK
-    key_dim: tl.constexpr = HK * DK
     proj = proj_ptr + row.to(tl.int64) * proj_stride
     out = out_ptr + row * HV * DV
     sumsq = sumsq_ptr + row * HV * blocks
@@ -235,30 +234,10 @@ def _gated_delta_rows_kernel(proj_ptr, proj_stride, live_ptr, a_log_ptr, dt_bias
             tl.store(out + head * DV + dv, tl.zeros([BV], out_ptr.dtype.element_ty))
             tl.store(sumsq + head * blocks + block, tl.full([], 0.0, tl.float32))
     else:
-        b_ptr = proj + 2 * key_dim + 2 * HV * DV
         state_ptrs = (rec_ptr + (row.to(tl.int64) * HV + key_head * ratio) * DK * DV
                       + dk[:, None] * DV + dv[None, :])
-        q = tl.load(proj + key_head * DK + dk).to(tl.float32)
-        k = tl.load(proj + key_dim + key_head * DK + dk).to(tl.float32)
-        q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * (1.0 / tl.sqrt(DK * 1.0))
-        k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
-        for r in tl.static_range(ratio):
-            head = key_head * ratio + r
-            state = tl.load(state_ptrs + r * DK * DV)
-            v = tl.load(proj + 2 * key_dim + head * DV + dv).to(tl.float32)
-            b = tl.load(b_ptr + head)
-            a = tl.load(b_ptr + HV + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32)
-            beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)
-            softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
-            decay = tl.exp(-tl.exp(tl.load(a_log_ptr + head).to(tl.float32)) * softplus)
-            state = state * decay
-            memory = tl.sum(k[:, None] * state, axis=0)
-            state = state + k[:, None] * (beta * (v - memory))[None, :]
-            tl.store(state_ptrs + r * DK * DV, state)
-            o = tl.sum(q[:, None] * state, axis=0).to(b.dtype)
-            tl.store(out + head * DV + dv, o)
-            o = o.to(tl.float32)
-            tl.store(sumsq + head * blocks + block, tl.sum(o * o, axis=0))
+        _delta_rule_heads(proj, state_ptrs, tl.load(state_ptrs), a_log_ptr, dt_bias_ptr, out, sumsq, key_head, block,
+                          blocks, dv, HK, HV, DK, DV)
 
 
 def gated_delta_rows(projected: torch.Tensor, live: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor,
