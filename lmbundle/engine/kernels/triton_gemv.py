@@ -183,7 +183,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) 
 class GatedNormInput:
     """A GDN mixer's output before its gated RMSNorm, which the out_proj GEMV applies as it reads it:
     output [Hv * Dv] (rounded), the per-head sums of squares in `splits` partials [Hv, splits], the
-    gate z [Hv * Dv] and the norm weight [Dv]."""
+    gate z [Hv * Dv] and the norm weight [Dv]; the batched step's (`triton_rows`) with a leading row axis."""
 
     output: torch.Tensor
     sumsq: torch.Tensor

@@ -20,8 +20,6 @@ step that scales with rows. Shapes the kernels do not take fall back to the refe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +27,7 @@ import triton.language as tl
 from lmbundle.models.linear import Linear
 from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOps
 
-from .triton_gemv import GROUP
+from .triton_gemv import GROUP, GatedNormInput
 from .triton_mixers import _delta_rule_heads, _norm_rope
 from .triton_ops import _power_of_two, _weights
 
@@ -164,24 +162,10 @@ def pick_config(rows: int, out_features: int, in_features: int, swiglu: bool = F
     return tile_rows, block_n, block_k, 4, 3 if tile_rows <= 32 else 2
 
 
-@dataclass
-class GatedNormRows:
-    """A GDN mixer's rows before their gated RMSNorm, which the out_proj kernel applies as it reads them:
-    output [R, Hv * Dv] (rounded), per-row per-head sums of squares [R, Hv, splits], the gate z (a view
-    of the projections [R, ...]), the norm weight [Dv]."""
-
-    output: torch.Tensor
-    sumsq: torch.Tensor
-    gate: torch.Tensor
-    weight: torch.Tensor
-    eps: float
-    head_dim: int
-
-
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
                 weight2: torch.Tensor | None = None, scales2: torch.Tensor | None = None,
                 norm: Norm | None = None, residual: torch.Tensor | None = None,
-                conv: tuple[torch.Tensor, torch.Tensor] | None = None, gated_norm: GatedNormRows | None = None,
+                conv: tuple[torch.Tensor, torch.Tensor] | None = None, gated_norm: GatedNormInput | None = None,
                 config: Config | None = None) -> torch.Tensor:
     """x [R, in] -> y [R, out] in x's dtype (fp32 accumulation) for int8 `weight` + `scales` or dense; the
     fusions as `triton_gemv.gemv`'s, per row: norm, gated_norm, weight2 (SwiGLU), residual [R, out],
@@ -405,7 +389,7 @@ class RowStepOps(StepOps):
         return rows_linear(x, *gate_weights, *up_weights, norm=norm)
 
     def linear_residual(self, h, w: Linear, residual: torch.Tensor):
-        if isinstance(h, GatedNormRows):  # from gdn_mixer, which checked the weights
+        if isinstance(h, GatedNormInput):  # from gdn_mixer, which checked the weights
             return rows_linear(h.output, *_weights(w), gated_norm=h, residual=residual)
         weights = _weights(w)
         if weights is None or not self._rows(h) or not residual.is_contiguous():
@@ -415,7 +399,7 @@ class RowStepOps(StepOps):
     def gdn_mixer(self, x: torch.Tensor, norm: Norm, w: GDNWeights, conv_state: torch.Tensor,
                   rec_state: torch.Tensor, valid: torch.Tensor | None = None):
         """Two launches: norm + the fused projections + causal conv, then the delta rule; the output
-        norm waits for out_proj (a `GatedNormRows`). A padded chunk (`valid`) is no batched step."""
+        norm waits for out_proj (a `GatedNormInput`). A padded chunk (`valid`) is no batched step."""
         dims = w.dims
         in_weights = _weights(w.in_proj[0]) if len(w.in_proj) == 1 else None
         if (not self._rows(x) or rec_state.dim() != 4 or valid is not None or in_weights is None
@@ -427,7 +411,7 @@ class RowStepOps(StepOps):
         o, sumsq = gated_delta_rows(projected, self.live, w.A_log, w.dt_bias, rec_state,
                                     (dims.key_heads, hv), (dims.key_dim, dv))
         gate = projected[:, dims.conv_dim : dims.conv_dim + hv * dv]
-        return GatedNormRows(o, sumsq, gate, w.norm, dims.eps, dv)
+        return GatedNormInput(o, sumsq, gate, w.norm, dims.eps, dv)
 
     def attention_mixer(self, x: torch.Tensor, norm: Norm, w: AttentionWeights, rope: Rope,
                         key_cache: torch.Tensor, value_cache: torch.Tensor):
