@@ -122,6 +122,56 @@ def _norm_rope(x_ptr, norm_ptr, cos_ptr, sin_ptr, eps, dims, D: tl.constexpr, RO
 
 
 @triton.jit
+def _attend_split(proj_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, key_ptr, value_ptr, part_ptr, eps, cache,
+                  position, start, split_len, kv_head, split, splits,
+                  H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, GATE: tl.constexpr,
+                  ZERO_CENTERED: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
+    """One split of one token's attention (the split holds slots [start, +split_len), start <= position):
+    the new k/v written where the split holds the position, then the GQA group's q (normed, rotated)
+    against the visible keys, online softmax; writes (acc[D], max, sum) per head to part [H, splits, D + 2].
+    `cache` is the offset of the kv head's rows [capacity, D] in key/value_ptr."""
+    group: tl.constexpr = H // KVH
+    q_width: tl.constexpr = D * (2 if GATE else 1)
+    g = tl.arange(0, GROUP_BLOCK)
+    d = tl.arange(0, D)
+    heads = kv_head * group + g
+    head_ok = g < group
+    if position < start + split_len:  # this split holds the new token: write its k/v first
+        k_dims = H * q_width + kv_head * D + d[None, :]
+        k = _norm_rope(proj_ptr, k_norm_ptr, cos_ptr, sin_ptr, eps, k_dims, D, ROT, ZERO_CENTERED)
+        v = tl.load(proj_ptr + H * q_width + KVH * D + kv_head * D + d)
+        tl.store(key_ptr + cache + position * D + d[None, :], k.to(v.dtype))
+        tl.store(value_ptr + cache + position * D + d, v)
+        tl.debug_barrier()
+    q_dims = tl.where(head_ok[:, None], heads[:, None], 0) * q_width + d[None, :]
+    q = _norm_rope(proj_ptr, q_norm_ptr, cos_ptr, sin_ptr, eps, q_dims, D, ROT, ZERO_CENTERED)
+    # dots in fp32 operands (tf32 on the tensor cores): exact for the bf16/fp16 q, keys and values
+    q = tl.where(head_ok[:, None], q, 0.0).to(key_ptr.dtype.element_ty).to(tl.float32)
+    m = tl.full([GROUP_BLOCK], float("-inf"), tl.float32)
+    total = tl.zeros([GROUP_BLOCK], tl.float32)
+    acc = tl.zeros([GROUP_BLOCK, D], tl.float32)
+    end = tl.minimum(start + split_len, position + 1)
+    for block in range(start, end, BLOCK_L):
+        slots = block + tl.arange(0, BLOCK_L)
+        visible = slots < end
+        keys = tl.load(key_ptr + cache + slots[:, None] * D + d[None, :], mask=visible[:, None], other=0.0)
+        keys = keys.to(tl.float32)
+        scores = tl.dot(q, tl.trans(keys)) * (1.0 / tl.sqrt(D * 1.0))
+        scores = tl.where(visible[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp(scores - m_new[:, None])
+        correction = tl.exp(m - m_new)
+        values = tl.load(value_ptr + cache + slots[:, None] * D + d[None, :], mask=visible[:, None], other=0.0)
+        acc = acc * correction[:, None] + tl.dot(p, values.to(tl.float32))
+        total = total * correction + tl.sum(p, axis=1)
+        m = m_new
+    part = part_ptr + (heads[:, None] * splits + split) * (D + 2)
+    tl.store(part + d[None, :], acc, mask=head_ok[:, None])
+    tl.store(part + D + tl.zeros_like(g)[:, None], m[:, None], mask=head_ok[:, None])
+    tl.store(part + D + 1 + tl.zeros_like(g)[:, None], total[:, None], mask=head_ok[:, None])
+
+
+@triton.jit
 def _attention_split_kernel(proj_ptr, position_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, key_ptr, value_ptr,
                             part_ptr, eps, capacity, split_len,
                             H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
@@ -131,66 +181,22 @@ def _attention_split_kernel(proj_ptr, position_ptr, q_norm_ptr, k_norm_ptr, cos_
     the position; writes (max, sum, acc[D]) per head to part [H, splits, D + 2]."""
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    group: tl.constexpr = H // KVH
-    q_width: tl.constexpr = D * (2 if GATE else 1)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     position = tl.load(position_ptr)
     start = split * split_len
-    g = tl.arange(0, GROUP_BLOCK)
-    d = tl.arange(0, D)
-    heads = kv_head * group + g
-    head_ok = g < group
     if start <= position:
-        cache = kv_head * capacity * D
-        if position < start + split_len:  # this split holds the new token: write its k/v first
-            k_dims = H * q_width + kv_head * D + d[None, :]
-            k = _norm_rope(proj_ptr, k_norm_ptr, cos_ptr, sin_ptr, eps, k_dims, D, ROT, ZERO_CENTERED)
-            v = tl.load(proj_ptr + H * q_width + KVH * D + kv_head * D + d)
-            tl.store(key_ptr + cache + position * D + d[None, :], k.to(v.dtype))
-            tl.store(value_ptr + cache + position * D + d, v)
-            tl.debug_barrier()
-        q_dims = tl.where(head_ok[:, None], heads[:, None], 0) * q_width + d[None, :]
-        q = _norm_rope(proj_ptr, q_norm_ptr, cos_ptr, sin_ptr, eps, q_dims, D, ROT, ZERO_CENTERED)
-        # dots in fp32 operands (tf32 on the tensor cores): exact for the bf16/fp16 q, keys and values
-        q = tl.where(head_ok[:, None], q, 0.0).to(key_ptr.dtype.element_ty).to(tl.float32)
-        m = tl.full([GROUP_BLOCK], float("-inf"), tl.float32)
-        total = tl.zeros([GROUP_BLOCK], tl.float32)
-        acc = tl.zeros([GROUP_BLOCK, D], tl.float32)
-        end = tl.minimum(start + split_len, position + 1)
-        for block in range(start, end, BLOCK_L):
-            slots = block + tl.arange(0, BLOCK_L)
-            visible = slots < end
-            keys = tl.load(key_ptr + cache + slots[:, None] * D + d[None, :], mask=visible[:, None], other=0.0)
-            keys = keys.to(tl.float32)
-            scores = tl.dot(q, tl.trans(keys)) * (1.0 / tl.sqrt(D * 1.0))
-            scores = tl.where(visible[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            p = tl.exp(scores - m_new[:, None])
-            correction = tl.exp(m - m_new)
-            values = tl.load(value_ptr + cache + slots[:, None] * D + d[None, :], mask=visible[:, None], other=0.0)
-            acc = acc * correction[:, None] + tl.dot(p, values.to(tl.float32))
-            total = total * correction + tl.sum(p, axis=1)
-            m = m_new
-        part = part_ptr + (heads[:, None] * splits + split) * (D + 2)
-        tl.store(part + d[None, :], acc, mask=head_ok[:, None])
-        tl.store(part + D + tl.zeros_like(g)[:, None], m[:, None], mask=head_ok[:, None])
-        tl.store(part + D + 1 + tl.zeros_like(g)[:, None], total[:, None], mask=head_ok[:, None])
+        _attend_split(proj_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, key_ptr, value_ptr, part_ptr, eps,
+                      kv_head * capacity * D, position, start, split_len, kv_head, split, tl.num_programs(1),
+                      H, KVH, D, ROT, GATE, ZERO_CENTERED, GROUP_BLOCK, BLOCK_L)
 
 
 @triton.jit
-def _attention_combine_kernel(part_ptr, proj_ptr, position_ptr, out_ptr, split_len, splits,
-                              D: tl.constexpr, GATE: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
-                              CHUNK: tl.constexpr, PDL: tl.constexpr):
-    """Program head: merge the used splits' softmax pieces; times sigmoid(gate) for a gated head."""
-    head = tl.program_id(0)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    used = tl.load(position_ptr) // split_len + 1
-    parts = part_ptr + head * splits * (D + 2)
+def _combine_splits(parts, gate_ptr, out_ptr, used, D: tl.constexpr, GATE: tl.constexpr,
+                    SPLITS_BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """One head's output from its `used` splits' softmax pieces (parts [splits, D + 2]); times
+    sigmoid(gate) for a gated head (gate_ptr: its D gate values)."""
     s = tl.arange(0, SPLITS_BLOCK)
     m_all = tl.max(tl.load(parts + s * (D + 2) + D, mask=s < used, other=float("-inf")), axis=0)
     d = tl.arange(0, D)
@@ -205,9 +211,23 @@ def _attention_combine_kernel(part_ptr, proj_ptr, position_ptr, out_ptr, split_l
         acc += tl.sum(tl.load(part[:, None] + d[None, :], mask=ok[:, None], other=0.0) * weight[:, None], axis=0)
     o = acc / total
     if GATE:
-        gate = tl.load(proj_ptr + head * 2 * D + D + d)
+        gate = tl.load(gate_ptr + d)
         o = o.to(gate.dtype).to(tl.float32) * tl.sigmoid(gate.to(tl.float32)).to(gate.dtype).to(tl.float32)
-    tl.store(out_ptr + head * D + d, o)
+    tl.store(out_ptr + d, o)
+
+
+@triton.jit
+def _attention_combine_kernel(part_ptr, proj_ptr, position_ptr, out_ptr, split_len, splits,
+                              D: tl.constexpr, GATE: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+                              CHUNK: tl.constexpr, PDL: tl.constexpr):
+    """Program head: merge the used splits' softmax pieces; times sigmoid(gate) for a gated head."""
+    head = tl.program_id(0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    used = tl.load(position_ptr) // split_len + 1
+    _combine_splits(part_ptr + head * splits * (D + 2), proj_ptr + head * 2 * D + D, out_ptr + head * D, used,
+                    D, GATE, SPLITS_BLOCK, CHUNK)
 
 
 def attention_step(projected: torch.Tensor, position: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,

@@ -28,7 +28,7 @@ from lmbundle.models.linear import Linear
 from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOps
 
 from .triton_gemv import GROUP, GatedNormInput
-from .triton_mixers import _delta_rule_heads, _norm_rope
+from .triton_mixers import _attend_split, _combine_splits, _delta_rule_heads
 from .triton_ops import _power_of_two, _weights
 
 _GROUP = tl.constexpr(GROUP)
@@ -253,49 +253,13 @@ def _attention_rows_split_kernel(proj_ptr, proj_stride, position_ptr, live_ptr, 
     split = tl.program_id(1)
     row = tl.program_id(2)
     splits = tl.num_programs(1)
-    group: tl.constexpr = H // KVH
-    q_width: tl.constexpr = D * (2 if GATE else 1)
     position = tl.load(position_ptr + row)
     start = split * split_len
     if (start <= position) & (tl.load(live_ptr + row) != 0):
-        proj = proj_ptr + row.to(tl.int64) * proj_stride
-        cos, sin = cos_ptr + row * ROT, sin_ptr + row * ROT
-        g = tl.arange(0, GROUP_BLOCK)
-        d = tl.arange(0, D)
-        heads = kv_head * group + g
-        head_ok = g < group
-        cache = (row.to(tl.int64) * KVH + kv_head) * capacity * D
-        if position < start + split_len:  # this split holds the new token: write its k/v first
-            k_dims = H * q_width + kv_head * D + d[None, :]
-            k = _norm_rope(proj, k_norm_ptr, cos, sin, eps, k_dims, D, ROT, ZERO_CENTERED)
-            v = tl.load(proj + H * q_width + KVH * D + kv_head * D + d)
-            tl.store(key_ptr + cache + position * D + d[None, :], k.to(v.dtype))
-            tl.store(value_ptr + cache + position * D + d, v)
-            tl.debug_barrier()
-        q_dims = tl.where(head_ok[:, None], heads[:, None], 0) * q_width + d[None, :]
-        q = _norm_rope(proj, q_norm_ptr, cos, sin, eps, q_dims, D, ROT, ZERO_CENTERED)
-        q = tl.where(head_ok[:, None], q, 0.0).to(key_ptr.dtype.element_ty).to(tl.float32)
-        m = tl.full([GROUP_BLOCK], float("-inf"), tl.float32)
-        total = tl.zeros([GROUP_BLOCK], tl.float32)
-        acc = tl.zeros([GROUP_BLOCK, D], tl.float32)
-        end = tl.minimum(start + split_len, position + 1)
-        for block in range(start, end, BLOCK_L):
-            slots = block + tl.arange(0, BLOCK_L)
-            visible = slots < end
-            keys = tl.load(key_ptr + cache + slots[:, None] * D + d[None, :], mask=visible[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(keys.to(tl.float32))) * (1.0 / tl.sqrt(D * 1.0))
-            scores = tl.where(visible[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            p = tl.exp(scores - m_new[:, None])
-            correction = tl.exp(m - m_new)
-            values = tl.load(value_ptr + cache + slots[:, None] * D + d[None, :], mask=visible[:, None], other=0.0)
-            acc = acc * correction[:, None] + tl.dot(p, values.to(tl.float32))
-            total = total * correction + tl.sum(p, axis=1)
-            m = m_new
-        part = part_ptr + ((row * H + heads[:, None]) * splits + split) * (D + 2)
-        tl.store(part + d[None, :], acc, mask=head_ok[:, None])
-        tl.store(part + D + tl.zeros_like(g)[:, None], m[:, None], mask=head_ok[:, None])
-        tl.store(part + D + 1 + tl.zeros_like(g)[:, None], total[:, None], mask=head_ok[:, None])
+        _attend_split(proj_ptr + row.to(tl.int64) * proj_stride, q_norm_ptr, k_norm_ptr, cos_ptr + row * ROT,
+                      sin_ptr + row * ROT, key_ptr, value_ptr, part_ptr + row * H * splits * (D + 2), eps,
+                      (row.to(tl.int64) * KVH + kv_head) * capacity * D, position, start, split_len, kv_head, split,
+                      splits, H, KVH, D, ROT, GATE, ZERO_CENTERED, GROUP_BLOCK, BLOCK_L)
 
 
 @triton.jit
@@ -305,29 +269,14 @@ def _attention_rows_combine_kernel(part_ptr, proj_ptr, proj_stride, position_ptr
     """Program (head, row): merge the row's used splits; times sigmoid(gate) for a gated head."""
     head = tl.program_id(0)
     row = tl.program_id(1)
-    d = tl.arange(0, D)
-    out = out_ptr + (row * H + head) * D + d
+    out = out_ptr + (row * H + head) * D
     if tl.load(live_ptr + row) == 0:
-        tl.store(out, tl.zeros([D], out_ptr.dtype.element_ty))
+        tl.store(out + tl.arange(0, D), tl.zeros([D], out_ptr.dtype.element_ty))
     else:
         used = tl.load(position_ptr + row) // split_len + 1
-        parts = part_ptr + (row * H + head) * splits * (D + 2)
-        s = tl.arange(0, SPLITS_BLOCK)
-        m_all = tl.max(tl.load(parts + s * (D + 2) + D, mask=s < used, other=float("-inf")), axis=0)
-        c = tl.arange(0, CHUNK)
-        acc = tl.zeros([D], tl.float32)
-        total = 0.0
-        for first in range(0, used, CHUNK):
-            ok = first + c < used
-            part = parts + (first + c) * (D + 2)
-            weight = tl.where(ok, tl.exp(tl.load(part + D, mask=ok, other=0.0) - m_all), 0.0)
-            total += tl.sum(tl.load(part + D + 1, mask=ok, other=0.0) * weight, axis=0)
-            acc += tl.sum(tl.load(part[:, None] + d[None, :], mask=ok[:, None], other=0.0) * weight[:, None], axis=0)
-        o = acc / total
-        if GATE:
-            gate = tl.load(proj_ptr + row.to(tl.int64) * proj_stride + head * 2 * D + D + d)
-            o = o.to(gate.dtype).to(tl.float32) * tl.sigmoid(gate.to(tl.float32)).to(gate.dtype).to(tl.float32)
-        tl.store(out, o)
+        _combine_splits(part_ptr + (row * H + head) * splits * (D + 2),
+                        proj_ptr + row.to(tl.int64) * proj_stride + head * 2 * D + D, out, used,
+                        D, GATE, SPLITS_BLOCK, CHUNK)
 
 
 def attention_rows(projected: torch.Tensor, positions: torch.Tensor, live: torch.Tensor, q_norm: torch.Tensor,
