@@ -1,0 +1,158 @@
+"""Compile the Triton kernels for Hopper (sm_90: the H100 and H200) the way the 2B's decode step, prompt chunks
+and batched step launch them, on any machine (`tests/test_kernels_compile.py` runs this in a process of its own:
+the suite's Triton interpreter must be off for a real compile). Each wrapper runs on meta tensors (shapes, no
+memory) with the module's kernels swapped for recorders; each recorded launch is compiled ahead of time by
+Triton's own compiler and ptxas, no GPU needed. Prints {label: shared memory bytes} as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lmbundle.engine.kernels import triton_gemv, triton_mixers, triton_rows
+
+HOPPER = GPUTarget("cuda", 90, 32)
+OPTIONS = ("num_warps", "num_stages", "launch_pdl")
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
+         torch.int32: "i32", torch.int64: "i64"}
+
+# Qwen3.5-2B: hidden 2048; GDN 16 x 128 key and value heads (conv 6144 channels, fused in_proj 8224 rows);
+# attention 8 heads of 256 (with output gate) over 2 KV heads, rotary on 64 dims; MLP 6144; vocabulary 248,320.
+HIDDEN, CONV, IN_PROJ, MLP, VOCAB, GROUPS = 2048, 6144, 8224, 6144, 248320, 2048 // 32
+ROWS = 32  # the batch scheduler's rows (--max-batch 32)
+
+
+class Recorder:
+    """Stands in for a jitted kernel: `kernel[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+def _type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + TYPES[value.dtype]
+    if isinstance(value, float):
+        return "fp32"
+    return "i32" if abs(value) < 2**31 else "i64"
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict):
+    """The recorded launch compiled for sm_90: (compiled kernel, its shared memory in bytes)."""
+    names = kernel.arg_names
+    constexprs = {name: kwargs[name] for name in names if name in kwargs}
+    values = dict(zip(names, args))
+    signature = {name: "constexpr" if name in constexprs else _type(values[name]) for name in names}
+    options = {k: v for k, v in kwargs.items() if k in OPTIONS}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=HOPPER, options=options)
+    return compiled, compiled.metadata.shared
+
+
+def launches(module, name: str, call) -> list[tuple]:
+    """Run `call()` with every kernel of `module` recorded; the launches of module.<name>."""
+    kernels = {k: v for k, v in vars(module).items() if k.endswith("_kernel") and hasattr(v, "arg_names")}
+    recorders = {k: Recorder(v) for k, v in kernels.items()}
+    for k, recorder in recorders.items():
+        setattr(module, k, recorder)
+    try:
+        call()
+    finally:
+        for k, kernel in kernels.items():
+            setattr(module, k, kernel)
+    assert recorders[name].launches, f"{name} was not launched"
+    return [(kernels[name], args, kwargs) for args, kwargs in recorders[name].launches]
+
+
+def meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def int8(rows, columns):
+    return meta(rows, columns, dtype=torch.int8), meta(rows, columns // 32, dtype=torch.float16)
+
+
+def one_token_launches() -> dict[str, list]:
+    x, norm = meta(HIDDEN), (meta(HIDDEN), 1e-6, True)
+    gated = triton_gemv.GatedNormInput(meta(HIDDEN), meta(16, 8, dtype=torch.float32), meta(HIDDEN), meta(128),
+                                       1e-6, 128)
+    gemv = {
+        "in_proj + norm + conv": lambda: triton_gemv.gemv(x, *int8(IN_PROJ, HIDDEN), norm=norm,
+                                                          conv=(meta(CONV, 3), meta(CONV, 4)), pdl=True),
+        "gate/up + norm + SwiGLU": lambda: triton_gemv.gemv(x, *int8(MLP, HIDDEN), *int8(MLP, HIDDEN), norm=norm,
+                                                            pdl=True),
+        "out_proj + gated norm + residual": lambda: triton_gemv.gemv(x, *int8(HIDDEN, HIDDEN), gated_norm=gated,
+                                                                     residual=meta(HIDDEN), pdl=True),
+        "down + residual": lambda: triton_gemv.gemv(meta(MLP), *int8(HIDDEN, MLP), residual=meta(HIDDEN), pdl=True),
+        "head + norm": lambda: triton_gemv.gemv(x, *int8(VOCAB, HIDDEN), norm=norm, pdl=True),
+        "bf16 head + norm": lambda: triton_gemv.gemv(x, meta(VOCAB, HIDDEN), norm=norm, pdl=True),
+        "dequantize (prompt chunks)": lambda: triton_gemv.dequantize(*int8(MLP, HIDDEN), torch.bfloat16),
+    }
+    found = {label: launches(triton_gemv, "_gemv_kernel" if "dequantize" not in label else "_dequantize_kernel",
+                             call) for label, call in gemv.items()}
+    found["GDN delta rule"] = launches(triton_mixers, "_gated_delta_kernel", lambda: triton_mixers.gated_delta_step(
+        meta(IN_PROJ), meta(16, dtype=torch.float32), meta(16, dtype=torch.float32),
+        meta(16, 128, 128, dtype=torch.float32), (16, 16), (128, 128), pdl=True))
+    for label, heads, dim, rot, gate in (("Qwen3.5", (8, 2), 256, 64, True), ("Qwen3-VL", (16, 8), 128, 128, False)):
+        h, kvh = heads
+        width = h * dim * (2 if gate else 1) + 2 * kvh * dim
+
+        def attention():
+            triton_mixers.attention_step(meta(width), meta(1, dtype=torch.int64), meta(dim), meta(dim),
+                                         meta(1, rot, dtype=torch.float32), meta(1, rot, dtype=torch.float32),
+                                         meta(kvh, 4096, dim), meta(kvh, 4096, dim), heads, dim, gate, True, 1e-6,
+                                         pdl=True)
+
+        found[f"{label} attention split"] = launches(triton_mixers, "_attention_split_kernel", attention)
+        found[f"{label} attention combine"] = launches(triton_mixers, "_attention_combine_kernel", attention)
+    return found
+
+
+def rows_launches() -> dict[str, list]:
+    x, norm = meta(ROWS, HIDDEN), (meta(HIDDEN), 1e-6, True)
+    gated = triton_gemv.GatedNormInput(meta(ROWS, HIDDEN), meta(ROWS, 16, 8, dtype=torch.float32),
+                                       meta(ROWS, HIDDEN), meta(128), 1e-6, 128)
+    linear = {
+        "rows in_proj + norm + conv": lambda: triton_rows.rows_linear(
+            x, *int8(IN_PROJ, HIDDEN), norm=norm, conv=(meta(ROWS, CONV, 3), meta(CONV, 4))),
+        "rows gate/up + norm + SwiGLU": lambda: triton_rows.rows_linear(x, *int8(MLP, HIDDEN), *int8(MLP, HIDDEN),
+                                                                        norm=norm),
+        "rows out_proj + gated norm + residual": lambda: triton_rows.rows_linear(
+            x, *int8(HIDDEN, HIDDEN), gated_norm=gated, residual=meta(ROWS, HIDDEN)),
+        "rows down + residual": lambda: triton_rows.rows_linear(meta(ROWS, MLP), *int8(HIDDEN, MLP),
+                                                                residual=meta(ROWS, HIDDEN)),
+        "rows head + norm": lambda: triton_rows.rows_linear(x, *int8(VOCAB, HIDDEN), norm=norm),
+    }
+    found = {label: launches(triton_rows, "_rows_linear_kernel", call) for label, call in linear.items()}
+    live = meta(ROWS, dtype=torch.int32)
+    found["rows GDN delta rule"] = launches(triton_rows, "_gated_delta_rows_kernel", lambda: triton_rows.gated_delta_rows(
+        meta(ROWS, IN_PROJ), live, meta(16, dtype=torch.float32), meta(16, dtype=torch.float32),
+        meta(ROWS, 16, 128, 128, dtype=torch.float32), (16, 16), (128, 128)))
+
+    def attention():
+        triton_rows.attention_rows(meta(ROWS, 5120), meta(ROWS, dtype=torch.int64), live, meta(256), meta(256),
+                                   meta(ROWS, 64, dtype=torch.float32), meta(ROWS, 64, dtype=torch.float32),
+                                   meta(ROWS, 2, 4096, 256), meta(ROWS, 2, 4096, 256), (8, 2), 256, True, True, 1e-6)
+
+    found["rows attention split"] = launches(triton_rows, "_attention_rows_split_kernel", attention)
+    found["rows attention combine"] = launches(triton_rows, "_attention_rows_combine_kernel", attention)
+    return found
+
+
+def main() -> None:
+    shared = {}
+    for label, recorded in {**one_token_launches(), **rows_launches()}.items():
+        kernel, args, kwargs = recorded[0]  # a wrapper launches one configuration of each kernel
+        shared[label] = compile_launch(kernel, args, kwargs)[1]
+    json.dump(shared, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
