@@ -2,12 +2,16 @@
 and batched step launch them, on any machine (`tests/test_kernels_compile.py` runs this in a process of its own:
 the suite's Triton interpreter must be off for a real compile). Each wrapper runs on meta tensors (shapes, no
 memory) with the module's kernels swapped for recorders; each recorded launch is compiled ahead of time by
-Triton's own compiler and ptxas, no GPU needed. Prints {label: shared memory bytes} as JSON."""
+Triton's own compiler and ptxas, no GPU needed. Prints {label: shared memory bytes} as JSON; with --resources
+also each kernel's registers and spills (`python -m tests.kernels_compile --resources`)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -46,13 +50,18 @@ def _type(value) -> str:
 
 
 def compile_launch(kernel, args: tuple, kwargs: dict):
-    """The recorded launch compiled for sm_90: (compiled kernel, its shared memory in bytes)."""
+    """The recorded launch compiled for sm_90 as Triton's launcher specializes it (pointers 16-byte aligned,
+    integers that are multiples of 16 marked so, integers equal to 1 made constants): (compiled kernel, its
+    shared memory in bytes)."""
     names = kernel.arg_names
-    constexprs = {name: kwargs[name] for name in names if name in kwargs}
     values = dict(zip(names, args))
+    constexprs = {name: kwargs[name] for name in names if name in kwargs}
+    constexprs.update({name: 1 for name, v in values.items() if type(v) is int and v == 1})
     signature = {name: "constexpr" if name in constexprs else _type(values[name]) for name in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name not in constexprs and (
+        isinstance(values[name], torch.Tensor) or (type(values[name]) is int and values[name] % 16 == 0))}
     options = {k: v for k, v in kwargs.items() if k in OPTIONS}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=HOPPER, options=options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=HOPPER, options=options)
     return compiled, compiled.metadata.shared
 
 
@@ -146,11 +155,26 @@ def rows_launches() -> dict[str, list]:
     return found
 
 
+def resources(compiled) -> str:
+    """Registers and stack (spills) of a compiled kernel, from the cubin (cuobjdump, bundled with Triton)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    return " ".join(next((line for line in out.splitlines() if "REG:" in line), "").split()[:2])
+
+
 def main() -> None:
+    """JSON {label: shared memory bytes}; with --resources, a table with registers and spills (tuning the
+    kernels without a GPU)."""
     shared = {}
     for label, recorded in {**one_token_launches(), **rows_launches()}.items():
         kernel, args, kwargs = recorded[0]  # a wrapper launches one configuration of each kernel
-        shared[label] = compile_launch(kernel, args, kwargs)[1]
+        compiled, shared[label] = compile_launch(kernel, args, kwargs)
+        if "--resources" in sys.argv:
+            print(f"{label:40s} {kwargs.get('num_warps', 4)} warps  {resources(compiled)}  "
+                  f"shared {shared[label]} B", file=sys.stderr)
     json.dump(shared, sys.stdout)
 
 
