@@ -226,8 +226,8 @@ def gdn_mix(
     the WY chunks) on rec_state [Hv, Dk, Dv]; then RMSNorm(o) * silu(z) per head. A chunk whose tokens
     past `valid` ([1]) are padding leaves the states as its real tokens left them: the padding gets no
     decay and no write (beta = g = 0, how the WY chunks pad themselves) and the conv keeps the real
-    inputs. Rows (rec_state
-    [B, Hv, Dk, Dv], conv_state [B, C, K-1]): token i belongs to sequence i, one loop-free step each.
+    inputs. Rows (rec_state [B, Hv, Dk, Dv], conv_state [B, C, K-1]): token i belongs to sequence i, one
+    loop-free step each.
     """
     rows = rec_state.dim() == 4
     hk, hv, dk, dv = dims.key_heads, dims.value_heads, dims.key_dim, dims.value_dim
