@@ -216,7 +216,7 @@ def main() -> None:
     parser.add_argument("--quant", default="int8hu")
     parser.add_argument("--bundle", help="an existing bundle (skips building the checkpoint)")
     parser.add_argument("--tokenizer", help="tokenizer files to put in the checkpoint")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--baseline-clients", type=int, nargs="*", default=[1, 4])
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--per-client", type=int, default=2, help="requests each client sends")
