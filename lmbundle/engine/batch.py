@@ -8,8 +8,9 @@ steps, so it never stalls the others), then one batched decode step for every se
 first token: B tokens at B different positions, one read of the weights for all (`step_rows`, the same
 graph as the one-token step with a row axis on each layer's state). Sequences join and leave between
 steps; the decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last). On CUDA the
-step runs the fused rows kernels (`kernels/triton_rows.py`) on all `max_batch` rows at every load, as one
-CUDA graph: the padding rows (flagged in `live`) step free decode slots and skip the mixers' state work.
+step runs on all `max_batch` rows at every load, as one CUDA graph (the reference ops by default, the fused
+rows kernels of `kernels/triton_rows.py` with LMBUNDLE_ROW_KERNELS=1): the padding rows step free decode
+slots. Prompt pieces replay the prompt graphs (`graphs.PrefillGraphs`) on a staging slot.
 
 Exact: a request's tokens do not depend on what else runs. Its prompt is cut into pieces at fixed
 absolute positions (chunk multiples and the prefix cache's cut points), whatever the load; the batched
@@ -97,12 +98,12 @@ class BatchScheduler:
         self.capacity = engine.max_context
         weight = self.model.model.embed_tokens.weight
         self.pool = self.model.state_spec.new(self.capacity, self.device, weight.dtype, slots=2 * max_batch)
-        self.prefill_graphs = None  # on CUDA: prompt pieces replayed on a staging slot
-        if self.device.type == "cuda" and os.environ.get("LMBUNDLE_BATCH_GRAPHS", "1") != "0":
-            staging = self.model.state_spec.new(self.capacity, self.device, weight.dtype)
-            self.prefill_graphs = PrefillGraphs(self.model, staging)
         self.owner: list[Sequence | None] = [None] * (2 * max_batch)  # decode slots, then prefill slots
         self.use_graphs = self.device.type == "cuda" and os.environ.get("LMBUNDLE_BATCH_GRAPHS", "1") != "0"
+        self.prefill_graphs = None  # with graphs: prompt pieces replayed on a staging slot
+        if self.use_graphs:
+            staging = self.model.state_spec.new(self.capacity, self.device, weight.dtype)
+            self.prefill_graphs = PrefillGraphs(self.model, staging)
         self.padded = self.device.type == "cuda"  # every step on all max_batch rows (the one graph's layout)
         self._graph: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
         self._ids_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
