@@ -1,4 +1,5 @@
-"""The batched decode step's fused kernels: `RowStepOps`, the ops of `step_rows` on CUDA.
+"""The batched decode step's fused kernels: `RowStepOps`, the ops of `step_rows` on CUDA (with
+LMBUNDLE_ROW_KERNELS=1 until tuned: benchmarks/RESULTS.md has them slower than the reference ops today).
 
 x is [R, hidden]: one token of each of R sequences, row i with its own state row and position. The
 continuous-batching scheduler always steps the same R rows (its capacity; rows past the live ones step
