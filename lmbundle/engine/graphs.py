@@ -37,7 +37,8 @@ def capture(run: Callable[[], torch.Tensor | None], state: State, pool=None) -> 
     """`run()` (which reads and writes `state`) as a CUDA graph, and the output it returns on every replay.
 
     It runs once on a side stream first (Triton compiles, cuBLAS and the allocator warm up outside the
-    capture); what that run wrote to the state is undone, so capturing changes nothing."""
+    capture); what that run wrote to the state is undone, so capturing changes nothing. The capture
+    checks only this thread's CUDA calls: under `serve` another request's thread may be running steps."""
     saved = {name: t.clone() for name, t in state.tensors().items()}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -45,7 +46,7 @@ def capture(run: Callable[[], torch.Tensor | None], state: State, pool=None) -> 
         run()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = run()
     for name, t in state.tensors().items():
         t.copy_(saved[name])
