@@ -50,6 +50,7 @@ def sweep(rows: int) -> None:
     import triton.testing
 
     from lmbundle.engine.kernels.triton_rows import pick_config, rows_linear
+    from lmbundle.models.linear import dequantize
     from lmbundle.models.ops import Norm
 
     def int8(out_features, in_features):
@@ -79,19 +80,23 @@ def sweep(rows: int) -> None:
         block_ns = (64, 128, 256) if out_features > 65536 else (16, 32, 64)
         results = []
         for block_n in block_ns:
-            for block_k in (128, 256):
+            for block_k in (64, 128, 256):
                 for warps in (4, 8):
-                    config = (picked[0], block_n, block_k, warps, 3)
-                    try:
-                        ms = triton.testing.do_bench(lambda: rows_linear(x, w, s, config=config, **extra))
-                    except Exception as exc:  # a config that does not compile (registers, shared memory)
-                        print(f"  {name} {config}: {type(exc).__name__}")
-                        continue
-                    results.append((ms, config))
+                    for stages in (2, 3, 4):  # offline, the picked 3 stages take 99-116 KB of shared memory
+                        config = (picked[0], block_n, block_k, warps, stages)
+                        try:
+                            ms = triton.testing.do_bench(lambda: rows_linear(x, w, s, config=config, **extra))
+                        except Exception as exc:  # a config that does not compile (registers, shared memory)
+                            print(f"  {name} {config}: {type(exc).__name__}")
+                            continue
+                        results.append((ms, config))
         results.sort()
         base = triton.testing.do_bench(lambda: rows_linear(x, w, s, **extra))
+        # what the default (reference) batched step does instead: cuBLAS on a dense bf16 copy
+        dense = [dequantize(w, s, torch.bfloat16)] + ([dequantize(w2, s2, torch.bfloat16)] if kind == "swiglu" else [])
+        cublas = triton.testing.do_bench(lambda: [torch.nn.functional.linear(x, d) for d in dense])
         print(f"{name} {out_features}x{in_features} rows={rows}: picked {picked} {base * 1e3:.1f} us "
-              f"({weight_bytes / base / 1e6:.0f} GB/s); best " + ", ".join(
+              f"({weight_bytes / base / 1e6:.0f} GB/s); cuBLAS on dense bf16 {cublas * 1e3:.1f} us; best " + ", ".join(
                   f"{c} {ms * 1e3:.1f} us" for ms, c in results[:3]), flush=True)
 
 
