@@ -72,7 +72,7 @@ def main() -> None:
         for e in events[:20]:
             print(f"  {e.self_device_time_total / args.steps / 1e3:7.3f} ms  {e.count // args.steps:4d}x  {e.key[:90]}")
         for tokens in args.prefill:
-            profile_prefill(backend, tokens)
+            profile_prefill(engine, tokens)
         if args.prefill:
             for chunk in filter(None, args.wy_chunks.split(",")):
                 print(f"  GDN chunk {chunk}: {time_prefill(engine, args.prefill[-1], int(chunk)):.0f} tok/s")
@@ -91,9 +91,10 @@ def time_prefill(engine, tokens: int, wy_chunk: int) -> float:
         layers.gated_delta_chunk.__defaults__ = defaults
 
 
-def profile_prefill(backend, tokens: int) -> None:
+def profile_prefill(engine, tokens: int) -> None:
     """Kernel time of one prompt chunk by kernel name, run eagerly (a graph replay hides its kernels), and
     the same chunk replayed as the engine runs it (`graphs.PrefillGraphs`)."""
+    backend = engine.backend
     ids = [(7 + 13 * i) % 1000 for i in range(tokens)]
     model, device_ids = backend.model, torch.tensor(ids, device="cuda")
     backend.reset(tokens + 1)
@@ -107,24 +108,11 @@ def profile_prefill(backend, tokens: int) -> None:
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     total = sum(e.self_device_time_total for e in events)
-    replayed = chunked_prefill_ms(backend, ids)
+    rate = chunked_prefill(engine, tokens, tokens)  # the engine's replay, best of 3 (the first captures)
     print(f"prompt chunk of {tokens}: kernel time {total / 1e3:.2f} ms in {sum(e.count for e in events)} kernels; "
-          f"replayed as a CUDA graph {replayed:.2f} ms ({tokens / replayed * 1e3:.0f} tok/s)")
+          f"replayed as a CUDA graph {tokens / rate * 1e3:.2f} ms ({rate:.0f} tok/s)")
     for e in events[:25]:
         print(f"  {e.self_device_time_total / 1e3:7.3f} ms  {e.count:5d}x  {e.key[:100]}")
-
-
-def chunked_prefill_ms(backend, ids: list[int]) -> float:
-    """The engine's prefill of ids in one chunk (graph replays on CUDA), best of 3 after a capture."""
-    best = float("inf")
-    for _ in range(4):
-        backend.reset(len(ids) + 1)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        backend.prefill(ids, len(ids))
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 if __name__ == "__main__":
