@@ -1,6 +1,6 @@
-"""Continuous batching on the CPU (the reference ops), and on CUDA where present (the fused rows kernels
-in one CUDA graph): a greedy request's tokens are the same alone or among 8 others that join and leave
-at different times, seeded sampling repeats per request, a request
+"""Continuous batching on the CPU (the reference ops), and on CUDA where present (one CUDA graph of all
+the rows, with the reference ops and with the fused rows kernels): a greedy request's tokens are the same
+alone or among 8 others that join and leave at different times, seeded sampling repeats per request, a request
 that stops mid-batch frees its slot without touching the others' tokens, and the prefix cache works
 through the batch slots."""
 

@@ -87,11 +87,7 @@ class State:
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Slot src's state (its first `length` KV rows) into slot dst of a pool."""
-        for name, t in self.tensors().items():
-            if name in GROWING_STATES:
-                t[:, dst, :, :length].copy_(t[:, src, :, :length])
-            else:
-                t[:, dst].copy_(t[:, src])
+        self.slot(dst).copy_from(self.slot(src), length)
 
     def rows_of(self, count: int) -> "State":
         """Slots 0..count-1 as the rows of a batched step (views)."""
