@@ -62,15 +62,9 @@ def main() -> None:
             for pos in range(64, 64 + args.steps):
                 backend.model.step(token, torch.tensor([pos], device="cuda"), backend.state, window)
             torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-        events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-        total = sum(e.self_device_time_total for e in events) / args.steps
         print("graph replay (best of 3): " + ", ".join(f"{label} {1e3 * t:.3f} ms/step ({1 / t:.0f} steps/s)"
                                                        for label, t in replay.items()))
-        print(f"kernel time (eager, no graph): {total / 1e3:.3f} ms/step; "
-              f"kernels per step: {sum(e.count for e in events) / args.steps:.0f}")
-        for e in events[:20]:
-            print(f"  {e.self_device_time_total / args.steps / 1e3:7.3f} ms  {e.count // args.steps:4d}x  {e.key[:90]}")
+        print_kernels(prof, args.steps, "kernel time (eager, no graph), per step", top=20)
         for tokens in args.prefill:
             profile_prefill(engine, tokens)
         if args.prefill:
@@ -105,14 +99,19 @@ def profile_prefill(engine, tokens: int) -> None:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             model.forward_tokens(device_ids, 0, backend.state, last_only=True)
             torch.cuda.synchronize()
+    rate = chunked_prefill(engine, tokens, tokens)  # the engine's replay, best of 3 (the first captures)
+    print(f"prompt chunk of {tokens} replayed as a CUDA graph: {tokens / rate * 1e3:.2f} ms ({rate:.0f} tok/s)")
+    print_kernels(prof, 1, f"prompt chunk of {tokens}, eager", top=25)
+
+
+def print_kernels(prof, runs: int, label: str, top: int) -> None:
+    """The profiled CUDA kernels by self time per run (of `runs`), the largest `top` of them."""
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    total = sum(e.self_device_time_total for e in events)
-    rate = chunked_prefill(engine, tokens, tokens)  # the engine's replay, best of 3 (the first captures)
-    print(f"prompt chunk of {tokens}: kernel time {total / 1e3:.2f} ms in {sum(e.count for e in events)} kernels; "
-          f"replayed as a CUDA graph {tokens / rate * 1e3:.2f} ms ({rate:.0f} tok/s)")
-    for e in events[:25]:
-        print(f"  {e.self_device_time_total / 1e3:7.3f} ms  {e.count:5d}x  {e.key[:100]}")
+    total = sum(e.self_device_time_total for e in events) / runs
+    print(f"{label}: kernel time {total / 1e3:.3f} ms in {sum(e.count for e in events) / runs:.0f} kernels")
+    for e in events[:top]:
+        print(f"  {e.self_device_time_total / runs / 1e3:7.3f} ms  {e.count // runs:5d}x  {e.key[:100]}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lmbundle.engine.kernels import triton_gemv, triton_mixers, triton_rows
+from lmbundle.models.ops import Norm
 
 HOPPER = GPUTarget("cuda", 90, 32)
 OPTIONS = ("num_warps", "num_stages", "launch_pdl")
@@ -125,25 +126,21 @@ def one_token_launches() -> dict[str, list]:
 
 
 def rows_launches() -> dict[str, list]:
-    x, norm = meta(ROWS, HIDDEN), (meta(HIDDEN), 1e-6, True)
+    """The batched step's kernels between its GEMMs (`triton_rows`), at the 2B's shapes."""
+    norm = Norm(meta(HIDDEN), 1e-6, True)
     gated = triton_gemv.GatedNormInput(meta(ROWS, HIDDEN), meta(ROWS, 16, 8, dtype=torch.float32),
                                        meta(ROWS, HIDDEN), meta(128), 1e-6, 128)
-    linear = {
-        "rows in_proj + norm + conv": lambda: triton_rows.rows_linear(
-            x, *int8(IN_PROJ, HIDDEN), norm=norm, conv=(meta(ROWS, CONV, 3), meta(CONV, 4))),
-        "rows gate/up + norm + SwiGLU": lambda: triton_rows.rows_linear(x, *int8(MLP, HIDDEN), *int8(MLP, HIDDEN),
-                                                                        norm=norm),
-        "rows out_proj + gated norm + residual": lambda: triton_rows.rows_linear(
-            x, *int8(HIDDEN, HIDDEN), gated_norm=gated, residual=meta(ROWS, HIDDEN)),
-        "rows down + residual": lambda: triton_rows.rows_linear(meta(ROWS, MLP), *int8(HIDDEN, MLP),
-                                                                residual=meta(ROWS, HIDDEN)),
-        "rows head + norm": lambda: triton_rows.rows_linear(x, *int8(VOCAB, HIDDEN), norm=norm),
-    }
-    found = {label: launches(triton_rows, "_rows_linear_kernel", call) for label, call in linear.items()}
+    found = {"rows norm": launches(triton_rows, "_rms_norm_rows_kernel",
+                                   lambda: triton_rows.rms_norm_rows(meta(ROWS, HIDDEN), norm)),
+             "rows GDN gated norm": launches(triton_rows, "_gated_norm_rows_kernel",
+                                             lambda: triton_rows.gated_norm_rows(gated))}
     live = meta(ROWS, dtype=torch.int32)
-    found["rows GDN delta rule"] = launches(triton_rows, "_gated_delta_rows_kernel", lambda: triton_rows.gated_delta_rows(
-        meta(ROWS, IN_PROJ), live, meta(16, dtype=torch.float32), meta(16, dtype=torch.float32),
-        meta(ROWS, 16, 128, 128, dtype=torch.float32), (16, 16), (128, 128)))
+    found["rows GDN conv"] = launches(triton_rows, "_conv_silu_rows_kernel", lambda: triton_rows.conv_silu_rows(
+        meta(ROWS, IN_PROJ), live, meta(ROWS, CONV, 3), meta(CONV, 4)))
+    found["rows GDN delta rule"] = launches(
+        triton_rows, "_gated_delta_rows_kernel", lambda: triton_rows.gated_delta_rows(
+            meta(ROWS, IN_PROJ), live, meta(16, dtype=torch.float32), meta(16, dtype=torch.float32),
+            meta(ROWS, 16, 128, 128, dtype=torch.float32), (16, 16), (128, 128)))
 
     def attention():
         triton_rows.attention_rows(meta(ROWS, 5120), meta(ROWS, dtype=torch.int64), live, meta(256), meta(256),

@@ -1,6 +1,6 @@
 """Continuous batching on the CPU (the reference ops), and on CUDA where present (one CUDA graph of all
-the rows, with the reference ops and with the fused rows kernels): a greedy request's tokens are the same
-alone or among 8 others that join and leave at different times, seeded sampling repeats per request, a request
+the rows, with the rows kernels between the GEMMs, and with the reference ops alone): a greedy request's
+tokens are the same alone or among 8 others that join and leave at different times, seeded sampling repeats per request, a request
 that stops mid-batch frees its slot without touching the others' tokens, and the prefix cache works
 through the batch slots."""
 
@@ -53,13 +53,13 @@ def together(engine, prompts, lengths, sampling=Sampling(), stagger=0.0):
         return list(pool.map(run, range(len(prompts))))
 
 
-CUDA = [("tiny", "cuda"), ("demo", "cuda"), ("tiny", "cuda-rows"), ("demo", "cuda-rows")] if torch.cuda.is_available() \
-    else []
+CUDA = [("tiny", "cuda"), ("demo", "cuda"), ("tiny", "cuda-reference"), ("demo", "cuda-reference")] \
+    if torch.cuda.is_available() else []
 
 
 @pytest.mark.parametrize("which,device", [("tiny", "cpu"), ("demo", "cpu"), ("tiny", "cpu-padded"), *CUDA])
 def test_greedy_alone_equals_among_eight_others(which, device, bundles, one_thread, monkeypatch):
-    monkeypatch.setenv("LMBUNDLE_ROW_KERNELS", "1" if device.endswith("-rows") else "0")
+    monkeypatch.setenv("LMBUNDLE_ROW_KERNELS", "0" if device.endswith("-reference") else "1")
     engine = Engine(bundles[which], backend="torch", device=device.split("-")[0], max_batch=9, cache_bytes=0,
                     cache_block=16)
     if device == "cpu-padded":

@@ -1,4 +1,5 @@
-"""The batched step's fused kernels (`engine/kernels/triton_rows.py`) against the reference ops.
+"""The batched step's kernels (`engine/kernels/triton_rows.py`, around the scheduler's GEMMs) against the
+reference ops.
 
 Each rows op (norm + projections, norm + SwiGLU, projection + residual, the GDN mixer, the attention
 mixer) on random rows, each row at its own position with its own state; a row's result is bit-identical
@@ -17,6 +18,7 @@ import torch
 from lmbundle.bundle.format import open_bundle
 from lmbundle.bundle.load import load_graph
 from lmbundle.convert.convert import convert
+from lmbundle.engine.batch import ROW_TILE, BatchOps
 from lmbundle.models.layers import mrope_cos_sin
 from lmbundle.models.linear import Linear, dequantize
 from lmbundle.models.ops import REFERENCE, Norm, Rope
@@ -56,10 +58,11 @@ def graphs(request, tmp_path_factory):
 
 
 def _ops(rows: int = ROWS, live: list[int] | None = None):
+    """The scheduler's batched ops: its GEMMs (`BatchOps`, rows padded to one tile) and the rows kernels."""
     from lmbundle.engine.kernels.triton_rows import RowStepOps
 
     flags = torch.tensor(live if live is not None else [1] * rows, dtype=torch.int32, device=DEVICE)
-    return RowStepOps(flags, devices=(DEVICE,))
+    return RowStepOps(flags, BatchOps(ROW_TILE, dense=DEVICE != "cpu"), devices=(DEVICE,))
 
 
 def _x(rows: int, n: int, dtype=torch.float32, scale: float = 3.0) -> torch.Tensor:
@@ -97,8 +100,8 @@ def _double(linear: Linear) -> Linear:
     return exact
 
 
-def test_rows_linear_bf16_int8_close_to_exact(graphs):
-    """bf16 rows on the tensor cores (the reference's dequantized weights, fp32 sums) against float64."""
+def test_rows_norm_and_gemms_bf16_int8_close_to_exact(graphs):
+    """bf16 rows (the norm kernel, GEMMs on the dequantized weights) against float64."""
     model = graphs["int8hu", torch.bfloat16]
     layer = model.model.layers[0]
     torch.manual_seed(3)

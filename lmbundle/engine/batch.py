@@ -8,9 +8,9 @@ steps, so it never stalls the others), then one batched decode step for every se
 first token: B tokens at B different positions, one read of the weights for all (`step_rows`, the same
 graph as the one-token step with a row axis on each layer's state). Sequences join and leave between
 steps; the decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last). On CUDA the
-step runs on all `max_batch` rows at every load, as one CUDA graph (the reference ops by default, the fused
-rows kernels of `kernels/triton_rows.py` with LMBUNDLE_ROW_KERNELS=1): the padding rows step free decode
-slots. Prompt pieces replay the prompt graphs (`graphs.PrefillGraphs`) on a staging slot.
+step runs on all `max_batch` rows at every load, as one CUDA graph (cuBLAS GEMMs on dense weights and
+the rows kernels of `kernels/triton_rows.py` between them): the padding rows step free decode slots.
+Prompt pieces replay the prompt graphs (`graphs.PrefillGraphs`) on a staging slot.
 
 Exact: a request's tokens do not depend on what else runs. Its prompt is cut into pieces at fixed
 absolute positions (chunk multiples and the prefix cache's cut points), whatever the load; the batched
@@ -125,15 +125,15 @@ class BatchScheduler:
         self._thread.start()
 
     def _batch_ops(self) -> StepOps:
-        """The reference math with padded rows (int8 weights from a dense copy on the GPU); the fused rows
-        kernels with LMBUNDLE_ROW_KERNELS=1 on CUDA. Those are exact and tested but not yet tuned: on the
-        H200 a 2B int8hu step on 32 rows took 13.8 ms with them and 8.9 ms with the reference
-        (`benchmarks/bench_batch_step.py`), so they are not the default yet."""
-        if self.device.type == "cuda" and triton_installed() and os.environ.get("LMBUNDLE_ROW_KERNELS") == "1":
+        """The reference math with padded rows (int8 weights from a dense copy off the CPU); on CUDA its
+        GEMMs with the rows kernels of `kernels/triton_rows.py` around them (LMBUNDLE_ROW_KERNELS=0: the
+        reference alone: a 32-row 2B int8hu step 8.9 ms on the H200 against 2.5-2.8 ms)."""
+        linears = BatchOps(-(-self.max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu")
+        if self.device.type == "cuda" and triton_installed() and os.environ.get("LMBUNDLE_ROW_KERNELS") != "0":
             from .kernels.triton_rows import RowStepOps
 
-            return RowStepOps(self._live_in)
-        return BatchOps(-(-self.max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu")
+            return RowStepOps(self._live_in, linears)
+        return linears
 
     # -- the requests' side ---------------------------------------------------------------------
     def generate(self, ids: list[int], max_new_tokens: int, sampling: Sampling, prefill_chunk: int, stop: bool,
