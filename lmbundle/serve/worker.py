@@ -41,10 +41,28 @@ class Job:
         self.cancelled = threading.Event()
         self.on_cancel: Callable[["Job"], None] | None = None  # the worker drops a queued job at once
         self.state = "queued"  # -> "running" -> "done"; or "dropped" when cancelled while queued
+        self._text: tuple[str, list] | None = None  # text emitted but not yet on the loop
+        self._text_lock = threading.Lock()
 
     def emit(self, kind: str, value: object = None) -> None:
-        """Called on the worker thread; delivers to the request's event loop."""
+        """Called on the worker thread; delivers to the request's event loop. A "text" event ((text,
+        logprob entries)) rides along with the one still on its way when there is one: under load the
+        loop wakes once per batch of tokens, not once per token, and the stream sends fewer, longer chunks."""
+        if kind == "text":
+            with self._text_lock:
+                if self._text is not None:
+                    text, entries = self._text
+                    self._text = (text + value[0], entries + value[1])
+                    return
+                self._text = value
+            self.loop.call_soon_threadsafe(self._deliver_text)
+            return
         self.loop.call_soon_threadsafe(self.events.put_nowait, Event(kind, value))
+
+    def _deliver_text(self) -> None:
+        with self._text_lock:
+            value, self._text = self._text, None
+        self.events.put_nowait(Event("text", value))
 
     @property
     def timed_out(self) -> bool:
