@@ -230,9 +230,22 @@ def exactness(host: str, vocab: int, max_tokens: int) -> dict:
 
 def metrics(host: str) -> dict:
     status, text = get(host, "/metrics")
-    keep = ("lmbundle_prefix_cache", "lmbundle_cached_tokens", "lmbundle_prompt_tokens", "lmbundle_generated")
+    keep = ("lmbundle_prefix_cache", "lmbundle_cached_tokens", "lmbundle_prompt_tokens", "lmbundle_generated",
+            "lmbundle_scheduler_seconds", "lmbundle_batch_steps")
     return {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines()
             if line.startswith(keep)} if status == 200 else {}
+
+
+def scheduler_split(before: dict, after: dict, wall: float) -> dict:
+    """Where the batch scheduler's time went between two /metrics reads `wall` seconds apart: seconds per
+    phase, steps, and what is left (the thread between phases, or waiting for the GIL)."""
+    phases = {key.split('"')[1]: round(after[key] - before.get(key, 0.0), 3)
+              for key in after if key.startswith("lmbundle_scheduler_seconds_total")}
+    if not phases:
+        return {}
+    steps = after.get("lmbundle_batch_steps_total", 0) - before.get("lmbundle_batch_steps_total", 0)
+    return {"seconds": phases, "unaccounted_s": round(wall - sum(phases.values()), 3), "steps": int(steps),
+            "decode_ms_per_step": round(1e3 * phases.get("decode", 0.0) / max(steps, 1), 3)}
 
 
 def main() -> None:
@@ -296,7 +309,9 @@ def main() -> None:
             for clients in levels:  # warm: CUDA graphs per batch bucket and window, the dense weights
                 load(host, clients, 1, args.prompt, 8, vocab, seed=99)
             for clients in levels:
+                before, began = metrics(host), time.perf_counter()
                 row = load(host, clients, args.per_client, args.prompt, args.max_tokens, vocab, seed=clients)
+                row["scheduler"] = scheduler_split(before, metrics(host), time.perf_counter() - began)
                 report[label].append(row)
                 save()
                 print(label, json.dumps(row), flush=True)

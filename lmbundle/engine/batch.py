@@ -27,8 +27,9 @@ import queue
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +116,10 @@ class BatchScheduler:
         self.batch_size = 0
         self.peak_batch = 0
         self.steps = 0
+        # where the scheduler thread's time goes (/metrics): restoring cached prefixes into slots, prompt
+        # pieces, snapshots into the prefix cache, batched steps (sampling included), waiting for work
+        self.seconds = Counter(dict.fromkeys(("admit", "prefill", "cache", "decode", "idle"), 0.0))
+        self._inner: list[float] = []  # time of the phases timed inside the open ones
         self._pending: deque[Sequence] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -162,14 +167,29 @@ class BatchScheduler:
         self._thread.join(timeout=5)
 
     # -- the scheduler thread -------------------------------------------------------------------
+    @contextmanager
+    def _timed(self, phase: str):
+        """Time spent in `phase`, less what phases timed inside it took (a snapshot during a prompt piece)."""
+        start = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[phase] += elapsed - self._inner.pop()
+            if self._inner:
+                self._inner[-1] += elapsed
+
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._closing:
                 with self._wake:
-                    self._admit()
+                    with self._timed("admit"):
+                        self._admit()
                     if not self.active:
                         self.batch_size = 0
-                        self._wake.wait(timeout=1.0)
+                        with self._timed("idle"):
+                            self._wake.wait(timeout=1.0)
                         continue
                 try:
                     self._iteration()
@@ -213,10 +233,12 @@ class BatchScheduler:
         fed = 0
         for seq in [s for s in self.active if not s.decoding]:
             while not seq.decoding and seq.slot >= 0 and (budget > 0 or not fed):
-                n = self._prefill_piece(seq)
+                with self._timed("prefill"):
+                    n = self._prefill_piece(seq)
                 budget, fed = budget - n, fed + n
         if self.decoding:
-            self._decode()
+            with self._timed("decode"):
+                self._decode()
 
     def _prefill_piece(self, seq: Sequence) -> int:
         """Prefill from seq.pos to the next cut point (chunk multiple, prefix cache cut, prompt end)."""
@@ -236,11 +258,16 @@ class BatchScheduler:
             return end - start
         seq.pos = end
         if end in seq.cuts:
-            self.engine._remember_state(ids[:end], self.pool.slot(seq.slot))
+            self._remember(ids[:end], seq)
         if end == len(ids):
             self._join_decoding(seq)
             self._emit(seq, self._sample([seq], logits.view(1, -1))[0])
         return end - start
+
+    def _remember(self, ids: list[int], seq: Sequence) -> None:
+        """What the sequence's slot holds after `ids` into the prefix cache."""
+        with self._timed("cache"):
+            self.engine._remember_state(ids, self.pool.slot(seq.slot))
 
     def _join_decoding(self, seq: Sequence) -> None:
         """Move the sequence from its prefill slot into slot len(decoding): the decoding ones stay in 0..B-1."""
@@ -330,7 +357,7 @@ class BatchScheduler:
             seq.stats.stop_reason = reason if reason != "cancelled" else seq.stats.stop_reason
             fed = (seq.ids + seq.tokens)[: seq.pos]  # what the slot holds
             if seq.decoding and len(fed) > len(seq.ids) and self.engine.keeps(seq.ids):
-                self.engine._remember_state(fed, self.pool.slot(seq.slot))
+                self._remember(fed, seq)
         slot = seq.slot
         if seq.decoding:
             last = self.decoding.pop()

@@ -1,6 +1,6 @@
-"""What `/health` and `/metrics` report: the worker's queue, the engine's batch and token counts, and the
-prefix cache, read live at each request (one registry per app, so several servers in one process do
-not share counters)."""
+"""What `/health` and `/metrics` report: the worker's queue, the engine's batch and token counts, where the
+batch scheduler's time goes, and the prefix cache, read live at each request (one registry per app, so
+several servers in one process do not share counters)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ def engine_counts(engine) -> dict:
     """Requests and tokens the engine has served, the batch it is stepping now and its prefix cache."""
     totals = dict(getattr(engine, "totals", {}) or {})
     cache = getattr(engine, "prefix_cache", None)
+    scheduler = getattr(engine, "scheduler", None)
     return {"batch_size": int(getattr(engine, "batch_size", 0)), "totals": totals,
-            "cache": cache.stats() if cache is not None and cache.enabled else None}
+            "cache": cache.stats() if cache is not None and cache.enabled else None,
+            "scheduler": None if scheduler is None else {"seconds": dict(scheduler.seconds), "steps": scheduler.steps}}
 
 
 def health(engine, worker: Worker) -> dict:
@@ -54,6 +56,14 @@ class _Collector:
                           ("cached_tokens", "prompt tokens restored from a cached state, not prefilled"),
                           ("generated_tokens", "tokens generated")):
             yield CounterMetricFamily(f"lmbundle_{name}", doc, value=totals.get(name, 0))
+        if (scheduler := counts["scheduler"]) is not None:
+            yield CounterMetricFamily("lmbundle_batch_steps", "batched decode steps", value=scheduler["steps"])
+            seconds = CounterMetricFamily("lmbundle_scheduler_seconds", "the batch scheduler thread's time by what it "
+                                          "did: admit (restore cached prefixes), prefill (prompt pieces), cache "
+                                          "(snapshots), decode (batched steps), idle", labels=["phase"])
+            for phase, value in scheduler["seconds"].items():
+                seconds.add_metric([phase], value)
+            yield seconds
         cache = counts["cache"]
         if cache is None:
             return
