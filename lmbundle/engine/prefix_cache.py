@@ -11,7 +11,7 @@ other users ran in between).
 Entries are keyed by a 128-bit BLAKE2 digest of the token prefix and store the tokens themselves: a
 hit is verified against them, so a digest collision can never return another prefix's state. They
 are evicted least-recently-used by byte budgets: `device_bytes` on the accelerator, and where there
-is one, entries pushed out of it move to pinned host memory (`host_bytes`) before they are dropped.
+is one, entries pushed out of it move to host memory (`host_bytes`) before they are dropped.
 """
 
 from __future__ import annotations
@@ -139,10 +139,12 @@ class PrefixCache:
             del self._lengths[entry.length]
         self.used["device" if entry.on_device else "host"] -= entry.nbytes
 
-    def _to_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pin = torch.cuda.is_available() and self.device.type == "cuda"  # stream-ordered: restores copy after it
-        return {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin)
-                for name, t in tensors.items()}
+    @staticmethod
+    def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Plain (pageable) host copies, made before this returns. Not pinned: each spill is a new ~20-40 MB
+        buffer, pinning fresh memory (cudaHostAlloc) is slow, and torch's pinned cache never gives it back
+        to the OS. This runs on the batch scheduler's thread, between decode steps."""
+        return {name: t.to("cpu") for name, t in tensors.items()}
 
     def _fit(self) -> None:
         """Spill (or drop) least recently used device entries past the device budget, then drop host ones."""

@@ -70,11 +70,10 @@ class State:
 
     def load_prefix(self, saved: dict[str, torch.Tensor], length: int) -> None:
         """Put a `prefix(length)` back (positions past it stay masked until written)."""
-        non_blocking = saved["rec"].device != self.rec.device  # pinned host copies
-        self.conv.copy_(saved["conv"], non_blocking=non_blocking)
-        self.rec.copy_(saved["rec"], non_blocking=non_blocking)
-        self.key[..., :length, :].copy_(saved["key"], non_blocking=non_blocking)
-        self.value[..., :length, :].copy_(saved["value"], non_blocking=non_blocking)
+        self.conv.copy_(saved["conv"])
+        self.rec.copy_(saved["rec"])
+        self.key[..., :length, :].copy_(saved["key"])
+        self.value[..., :length, :].copy_(saved["value"])
 
     def copy_from(self, other: "State", length: int) -> None:
         """What `other` (a state of the same shape) holds after `length` positions, copied in place."""
