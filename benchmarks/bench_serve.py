@@ -286,7 +286,8 @@ def main() -> None:
 
     tokenizer = Path(bundle) / "tokenizer"
     vocab = min(len(AutoTokenizer.from_pretrained(str(tokenizer))) if tokenizer.exists() else 512, 200000)
-    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": args.config,
+    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["python3", *sys.argv]), "config": args.config,
               "quant": args.quant, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "prompt_tokens": args.prompt, "max_tokens": args.max_tokens, "per_client": args.per_client,
               "max_batch": args.max_batch, "batched": [], "batch1": []}
