@@ -1,8 +1,8 @@
 """Continuous batching on the CPU (the reference ops), and on CUDA where present (one CUDA graph of all
 the rows, with the rows kernels between the GEMMs, and with the reference ops alone): a greedy request's
-tokens are the same alone or among 8 others that join and leave at different times, seeded sampling repeats per request, a request
-that stops mid-batch frees its slot without touching the others' tokens, and the prefix cache works
-through the batch slots."""
+tokens are the same alone or among 8 others that join and leave at different times, seeded sampling
+repeats per request, a request that stops mid-batch frees its slot without touching the others' tokens,
+and the prefix cache works through the batch slots."""
 
 from __future__ import annotations
 
@@ -171,6 +171,7 @@ def test_a_failing_request_fails_alone(bundles, one_thread):
 
 
 def test_prefix_cache_through_the_batch(bundles, one_thread):
+    began = time.perf_counter()
     engine = Engine(bundles["tiny"], backend="torch", device="cpu", max_batch=4, cache_block=16)
     plain = Engine(bundles["tiny"], backend="torch", device="cpu", max_batch=4, cache_bytes=0, cache_block=16)
     try:
@@ -182,6 +183,9 @@ def test_prefix_cache_through_the_batch(bundles, one_thread):
         assert stats.cached_tokens == len(base) + len(first) - 1  # the reply's state, kept at its end
         assert got == tokens(plain, turn, 8)
         assert engine.totals["cached_tokens"] >= stats.cached_tokens
+        seconds = engine.scheduler.seconds  # where the scheduler thread spent its time, by phase
+        assert min(seconds["prefill"], seconds["cache"], seconds["decode"]) > 0
+        assert sum(seconds.values()) <= time.perf_counter() - began
     finally:
         engine.close()
         plain.close()

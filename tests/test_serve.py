@@ -15,6 +15,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from argparse import Namespace
 from concurrent.futures import ThreadPoolExecutor
@@ -485,6 +486,25 @@ def test_worker_is_fifo_bounded_and_stops_late_jobs():
 
     order, stopped = asyncio.run(scenario())
     assert order == ["a", "b"] and stopped == 1  # "c" ran past its time limit and was stopped
+
+
+def test_text_emitted_while_the_loop_is_busy_arrives_as_one_event_in_order():
+    async def scenario():
+        job = Job(lambda job: None, asyncio.get_running_loop(), time.monotonic() + 10)
+
+        def work():
+            job.emit("text", ("a", [1]))
+            job.emit("text", ("b", []))
+            job.emit("text", ("c", [2]))
+            job.emit("done", "length")
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()  # the loop is held: every event is still on its way
+        events = [await job.events.get() for _ in range(2)]
+        return [(e.kind, e.value) for e in events], job.events.empty()
+
+    assert asyncio.run(scenario()) == ([("text", ("abc", [1, 2])), ("done", "length")], True)
 
 
 def test_worker_without_queue_runs_one_at_a_time():
