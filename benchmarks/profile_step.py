@@ -76,13 +76,18 @@ def time_prefill(engine, tokens: int, wy_chunk: int) -> float:
     """bench_decode's chunked prefill (best of 3, one chunk) with the GDN's WY chunk length set to wy_chunk."""
     from lmbundle.models import layers
 
-    defaults = layers.gated_delta_chunk.__defaults__
-    layers.gated_delta_chunk.__defaults__ = (wy_chunk,)
+    ops, defaults = engine.backend.model.ops, layers.gated_delta_chunk.__defaults__
+    layers.gated_delta_chunk.__defaults__ = (wy_chunk, *defaults[1:])
+    wy_kernel_chunk = getattr(ops, "wy_chunk", None)
+    if wy_kernel_chunk:  # LMBUNDLE_WY_KERNEL=1: the Triton walk's chunk length
+        ops.wy_chunk = wy_chunk
     try:
         engine.backend._prefill_graphs = None  # captured with the old chunk length
         return chunked_prefill(engine, tokens, tokens)
     finally:
         layers.gated_delta_chunk.__defaults__ = defaults
+        if wy_kernel_chunk:
+            ops.wy_chunk = wy_kernel_chunk
 
 
 def profile_prefill(engine, tokens: int) -> None:

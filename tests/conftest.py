@@ -14,6 +14,20 @@ if not torch.cuda.is_available():  # the CUDA kernels' tests run in Triton's int
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def kernel_device() -> str | None:
+    """Where the Triton kernels' tests run: "cuda", else "cpu" in Triton's interpreter, else None (they skip)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+def kernel_tests_need(device: str | None) -> pytest.MarkDecorator:
+    """The module mark of the kernels' tests: skip without a device for them, else need Triton."""
+    if device is not None:
+        pytest.importorskip("triton")
+    return pytest.mark.skipif(device is None, reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy 2-core machine they spin against each other."""

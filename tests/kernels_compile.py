@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lmbundle.engine.kernels import triton_gemv, triton_mixers, triton_rows
+from lmbundle.engine.kernels import triton_chunks, triton_gemv, triton_mixers, triton_rows
 from lmbundle.models.ops import Norm
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -162,11 +162,22 @@ def resources(compiled) -> str:
     return " ".join(next((line for line in out.splitlines() if "REG:" in line), "").split()[:2])
 
 
+def prompt_launches() -> dict[str, list]:
+    """Prompt chunks' kernels (`triton_chunks`): a 2,048-token chunk's GDN walk, 32 WY chunks of 64."""
+    heads, n, chunk, dim = 16, 64, 32, 128
+    chunks = triton_chunks.WYChunks(*(meta(heads, n, chunk, width, dtype=torch.float32)
+                                      for width in (dim, dim, dim, chunk, dim)),
+                                    meta(heads, n, dtype=torch.float32))
+    state = meta(heads, dim, dim, dtype=torch.float32)
+    return {"GDN WY walk (prompt chunks)": launches(triton_chunks, "_wy_recurrence_kernel",
+                                                    lambda: triton_chunks.wy_recurrence(chunks, state))}
+
+
 def main() -> None:
     """JSON {label: shared memory bytes}; with --resources, a table with registers and spills (tuning the
     kernels without a GPU)."""
     shared = {}
-    for label, recorded in {**one_token_launches(), **rows_launches()}.items():
+    for label, recorded in {**one_token_launches(), **rows_launches(), **prompt_launches()}.items():
         kernel, args, kwargs = recorded[0]  # a wrapper launches one configuration of each kernel
         compiled, shared[label] = compile_launch(kernel, args, kwargs)
         if "--resources" in sys.argv:

@@ -10,8 +10,6 @@ Triton's interpreter (conftest sets `TRITON_INTERPRET=1`), else they skip.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -23,16 +21,10 @@ from lmbundle.models.layers import mrope_cos_sin
 from lmbundle.models.linear import Linear, dequantize
 from lmbundle.models.ops import REFERENCE, Norm, Rope
 from tests import checkpoints
+from tests.conftest import kernel_device, kernel_tests_need
 
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = None
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
-if DEVICE is not None:
-    pytest.importorskip("triton")
+DEVICE = kernel_device()
+pytestmark = kernel_tests_need(DEVICE)
 ROWS = 5  # not a power of two: the kernels pad the row tile
 
 

@@ -9,8 +9,6 @@ on the GPU (with PDL where the GPU has it); without CUDA they run in Triton's in
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -21,16 +19,11 @@ from lmbundle.models.layers import mrope_cos_sin
 from lmbundle.models.linear import Linear, dequantize
 from lmbundle.models.ops import REFERENCE, Norm, Rope
 from tests import checkpoints
+from tests.conftest import kernel_device, kernel_tests_need
 
-if torch.cuda.is_available():
-    DEVICE, PDL = "cuda", torch.cuda.get_device_capability() >= (9, 0)
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE, PDL = "cpu", False
-else:
-    DEVICE = PDL = None
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
-if DEVICE is not None:
-    pytest.importorskip("triton")
+DEVICE = kernel_device()
+PDL = DEVICE == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
+pytestmark = kernel_tests_need(DEVICE)
 # a whole decode step interprets ~100 kernel launches: CUDA runs them all, the interpreter (CI) one config
 slow_in_interpreter = pytest.mark.skipif(DEVICE == "cpu", reason="minutes in Triton's interpreter; runs on CUDA")
 

@@ -10,7 +10,9 @@ batch dimension.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -141,28 +143,27 @@ def gated_delta_step(
     return (q.unsqueeze(-1) * s).sum(-2)
 
 
-def gated_delta_chunk(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
-    chunk: int = 128,
-) -> torch.Tensor:
-    """S tokens of the gated delta rule in chunked (WY) form, fp32: the same result as S single steps
-    with a few matmuls per chunk instead of a dozen small ops per token.
+class WYChunks(NamedTuple):
+    """A prompt's gated delta rule cut into chunks with each chunk's parallel part done (`wy_chunks`), all
+    [H, N, C, .] fp32; what is left is the recurrence over the chunks (`wy_recurrence`)."""
 
-    The chunk length trades launches for the per-chunk solve: 2048-token prefill of the 2B on an H100
-    ran 12.3k / 21.3k / 26.7k tok/s at 64 / 128 / 256 (`profile_step.py --wy-chunks`); on the trained
-    demo model over 1024 tokens the logits moved 5.5e-5 / 2.6e-4 from chunk 64's. 128 keeps the
-    per-chunk solve well conditioned.
+    w_v: torch.Tensor  # [H, N, C, Dv]: the chunk's updates are U = w_v - w_k S_0
+    w_k: torch.Tensor  # [H, N, C, Dk]
+    q_decayed: torch.Tensor  # [H, N, C, Dk]: q_t e^{G_t}, what reads S_0
+    scores: torch.Tensor  # [H, N, C, C]: q_t.k_s e^{G_t - G_s} for s <= t
+    k_to_end: torch.Tensor  # [H, N, C, Dk]: k_s e^{G_C - G_s}, what writes the next S_0
+    chunk_decay: torch.Tensor  # [H, N]: e^{G_C}
 
-    q,k [S, H, Dk], v [S, H, Dv], g, beta [S, H]; state [H, Dk, Dv] updated in place; returns [S, H, Dv].
-    Within a chunk with cumulative log-decay G, the per-token updates u (S_t = e^{G_t} S_0 +
-    sum_{s<=t} e^{G_t - G_s} k_s u_s^T) solve (I + A) U = beta V - beta e^{G} K S_0 with
-    A[t, s] = beta_t e^{G_t - G_s} k_t.k_s (s < t): one unit-triangular solve per chunk.
-    """
+
+def wy_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+              chunk: int) -> WYChunks:
+    """The parallel part of `gated_delta_chunk`: q,k [S, H, Dk], v [S, H, Dv], g, beta [S, H], padded to
+    whole chunks (padded tokens get no decay and no write)."""
     seq, heads, dk = k.shape
     pad = -seq % chunk
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = F.pad(g, (0, 0, 0, pad)), F.pad(beta, (0, 0, 0, pad))  # padded tokens: no decay, no write
+        g, beta = F.pad(g, (0, 0, 0, pad)), F.pad(beta, (0, 0, 0, pad))
     n = q.shape[0] // chunk
     # [H, N, C, D]
     q, k, v = (x.reshape(n, chunk, heads, -1).permute(2, 0, 1, 3) for x in (q, k, v))
@@ -174,21 +175,48 @@ def gated_delta_chunk(
     a = (beta.unsqueeze(-1) * ratio * kk).tril(-1)  # strictly lower
     eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
     t_inv = torch.linalg.solve_triangular(eye + a, eye.expand_as(a), upper=False, unitriangular=True)
-    w_v = t_inv @ (beta.unsqueeze(-1) * v)  # U = w_v - w_k S_0
-    w_k = t_inv @ (beta.unsqueeze(-1) * cum.exp().unsqueeze(-1) * k)
-    scores = (q @ k.transpose(-1, -2)) * ratio  # P[t, s] for s <= t
-    q_decayed = q * cum.exp().unsqueeze(-1)
-    k_to_end = k * (cum[..., -1:] - cum).exp().unsqueeze(-1)
-    chunk_decay = cum[..., -1].exp()  # [H, N]
+    return WYChunks(w_v=t_inv @ (beta.unsqueeze(-1) * v),
+                    w_k=t_inv @ (beta.unsqueeze(-1) * cum.exp().unsqueeze(-1) * k),
+                    q_decayed=q * cum.exp().unsqueeze(-1),
+                    scores=(q @ k.transpose(-1, -2)) * ratio,
+                    k_to_end=k * (cum[..., -1:] - cum).exp().unsqueeze(-1),
+                    chunk_decay=cum[..., -1].exp())
+
+
+def wy_recurrence(chunks: WYChunks, state: torch.Tensor) -> torch.Tensor:
+    """The sequential part of `gated_delta_chunk`: chunk by chunk, its outputs from the state it starts
+    from, then the state it leaves. state [H, Dk, Dv] updated in place; returns [H, N, C, Dv]."""
     s = state
     outs = []
-    for c in range(n):
-        u = w_v[:, c] - w_k[:, c] @ s
-        outs.append(q_decayed[:, c] @ s + scores[:, c] @ u)
-        s = s * chunk_decay[:, c].view(-1, 1, 1) + k_to_end[:, c].transpose(-1, -2) @ u
+    for c in range(chunks.w_v.shape[1]):
+        u = chunks.w_v[:, c] - chunks.w_k[:, c] @ s
+        outs.append(chunks.q_decayed[:, c] @ s + chunks.scores[:, c] @ u)
+        s = s * chunks.chunk_decay[:, c].view(-1, 1, 1) + chunks.k_to_end[:, c].transpose(-1, -2) @ u
     state.copy_(s)
-    out = torch.stack(outs, dim=1).reshape(heads, n * chunk, -1).transpose(0, 1)
-    return out[:seq]
+    return torch.stack(outs, dim=1)
+
+
+def gated_delta_chunk(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
+    chunk: int = 128, recurrence: Callable[[WYChunks, torch.Tensor], torch.Tensor] = wy_recurrence,
+) -> torch.Tensor:
+    """S tokens of the gated delta rule in chunked (WY) form, fp32: the same result as S single steps
+    with a few matmuls per chunk instead of a dozen small ops per token (`recurrence`: a backend's own
+    kernel for the sequential part).
+
+    The chunk length trades launches for the per-chunk solve: 2048-token prefill of the 2B on an H100
+    ran 12.3k / 21.3k / 26.7k tok/s at 64 / 128 / 256 (`profile_step.py --wy-chunks`); on the trained
+    demo model over 1024 tokens the logits moved 5.5e-5 / 2.6e-4 from chunk 64's. 128 keeps the
+    per-chunk solve well conditioned.
+
+    q,k [S, H, Dk], v [S, H, Dv], g, beta [S, H]; state [H, Dk, Dv] updated in place; returns [S, H, Dv].
+    Within a chunk with cumulative log-decay G, the per-token updates u (S_t = e^{G_t} S_0 +
+    sum_{s<=t} e^{G_t - G_s} k_s u_s^T) solve (I + A) U = beta V - beta e^{G} K S_0 with
+    A[t, s] = beta_t e^{G_t - G_s} k_t.k_s (s < t): one unit-triangular solve per chunk.
+    """
+    seq, heads = k.shape[:2]
+    out = recurrence(wy_chunks(q, k, v, g, beta, chunk), state)
+    return out.reshape(heads, -1, out.shape[-1]).transpose(0, 1)[:seq]
 
 
 def attention(
@@ -216,7 +244,7 @@ def attention(
 def gdn_mix(
     projected: tuple[torch.Tensor, ...], conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
     norm_weight: torch.Tensor, dims: GDNDims, conv_state: torch.Tensor, rec_state: torch.Tensor,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None, delta_chunk: Callable[..., torch.Tensor] = gated_delta_chunk,
 ) -> torch.Tensor:
     """A Gated DeltaNet mixer from its input projections to the gated-normed output [S, Hv * Dv] (what
     out_proj reads). `projected` is (qkv, z, b, a), or the four side by side in one tensor.
@@ -255,7 +283,7 @@ def gdn_mix(
     elif seq == 1:
         o = gated_delta_step(q[0], k[0], v[0], g[0], beta[0], rec_state).unsqueeze(0)
     else:
-        o = gated_delta_chunk(q, k, v, g, beta, rec_state)
+        o = delta_chunk(q, k, v, g, beta, rec_state)
     o = gated_rms_norm(o.to(dtype), z.reshape(seq, hv, dv), norm_weight, dims.eps)
     return o.reshape(seq, hv * dv)
 

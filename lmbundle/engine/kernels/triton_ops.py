@@ -3,19 +3,24 @@
 Per layer a decode step becomes five launches (six for attention): input norm + projections (+ the GDN
 causal conv), the mixer (delta rule, or flash-decoding attention with its combine), output projection
 (+ the GDN gated norm) + residual, post norm + SwiGLU, down projection + residual. Short int8 matmuls
-(1..4 rows: small prefill chunks) take the plain GEMV. Anything else (longer chunks, layouts the
-kernels do not take) falls back to the reference composition of `models/ops.py`, which the tests
-compare these with.
+(1..4 rows: small prefill chunks) take the plain GEMV. With `wy_kernel` a prompt chunk's GDN walks its
+WY chunks in one kernel a layer (`triton_chunks.py`). Anything else (longer chunks, layouts the kernels
+do not take) falls back to the reference composition of `models/ops.py`, which the tests compare these
+with.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from lmbundle.models.layers import gated_delta_chunk, gdn_mix
 from lmbundle.models.linear import Linear
 from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOps
 
 from . import triton_gemv, triton_mixers
+from .triton_chunks import wy_recurrence
 
 
 def _weights(linear: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -34,9 +39,13 @@ def _power_of_two(n: int) -> bool:
 
 
 class TritonStepOps(StepOps):
-    def __init__(self, pdl: bool, devices: tuple[str, ...] = ("cuda",)):
+    def __init__(self, pdl: bool, devices: tuple[str, ...] = ("cuda",), wy_kernel: bool = False):
         self.pdl = pdl  # programmatic dependent launch (Hopper and newer)
         self.devices = devices  # ("cpu",) runs the kernels in Triton's interpreter (tests)
+        # prompt chunks: the GDN's chunk-to-chunk walk as one kernel a layer (`triton_chunks`), over chunks
+        # of 32 (what fits its registers; shorter chunks are more exact, the reference's 128 only saved
+        # launches of the walk this replaces)
+        self.wy_chunk = 32 if wy_kernel else None
 
     def _on_device(self, x: torch.Tensor) -> bool:
         return x.device.type in self.devices
@@ -95,6 +104,11 @@ class TritonStepOps(StepOps):
         """Two launches: norm + the fused projections + causal conv, then the delta rule; the output
         norm waits for out_proj (a `GatedNormInput`)."""
         dims = w.dims
+        if self.wy_chunk and self._on_device(x) and x.shape[0] > 1 and rec_state.dim() == 3:  # a prompt chunk
+            projected = self.norm_linears(x, norm, w.in_proj)
+            delta_chunk = functools.partial(gated_delta_chunk, chunk=self.wy_chunk, recurrence=wy_recurrence)
+            return gdn_mix(projected, w.conv, w.A_log, w.dt_bias, w.norm, dims, conv_state, rec_state, valid,
+                           delta_chunk=delta_chunk)
         in_weights = _weights(w.in_proj[0]) if len(w.in_proj) == 1 else None
         if (not self._one_token(x) or in_weights is None or _weights(w.out_proj) is None
                 or not (_power_of_two(dims.key_dim) and _power_of_two(dims.value_dim))):

@@ -1,0 +1,85 @@
+"""The prompt chunk's GDN walk over its WY chunks (`engine/kernels/triton_chunks.py`) against the reference
+(`layers.wy_recurrence`): alone on random chunks with a carried-in state, then whole prompt chunks of a tiny
+checkpoint through `TritonStepOps(wy_kernel=True)`. On CUDA the kernel runs on the GPU, else in Triton's
+interpreter (conftest sets `TRITON_INTERPRET=1`), else the tests skip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmbundle.bundle.format import open_bundle
+from lmbundle.bundle.load import load_graph
+from lmbundle.convert.convert import convert
+from lmbundle.models import layers
+from lmbundle.models.ops import REFERENCE
+from tests import checkpoints
+from tests.conftest import kernel_device, kernel_tests_need
+
+DEVICE = kernel_device()
+pytestmark = kernel_tests_need(DEVICE)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _inputs(seq: int, heads: int, dk: int, dv: int, seed: int):
+    torch.manual_seed(seed)
+    q = layers.l2_normalize(torch.randn(seq, heads, dk, device=DEVICE)) * dk**-0.5
+    k = layers.l2_normalize(torch.randn(seq, heads, dk, device=DEVICE))
+    v = torch.randn(seq, heads, dv, device=DEVICE)
+    g = -torch.rand(seq, heads, device=DEVICE) * 0.3
+    beta = torch.rand(seq, heads, device=DEVICE)
+    return q, k, v, g, beta
+
+
+@pytest.mark.parametrize("seq,chunk,dv", [(200, 64, 32), (64, 64, 16), (40, 16, 64)])
+def test_walk_matches_the_reference_and_carries_the_state(seq, chunk, dv):
+    from lmbundle.engine.kernels.triton_chunks import wy_recurrence
+
+    heads, dk = 3, 32
+    q, k, v, g, beta = _inputs(seq, heads, dk, dv, seed=seq)
+    start = torch.randn(heads, dk, dv, device=DEVICE) * 0.5
+    ref_state, our_state = start.clone(), start.clone()
+    ref = layers.gated_delta_chunk(q, k, v, g, beta, ref_state, chunk=chunk)
+    ours = layers.gated_delta_chunk(q, k, v, g, beta, our_state, chunk=chunk, recurrence=wy_recurrence)
+    assert _rel(ours, ref) < 1e-5 and _rel(our_state, ref_state) < 1e-5
+    # the state it leaves is the one the token-by-token rule leaves
+    steps = start.clone()
+    for t in range(seq):
+        layers.gated_delta_step(q[t], k[t], v[t], g[t], beta[t], steps)
+    assert _rel(our_state, steps) < 1e-4
+
+
+def test_shapes_it_does_not_tile_take_the_reference():
+    from lmbundle.engine.kernels.triton_chunks import wy_recurrence
+
+    q, k, v, g, beta = _inputs(50, 2, 24, 16, seed=1)  # a key dim of 24: not a power of two
+    state, ref_state = torch.zeros(2, 24, 16, device=DEVICE), torch.zeros(2, 24, 16, device=DEVICE)
+    ours = layers.gated_delta_chunk(q, k, v, g, beta, state, chunk=16, recurrence=wy_recurrence)
+    assert torch.equal(ours, layers.gated_delta_chunk(q, k, v, g, beta, ref_state, chunk=16))
+
+
+def test_prompt_chunks_through_the_ops_match_the_reference(tmp_path):
+    """A 150-token prompt in chunks of 100 and 50 (the second starts from the first's state) on a tiny
+    checkpoint, fp32: logits and the states left behind, against the reference ops (chunks of 128)."""
+    from lmbundle.engine.kernels.triton_ops import TritonStepOps
+
+    ckpt = checkpoints.make_qwen35_with_tokenizer(tmp_path / "ckpt", **checkpoints.TINY_CONFIGS["base"])
+    model = load_graph(open_bundle(convert(str(ckpt), tmp_path / "b", quant="fp16", backend="torch", log=None)),
+                       DEVICE, torch.float32)
+    model.fuse_projections_()
+    ids = torch.randint(0, model.cfg.vocab_size, (150,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    results = []
+    for ops in (REFERENCE, TritonStepOps(False, devices=(DEVICE,), wy_kernel=True)):
+        model.ops = ops
+        state = model.new_state(160)
+        with torch.no_grad():
+            logits = torch.cat([model.forward_tokens(ids[:100], 0, state), model.forward_tokens(ids[100:], 100, state)])
+        results.append((logits, state))
+    (ref, ref_state), (ours, our_state) = results
+    assert _rel(ours, ref) < 1e-4
+    assert _rel(our_state.rec, ref_state.rec) < 1e-4 and _rel(our_state.conv, ref_state.conv) < 1e-6
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() == 1.0
