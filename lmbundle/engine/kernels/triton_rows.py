@@ -7,7 +7,7 @@ computed without reading the other rows': a sequence's logits are bit-identical 
 
 The linears are not here: with R rows a weight read serves R tokens, and cuBLAS on a 16-bit copy of the
 weights made once (`BatchOps`, given as `linears`) streams them faster than our fused int8 rows linear
-did (H200, 2B int8hu, 32 rows: 1.8 ms of GEMMs a step against that kernel's 13.6 ms). Triton does what
+did (H200, 2B int8hu, 32 rows: 1.5 ms of GEMMs a step against that kernel's 13.6 ms). Triton does what
 lies between the GEMMs, one launch each, where the reference composition takes ten to forty:
 - `rms_norm_rows`: a layer's input norm (and the final norm before the head), per row.
 - `conv_silu_rows`: the GDN causal conv + SiLU on the qkv columns of the projections, in place, per row.
