@@ -101,8 +101,9 @@ class TritonStepOps(StepOps):
 
     def gdn_mixer(self, x: torch.Tensor, norm: Norm, w: GDNWeights, conv_state: torch.Tensor,
                   rec_state: torch.Tensor, valid: torch.Tensor | None = None):
-        """Two launches: norm + the fused projections + causal conv, then the delta rule; the output
-        norm waits for out_proj (a `GatedNormInput`)."""
+        """One token: two launches, norm + the fused projections + causal conv, then the delta rule; the
+        output norm waits for out_proj (a `GatedNormInput`). A prompt chunk with `wy_kernel`: the reference
+        composition with the walk over its WY chunks as one kernel."""
         dims = w.dims
         if self.wy_chunk and self._on_device(x) and x.shape[0] > 1 and rec_state.dim() == 3:  # a prompt chunk
             projected = self.norm_linears(x, norm, w.in_proj)
