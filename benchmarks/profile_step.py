@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="*", default=[], help="also profile prompt chunks of these lengths")
     parser.add_argument("--wy-chunks", default="", help="time that prefill with these GDN (WY) chunk lengths, e.g. 64,128")
     parser.add_argument("--wy-kernel", action="store_true",
-                        help="also profile and time the prompt chunks with the Triton WY walk (LMBUNDLE_WY_KERNEL=1)")
+                        help="also profile and time the prompt chunks with the Triton WY kernels (LMBUNDLE_WY_KERNEL=1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "ckpt", args.config, torch.device("cuda"))
@@ -69,12 +69,13 @@ def main() -> None:
         print_kernels(prof, args.steps, "kernel time (eager, no graph), per step", top=20)
         for tokens in args.prefill:
             profile_prefill(engine, tokens)
-        if args.wy_kernel:  # side by side in this run: the reference walk above, the Triton walk here
-            ops.wy_chunk, backend._prefill_graphs = 32, None
-            for tokens in args.prefill:
-                print("with the Triton WY walk (chunks of 32):")
-                profile_prefill(engine, tokens)
-            ops.wy_chunk, backend._prefill_graphs = None, None
+        if args.wy_kernel:  # side by side in this run: the reference above, the Triton walk, then both kernels
+            for label, prepare in (("the Triton WY walk", False), ("the Triton WY preparation and walk", True)):
+                ops.wy_chunk, ops.wy_prepare, backend._prefill_graphs = 32, prepare, None
+                for tokens in args.prefill:
+                    print(f"with {label} (chunks of 32):")
+                    profile_prefill(engine, tokens)
+            ops.wy_chunk, ops.wy_prepare, backend._prefill_graphs = None, False, None
         if args.prefill:
             for chunk in filter(None, args.wy_chunks.split(",")):
                 print(f"  GDN chunk {chunk}: {time_prefill(engine, args.prefill[-1], int(chunk)):.0f} tok/s")

@@ -163,13 +163,16 @@ def resources(compiled) -> str:
 
 
 def prompt_launches() -> dict[str, list]:
-    """Prompt chunks' kernels (`triton_chunks`): a 2,048-token chunk's GDN walk, 32 WY chunks of 64."""
+    """Prompt chunks' kernels (`triton_chunks`) for a 2,048-token chunk: 64 WY chunks of 32, prepared and walked."""
     heads, n, chunk, dim = 16, 64, 32, 128
     chunks = triton_chunks.WYChunks(*(meta(heads, n, chunk, width, dtype=torch.float32)
                                       for width in (dim, dim, dim, chunk, dim)),
                                     meta(heads, n, dtype=torch.float32))
     state = meta(heads, dim, dim, dtype=torch.float32)
-    return {"GDN WY walk (prompt chunks)": launches(triton_chunks, "_wy_recurrence_kernel",
+    qk, g = meta(n * chunk, heads, dim, dtype=torch.float32), meta(n * chunk, heads, dtype=torch.float32)
+    return {"GDN WY chunks (prompt chunks)": launches(triton_chunks, "_wy_chunks_kernel",
+                                                      lambda: triton_chunks.wy_chunks(qk, qk, qk, g, g, chunk)),
+            "GDN WY walk (prompt chunks)": launches(triton_chunks, "_wy_recurrence_kernel",
                                                     lambda: triton_chunks.wy_recurrence(chunks, state))}
 
 

@@ -1,6 +1,7 @@
-"""The prompt chunk's GDN walk over its WY chunks (`engine/kernels/triton_chunks.py`) against the reference
-(`layers.wy_recurrence`): alone on random chunks with a carried-in state, then whole prompt chunks of a tiny
-checkpoint through `TritonStepOps(wy_kernel=True)`. On CUDA the kernel runs on the GPU, else in Triton's
+"""The prompt chunk's GDN kernels (`engine/kernels/triton_chunks.py`) against the reference: each chunk's
+parallel part (`layers.wy_chunks`) and the walk over the chunks (`layers.wy_recurrence`), alone on random
+inputs with a carried-in state, then whole prompt chunks of a tiny checkpoint through
+`TritonStepOps(wy_kernel=True)`. On CUDA the kernel runs on the GPU, else in Triton's
 interpreter (conftest sets `TRITON_INTERPRET=1`), else the tests skip."""
 
 from __future__ import annotations
@@ -53,12 +54,29 @@ def test_walk_matches_the_reference_and_carries_the_state(seq, chunk, dv):
     assert _rel(our_state, steps) < 1e-4
 
 
-def test_shapes_it_does_not_tile_take_the_reference():
+@pytest.mark.parametrize("seq,chunk", [(100, 32), (32, 32), (70, 64)])
+def test_chunk_preparation_matches_the_reference(seq, chunk):
+    from lmbundle.engine.kernels.triton_chunks import wy_chunks
+
+    q, k, v, g, beta = _inputs(seq, 3, 32, 64, seed=seq + 1)
+    ours, ref = wy_chunks(q, k, v, g, beta, chunk), layers.wy_chunks(q, k, v, g, beta, chunk)
+    for name, a, b in zip(layers.WYChunks._fields, ours, ref):
+        assert a.shape == b.shape and _rel(a, b) < 1e-5, name
+    # and with the walk: the whole chunked rule, both parts ours
     from lmbundle.engine.kernels.triton_chunks import wy_recurrence
+
+    state, ref_state = torch.zeros(3, 32, 64, device=DEVICE), torch.zeros(3, 32, 64, device=DEVICE)
+    out = layers.gated_delta_chunk(q, k, v, g, beta, state, chunk=chunk, prepare=wy_chunks, recurrence=wy_recurrence)
+    assert _rel(out, layers.gated_delta_chunk(q, k, v, g, beta, ref_state, chunk=chunk)) < 1e-5
+    assert _rel(state, ref_state) < 1e-5
+
+
+def test_shapes_it_does_not_tile_take_the_reference():
+    from lmbundle.engine.kernels.triton_chunks import wy_chunks, wy_recurrence
 
     q, k, v, g, beta = _inputs(50, 2, 24, 16, seed=1)  # a key dim of 24: not a power of two
     state, ref_state = torch.zeros(2, 24, 16, device=DEVICE), torch.zeros(2, 24, 16, device=DEVICE)
-    ours = layers.gated_delta_chunk(q, k, v, g, beta, state, chunk=16, recurrence=wy_recurrence)
+    ours = layers.gated_delta_chunk(q, k, v, g, beta, state, chunk=16, prepare=wy_chunks, recurrence=wy_recurrence)
     assert torch.equal(ours, layers.gated_delta_chunk(q, k, v, g, beta, ref_state, chunk=16))
 
 

@@ -198,11 +198,12 @@ def wy_recurrence(chunks: WYChunks, state: torch.Tensor) -> torch.Tensor:
 
 def gated_delta_chunk(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
-    chunk: int = 128, recurrence: Callable[[WYChunks, torch.Tensor], torch.Tensor] = wy_recurrence,
+    chunk: int = 128, prepare: Callable[..., WYChunks] = wy_chunks,
+    recurrence: Callable[[WYChunks, torch.Tensor], torch.Tensor] = wy_recurrence,
 ) -> torch.Tensor:
     """S tokens of the gated delta rule in chunked (WY) form, fp32: the same result as S single steps
-    with a few matmuls per chunk instead of a dozen small ops per token (`recurrence`: a backend's own
-    kernel for the sequential part).
+    with a few matmuls per chunk instead of a dozen small ops per token (`prepare`, `recurrence`: a
+    backend's own kernels for the parallel and the sequential part).
 
     The chunk length trades launches for the per-chunk solve: 2048-token prefill of the 2B on an H100
     ran 12.3k / 21.3k / 26.7k tok/s at 64 / 128 / 256 (`profile_step.py --wy-chunks`); on the trained
@@ -215,7 +216,7 @@ def gated_delta_chunk(
     A[t, s] = beta_t e^{G_t - G_s} k_t.k_s (s < t): one unit-triangular solve per chunk.
     """
     seq, heads = k.shape[:2]
-    out = recurrence(wy_chunks(q, k, v, g, beta, chunk), state)
+    out = recurrence(prepare(q, k, v, g, beta, chunk), state)
     return out.reshape(heads, -1, out.shape[-1]).transpose(0, 1)[:seq]
 
 

@@ -1,17 +1,23 @@
-"""A Triton kernel for prompt chunks: the sequential part of the GDN's chunked (WY) delta rule.
+"""Triton kernels for prompt chunks: the GDN's chunked (WY) delta rule, its two parts.
 
-`layers.gated_delta_chunk` does each chunk's parallel part as batched matmuls over all heads and chunks
-(`wy_chunks`), then walks the chunks in order (`wy_recurrence`): four small matmuls a chunk. On the H200 a
-2,048-token prompt of the 2B spent 10.2 ms of its 47.8 ms in those walks, 1,152 matmul launches of
-fp32 FFMA (`benchmarks/results/20261201T233000Z-profile-prefill.txt`). `wy_recurrence` here is one
-launch per layer: a program per (head, block of value columns) keeps its slice of the state in
-registers across all the chunks. Products on the tensor cores as three TF32 products (`tf32x3`: about
-fp32's accuracy; the reference's matmuls are fp32). Compiled offline for sm_90 (tests/kernels_compile.py)
-at chunks of 32, one stage, 4 warps: 16 KB of shared memory, 255 registers and 56 bytes of spills; at
-chunks of 64, or with fp32 FMA products ("ieee"), the spills grew to 0.2-5.7 KB. Not yet timed on a GPU:
-`TritonStepOps` uses it with LMBUNDLE_WY_KERNEL=1.
+`layers.gated_delta_chunk` does each chunk's parallel part as batched torch ops over all heads and
+chunks (`wy_chunks`: cumulative decay, the strictly lower A, the triangular solve, the WY products), then
+walks the chunks in order (`wy_recurrence`): four small matmuls a chunk. On the H200 a 2,048-token prompt
+of the 2B spent 10.2 ms of its 47.8 ms in those walks, 1,152 matmul launches of fp32 FFMA, and most of
+the ~17 ms of small elementwise kernels around them
+(`benchmarks/results/20261201T233000Z-profile-prefill.txt`). Here each part is one launch per layer:
+- `wy_chunks`: a program per (head, chunk of 2 x 16 tokens); (I + A)^-1 blockwise, each half's diagonal
+  block by forward substitution in registers.
+- `wy_recurrence`: a program per (head, 16 value columns) keeps its slice of the state in registers
+  across all the chunks.
+Products on the tensor cores as three TF32 products (`tf32x3`: about fp32's accuracy; the reference's
+matmuls are fp32). Compiled offline for sm_90 (`python -m tests.kernels_compile --resources`), chunks of
+32: the walk (one stage, 4 warps) takes 16 KB of shared memory, 255 registers and 56 bytes of spills
+(chunks of 64, or fp32 FMA products, spilled 0.2-5.7 KB); the preparation (8 warps) 16 KB and 2.4 KB
+of spills. Not yet timed on a GPU: `TritonStepOps` uses them with LMBUNDLE_WY_KERNEL=1, and
+`benchmarks/profile_step.py --prefill 128 2048 --wy-kernel` times the walk alone and both beside the
+reference in one run.
 """
-
 from __future__ import annotations
 
 import torch
@@ -19,7 +25,93 @@ import triton
 import triton.language as tl
 
 from lmbundle.models.layers import WYChunks
+from lmbundle.models.layers import wy_chunks as reference_chunks
 from lmbundle.models.layers import wy_recurrence as reference_recurrence
+
+
+@triton.jit
+def _unit_lower_inverse(a, B: tl.constexpr):
+    """(I + a)^-1 of a strictly lower [B, B] tile by forward substitution: row r is e_r minus a[r] times
+    the rows above it, which are final by then."""
+    i = tl.arange(0, B)
+    inverse = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
+    for r in range(1, B):
+        a_row = tl.sum(tl.where(i[:, None] == r, a, 0.0), axis=0)
+        inverse = tl.where(i[:, None] == r, inverse - tl.sum(a_row[:, None] * inverse, axis=0)[None, :], inverse)
+    return inverse
+
+
+@triton.jit
+def _half(ptr, token, real, head, H: tl.constexpr, D: tl.constexpr):
+    d = tl.arange(0, D)
+    return tl.load(ptr + (token[:, None] * H + head) * D + d[None, :], mask=real[:, None], other=0.0)
+
+
+@triton.jit
+def _store_half(ptr, first_row, value, B: tl.constexpr, D: tl.constexpr):
+    """value [B, D] into rows first_row.. of a [rows, D] tensor (one 64-bit base, 32-bit offsets)."""
+    tl.store(ptr + first_row * D + tl.arange(0, B)[:, None] * D + tl.arange(0, D)[None, :], value)
+
+
+@triton.jit
+def _dot(a, b):
+    return tl.dot(a, b, input_precision="tf32x3")
+
+
+@triton.jit
+def _wy_chunks_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, seq, wv_ptr, wk_ptr, qd_ptr, scores_ptr, ke_ptr,
+                      decay_ptr, H: tl.constexpr, B: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+    """Program (head, chunk of 2B tokens): `layers.wy_chunks` for one head, in two halves of B tokens
+    (tokens past `seq` are padding: no decay, no write). (I + A)^-1 blockwise: each half's diagonal
+    block inverted by forward substitution, the block below from those two (-T11 A10 T00)."""
+    head = tl.program_id(0)
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
+    i = tl.arange(0, B)
+    t0 = chunk * 2 * B + i
+    t1 = t0 + B
+    real0, real1 = t0 < seq, t1 < seq
+    k0, k1 = _half(k_ptr, t0, real0, head, H, DK), _half(k_ptr, t1, real1, head, H, DK)
+    g0 = tl.load(g_ptr + t0 * H + head, mask=real0, other=0.0)
+    g1 = tl.load(g_ptr + t1 * H + head, mask=real1, other=0.0)
+    beta0 = tl.load(beta_ptr + t0 * H + head, mask=real0, other=0.0)
+    beta1 = tl.load(beta_ptr + t1 * H + head, mask=real1, other=0.0)
+
+    cum0 = tl.cumsum(g0, axis=0)  # G_t
+    cum1 = tl.cumsum(g1, axis=0) + tl.sum(g0, axis=0)
+    lower = i[:, None] >= i[None, :]
+    r00 = tl.exp(tl.where(lower, cum0[:, None] - cum0[None, :], float("-inf")))  # e^{G_t - G_s}, s <= t
+    r11 = tl.exp(tl.where(lower, cum1[:, None] - cum1[None, :], float("-inf")))
+    r10 = tl.exp(cum1[:, None] - cum0[None, :])
+    strict = i[:, None] > i[None, :]
+    t00 = _unit_lower_inverse(tl.where(strict, beta0[:, None] * r00 * _dot(k0, tl.trans(k0)), 0.0), B)
+    t11 = _unit_lower_inverse(tl.where(strict, beta1[:, None] * r11 * _dot(k1, tl.trans(k1)), 0.0), B)
+    t10 = -_dot(_dot(t11, beta1[:, None] * r10 * _dot(k1, tl.trans(k0))), t00)
+
+    row0 = (head * chunks + chunk).to(tl.int64) * 2 * B
+    row1 = row0 + B
+    v0, v1 = _half(v_ptr, t0, real0, head, H, DV), _half(v_ptr, t1, real1, head, H, DV)
+    bv0, bv1 = beta0[:, None] * v0, beta1[:, None] * v1
+    _store_half(wv_ptr, row0, _dot(t00, bv0), B, DV)
+    _store_half(wv_ptr, row1, _dot(t10, bv0) + _dot(t11, bv1), B, DV)
+    bk0, bk1 = (beta0 * tl.exp(cum0))[:, None] * k0, (beta1 * tl.exp(cum1))[:, None] * k1
+    _store_half(wk_ptr, row0, _dot(t00, bk0), B, DK)
+    _store_half(wk_ptr, row1, _dot(t10, bk0) + _dot(t11, bk1), B, DK)
+    last = tl.sum(tl.where(i == B - 1, cum1, 0.0), axis=0)  # G at the chunk's end
+    _store_half(ke_ptr, row0, k0 * tl.exp(last - cum0)[:, None], B, DK)
+    _store_half(ke_ptr, row1, k1 * tl.exp(last - cum1)[:, None], B, DK)
+    tl.store(decay_ptr + head * chunks + chunk, tl.exp(last))
+
+    q0, q1 = _half(q_ptr, t0, real0, head, H, DK), _half(q_ptr, t1, real1, head, H, DK)
+    _store_half(qd_ptr, row0, q0 * tl.exp(cum0)[:, None], B, DK)
+    _store_half(qd_ptr, row1, q1 * tl.exp(cum1)[:, None], B, DK)
+    # scores [2B, 2B]: the upper-right block is zero (no token sees a later one)
+    scores0 = scores_ptr + row0 * 2 * B + i[:, None] * 2 * B + i[None, :]
+    scores1 = scores0 + B * 2 * B
+    tl.store(scores0, _dot(q0, tl.trans(k0)) * r00)
+    tl.store(scores0 + B, tl.zeros([B, B], tl.float32))
+    tl.store(scores1, _dot(q1, tl.trans(k0)) * r10)
+    tl.store(scores1 + B, _dot(q1, tl.trans(k1)) * r11)
 
 
 @triton.jit
@@ -58,14 +150,34 @@ def _wy_recurrence_kernel(wv_ptr, wk_ptr, qd_ptr, scores_ptr, ke_ptr, decay_ptr,
     tl.store(state, s)
 
 
+def _tiled(*dims: int) -> bool:
+    return all(x >= 16 and x & (x - 1) == 0 for x in dims)  # tl.arange and tl.dot take these
+
+
+def wy_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+              chunk: int) -> WYChunks:
+    """`layers.wy_chunks` as one launch (q,k [S, H, Dk], v [S, H, Dv], g, beta [S, H], fp32); shapes the
+    kernel does not tile take the reference."""
+    seq, heads, dk = k.shape
+    dv = v.shape[-1]
+    if not (_tiled(chunk, dk, dv) and chunk >= 32):  # two halves of at least 16 tokens
+        return reference_chunks(q, k, v, g, beta, chunk)
+    n = triton.cdiv(seq, chunk)
+    device = q.device
+    out = WYChunks(*(torch.empty(heads, n, chunk, width, dtype=torch.float32, device=device)
+                     for width in (dv, dk, dk, chunk, dk)), torch.empty(heads, n, dtype=torch.float32, device=device))
+    q, k, v, g, beta = (x.float().contiguous() for x in (q, k, v, g, beta))
+    _wy_chunks_kernel[(heads, n)](q, k, v, g, beta, seq, *out, H=heads, B=chunk // 2, DK=dk, DV=dv, num_warps=8)
+    return out
+
+
 def wy_recurrence(chunks: WYChunks, state: torch.Tensor, block_v: int = 16) -> torch.Tensor:
     """`layers.wy_recurrence` as one launch: state [H, Dk, Dv] (fp32) updated in place; returns
     [H, N, C, Dv]. Shapes the kernel does not tile (dims not powers of two of at least 16) take the
     reference."""
     heads, n, chunk, dk = chunks.w_k.shape
     dv = chunks.w_v.shape[-1]
-    if not (all(x >= 16 and x & (x - 1) == 0 for x in (chunk, dk, dv)) and state.dtype == torch.float32
-            and state.is_contiguous()):
+    if not (_tiled(chunk, dk, dv) and state.dtype == torch.float32 and state.is_contiguous()):
         return reference_recurrence(chunks, state)
     block_v = min(block_v, dv)
     out = torch.empty(heads, n, chunk, dv, dtype=torch.float32, device=state.device)

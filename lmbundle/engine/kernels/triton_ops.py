@@ -3,10 +3,10 @@
 Per layer a decode step becomes five launches (six for attention): input norm + projections (+ the GDN
 causal conv), the mixer (delta rule, or flash-decoding attention with its combine), output projection
 (+ the GDN gated norm) + residual, post norm + SwiGLU, down projection + residual. Short int8 matmuls
-(1..4 rows: small prefill chunks) take the plain GEMV. With `wy_kernel` a prompt chunk's GDN walks its
-WY chunks in one kernel a layer (`triton_chunks.py`). Anything else (longer chunks, layouts the kernels
-do not take) falls back to the reference composition of `models/ops.py`, which the tests compare these
-with.
+(1..4 rows: small prefill chunks) take the plain GEMV. With `wy_kernel` a prompt chunk's GDN prepares
+and walks its WY chunks in one kernel each a layer (`triton_chunks.py`). Anything else (longer chunks,
+layouts the kernels do not take) falls back to the reference composition of `models/ops.py`, which the
+tests compare these with.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import functools
 
 import torch
 
-from lmbundle.models.layers import gated_delta_chunk, gdn_mix
+from lmbundle.models.layers import gated_delta_chunk, gdn_mix, wy_chunks
 from lmbundle.models.linear import Linear
 from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOps
 
-from . import triton_gemv, triton_mixers
-from .triton_chunks import wy_recurrence
+from . import triton_chunks, triton_gemv, triton_mixers
 
 
 def _weights(linear: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -42,10 +41,11 @@ class TritonStepOps(StepOps):
     def __init__(self, pdl: bool, devices: tuple[str, ...] = ("cuda",), wy_kernel: bool = False):
         self.pdl = pdl  # programmatic dependent launch (Hopper and newer)
         self.devices = devices  # ("cpu",) runs the kernels in Triton's interpreter (tests)
-        # prompt chunks: the GDN's chunk-to-chunk walk as one kernel a layer (`triton_chunks`), over chunks
-        # of 32 (what fits its registers; shorter chunks are more exact, the reference's 128 only saved
-        # launches of the walk this replaces)
+        # prompt chunks: the GDN's WY chunks prepared (`wy_prepare`) and walked as one kernel each a layer
+        # (`triton_chunks`), over chunks of 32 (what fits the walk's registers; shorter chunks are more
+        # exact, the reference's 128 only saved launches of the walk this replaces)
         self.wy_chunk = 32 if wy_kernel else None
+        self.wy_prepare = wy_kernel
 
     def _on_device(self, x: torch.Tensor) -> bool:
         return x.device.type in self.devices
@@ -103,11 +103,13 @@ class TritonStepOps(StepOps):
                   rec_state: torch.Tensor, valid: torch.Tensor | None = None):
         """One token: two launches, norm + the fused projections + causal conv, then the delta rule; the
         output norm waits for out_proj (a `GatedNormInput`). A prompt chunk with `wy_kernel`: the reference
-        composition with the walk over its WY chunks as one kernel."""
+        composition with its WY chunks prepared and walked by the kernels of `triton_chunks`."""
         dims = w.dims
         if self.wy_chunk and self._on_device(x) and x.shape[0] > 1 and rec_state.dim() == 3:  # a prompt chunk
             projected = self.norm_linears(x, norm, w.in_proj)
-            delta_chunk = functools.partial(gated_delta_chunk, chunk=self.wy_chunk, recurrence=wy_recurrence)
+            prepare = triton_chunks.wy_chunks if self.wy_prepare else wy_chunks
+            delta_chunk = functools.partial(gated_delta_chunk, chunk=self.wy_chunk, prepare=prepare,
+                                            recurrence=triton_chunks.wy_recurrence)
             return gdn_mix(projected, w.conv, w.A_log, w.dt_bias, w.norm, dims, conv_state, rec_state, valid,
                            delta_chunk=delta_chunk)
         in_weights = _weights(w.in_proj[0]) if len(w.in_proj) == 1 else None
