@@ -70,15 +70,13 @@ class State:
 
     def load_prefix(self, saved: dict[str, torch.Tensor], length: int) -> None:
         """Put a `prefix(length)` back (positions past it stay masked until written)."""
-        self.conv.copy_(saved["conv"])
-        self.rec.copy_(saved["rec"])
-        self.key[..., :length, :].copy_(saved["key"])
-        self.value[..., :length, :].copy_(saved["value"])
+        self.copy_from(State(**saved), length)
 
     def copy_from(self, other: "State", length: int) -> None:
-        """What `other` (a state of the same shape) holds after `length` positions, copied in place."""
+        """What `other` holds after `length` positions (its KV at least `length` long), copied in place."""
+        sources = other.tensors()
         for name, t in self.tensors().items():
-            source = other.tensors()[name]
+            source = sources[name]
             if name in GROWING_STATES:
                 t[..., :length, :].copy_(source[..., :length, :])
             else:

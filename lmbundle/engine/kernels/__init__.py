@@ -10,3 +10,8 @@ import importlib.util
 def triton_installed() -> bool:
     """Triton is importable (CUDA machines, and CPU ones that run it in its interpreter for the tests)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def whole_tiles(*dims: int) -> bool:
+    """Every dim is a power of two of at least 16: what the kernels tile whole (tl.arange, tl.dot)."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in dims)

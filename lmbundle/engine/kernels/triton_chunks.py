@@ -28,6 +28,8 @@ from lmbundle.models.layers import WYChunks
 from lmbundle.models.layers import wy_chunks as reference_chunks
 from lmbundle.models.layers import wy_recurrence as reference_recurrence
 
+from . import whole_tiles
+
 
 @triton.jit
 def _unit_lower_inverse(a, B: tl.constexpr):
@@ -150,17 +152,13 @@ def _wy_recurrence_kernel(wv_ptr, wk_ptr, qd_ptr, scores_ptr, ke_ptr, decay_ptr,
     tl.store(state, s)
 
 
-def _tiled(*dims: int) -> bool:
-    return all(x >= 16 and x & (x - 1) == 0 for x in dims)  # tl.arange and tl.dot take these
-
-
 def wy_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               chunk: int) -> WYChunks:
     """`layers.wy_chunks` as one launch (q,k [S, H, Dk], v [S, H, Dv], g, beta [S, H], fp32); shapes the
     kernel does not tile take the reference."""
     seq, heads, dk = k.shape
     dv = v.shape[-1]
-    if not (_tiled(chunk, dk, dv) and chunk >= 32):  # two halves of at least 16 tokens
+    if not (whole_tiles(chunk, dk, dv) and chunk >= 32):  # two halves of at least 16 tokens
         return reference_chunks(q, k, v, g, beta, chunk)
     n = triton.cdiv(seq, chunk)
     device = q.device
@@ -177,7 +175,7 @@ def wy_recurrence(chunks: WYChunks, state: torch.Tensor, block_v: int = 16) -> t
     reference."""
     heads, n, chunk, dk = chunks.w_k.shape
     dv = chunks.w_v.shape[-1]
-    if not (_tiled(chunk, dk, dv) and state.dtype == torch.float32 and state.is_contiguous()):
+    if not (whole_tiles(chunk, dk, dv) and state.dtype == torch.float32 and state.is_contiguous()):
         return reference_recurrence(chunks, state)
     block_v = min(block_v, dv)
     out = torch.empty(heads, n, chunk, dv, dtype=torch.float32, device=state.device)

@@ -19,7 +19,7 @@ from lmbundle.models.layers import gated_delta_chunk, gdn_mix, wy_chunks
 from lmbundle.models.linear import Linear
 from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOps
 
-from . import triton_chunks, triton_gemv, triton_mixers
+from . import triton_chunks, triton_gemv, triton_mixers, whole_tiles
 
 
 def _weights(linear: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -31,10 +31,6 @@ def _weights(linear: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     weight = linear.weight
     ok = weight.dtype in (torch.bfloat16, torch.float16) and linear.in_features % triton_gemv.GROUP == 0
     return (weight, None) if ok and weight.is_contiguous() else None
-
-
-def _power_of_two(n: int) -> bool:
-    return n >= 16 and n & (n - 1) == 0  # the mixer kernels tile whole heads (tl.arange, tl.dot)
 
 
 class TritonStepOps(StepOps):
@@ -114,7 +110,7 @@ class TritonStepOps(StepOps):
                            delta_chunk=delta_chunk)
         in_weights = _weights(w.in_proj[0]) if len(w.in_proj) == 1 else None
         if (not self._one_token(x) or in_weights is None or _weights(w.out_proj) is None
-                or not (_power_of_two(dims.key_dim) and _power_of_two(dims.value_dim))):
+                or not whole_tiles(dims.key_dim, dims.value_dim)):
             return super().gdn_mixer(x, norm, w, conv_state, rec_state, valid)
         hv, dv = dims.value_heads, dims.value_dim
         projected = triton_gemv.gemv(x, *in_weights, norm=norm, conv=(conv_state, w.conv), pdl=self.pdl)
@@ -127,7 +123,7 @@ class TritonStepOps(StepOps):
                         key_cache: torch.Tensor, value_cache: torch.Tensor):
         dims = w.dims
         weights = _weights(w.in_proj[0]) if len(w.in_proj) == 1 else None
-        if not self._one_token(x) or weights is None or not _power_of_two(dims.head_dim):
+        if not self._one_token(x) or weights is None or not whole_tiles(dims.head_dim):
             return super().attention_mixer(x, norm, w, rope, key_cache, value_cache)
         projected = triton_gemv.gemv(x, *weights, norm=norm, pdl=self.pdl)
         o = triton_mixers.attention_step(

@@ -30,9 +30,9 @@ from lmbundle.models.layers import rms_norm
 from lmbundle.models.linear import Linear
 from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOps
 
+from . import whole_tiles
 from .triton_gemv import GatedNormInput, _conv_silu
 from .triton_mixers import _attend_split, _combine_splits, _delta_rule_heads
-from .triton_ops import _power_of_two
 
 
 @triton.jit
@@ -260,7 +260,7 @@ class RowStepOps(StepOps):
         is left to `linear_residual` (a `GatedNormInput`). A padded chunk (`valid`) is no batched step."""
         dims = w.dims
         if (not self._rows(x) or rec_state.dim() != 4 or valid is not None or len(w.in_proj) != 1
-                or not (_power_of_two(dims.key_dim) and _power_of_two(dims.value_dim))
+                or not whole_tiles(dims.key_dim, dims.value_dim)
                 or not (conv_state.is_contiguous() and rec_state.is_contiguous())):
             return super().gdn_mixer(x, norm, w, conv_state, rec_state, valid)
         hv, dv = dims.value_heads, dims.value_dim
@@ -274,7 +274,7 @@ class RowStepOps(StepOps):
     def attention_mixer(self, x: torch.Tensor, norm: Norm, w: AttentionWeights, rope: Rope,
                         key_cache: torch.Tensor, value_cache: torch.Tensor):
         dims = w.dims
-        if (not self._rows(x) or key_cache.dim() != 4 or len(w.in_proj) != 1 or not _power_of_two(dims.head_dim)
+        if (not self._rows(x) or key_cache.dim() != 4 or len(w.in_proj) != 1 or not whole_tiles(dims.head_dim)
                 or not (key_cache.is_contiguous() and value_cache.is_contiguous())):
             return super().attention_mixer(x, norm, w, rope, key_cache, value_cache)
         projected = self.linear(self._normed(x, norm), w.in_proj[0])
