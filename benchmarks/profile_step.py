@@ -29,8 +29,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prefill", type=int, nargs="*", default=[], help="also profile prompt chunks of these lengths")
     parser.add_argument("--wy-chunks", default="", help="time that prefill with these GDN (WY) chunk lengths, e.g. 64,128")
-    parser.add_argument("--wy-kernel", action="store_true",
-                        help="also profile and time the prompt chunks with the Triton WY kernels (LMBUNDLE_WY_KERNEL=1)")
+    parser.add_argument("--wy-variants", action="store_true",
+                        help="also time the prompt chunks with the GDN's WY chunks walked and prepared by torch ops or "
+                             "the Triton kernels, side by side")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "ckpt", args.config, torch.device("cuda"))
@@ -69,13 +70,8 @@ def main() -> None:
         print_kernels(prof, args.steps, "kernel time (eager, no graph), per step", top=20)
         for tokens in args.prefill:
             profile_prefill(engine, tokens)
-        if args.wy_kernel:  # side by side in this run: the reference above, the Triton walk, then both kernels
-            for label, prepare in (("the Triton WY walk", False), ("the Triton WY preparation and walk", True)):
-                ops.wy_chunk, ops.wy_prepare, backend._prefill_graphs = 32, prepare, None
-                for tokens in args.prefill:
-                    print(f"with {label} (chunks of 32):")
-                    profile_prefill(engine, tokens)
-            ops.wy_chunk, ops.wy_prepare, backend._prefill_graphs = None, False, None
+        if args.wy_variants and args.prefill:
+            compare_wy_variants(engine, args.prefill)
         if args.prefill:
             for chunk in filter(None, args.wy_chunks.split(",")):
                 print(f"  GDN chunk {chunk}: {time_prefill(engine, args.prefill[-1], int(chunk)):.0f} tok/s")
@@ -88,7 +84,7 @@ def time_prefill(engine, tokens: int, wy_chunk: int) -> float:
     ops, defaults = engine.backend.model.ops, layers.gated_delta_chunk.__defaults__
     layers.gated_delta_chunk.__defaults__ = (wy_chunk, *defaults[1:])
     wy_kernel_chunk = getattr(ops, "wy_chunk", None)
-    if wy_kernel_chunk:  # LMBUNDLE_WY_KERNEL=1: the Triton walk's chunk length
+    if wy_kernel_chunk:  # the Triton walk's chunk length
         ops.wy_chunk = wy_chunk
     try:
         engine.backend._prefill_graphs = None  # captured with the old chunk length
@@ -97,6 +93,24 @@ def time_prefill(engine, tokens: int, wy_chunk: int) -> float:
         layers.gated_delta_chunk.__defaults__ = defaults
         if wy_kernel_chunk:
             ops.wy_chunk = wy_kernel_chunk
+
+
+def compare_wy_variants(engine, lengths: list[int]) -> None:
+    """One prompt chunk of each length replayed (best of 3) with the GDN's WY chunks walked and prepared by
+    torch ops or the Triton kernels (`triton_chunks`): the figures behind `triton_ops.WY_PREPARE_MAX`."""
+    backend = engine.backend
+    ops = backend.model.ops
+    saved = ops.wy_chunk, ops.wy_prepare_max
+    variants = {"torch walk + torch preparation": (None, 0), "kernel walk + torch preparation": (32, 0),
+                "kernel walk + kernel preparation": (32, 1 << 30)}
+    print("prompt chunk replayed, ms (tok/s): " + ", ".join(f"{n} tokens" for n in lengths))
+    for label, (chunk, prepare_max) in variants.items():
+        ops.wy_chunk, ops.wy_prepare_max = chunk, prepare_max
+        backend._prefill_graphs = None  # captured with the other variant
+        rates = [chunked_prefill(engine, n, n) for n in lengths]
+        print(f"  {label:34s}" + "".join(f" {n / r * 1e3:8.2f} ({r:6.0f})" for n, r in zip(lengths, rates)))
+    ops.wy_chunk, ops.wy_prepare_max = saved
+    backend._prefill_graphs = None
 
 
 def profile_prefill(engine, tokens: int) -> None:

@@ -1,7 +1,7 @@
 """The prompt chunk's GDN kernels (`engine/kernels/triton_chunks.py`) against the reference: each chunk's
 parallel part (`layers.wy_chunks`) and the walk over the chunks (`layers.wy_recurrence`), alone on random
 inputs with a carried-in state, then whole prompt chunks of a tiny checkpoint through
-`TritonStepOps(wy_kernel=True)`. On CUDA the kernel runs on the GPU, else in Triton's
+`TritonStepOps`. On CUDA the kernel runs on the GPU, else in Triton's
 interpreter (conftest sets `TRITON_INTERPRET=1`), else the tests skip."""
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def test_shapes_it_does_not_tile_take_the_reference():
 
 def test_prompt_chunks_through_the_ops_match_the_reference(tmp_path):
     """A 150-token prompt in chunks of 100 and 50 (the second starts from the first's state) on a tiny
-    checkpoint, fp32: logits and the states left behind, against the reference ops (chunks of 128)."""
+    checkpoint, fp32: logits and the states left behind, against the reference ops (chunks of 128). The
+    first chunk prepares its WY chunks in torch ops, the second (at most `wy_prepare_max`) in the kernel."""
     from lmbundle.engine.kernels.triton_ops import TritonStepOps
 
     ckpt = checkpoints.make_qwen35_with_tokenizer(tmp_path / "ckpt", **checkpoints.TINY_CONFIGS["base"])
@@ -91,7 +92,7 @@ def test_prompt_chunks_through_the_ops_match_the_reference(tmp_path):
     model.fuse_projections_()
     ids = torch.randint(0, model.cfg.vocab_size, (150,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     results = []
-    for ops in (REFERENCE, TritonStepOps(False, devices=(DEVICE,), wy_kernel=True)):
+    for ops in (REFERENCE, TritonStepOps(False, devices=(DEVICE,), wy_prepare_max=64)):
         model.ops = ops
         state = model.new_state(160)
         with torch.no_grad():

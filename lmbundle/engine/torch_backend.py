@@ -41,9 +41,8 @@ def _install_cuda_kernels(model: torch.nn.Module, device: torch.device) -> None:
         from .kernels.triton_ops import TritonStepOps
 
         pdl = torch.cuda.get_device_capability(device) >= (9, 0) and os.environ.get("LMBUNDLE_PDL", "1") != "0"
-        # LMBUNDLE_WY_KERNEL=1: prompt chunks walk the GDN chunks in one Triton kernel a layer (not yet
-        # measured on a GPU; tested in Triton's interpreter and compiled for sm_90)
-        model.ops = TritonStepOps(pdl, wy_kernel=os.environ.get("LMBUNDLE_WY_KERNEL") == "1")
+        # LMBUNDLE_WY_KERNEL=0: prompt chunks walk the GDN's WY chunks in torch ops, not one kernel a layer
+        model.ops = TritonStepOps(pdl, wy_walk=os.environ.get("LMBUNDLE_WY_KERNEL") != "0")
 
 
 def _available_memory() -> int | None:

@@ -3,8 +3,8 @@
 Per layer a decode step becomes five launches (six for attention): input norm + projections (+ the GDN
 causal conv), the mixer (delta rule, or flash-decoding attention with its combine), output projection
 (+ the GDN gated norm) + residual, post norm + SwiGLU, down projection + residual. Short int8 matmuls
-(1..4 rows: small prefill chunks) take the plain GEMV. With `wy_kernel` a prompt chunk's GDN prepares
-and walks its WY chunks in one kernel each a layer (`triton_chunks.py`). Anything else (longer chunks,
+(1..4 rows: small prefill chunks) take the plain GEMV. A prompt chunk's GDN walks its WY chunks in one
+kernel a layer, and a short chunk prepares them in one too (`triton_chunks.py`). Anything else (longer chunks,
 layouts the kernels do not take) falls back to the reference composition of `models/ops.py`, which the
 tests compare these with.
 """
@@ -21,6 +21,10 @@ from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOp
 
 from . import triton_chunks, triton_gemv, triton_mixers, whole_tiles
 
+# prompt chunks up to this many tokens prepare their WY chunks in one kernel; longer ones in the reference's
+# batched torch ops (H200, 2B: the kernel 9.77 against 10.30 ms for 128 tokens, 49.3 against 40.2 ms for 2,048)
+WY_PREPARE_MAX = 256
+
 
 def _weights(linear: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight, scales) in a layout the GEMV streams (int8 block-32 or dense 16-bit), else None."""
@@ -34,14 +38,16 @@ def _weights(linear: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
 
 
 class TritonStepOps(StepOps):
-    def __init__(self, pdl: bool, devices: tuple[str, ...] = ("cuda",), wy_kernel: bool = False):
+    def __init__(self, pdl: bool, devices: tuple[str, ...] = ("cuda",), wy_walk: bool = True,
+                 wy_prepare_max: int = WY_PREPARE_MAX):
         self.pdl = pdl  # programmatic dependent launch (Hopper and newer)
         self.devices = devices  # ("cpu",) runs the kernels in Triton's interpreter (tests)
-        # prompt chunks: the GDN's WY chunks prepared (`wy_prepare`) and walked as one kernel each a layer
-        # (`triton_chunks`), over chunks of 32 (what fits the walk's registers; shorter chunks are more
-        # exact, the reference's 128 only saved launches of the walk this replaces)
-        self.wy_chunk = 32 if wy_kernel else None
-        self.wy_prepare = wy_kernel
+        # prompt chunks: the GDN's WY chunks walked in one kernel a layer (`triton_chunks.wy_recurrence`),
+        # over chunks of 32 (what fits the walk's registers; the reference's 128 only saved launches of the
+        # walk this replaces), and prepared by one kernel a layer too (`triton_chunks.wy_chunks`) in prompt
+        # chunks of at most `wy_prepare_max` tokens
+        self.wy_chunk = 32 if wy_walk else None
+        self.wy_prepare_max = wy_prepare_max
 
     def _on_device(self, x: torch.Tensor) -> bool:
         return x.device.type in self.devices
@@ -98,12 +104,12 @@ class TritonStepOps(StepOps):
     def gdn_mixer(self, x: torch.Tensor, norm: Norm, w: GDNWeights, conv_state: torch.Tensor,
                   rec_state: torch.Tensor, valid: torch.Tensor | None = None):
         """One token: two launches, norm + the fused projections + causal conv, then the delta rule; the
-        output norm waits for out_proj (a `GatedNormInput`). A prompt chunk with `wy_kernel`: the reference
-        composition with its WY chunks prepared and walked by the kernels of `triton_chunks`."""
+        output norm waits for out_proj (a `GatedNormInput`). A prompt chunk: the reference composition with
+        its WY chunks walked (and when short, prepared) by the kernels of `triton_chunks`."""
         dims = w.dims
         if self.wy_chunk and self._on_device(x) and x.shape[0] > 1 and rec_state.dim() == 3:  # a prompt chunk
             projected = self.norm_linears(x, norm, w.in_proj)
-            prepare = triton_chunks.wy_chunks if self.wy_prepare else wy_chunks
+            prepare = triton_chunks.wy_chunks if x.shape[0] <= self.wy_prepare_max else wy_chunks
             delta_chunk = functools.partial(gated_delta_chunk, chunk=self.wy_chunk, prepare=prepare,
                                             recurrence=triton_chunks.wy_recurrence)
             return gdn_mix(projected, w.conv, w.A_log, w.dt_bias, w.norm, dims, conv_state, rec_state, valid,
