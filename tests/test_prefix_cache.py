@@ -129,9 +129,11 @@ def test_lru_by_bytes_longest_prefix_and_spill():
     spilling = PrefixCache(device_bytes=150, host_bytes=200, device="cuda")  # the bookkeeping needs no GPU
     for i in range(4):
         spilling.insert([i], entry(100))
+    spilling.settle()
     assert spilling.used == {"device": 100, "host": 200} and len(spilling) == 3
     assert spilling.counts["spilled"] == 3 and spilling.counts["evicted"] == 1
     assert spilling.lookup([0, 5], limit=1) == (0, None) and spilling.lookup([1, 5], limit=1)[0] == 1
+    assert [e.tokens for e in spilling._entries.values() if e.on_device] == [cache_bytes([3])]
     assert parse_size("512M") == 512 << 20 and parse_size("1.5G") == 3 << 29 and parse_size("0") == 0
 
 
@@ -139,3 +141,21 @@ def cache_bytes(ids):
     import numpy as np
 
     return np.asarray(ids, dtype=np.int64).tobytes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_spills_land_on_the_host_with_the_values_written_before_them():
+    """A spill copies on its own thread and stream: it waits for the kernels that wrote the snapshot."""
+    cache = PrefixCache(device_bytes=1 << 20, host_bytes=1 << 30, device="cuda")
+    snapshots = []
+    for i in range(6):
+        rec = torch.empty(1 << 18, device="cuda")
+        torch.cuda._sleep(10_000_000)  # written after a long kernel: a copy that did not wait reads garbage
+        rec.fill_(i)
+        snapshots.append(rec)
+        cache.insert([i], {"rec": rec})
+    cache.settle()
+    for i in range(5):
+        entry = cache._find(cache_bytes([i]))
+        assert not entry.on_device and entry.tensors["rec"].device.type == "cpu"
+        assert torch.equal(entry.tensors["rec"], torch.full((1 << 18,), float(i)))
