@@ -196,7 +196,7 @@ def test_metrics_in_prometheus_text(client, server, engine):
     assert samples[("lmbundle_batch_steps_total", ())] >= 3  # the second answer's 3 tokens after its first
     phases = {labels[0][1]: value for (name, labels), value in samples.items()
               if name == "lmbundle_scheduler_seconds_total"}
-    assert set(phases) == {"admit", "prefill", "cache", "decode", "idle"}
+    assert set(phases) == {"admit", "prefill", "cache", "decode", "wait", "idle"}
     assert phases["decode"] > 0 and phases["prefill"] > 0 and phases["cache"] > 0
     assert request("GET", server[1], "/metrics", key=None)[0] == 401
 

@@ -7,7 +7,10 @@ into the slot), prefill prompt pieces under a token budget (a long prompt goes i
 steps, so it never stalls the others), then one batched decode step for every sequence that has its
 first token: B tokens at B different positions, one read of the weights for all (`step_rows`, the same
 graph as the one-token step with a row axis on each layer's state). Sequences join and leave between
-steps; the decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last). On CUDA the
+steps; the decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last). Pipelined like
+the one-request engine: step k+1 is enqueued with step k's tokens taken on the device, before the host
+reads step k's tokens and hands them out, so the GPU computes while the host streams text; a sequence
+that stopped at step k has fed one more token in step k+1, a row of waste. On CUDA the
 step runs on all `max_batch` rows at every load, as one CUDA graph (cuBLAS GEMMs on dense weights and
 the rows kernels of `kernels/triton_rows.py` between them): the padding rows step free decode slots.
 Prompt pieces replay the prompt graphs (`graphs.PrefillGraphs`) on a staging slot.
@@ -85,10 +88,26 @@ class Sequence:
     pos: int = 0  # positions the slot's state holds
     cuts: set[int] = field(default_factory=set)  # where the prefix cache snapshots the prompt
     decoding: bool = False
-    last: int = 0  # the token the next decode step feeds
-    tokens: list[int] = field(default_factory=list)
+    first_token: int | None = None  # the prompt's token, known here: the first decode step feeds it
+    chosen: list[int] = field(default_factory=list)  # every token read back, a stop token included
     start: float = 0.0
     first: float | None = None
+
+
+@dataclass
+class Step:
+    """An enqueued batched step: its rows, the token chosen for each (on the device) and their host copy,
+    complete once `done` (a CUDA event; None off CUDA, where the step has run when enqueued)."""
+
+    rows: list[Sequence]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    done: "torch.cuda.Event | None"
+
+    def read(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
 
 
 class BatchScheduler:
@@ -111,14 +130,18 @@ class BatchScheduler:
         self._positions_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._live_in = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
         self.ops = self._batch_ops()
+        self._unread: Step | None = None  # the last step enqueued, its tokens not yet handed out
+        self._host_tokens = [torch.zeros(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
+                             for _ in range(2)]  # the steps' tokens land here, alternately
         self.active: list[Sequence] = []  # admission order
         self.decoding: list[Sequence] = []  # slot order: decoding[i].slot == i
         self.batch_size = 0
         self.peak_batch = 0
         self.steps = 0
         # where the scheduler thread's time goes (/metrics): restoring cached prefixes into slots, prompt
-        # pieces, snapshots into the prefix cache, batched steps (sampling included), waiting for work
-        self.seconds = Counter(dict.fromkeys(("admit", "prefill", "cache", "decode", "idle"), 0.0))
+        # pieces, snapshots into the prefix cache, enqueueing batched steps and handing out their tokens,
+        # waiting for a step's tokens (the device's time beyond the host's), waiting for work
+        self.seconds = Counter(dict.fromkeys(("admit", "prefill", "cache", "decode", "wait", "idle"), 0.0))
         self._inner: list[float] = []  # time of the phases timed inside the open ones
         self._pending: deque[Sequence] = deque()
         self._wake = threading.Condition()
@@ -236,9 +259,12 @@ class BatchScheduler:
                 with self._timed("prefill"):
                     n = self._prefill_piece(seq)
                 budget, fed = budget - n, fed + n
-        if self.decoding:
-            with self._timed("decode"):
-                self._decode()
+        with self._timed("decode"):
+            unread, self._unread = self._unread, self._decode() if self.decoding else None
+            if unread is not None:
+                with self._timed("wait"):
+                    tokens = unread.read()
+                self._hand_out(unread.rows, tokens)
 
     def _prefill_piece(self, seq: Sequence) -> int:
         """Prefill from seq.pos to the next cut point (chunk multiple, prefix cache cut, prompt end)."""
@@ -261,7 +287,10 @@ class BatchScheduler:
             self._remember(ids[:end], seq)
         if end == len(ids):
             self._join_decoding(seq)
-            self._emit(seq, self._sample([seq], logits.view(1, -1))[0])
+            token = self._choose([seq], logits.view(1, -1))
+            if seq.slot >= 0:
+                seq.first_token = int(token.item())
+                self._emit(seq, seq.first_token)
         return end - start
 
     def _remember(self, ids: list[int], seq: Sequence) -> None:
@@ -278,18 +307,20 @@ class BatchScheduler:
         seq.decoding = True
         self.decoding.append(seq)
 
-    def _decode(self) -> None:
-        rows = self.decoding
+    def _decode(self) -> "Step":
+        """Enqueue one batched step for every decoding sequence: each feeds the token the unread step
+        chose for it (taken on the device) or, just joined, its prompt's token. Nothing here waits."""
+        rows = list(self.decoding)
         count = len(rows)
         self.batch_size = count
         self.peak_batch = max(self.peak_batch, count)
-        ids = torch.tensor([s.last for s in rows], dtype=torch.long)
-        positions = torch.tensor([s.pos for s in rows], dtype=torch.long)
         window = self.capacity  # each slot's whole KV row: the same softmax sums whatever the others' lengths
+        ids = self._feed(rows)
+        positions = torch.tensor([s.pos for s in rows], dtype=torch.long)
         if self.padded:
             for t in (self._ids_in, self._positions_in, self._live_in):
                 t.zero_()  # padding rows: token 0 at position 0 of a free decode slot, not live
-            self._ids_in[:count].copy_(ids, non_blocking=True)
+            self._ids_in[:count].copy_(ids)
             self._positions_in[:count].copy_(positions, non_blocking=True)
             self._live_in[:count].fill_(1)
             if self.use_graphs:
@@ -300,13 +331,32 @@ class BatchScheduler:
                                            window, self.ops)
             logits = out[:count]
         else:
-            logits = self.model.step_rows(ids.to(self.device), positions.to(self.device), self.pool.rows_of(count),
-                                          window, self.ops)
+            logits = self.model.step_rows(ids, positions.to(self.device), self.pool.rows_of(count), window, self.ops)
         self.steps += 1
         for seq in rows:
             seq.pos += 1
-        for seq, token in zip(list(rows), self._sample(rows, logits)):
-            self._emit(seq, token)
+        tokens = self._choose(rows, logits)
+        host = self._host_tokens[self.steps % 2][:count]
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event() if self.device.type == "cuda" else None
+        if done is not None:
+            done.record()
+        return Step(rows, tokens, host, done)
+
+    def _feed(self, rows: list[Sequence]) -> torch.Tensor:
+        """The tokens the rows feed, on the device: from the unread step's rows, or each one's first token."""
+        ids = torch.tensor([0 if s.first_token is None else s.first_token for s in rows], dtype=torch.long)
+        ids = ids.to(self.device, non_blocking=True)
+        unread = self._unread
+        if unread is not None:
+            where = {id(seq): i for i, seq in enumerate(unread.rows)}
+            carried = [(i, where[id(s)]) for i, s in enumerate(rows) if id(s) in where]
+            if carried:
+                dst, src = (torch.tensor(index, device=self.device) for index in zip(*carried))
+                ids.index_copy_(0, dst, unread.tokens.index_select(0, src))
+        for seq in rows:
+            seq.first_token = None
+        return ids
 
     def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The batched step on all max_batch rows, as a CUDA graph (the warm-up run, which also makes the
@@ -316,21 +366,25 @@ class BatchScheduler:
                               rows)
         return self._graph
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | BaseException]:
-        """One token per row: greedy rows by one argmax, sampled rows each with its own generator."""
-        chosen: list = logits.argmax(-1).tolist()
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """One token per row, on the device: greedy rows by one argmax, sampled rows each with its own
+        generator. A row whose sampling fails ends with that error."""
+        chosen = logits.argmax(-1)
         for i, seq in enumerate(seqs):
             if not seq.sampling.greedy:
                 try:
-                    chosen[i] = int(sample(logits[i], seq.sampling, seq.generator).item())
+                    chosen[i] = sample(logits[i], seq.sampling, seq.generator).view(())
                 except Exception as exc:
-                    chosen[i] = exc
+                    self._finish(seq, None, error=exc)
         return chosen
 
-    def _emit(self, seq: Sequence, token: int | BaseException) -> None:
-        if isinstance(token, BaseException):
-            self._finish(seq, None, error=token)
-            return
+    def _hand_out(self, rows: list[Sequence], tokens: list[int]) -> None:
+        for seq, token in zip(rows, tokens):
+            if seq.slot >= 0:  # not ended since the step was enqueued
+                self._emit(seq, token)
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        seq.chosen.append(token)
         now = time.perf_counter()
         stats = seq.stats
         if seq.first is None:
@@ -340,13 +394,10 @@ class BatchScheduler:
         if seq.stop and token in self.engine.stop_ids:
             self._finish(seq, "stop")
             return
-        seq.tokens.append(token)
         stats.generated_tokens += 1
         seq.out.put(token)
         if stats.generated_tokens >= seq.max_new_tokens:
             self._finish(seq, "length")
-        else:
-            seq.last = token
 
     def _finish(self, seq: Sequence, reason: str | None, error: BaseException | None = None) -> None:
         """End a sequence: its reply's state into the prefix cache, its slot freed (the last decoding
@@ -355,7 +406,8 @@ class BatchScheduler:
             return
         if reason is not None:
             seq.stats.stop_reason = reason if reason != "cancelled" else seq.stats.stop_reason
-            fed = (seq.ids + seq.tokens)[: seq.pos]  # what the slot holds
+            fed = (seq.ids + seq.chosen)[: seq.pos]  # what the slot holds (the step that fed the last token
+            # chosen may still run: what the cache keeps is copied after it)
             if seq.decoding and len(fed) > len(seq.ids) and self.engine.keeps(seq.ids):
                 self._remember(fed, seq)
         slot = seq.slot

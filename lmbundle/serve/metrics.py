@@ -60,7 +60,8 @@ class _Collector:
             yield CounterMetricFamily("lmbundle_batch_steps", "batched decode steps", value=scheduler["steps"])
             seconds = CounterMetricFamily("lmbundle_scheduler_seconds", "the batch scheduler thread's time by what it "
                                           "did: admit (restore cached prefixes), prefill (prompt pieces), cache "
-                                          "(snapshots), decode (batched steps), idle", labels=["phase"])
+                                          "(snapshots), decode (batched steps enqueued, tokens handed out), wait "
+                                          "(for a step's tokens), idle", labels=["phase"])
             for phase, value in scheduler["seconds"].items():
                 seconds.add_metric([phase], value)
             yield seconds
