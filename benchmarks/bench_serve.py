@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -264,11 +265,39 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--cache-mem", default="8G")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--py-spy", action="store_true",
+                        help="record which server threads hold the GIL during each batched level (py-spy on PATH): "
+                             "raw samples next to the JSON, the busiest functions printed")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:  # 4.5 GB a 2B checkpoint + bundle
+        run(args, Path(tmp))
 
+
+def gil_recording(pid: int, path: Path) -> subprocess.Popen:
+    """py-spy sampling the server's threads that hold the GIL (--nonblocking: its default pauses the server)."""
+    return subprocess.Popen(["py-spy", "record", "--nonblocking", "--gil", "--threads", "--rate", "250",
+                             "--format", "raw", "--output", str(path), "--pid", str(pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def gil_summary(path: Path, top: int = 12) -> dict:
+    """Share of the GIL samples by thread and by function (inclusive) from py-spy's raw output."""
+    threads, functions, total = {}, {}, 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames, n = stack.split(";"), int(count)
+        total += n
+        threads[frames[0]] = threads.get(frames[0], 0) + n
+        for name in {frame.split(" (")[0] for frame in frames[1:]}:
+            functions[name] = functions.get(name, 0) + n
+    share = lambda counts: {k: round(v / max(total, 1), 3)  # noqa: E731
+                            for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:top]}
+    return {"samples": total, "threads": share(threads), "functions": share(functions)}
+
+
+def run(args, tmp: Path) -> None:
     import torch
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     t0 = time.perf_counter()
     bundle = args.bundle
     if bundle is None:
@@ -310,9 +339,15 @@ def main() -> None:
             for clients in levels:  # warm: CUDA graphs per batch bucket and window, the dense weights
                 load(host, clients, 1, args.prompt, 8, vocab, seed=99)
             for clients in levels:
+                spy = args.py_spy and label == "batched"
+                recording = gil_recording(proc.pid, path.with_name(f"{path.stem}-c{clients}-gil.txt")) if spy else None
                 before, began = metrics(host), time.perf_counter()
                 row = load(host, clients, args.per_client, args.prompt, args.max_tokens, vocab, seed=clients)
                 row["scheduler"] = scheduler_split(before, metrics(host), time.perf_counter() - began)
+                if recording is not None:
+                    recording.send_signal(signal.SIGINT)  # py-spy writes its samples when interrupted
+                    recording.wait(timeout=60)
+                    row["gil"] = gil_summary(path.with_name(f"{path.stem}-c{clients}-gil.txt"))
                 report[label].append(row)
                 save()
                 print(label, json.dumps(row), flush=True)
