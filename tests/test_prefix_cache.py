@@ -126,10 +126,18 @@ def test_lru_by_bytes_longest_prefix_and_spill():
     assert cache.lookup([1, 2, 3, 4, 5], limit=4)[0] == 2 and cache.used["device"] == 200
     assert cache.insert([8], entry(300)) is False and len(cache) == 2  # bigger than the whole budget
 
+    def snapshot(i):  # 100 bytes in two dtypes and shapes
+        return {"rec": torch.arange(20, dtype=torch.float32).view(4, 5) + i,
+                "key": torch.full((2, 5), i, dtype=torch.bfloat16)}
+
     spilling = PrefixCache(device_bytes=150, host_bytes=200, device="cuda")  # the bookkeeping needs no GPU
     for i in range(4):
-        spilling.insert([i], entry(100))
+        spilling.insert([i], snapshot(i))
     spilling.settle()
+    for i in (1, 2):  # spilled through the staging buffer: each tensor its own copy, as it was
+        kept = spilling._find(cache_bytes([i])).tensors
+        assert all(torch.equal(kept[name], t) and kept[name].dtype == t.dtype for name, t in snapshot(i).items())
+        assert kept["rec"].data_ptr() != kept["key"].data_ptr()
     assert spilling.used == {"device": 100, "host": 200} and len(spilling) == 3
     assert spilling.counts["spilled"] == 3 and spilling.counts["evicted"] == 1
     assert spilling.lookup([0, 5], limit=1) == (0, None) and spilling.lookup([1, 5], limit=1)[0] == 1
