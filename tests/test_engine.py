@@ -49,8 +49,9 @@ def test_next_turn_prefills_only_its_new_tokens_and_matches_the_oracle(engine, t
         list(engine.generate(first, 6, stop=False))
         stats = GenerationStats()
         assert list(engine.generate(turn, 12, stop=False, stats=stats, prefill_chunk=chunk)) == oracle.greedy(turn, 12)
-        # the state after the reply (its last token was never fed); then this very turn, cached the first time
-        assert stats.cached_tokens == (len(first) + len(reply) - 1 if chunk == 0 else len(turn) - 1)
+        # the state after the reply (its last token was never fed); then this very turn, cached whole the
+        # first time with its last token's logits: nothing left to prefill
+        assert stats.cached_tokens == (len(first) + len(reply) - 1 if chunk == 0 else len(turn))
     other = GenerationStats()  # a prompt that does not extend what the state holds starts over
     list(engine.generate(engine.encode("A small model speaks plain English"), 2, stop=False, stats=other))
     assert other.cached_tokens == 0
@@ -58,7 +59,7 @@ def test_next_turn_prefills_only_its_new_tokens_and_matches_the_oracle(engine, t
     engine.backend.reset(8)  # anything else touched the state (the gates do): back to the prefix cache's copy
     touched = GenerationStats()
     assert list(engine.generate(turn, 12, stop=False, stats=touched)) == oracle.greedy(turn, 12)
-    assert touched.cached_tokens == len(turn) - 1  # this very prompt ran above: only its last token is fed
+    assert touched.cached_tokens == len(turn)  # this very prompt ran above: restored whole, logits and all
 
 
 def test_sampling_is_seeded_and_topk1_is_greedy(engine):

@@ -70,7 +70,7 @@ def test_hit_matches_the_oracle(tiny_bundle, tiny_qwen35, one_thread):
     run(cached, cached.encode("The old man"), 4)
     ids = first + cached.encode(" The quick brown fox")
     got, hit = run(cached, ids, 10)
-    assert hit == len(first) - 1 and got == oracle.greedy(ids, 10)
+    assert hit == len(first) and got == oracle.greedy(ids, 10)
 
 
 @pytest.mark.parametrize("which", ["tiny", "demo"])
@@ -167,3 +167,20 @@ def test_spills_land_on_the_host_with_the_values_written_before_them():
         entry = cache._find(cache_bytes([i]))
         assert not entry.on_device and entry.tensors["rec"].device.type == "cpu"
         assert torch.equal(entry.tensors["rec"], torch.full((1 << 18,), float(i)))
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_the_same_prompt_again_prefills_nothing(max_batch, tiny_bundle, one_thread):
+    """A prompt's end is kept with its last token's logits: sent again, one request at a time or through
+    the batch, it is restored whole and its tokens are those of an engine without a cache."""
+    cached = Engine(tiny_bundle, backend="torch", device="cpu", cache_block=BLOCK, max_batch=max_batch)
+    plain = Engine(tiny_bundle, backend="torch", device="cpu", cache_bytes=0)
+    try:
+        ids = cached.encode("Once upon a time there was a little cat who lived in a house by the sea.")
+        want, _ = run(plain, ids, 8)
+        assert run(cached, ids, 8) == (want, 0)
+        run(cached, cached.encode("The old man"), 3)  # another prompt in between
+        assert run(cached, ids, 8) == (want, len(ids))
+        assert run(cached, ids[:-1], 8) == (run(plain, ids[:-1], 8)[0], (len(ids) - 1) // BLOCK * BLOCK)
+    finally:
+        cached.close()

@@ -92,7 +92,8 @@ class Sequence:
     cancelled: threading.Event = field(default_factory=threading.Event)
     slot: int = -1
     pos: int = 0  # positions the slot's state holds
-    cuts: set[int] = field(default_factory=set)  # where the prefix cache snapshots the prompt
+    cuts: set[int] | None = None  # where the prefix cache snapshots the prompt (its end too); None: nowhere
+    logits: torch.Tensor | None = None  # the prompt's last logits, when the prefix cache held it whole
     decoding: bool = False
     first_token: int | None = None  # the prompt's token, known here: the first decode step feeds it
     chosen: list[int] = field(default_factory=list)  # every token read back, a stop token included
@@ -243,9 +244,11 @@ class BatchScheduler:
         """The longest cached prefix into the sequence's slot (else a zeroed slot)."""
         engine, state = self.engine, self.pool.slot(seq.slot)
         cache = engine.prefix_cache
-        held, entry = cache.lookup(seq.ids, limit=len(seq.ids) - 1) if engine.keeps(seq.ids) else (0, None)
+        held, entry = cache.lookup(seq.ids, limit=len(seq.ids)) if engine.keeps(seq.ids) else (0, None)
         if entry is not None:
             state.load_prefix(entry.tensors, held)
+            if held == len(seq.ids):  # the same prompt before: its last token's logits were kept
+                seq.logits = entry.tensors["logits"].to(self.device)
         else:
             for t in state.tensors().values():
                 t.zero_()
@@ -273,13 +276,16 @@ class BatchScheduler:
                 self._hand_out(unread.rows, tokens)
 
     def _prefill_piece(self, seq: Sequence) -> int:
-        """Prefill from seq.pos to the next cut point (chunk multiple, prefix cache cut, prompt end)."""
+        """Prefill from seq.pos to the next cut point (chunk multiple, prefix cache cut, prompt end); a
+        prompt the cache held whole (with its logits) has nothing left to prefill."""
         ids, start = seq.ids, seq.pos
-        end = min(len(ids), (start // seq.chunk + 1) * seq.chunk, *(c for c in seq.cuts if c > start))
+        end = min(len(ids), (start // seq.chunk + 1) * seq.chunk, *(c for c in seq.cuts or () if c > start))
         piece = torch.tensor(ids[start:end], dtype=torch.long, device=self.device)
         slot, graphs = self.pool.slot(seq.slot), self.prefill_graphs
         try:
-            if graphs is None:
+            if start == end:
+                logits, seq.logits = seq.logits, None
+            elif graphs is None:
                 logits = self.model.forward_tokens(piece, start, slot, last_only=True)
             else:  # through the staging slot the graphs were captured on (a copy of a few MB each way)
                 graphs.state.copy_from(slot, start)
@@ -289,8 +295,8 @@ class BatchScheduler:
             self._finish(seq, None, error=exc)
             return end - start
         seq.pos = end
-        if end in seq.cuts:
-            self._remember(ids[:end], seq)
+        if seq.cuts is not None and (end in seq.cuts or end == len(ids) > start):
+            self._remember(ids[:end], seq, logits if end == len(ids) else None)
         if end == len(ids):
             self._join_decoding(seq)
             token = self._choose([seq], logits.view(1, -1))
@@ -299,10 +305,11 @@ class BatchScheduler:
                 self._emit(seq, seq.first_token)
         return end - start
 
-    def _remember(self, ids: list[int], seq: Sequence) -> None:
-        """What the sequence's slot holds after `ids` into the prefix cache."""
+    def _remember(self, ids: list[int], seq: Sequence, logits: torch.Tensor | None = None) -> None:
+        """What the sequence's slot holds after `ids` into the prefix cache (with the logits of the last
+        token of ids, when given)."""
         with self._timed("cache"):
-            self.engine._remember_state(ids, self.pool.slot(seq.slot))
+            self.engine._remember_state(ids, self.pool.slot(seq.slot), logits)
 
     def _join_decoding(self, seq: Sequence) -> None:
         """Move the sequence from its prefill slot into slot len(decoding): the decoding ones stay in 0..B-1."""

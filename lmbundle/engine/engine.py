@@ -272,11 +272,12 @@ class Engine:
         start = time.perf_counter()
         keep = self.keeps(ids)
         room = len(ids) + max_new_tokens
-        held = self._resume(ids, room) if keep else 0
+        held, handle = self._resume(ids, room) if keep else (0, None)
         self._held = None
         if not held:
             backend.reset(room)
-        handle = self._prefill(ids, held, prefill_chunk, keep)
+        if handle is None:  # else the whole prompt came from the cache, with its logits
+            handle = self._prefill(ids, held, prefill_chunk, keep)
         stats.cached_tokens = held
         token = backend.next_token(handle, sampling, generator)
         fed = list(ids)  # what the state holds: the prompt, then each token a step was enqueued for
@@ -326,50 +327,55 @@ class Engine:
                 handle = backend.prefill(ids, chunk)
             else:
                 handle = backend.prefill(ids[pos:cut], chunk, start=pos, with_head=last)
-            if not last:
-                self._remember(ids[:cut])
+            if keep:
+                self._remember(ids[:cut], handle if last else None)
             pos = cut
         return handle
 
     def _cuts(self, ids: list[int], held: int) -> list[int]:
-        """Where the state is snapshotted: block multiples, where a chat message starts (a shared system
-        prompt, a turn), and one token before the end (the same prompt again: only its last token is fed)."""
-        block, marker, end = self.prefix_cache.block, self._message_start, len(ids) - 1
-        return [p for p in range(held + 1, len(ids))
-                if p % block == 0 or p == end or (marker is not None and ids[p] == marker)]
+        """Where the state is snapshotted inside a prompt: block multiples and where a chat message starts
+        (a shared system prompt, a turn). Its end is snapshotted too, with the logits of its last token."""
+        block, marker = self.prefix_cache.block, self._message_start
+        return [p for p in range(held + 1, len(ids)) if p % block == 0 or (marker is not None and ids[p] == marker)]
 
-    def _remember(self, ids: list[int]) -> None:
+    def _remember(self, ids: list[int], last=None) -> None:
+        """The state after `ids` into the prefix cache, with the logits of `last` (their last step) if given."""
         cache = self.prefix_cache
         if cache.enabled and not cache.contains(ids):
-            cache.insert(ids, self.backend.snapshot_prefix(len(ids)))
+            cache.insert(ids, self.backend.snapshot_prefix(len(ids), last))
 
-    def _remember_state(self, ids: list[int], state) -> None:
-        """Put what `state` (a batch slot) holds after `ids` into the prefix cache."""
+    def _remember_state(self, ids: list[int], state, logits: torch.Tensor | None = None) -> None:
+        """Put what `state` (a batch slot) holds after `ids` into the prefix cache (with the logits of the
+        last token of `ids`, when given)."""
         cache = self.prefix_cache
         if cache.enabled and not cache.contains(ids):
-            cache.insert(ids, state.prefix(len(ids)))
+            saved = state.prefix(len(ids))
+            if logits is not None:
+                saved["logits"] = logits.reshape(-1).clone()
+            cache.insert(ids, saved)
 
     def keeps(self, ids: list[int]) -> bool:
         """Whether a prompt's states can be kept and resumed (text prompts on a backend that exposes its state)."""
         return self.backend.resumable and self._text_only(ids)
 
-    def _resume(self, ids: list[int], length: int) -> int:
+    def _resume(self, ids: list[int], length: int):
         """Put the backend in the longest known state that `ids` extends: what it holds from the last
-        call (the prompt and the reply as generated), else the longest prefix in the prefix cache (at
-        least one token is left to prefill: its logits pick the first new token). Returns how many
-        leading tokens of `ids` it holds (0: none)."""
+        call (the prompt and the reply as generated), else the longest prefix in the prefix cache (all
+        of `ids` when it was a prompt before: its last token's logits were kept). Returns how many
+        leading tokens of `ids` it holds (0: none) and, when it holds them all, the step whose logits
+        pick the first new token (else None)."""
         live = 0
         if self._held is not None:
             fed, writes = self._held
             if writes == self.backend.writes and _extends(ids, fed):
                 live = len(fed)
-        cached, entry = self.prefix_cache.lookup(ids, limit=len(ids) - 1, min_length=live + 1)
+        cached, entry = self.prefix_cache.lookup(ids, limit=len(ids), min_length=live + 1)
         if entry is not None:
-            self.backend.restore_prefix(entry.tensors, cached, length)
-            return cached
+            last = self.backend.restore_prefix(entry.tensors, cached, length)
+            return cached, last if cached == len(ids) else None
         if live:
             self.backend.make_room(length)
-        return live
+        return live, None
 
     def _text_only(self, ids: list[int]) -> bool:
         vocab = self.bundle.info["config"]["vocab_size"]

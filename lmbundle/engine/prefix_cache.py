@@ -4,9 +4,9 @@ A GDN layer cannot truncate its state to an earlier position the way an attentio
 recurrent and conv state after token n says nothing about token n-1. So the cache keeps *snapshots*
 (recurrent state, conv state and the KV rows of the prefix) taken at chosen points of a prompt:
 every `block` positions, where a chat message starts (so a system prompt that many users share is
-prefilled once, whatever its length), one token before the end of the prompt (the same prompt sent
-again) and at the end of the reply (so a chat's next turn resumes after its last answer even when
-other users ran in between).
+prefilled once, whatever its length), at the end of the prompt with its last token's logits (the same
+prompt sent again prefills nothing) and at the end of the reply (so a chat's next turn resumes after
+its last answer even when other users ran in between).
 
 Entries are keyed by a 128-bit BLAKE2 digest of the token prefix and store the tokens themselves: a
 hit is verified against them, so a digest collision can never return another prefix's state. They
@@ -176,7 +176,8 @@ class PrefixCache:
         return self._find(_token_bytes(ids)) is not None
 
     def lookup(self, ids, limit: int, min_length: int = 1) -> tuple[int, Entry | None]:
-        """The longest cached prefix of `ids` with min_length <= length <= limit: (length, entry), or (0, None)."""
+        """The longest cached prefix of `ids` with min_length <= length <= limit: (length, entry), or (0, None).
+        All of `ids` is a hit only with its last token's logits (`tensors["logits"]`): they pick the next token."""
         if not self.enabled:
             return 0, None
         self.counts["lookups"] += 1
@@ -184,7 +185,7 @@ class PrefixCache:
         width = 8
         for length in sorted((n for n in self._lengths if min_length <= n <= limit), reverse=True):
             entry = self._find(tokens[: length * width])
-            if entry is not None:
+            if entry is not None and (length < len(ids) or "logits" in entry.tensors):
                 self._entries.move_to_end(self.digest(entry.tokens))
                 self.counts["hits"] += 1
                 self.counts["hit_tokens"] += length
