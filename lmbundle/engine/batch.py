@@ -95,7 +95,7 @@ class Sequence:
     cuts: set[int] | None = None  # where the prefix cache snapshots the prompt (its end too); None: nowhere
     logits: torch.Tensor | None = None  # the prompt's last logits, when the prefix cache held it whole
     decoding: bool = False
-    first_token: int | None = None  # the prompt's token, known here: the first decode step feeds it
+    first_token: int | None = None  # chosen from the prompt's logits (on the host): the first step feeds it
     chosen: list[int] = field(default_factory=list)  # every token read back, a stop token included
     start: float = 0.0
     first: float | None = None
