@@ -7,6 +7,7 @@ nothing is cached; --max-tokens generated, greedy; a random-weight model never s
 the first streamed text and the end. The chat workload: --chat-users users share one system prompt and
 take --turns turns each (every turn sends the whole conversation), reporting
 usage.prompt_tokens_details.cached_tokens. Exactness: 8 different greedy prompts alone, then all at once.
+`--cache-mem 8G 40G` runs the batched levels once per prefix-cache budget, side by side (spills or none).
 
 Usage (GPU): python benchmarks/bench_serve.py --config Qwen3.5-2B --quant int8hu --clients 1 4 16 32 \
     --max-batch 32 --tokenizer DIR  (DIR: a tokenizer.json + tokenizer_config.json + chat_template.jinja to
@@ -263,7 +264,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--chat-users", type=int, default=16)
     parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--cache-mem", default="8G")
+    parser.add_argument("--cache-mem", nargs="+", default=["8G"],
+                        help="prefix cache device budgets: the batched levels run once for each, side by side")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--py-spy", action="store_true",
                         help="record which server threads hold the GIL during each batched level (py-spy on PATH): "
@@ -319,7 +321,7 @@ def run(args, tmp: Path) -> None:
               "command": " ".join(["python3", *sys.argv]), "config": args.config,
               "quant": args.quant, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "prompt_tokens": args.prompt, "max_tokens": args.max_tokens, "per_client": args.per_client,
-              "max_batch": args.max_batch, "batched": [], "batch1": []}
+              "max_batch": args.max_batch, "cache_mem": args.cache_mem, "batched": [], "batch1": []}
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
     path = args.out / f"serve-{args.config}-{args.quant}-{stamp}.json"
@@ -330,28 +332,30 @@ def run(args, tmp: Path) -> None:
             if base:
                 row["x_batch1"] = round(row["aggregate_tok_s"] / base, 2)
         path.write_text(json.dumps(report, indent=2) + "\n")
-    for label, max_batch, levels in (("batched", args.max_batch, args.clients), ("batch1", 1, args.baseline_clients)):
+    passes = [("batched", args.max_batch, args.clients, cache) for cache in args.cache_mem]
+    passes.append(("batch1", 1, args.baseline_clients, args.cache_mem[0]))
+    for index, (label, max_batch, levels, cache) in enumerate(passes):
         if not levels:
             continue
-        proc, host = start_server(bundle, "--max-batch", str(max_batch), "--queue-size", "256",
-                                  "--cache-mem", args.cache_mem)
+        proc, host = start_server(bundle, "--max-batch", str(max_batch), "--queue-size", "256", "--cache-mem", cache)
         try:
             for clients in levels:  # warm: CUDA graphs per batch bucket and window, the dense weights
                 load(host, clients, 1, args.prompt, 8, vocab, seed=99)
             for clients in levels:
-                spy = args.py_spy and label == "batched"
-                recording = gil_recording(proc.pid, path.with_name(f"{path.stem}-c{clients}-gil.txt")) if spy else None
+                spied = path.with_name(f"{path.stem}-cache{cache}-c{clients}-gil.txt")
+                recording = gil_recording(proc.pid, spied) if args.py_spy and label == "batched" else None
                 before, began = metrics(host), time.perf_counter()
                 row = load(host, clients, args.per_client, args.prompt, args.max_tokens, vocab, seed=clients)
                 row["scheduler"] = scheduler_split(before, metrics(host), time.perf_counter() - began)
+                row["cache_mem"] = cache
                 if recording is not None:
                     recording.send_signal(signal.SIGINT)  # py-spy writes its samples when interrupted
                     recording.wait(timeout=60)
-                    row["gil"] = gil_summary(path.with_name(f"{path.stem}-c{clients}-gil.txt"))
+                    row["gil"] = gil_summary(spied)
                 report[label].append(row)
                 save()
                 print(label, json.dumps(row), flush=True)
-            if label == "batched":
+            if index == 0:  # the first batched pass
                 report["exactness"] = exactness(host, vocab, 32)
                 print("exactness", report["exactness"], flush=True)
                 if args.chat_users:
@@ -361,7 +365,7 @@ def run(args, tmp: Path) -> None:
                 save()
         finally:
             log = stop_server(proc)
-            if any(row.get("errors") for row in report[label]):
+            if any(row.get("errors") for row in report[label] if row["cache_mem"] == cache):
                 print(log[-3000:])
     save()
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s in all)")
