@@ -264,6 +264,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--chat-users", type=int, default=16)
     parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=256, help="the server's --chunk: prompt pieces and cache block")
     parser.add_argument("--cache-mem", nargs="+", default=["8G"],
                         help="prefix cache device budgets: the batched levels run once for each, side by side")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -321,7 +322,7 @@ def run(args, tmp: Path) -> None:
               "command": " ".join(["python3", *sys.argv]), "config": args.config,
               "quant": args.quant, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "prompt_tokens": args.prompt, "max_tokens": args.max_tokens, "per_client": args.per_client,
-              "max_batch": args.max_batch, "cache_mem": args.cache_mem, "batched": [], "batch1": []}
+              "max_batch": args.max_batch, "cache_mem": args.cache_mem, "chunk": args.chunk, "batched": [], "batch1": []}
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
     path = args.out / f"serve-{args.config}-{args.quant}-{stamp}.json"
@@ -337,7 +338,8 @@ def run(args, tmp: Path) -> None:
     for index, (label, max_batch, levels, cache) in enumerate(passes):
         if not levels:
             continue
-        proc, host = start_server(bundle, "--max-batch", str(max_batch), "--queue-size", "256", "--cache-mem", cache)
+        proc, host = start_server(bundle, "--max-batch", str(max_batch), "--queue-size", "256", "--cache-mem", cache,
+                                  "--chunk", str(args.chunk))
         try:
             for clients in levels:  # warm: CUDA graphs per batch bucket and window, the dense weights
                 load(host, clients, 1, args.prompt, 8, vocab, seed=99)

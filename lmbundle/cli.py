@@ -23,7 +23,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="feed the prompt in chunks (default; on the PyTorch backend 13x faster for a 0.8B on "
                         "2 CPU cores, ~20x on an H100) or as S=1 steps (the seed engine's contract). The Core AI backend "
                         "chunks through the asset's `prefill` function, in its own chunk size (64)")
-    p.add_argument("--chunk", type=int, default=256, help="chunk size of --prefill chunked")
+    p.add_argument("--chunk", type=int, default=256,
+                   help="chunk size of --prefill chunked, and the prefix cache's block: prompts are snapshotted at "
+                        "its multiples (a piece never crosses one)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -113,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine(args):
     from .engine.engine import Engine
 
-    return Engine(args.bundle, backend=args.backend, device=args.device)
+    return Engine(args.bundle, backend=args.backend, device=args.device, cache_block=_chunk(args))
+
+
+def _chunk(args) -> int:
+    if args.chunk < 1:
+        raise LmbundleError(f"--chunk must be at least 1 (got {args.chunk})")
+    return args.chunk
 
 
 def _sampling(args):

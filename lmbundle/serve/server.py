@@ -726,8 +726,8 @@ def serve(args) -> None:
     from ..engine.prefix_cache import parse_size
 
     loopback = check_host(args.host, args.allow_remote)
-    if args.queue_size < 0 or args.timeout <= 0 or args.max_batch < 1:
-        raise LmbundleError("--queue-size must be >= 0, --max-batch >= 1 and --timeout > 0")
+    if args.queue_size < 0 or args.timeout <= 0 or args.max_batch < 1 or args.chunk < 1:
+        raise LmbundleError("--queue-size must be >= 0, --max-batch >= 1, --chunk >= 1 and --timeout > 0")
     try:
         cache_bytes = parse_size(args.cache_mem)
         host_bytes = None if args.cache_host_mem is None else parse_size(args.cache_host_mem)
@@ -740,7 +740,7 @@ def serve(args) -> None:
                       prefill_chunk=args.chunk if getattr(args, "prefill", "s1") == "chunked" else 0,
                       max_batch=args.max_batch)
     engine = Engine(args.bundle, backend=args.backend, device=args.device, cache_bytes=cache_bytes,
-                    cache_host_bytes=host_bytes, max_batch=args.max_batch,
+                    cache_host_bytes=host_bytes, cache_block=args.chunk, max_batch=args.max_batch,
                     token_budget=getattr(args, "token_budget", 512))
     engine.warmup()
     app = create_app(engine, options)
