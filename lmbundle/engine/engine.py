@@ -342,17 +342,14 @@ class Engine:
         """The state after `ids` into the prefix cache, with the logits of `last` (their last step) if given."""
         cache = self.prefix_cache
         if cache.enabled and not cache.contains(ids):
-            cache.insert(ids, self.backend.snapshot_prefix(len(ids), last))
+            cache.insert(ids, self.backend.snapshot_prefix(len(ids)), None if last is None else last.logits)
 
     def _remember_state(self, ids: list[int], state, logits: torch.Tensor | None = None) -> None:
         """Put what `state` (a batch slot) holds after `ids` into the prefix cache (with the logits of the
         last token of `ids`, when given)."""
         cache = self.prefix_cache
         if cache.enabled and not cache.contains(ids):
-            saved = state.prefix(len(ids))
-            if logits is not None:
-                saved["logits"] = logits.reshape(-1).clone()
-            cache.insert(ids, saved)
+            cache.insert(ids, state.prefix(len(ids)), logits)
 
     def keeps(self, ids: list[int]) -> bool:
         """Whether a prompt's states can be kept and resumed (text prompts on a backend that exposes its state)."""

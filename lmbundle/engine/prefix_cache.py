@@ -192,8 +192,11 @@ class PrefixCache:
                 return length, entry
         return 0, None
 
-    def insert(self, ids, tensors: dict[str, torch.Tensor]) -> bool:
-        """Keep `tensors` (the caller's own copies, on the device) as the state after `ids`."""
+    def insert(self, ids, tensors: dict[str, torch.Tensor], logits: torch.Tensor | None = None) -> bool:
+        """Keep `tensors` (the caller's own copies, on the device) as the state after `ids`, and `logits`, its
+        last token's (copied here), if given: a later lookup of all of `ids` then has nothing to prefill."""
+        if logits is not None:
+            tensors = {**tensors, "logits": logits.reshape(-1).clone()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         if not self.enabled or nbytes > max(self.device_bytes, self.host_bytes):
             return False

@@ -130,17 +130,13 @@ class TorchBackend:
             self._graphs.clear()  # graphs hold the old tensors' addresses
             self._prefill_graphs = None
 
-    def snapshot_prefix(self, length: int, last: TorchStep | None = None) -> dict[str, torch.Tensor]:
-        """What the state holds after `length` positions (a prefix cache entry), with the logits of `last`
-        (the step of position length - 1) when given."""
-        saved = self.state.prefix(length)
-        if last is not None and last.logits is not None:
-            saved["logits"] = last.logits.reshape(-1).clone()  # a graph's output buffer is reused
-        return saved
+    def snapshot_prefix(self, length: int) -> dict[str, torch.Tensor]:
+        """What the state holds after `length` positions (a prefix cache entry)."""
+        return self.state.prefix(length)
 
     def restore_prefix(self, saved: dict[str, torch.Tensor], length: int, room: int) -> TorchStep | None:
         """Put a `snapshot_prefix(length)` back, with room for `room` positions; returns the step of its
-        last position when it kept the logits."""
+        last position when the entry kept its logits (`PrefixCache.insert`)."""
         self.make_room(max(room, length))
         self.state.load_prefix(saved, length)
         self.writes += 1

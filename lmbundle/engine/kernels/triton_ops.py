@@ -22,7 +22,8 @@ from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOp
 from . import triton_chunks, triton_gemv, triton_mixers, whole_tiles
 
 # prompt chunks up to this many tokens prepare their WY chunks in one kernel; longer ones in the reference's
-# batched torch ops (H200, 2B: the kernel 9.77 against 10.30 ms for 128 tokens, 49.3 against 40.2 ms for 2,048)
+# batched torch ops (H200, 2B int8hu, whole chunk: 11.72 against 12.43 ms at 256 tokens, 16.29 against 15.90 at
+# 512, 49.5 against 40.2 at 2,048; `benchmarks/profile_step.py --wy-variants`)
 WY_PREPARE_MAX = 256
 
 
