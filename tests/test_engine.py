@@ -99,6 +99,11 @@ def test_stream_decoder_matches_full_decode(engine):
     split = engine.encode("é")[:1]  # a byte-level BPE can spell it with one token per byte
     held = StreamDecoder(engine.tokenizer)
     assert held.push(split[0]) + held.flush() == engine.tokenizer.decode(split)
+    garbage = engine.encode("é")[1:2] * 40  # bytes that never make a character: streamed, not held to the end
+    decoder = StreamDecoder(engine.tokenizer)
+    streamed = "".join(decoder.push(t) for t in garbage)
+    assert streamed and streamed + decoder.flush() == engine.tokenizer.decode(garbage)
+    assert len(decoder.ids) - decoder.prefix <= 9  # a window of a few tokens is decoded per token, not all
 
 
 def _cli(*args):

@@ -83,8 +83,8 @@ class StreamDecoder:
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self._decode(self.ids[self.prefix :])
-        if text.endswith("\ufffd"):
-            return ""
+        if text.endswith("\ufffd") and len(self.ids) - self.prefix <= 8:
+            return ""  # maybe a character cut between tokens; past 4 more bytes it never completes: shown as is
         new = text[self.emitted :]
         self.prefix = max(self.prefix, len(self.ids) - 4)
         self.emitted = len(self._decode(self.ids[self.prefix :]))
