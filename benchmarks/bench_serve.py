@@ -13,7 +13,8 @@ Usage (GPU): python benchmarks/bench_serve.py --config Qwen3.5-2B --quant int8hu
     --max-batch 32 --tokenizer DIR  (DIR: a tokenizer.json + tokenizer_config.json + chat_template.jinja to
     use instead of the small stand-in, e.g. the real Qwen3.5 vocabulary). The lent GPU machine lacks the server's
     packages and has no network: run scripts/fetch_serve_wheels.sh here, carry `.serve`, and there first
-    `pip install -q --no-index --find-links .serve/wheels fastapi uvicorn prometheus-client pillow`.
+    `python3 -m pip install -q --no-index --find-links .serve/wheels fastapi uvicorn prometheus-client pillow py-spy`
+    (py-spy only for --py-spy).
 """
 
 from __future__ import annotations
