@@ -323,7 +323,8 @@ def run(args, tmp: Path) -> None:
               "command": " ".join(["python3", *sys.argv]), "config": args.config,
               "quant": args.quant, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "prompt_tokens": args.prompt, "max_tokens": args.max_tokens, "per_client": args.per_client,
-              "max_batch": args.max_batch, "cache_mem": args.cache_mem, "chunk": args.chunk, "batched": [], "batch1": []}
+              "max_batch": args.max_batch, "cache_mem": args.cache_mem, "chunk": args.chunk,
+              "batched": [], "batch1": []}
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
     path = args.out / f"serve-{args.config}-{args.quant}-{stamp}.json"

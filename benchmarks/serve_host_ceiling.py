@@ -75,7 +75,8 @@ def main() -> None:
             row = load(host, clients, 2, args.prompt, args.max_tokens, 200, seed=clients)
             row["scheduler"] = scheduler_split(before, metrics(host), time.perf_counter() - began)
             rows.append(row)
-            print(json.dumps({k: row[k] for k in ("clients", "aggregate_tok_s", "ttft_p95_s", "scheduler")}), flush=True)
+            shown = ("clients", "aggregate_tok_s", "ttft_p95_s", "scheduler")
+            print(json.dumps({k: row[k] for k in shown}), flush=True)
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python3", *sys.argv]), "cpus": os.cpu_count(), "step_ms": args.step_ms,
               "max_batch": args.max_batch, "rows": rows}

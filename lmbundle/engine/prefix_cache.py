@@ -66,9 +66,10 @@ class _Spills:
     called on the spilling thread with each entry's host copies.
 
     A copy goes through one staging buffer, page-locked where there is CUDA, made once and reused: the
-    device writes it by DMA without the driver's help, then the CPU copies it out into the entry's own
-    (pageable) host tensors. A device-to-pageable copy instead goes through the driver's staging, 26 MB at
-    a time per snapshot; pinning a fresh buffer per spill costs more than the copy."""
+    device writes it by DMA, then the CPU copies it out into the entry's own (pageable) host tensors. A
+    device-to-pageable copy goes through the driver's own staging instead, and is the suspect for what the
+    server still lost at 32 clients once spills began (not yet measured); pinning a fresh buffer per spill
+    costs more than the copy."""
 
     def __init__(self, landed):
         self._landed = landed
