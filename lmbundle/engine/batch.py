@@ -104,7 +104,7 @@ class Sequence:
 @dataclass
 class Step:
     """An enqueued batched step: its rows, the token chosen for each (on the device) and their host copy,
-    complete once `done` (a CUDA event; None off CUDA, where the step has run when enqueued)."""
+    complete once `done` (a CUDA event; None off CUDA, where the copy waited for the step)."""
 
     rows: list[Sequence]
     tokens: torch.Tensor
@@ -350,8 +350,9 @@ class BatchScheduler:
             seq.pos += 1
         tokens = self._choose(rows, logits)
         host = self._host_tokens[self.steps % 2][:count]
-        host.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event() if self.device.type == "cuda" else None
+        on_cuda = self.device.type == "cuda"
+        host.copy_(tokens, non_blocking=on_cuda)  # elsewhere (CPU, MPS) a copy that has landed when it returns
+        done = torch.cuda.Event() if on_cuda else None
         if done is not None:
             done.record()
         return Step(rows, tokens, host, done)
