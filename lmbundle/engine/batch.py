@@ -360,7 +360,7 @@ class BatchScheduler:
     def _feed(self, rows: list[Sequence]) -> torch.Tensor:
         """The tokens the rows feed, on the device: from the unread step's rows, or each one's first token."""
         ids = torch.tensor([0 if s.first_token is None else s.first_token for s in rows], dtype=torch.long)
-        ids = ids.to(self.device, non_blocking=True)
+        ids = ids.to(self.device, non_blocking=self.device.type == "cuda")  # CUDA stages a pageable source at once
         unread = self._unread
         if unread is not None:
             where = {id(seq): i for i, seq in enumerate(unread.rows)}
