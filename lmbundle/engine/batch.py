@@ -280,7 +280,7 @@ class BatchScheduler:
         prompt the cache held whole (with its logits) has nothing left to prefill."""
         ids, start = seq.ids, seq.pos
         end = min(len(ids), (start // seq.chunk + 1) * seq.chunk, *(c for c in seq.cuts or () if c > start))
-        piece = torch.tensor(ids[start:end], dtype=torch.long, device=self.device)
+        piece = self._on_device(ids[start:end])
         slot, graphs = self.pool.slot(seq.slot), self.prefill_graphs
         try:
             if start == end:
@@ -329,12 +329,12 @@ class BatchScheduler:
         self.peak_batch = max(self.peak_batch, count)
         window = self.capacity  # each slot's whole KV row: the same softmax sums whatever the others' lengths
         ids = self._feed(rows)
-        positions = torch.tensor([s.pos for s in rows], dtype=torch.long)
+        positions = self._on_device([s.pos for s in rows])
         if self.padded:
             for t in (self._ids_in, self._positions_in, self._live_in):
                 t.zero_()  # padding rows: token 0 at position 0 of a free decode slot, not live
             self._ids_in[:count].copy_(ids)
-            self._positions_in[:count].copy_(positions, non_blocking=True)
+            self._positions_in[:count].copy_(positions)
             self._live_in[:count].fill_(1)
             if self.use_graphs:
                 graph, out = self._graph or self._capture(window)
@@ -344,7 +344,7 @@ class BatchScheduler:
                                            window, self.ops)
             logits = out[:count]
         else:
-            logits = self.model.step_rows(ids, positions.to(self.device), self.pool.rows_of(count), window, self.ops)
+            logits = self.model.step_rows(ids, positions, self.pool.rows_of(count), window, self.ops)
         self.steps += 1
         for seq in rows:
             seq.pos += 1
@@ -359,18 +359,23 @@ class BatchScheduler:
 
     def _feed(self, rows: list[Sequence]) -> torch.Tensor:
         """The tokens the rows feed, on the device: from the unread step's rows, or each one's first token."""
-        ids = torch.tensor([0 if s.first_token is None else s.first_token for s in rows], dtype=torch.long)
-        ids = ids.to(self.device, non_blocking=self.device.type == "cuda")  # CUDA stages a pageable source at once
+        ids = self._on_device([0 if s.first_token is None else s.first_token for s in rows])
         unread = self._unread
         if unread is not None:
             where = {id(seq): i for i, seq in enumerate(unread.rows)}
             carried = [(i, where[id(s)]) for i, s in enumerate(rows) if id(s) in where]
             if carried:
-                dst, src = (torch.tensor(index, device=self.device) for index in zip(*carried))
+                dst, src = (self._on_device(index) for index in zip(*carried))
                 ids.index_copy_(0, dst, unread.tokens.index_select(0, src))
         for seq in rows:
             seq.first_token = None
         return ids
+
+    def _on_device(self, values) -> torch.Tensor:
+        """Host ints as an int64 tensor on the device, without waiting for it: a blocking copy (what
+        `torch.tensor(..., device=)` makes) waits for every step and prompt piece queued, while CUDA stages
+        a non-blocking copy's pageable source before the call returns."""
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=self.device.type == "cuda")
 
     def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The batched step on all max_batch rows, as a CUDA graph (the warm-up run, which also makes the
