@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,17 +63,26 @@ def start_server(bundle: Path, *extra: str) -> tuple[subprocess.Popen, str]:
                              "--backend", "torch", "--timeout", "900", *extra],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     host = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    try:
+        wait_healthy(host, lambda: None if proc.poll() is None else proc.stdout.read()[-3000:])
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, host
+
+
+def wait_healthy(host: str, ended: Callable[[], str | None], timeout: float = 300) -> None:
+    """Until the server at `host` answers /health; `ended()` says why it is gone (None while it runs)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()[-3000:]}")
+        if (why := ended()) is not None:
+            raise RuntimeError(f"server exited: {why}")
         try:
             if get(host, "/health")[0] == 200:
-                return proc, host
+                return
         except OSError:
             pass
         time.sleep(0.5)
-    proc.kill()
     raise RuntimeError("server did not start")
 
 
@@ -239,6 +249,15 @@ def metrics(host: str) -> dict:
             if line.startswith(keep)} if status == 200 else {}
 
 
+def measured_load(host: str, clients: int, per_client: int, prompt: int, max_tokens: int, vocab: int,
+                  seed: int) -> dict:
+    """`load`, with where the batch scheduler's time went meanwhile (`row["scheduler"]`, from /metrics)."""
+    before, began = metrics(host), time.perf_counter()
+    row = load(host, clients, per_client, prompt, max_tokens, vocab, seed)
+    row["scheduler"] = scheduler_split(before, metrics(host), time.perf_counter() - began)
+    return row
+
+
 def scheduler_split(before: dict, after: dict, wall: float) -> dict:
     """Where the batch scheduler's time went between two /metrics reads `wall` seconds apart: seconds per
     phase, steps, and what is left (the thread between phases, or waiting for the GIL)."""
@@ -348,9 +367,7 @@ def run(args, tmp: Path) -> None:
             for clients in levels:
                 spied = path.with_name(f"{path.stem}-cache{cache}-c{clients}-gil.txt")
                 recording = gil_recording(proc.pid, spied) if args.py_spy and label == "batched" else None
-                before, began = metrics(host), time.perf_counter()
-                row = load(host, clients, args.per_client, args.prompt, args.max_tokens, vocab, seed=clients)
-                row["scheduler"] = scheduler_split(before, metrics(host), time.perf_counter() - began)
+                row = measured_load(host, clients, args.per_client, args.prompt, args.max_tokens, vocab, seed=clients)
                 row["cache_mem"] = cache
                 if recording is not None:
                     recording.send_signal(signal.SIGINT)  # py-spy writes its samples when interrupted

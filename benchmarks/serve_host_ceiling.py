@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_serve import free_port, get, load, metrics, scheduler_split  # noqa: E402
+from benchmarks.bench_serve import free_port, load, measured_load, wait_healthy  # noqa: E402
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.models.decoder import DecoderForStep  # noqa: E402
 from lmbundle.serve import server  # noqa: E402
@@ -60,20 +60,14 @@ def main() -> None:
                                      queue_size=256, timeout=900, max_batch=args.max_batch, cache_mem="0",
                                      cache_host_mem=None, api_key=None, backend="torch", device="cpu", chunk=256,
                                      prefill="chunked")
-        threading.Thread(target=server.serve, args=(options,), daemon=True).start()
+        serving = threading.Thread(target=server.serve, args=(options,), daemon=True)
+        serving.start()
         host = f"127.0.0.1:{port}"
-        while True:
-            try:
-                if get(host, "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_healthy(host, lambda: None if serving.is_alive() else "its thread ended (see above)")
         rows = []
         for clients in args.clients:
             load(host, clients, 1, args.prompt, 8, 200, seed=1)  # warm
-            before, began = metrics(host), time.perf_counter()
-            row = load(host, clients, 2, args.prompt, args.max_tokens, 200, seed=clients)
-            row["scheduler"] = scheduler_split(before, metrics(host), time.perf_counter() - began)
+            row = measured_load(host, clients, 2, args.prompt, args.max_tokens, 200, seed=clients)
             rows.append(row)
             shown = ("clients", "aggregate_tok_s", "ttft_p95_s", "scheduler")
             print(json.dumps({k: row[k] for k in shown}), flush=True)

@@ -280,16 +280,15 @@ class BatchScheduler:
         prompt the cache held whole (with its logits) has nothing left to prefill."""
         ids, start = seq.ids, seq.pos
         end = min(len(ids), (start // seq.chunk + 1) * seq.chunk, *(c for c in seq.cuts or () if c > start))
-        piece = self._on_device(ids[start:end])
         slot, graphs = self.pool.slot(seq.slot), self.prefill_graphs
         try:
             if start == end:
                 logits, seq.logits = seq.logits, None
             elif graphs is None:
-                logits = self.model.forward_tokens(piece, start, slot, last_only=True)
+                logits = self.model.forward_tokens(self._on_device(ids[start:end]), start, slot, last_only=True)
             else:  # through the staging slot the graphs were captured on (a copy of a few MB each way)
                 graphs.state.copy_from(slot, start)
-                logits = graphs.run(piece, start, with_head=end == len(ids))
+                logits = graphs.run(self._on_device(ids[start:end]), start, with_head=end == len(ids))
                 slot.copy_from(graphs.state, end)
         except Exception as exc:
             self._finish(seq, None, error=exc)

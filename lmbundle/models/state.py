@@ -71,7 +71,7 @@ class State:
     def load_prefix(self, saved: dict[str, torch.Tensor], length: int) -> None:
         """Put a `prefix(length)` back (positions past it stay masked until written); other entries of
         `saved` (a prefix cache entry's logits) are not the state's."""
-        self.copy_from(State(*(saved[name] for name in self.tensors())), length)
+        self.copy_from(State(**{name: saved[name] for name in self.tensors()}), length)
 
     def copy_from(self, other: "State", length: int) -> None:
         """What `other` holds after `length` positions (its KV at least `length` long), copied in place."""
