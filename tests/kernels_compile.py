@@ -163,14 +163,27 @@ def resources(compiled) -> str:
 
 
 def prompt_launches() -> dict[str, list]:
-    """Prompt chunks' kernels (`triton_chunks`) for a 2,048-token chunk: 64 WY chunks of 32, prepared and walked."""
+    """Prompt chunks' kernels (`triton_chunks`) for a 2,048-token chunk: the GDN's inputs, 64 WY chunks of 32
+    prepared and walked, the output norm."""
     heads, n, chunk, dim = 16, 64, 32, 128
     chunks = triton_chunks.WYChunks(*(meta(heads, n, chunk, width, dtype=torch.float32)
                                       for width in (dim, dim, dim, chunk, dim)),
                                     meta(heads, n, dtype=torch.float32))
     state = meta(heads, dim, dim, dtype=torch.float32)
     qk, g = meta(n * chunk, heads, dim, dtype=torch.float32), meta(n * chunk, heads, dtype=torch.float32)
-    return {"GDN WY chunks (prompt chunks)": launches(triton_chunks, "_wy_chunks_kernel",
+    valid = meta(1, dtype=torch.int64)
+
+    def inputs():
+        triton_chunks.gdn_inputs(meta(n * chunk, IN_PROJ), meta(CONV, 3), meta(CONV, 4),
+                                 meta(heads, dtype=torch.float32), meta(heads, dtype=torch.float32), (heads, heads),
+                                 (dim, dim), valid)
+
+    return {"GDN conv + delta rule inputs (prompt chunks)": launches(triton_chunks, "_gdn_inputs_kernel", inputs),
+            "GDN conv state (prompt chunks)": launches(triton_chunks, "_conv_state_kernel", inputs),
+            "GDN output norm (prompt chunks)": launches(
+                triton_chunks, "_gated_norm_chunk_kernel",
+                lambda: triton_chunks.gated_norm_chunk(chunks.w_v, meta(n * chunk, HIDDEN), meta(dim), 1e-6)),
+            "GDN WY chunks (prompt chunks)": launches(triton_chunks, "_wy_chunks_kernel",
                                                       lambda: triton_chunks.wy_chunks(qk, qk, qk, g, g, chunk)),
             "GDN WY walk (prompt chunks)": launches(triton_chunks, "_wy_recurrence_kernel",
                                                     lambda: triton_chunks.wy_recurrence(chunks, state))}

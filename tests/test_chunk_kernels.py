@@ -13,7 +13,7 @@ from lmbundle.bundle.format import open_bundle
 from lmbundle.bundle.load import load_graph
 from lmbundle.convert.convert import convert
 from lmbundle.models import layers
-from lmbundle.models.ops import REFERENCE
+from lmbundle.models.ops import REFERENCE, Norm
 from tests import checkpoints
 from tests.conftest import kernel_device, kernel_tests_need
 
@@ -102,3 +102,30 @@ def test_prompt_chunks_through_the_ops_match_the_reference(tmp_path):
     assert _rel(ours, ref) < 1e-4
     assert _rel(our_state.rec, ref_state.rec) < 1e-4 and _rel(our_state.conv, ref_state.conv) < 1e-6
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() == 1.0
+
+
+@pytest.mark.parametrize("config", ["base", "equal_gdn_heads"])  # value heads 2x the key heads; equal, 3 taps
+def test_prompt_gdn_mixer_kernels_match_the_reference(tmp_path, config):
+    """The prompt chunk's GDN mixer as kernels (norm, conv + the delta rule's inputs, WY prepare and walk,
+    output norm) against the reference composition, fp32, over chunks that carry the states on: 2 tokens
+    (fewer than the conv's history), 37, and a chunk of 40 whose last 15 are padding (`valid`)."""
+    from lmbundle.engine.kernels.triton_ops import TritonStepOps
+
+    ckpt = checkpoints.make_qwen35_with_tokenizer(tmp_path / "ckpt", **checkpoints.TINY_CONFIGS[config])
+    model = load_graph(open_bundle(convert(str(ckpt), tmp_path / "b", quant="fp16", backend="torch", log=None)),
+                       DEVICE, torch.float32)
+    model.fuse_projections_()
+    layer = model.model.layers[0]
+    norm = Norm(layer.input_layernorm.weight, model.cfg.rms_norm_eps, True)
+    ops = TritonStepOps(False, devices=(DEVICE,))
+    ref_state, our_state = model.new_state(128), model.new_state(128)
+    torch.manual_seed(2)
+    for seq, valid in ((2, None), (37, None), (40, 25)):
+        x = torch.randn(seq, model.cfg.hidden_size, device=DEVICE) * 3.0
+        real = None if valid is None else torch.tensor([valid], device=DEVICE)
+        ref, ours = (step_ops.gdn_mixer(x, norm, layer.linear_attn.weights(), state.conv[0, 0], state.rec[0, 0], real)
+                     for step_ops, state in ((REFERENCE, ref_state), (ops, our_state)))
+        rows = valid or seq
+        errors = (_rel(ours[:rows], ref[:rows]), _rel(our_state.rec, ref_state.rec))
+        assert max(errors) < 1e-4, (seq, errors)  # the walks' TF32x3 products on CUDA; ~1e-7 interpreted
+        assert _rel(our_state.conv, ref_state.conv) < 1e-6, seq  # the inputs, through norms of other roundings

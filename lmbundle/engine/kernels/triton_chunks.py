@@ -1,4 +1,8 @@
-"""Triton kernels for prompt chunks: the GDN's chunked (WY) delta rule, its two parts.
+"""Triton kernels for prompt chunks: the GDN mixer between its projections and out_proj.
+
+`gdn_inputs` (the causal conv, SiLU, q/k L2 norms, write strengths and decays: about thirty torch kernels a
+layer in `layers.gdn_mix`, two launches here) and `gated_norm_chunk` (the output norm, one launch) surround
+the chunked (WY) delta rule, which comes in two parts.
 
 `layers.gated_delta_chunk` does each chunk's parallel part as batched torch ops over all heads and
 chunks (`wy_chunks`: cumulative decay, the strictly lower A, the triangular solve, the WY products), then
@@ -18,6 +22,9 @@ of spills. On the H200 (2B int8hu, `benchmarks/profile_step.py --wy-variants`) t
 chunk from 49.7 to 40.2 ms; the preparation is faster than the torch ops up to 256 tokens (10.2 against
 11.0 ms at 128) and slower past them (49.5 ms at 2,048: 15 ms in the kernel), so `TritonStepOps` walks every
 prompt chunk here and prepares only short ones (`triton_ops.WY_PREPARE_MAX`).
+With these and the input norms as rows kernels, a prompt chunk of the 2B int8hu on the H200 went from 2,050
+to 820 launches at 128 tokens: 9.42 -> 6.39 ms; 2,048 tokens 40.0 -> 29.8 ms
+(`benchmarks/results/20261202T060800Z-profile-prefill.txt`).
 """
 from __future__ import annotations
 
@@ -184,3 +191,134 @@ def wy_recurrence(chunks: WYChunks, state: torch.Tensor, block_v: int = 16) -> t
     _wy_recurrence_kernel[(heads, dv // block_v)](w_v, w_k, q_decayed, scores, k_to_end, decay, state, out, n,
                                                   C=chunk, DK=dk, DV=dv, BV=block_v, num_warps=4, num_stages=1)
     return out
+
+
+@triton.jit
+def _gdn_inputs_kernel(proj_ptr, proj_stride, conv_ptr, conv_w_ptr, a_log_ptr, dt_bias_ptr, valid_ptr, seq,
+                       q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr,
+                       DV: tl.constexpr, BLOCK: tl.constexpr, HV_BLOCK: tl.constexpr, TAPS: tl.constexpr,
+                       TAPS_BLOCK: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Program (token t, slot): slots 0..2HK-1 are the q and k heads, then the HV value heads (causal conv
+    over the token's window, SiLU rounded to the activation dtype; q/k L2-normed, q scaled, both repeated
+    to the value heads); the last slot is the token's write strengths and decays for all value heads,
+    zero past the chunk's `valid` real tokens."""
+    t = tl.program_id(0)
+    slot = tl.program_id(1)
+    ratio: tl.constexpr = HV // HK
+    key_dim: tl.constexpr = HK * DK
+    conv_dim: tl.constexpr = 2 * key_dim + HV * DV
+    row = proj_ptr + t.to(tl.int64) * proj_stride
+    dtype = proj_ptr.dtype.element_ty
+    if slot < 2 * HK + HV:
+        is_key = slot < 2 * HK
+        first = tl.where(is_key, slot * DK, 2 * key_dim + (slot - 2 * HK) * DV)
+        width = tl.where(is_key, DK, DV)
+        d = tl.arange(0, BLOCK)
+        ok = d < width
+        c = first + d
+        taps = tl.arange(0, TAPS_BLOCK)[None, :]
+        source = t + taps - (TAPS - 1)  # the token each tap reads; before the chunk, the conv state
+        tap_ok = ok[:, None] & (taps < TAPS)
+        new = tl.load(proj_ptr + source.to(tl.int64) * proj_stride + c[:, None], mask=tap_ok & (source >= 0),
+                      other=0.0).to(tl.float32)
+        old = tl.load(conv_ptr + c[:, None] * (TAPS - 1) + t + taps, mask=tap_ok & (source < 0),
+                      other=0.0).to(tl.float32)
+        weights = tl.load(conv_w_ptr + c[:, None] * TAPS + taps, mask=tap_ok, other=0.0).to(tl.float32)
+        x = tl.sum((new + old) * weights, axis=1)
+        x = (x * tl.sigmoid(x)).to(dtype).to(tl.float32)
+        if is_key:
+            x = x * tl.rsqrt(tl.sum(x * x, axis=0) + 1e-6)
+            out = k_ptr
+            if slot < HK:
+                x = x * (1.0 / tl.sqrt(DK * 1.0))
+                out = q_ptr
+            head = slot % HK
+            for r in tl.static_range(ratio):
+                tl.store(out + (t * HV + head * ratio + r).to(tl.int64) * DK + d, x, mask=ok)
+        else:
+            tl.store(v_ptr + (t * HV + slot - 2 * HK).to(tl.int64) * DV + d, x, mask=ok)
+    else:
+        h = tl.arange(0, HV_BLOCK)
+        head_ok = h < HV
+        real_tokens = seq
+        if HAS_VALID:
+            real_tokens = tl.load(valid_ptr)
+        real = t < real_tokens
+        b = tl.load(row + conv_dim + HV * DV + h, mask=head_ok, other=0.0)
+        a = tl.load(row + conv_dim + HV * DV + HV + h, mask=head_ok, other=0.0).to(tl.float32)
+        a = a + tl.load(dt_bias_ptr + h, mask=head_ok, other=0.0).to(tl.float32)
+        beta = tl.sigmoid(b.to(tl.float32)).to(dtype).to(tl.float32)
+        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
+        g = -tl.exp(tl.load(a_log_ptr + h, mask=head_ok, other=0.0).to(tl.float32)) * softplus
+        tl.store(beta_ptr + t * HV + h, tl.where(real, beta, 0.0), mask=head_ok)
+        tl.store(g_ptr + t * HV + h, tl.where(real, g, 0.0), mask=head_ok)
+
+
+@triton.jit
+def _conv_state_kernel(proj_ptr, proj_stride, conv_ptr, valid_ptr, seq, channels, TAPS: tl.constexpr,
+                       TAPS_BLOCK: tl.constexpr, BLOCK: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Program (block of channels): the conv state becomes the last TAPS - 1 real inputs of the window
+    (old state, then the chunk's tokens), all loaded before any is stored."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < channels
+    taps = tl.arange(0, TAPS_BLOCK)[None, :]
+    real_tokens = seq
+    if HAS_VALID:
+        real_tokens = tl.load(valid_ptr)
+    window_row = real_tokens + taps  # rows of [state; chunk] after the real tokens' first: the last K-1 real
+    source = window_row - (TAPS - 1)
+    keep = ok[:, None] & (taps < TAPS - 1)
+    new = tl.load(proj_ptr + source.to(tl.int64) * proj_stride + c[:, None], mask=keep & (source >= 0), other=0.0)
+    old = tl.load(conv_ptr + c[:, None] * (TAPS - 1) + window_row, mask=keep & (source < 0), other=0.0)
+    tl.store(conv_ptr + c[:, None] * (TAPS - 1) + taps, tl.where(source >= 0, new.to(old.dtype), old), mask=keep)
+
+
+def gdn_inputs(projected: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor, a_log: torch.Tensor,
+               dt_bias: torch.Tensor, heads: tuple[int, int], dims: tuple[int, int], valid: torch.Tensor | None):
+    """What `layers.gdn_mix` hands the chunked delta rule, in two launches: q, k [S, Hv, Dk], v [S, Hv, Dv],
+    g, beta [S, Hv] (fp32) from the fused projections [S, conv | z | b | a] of a prompt chunk whose first
+    `valid` ([1], int; None: all) tokens are real; conv_state [C, K-1] moves past them in place."""
+    (hk, hv), (dk, dv) = heads, dims
+    seq = projected.shape[0]
+    taps = conv_weight.shape[-1]
+    device = projected.device
+    q, k = (torch.empty(seq, hv, dk, dtype=torch.float32, device=device) for _ in range(2))
+    v = torch.empty(seq, hv, dv, dtype=torch.float32, device=device)
+    g, beta = (torch.empty(seq, hv, dtype=torch.float32, device=device) for _ in range(2))
+    taps_block = triton.next_power_of_2(taps)
+    _gdn_inputs_kernel[(seq, 2 * hk + hv + 1)](
+        projected, projected.stride(0), conv_state, conv_weight, a_log, dt_bias, valid, seq, q, k, v, g, beta,
+        HK=hk, HV=hv, DK=dk, DV=dv, BLOCK=triton.next_power_of_2(max(dk, dv)), HV_BLOCK=triton.next_power_of_2(hv),
+        TAPS=taps, TAPS_BLOCK=taps_block, HAS_VALID=valid is not None, num_warps=4)
+    channels = conv_state.shape[0]
+    _conv_state_kernel[(triton.cdiv(channels, 256),)](projected, projected.stride(0), conv_state, valid, seq,
+                                                       channels, TAPS=taps, TAPS_BLOCK=taps_block, BLOCK=256,
+                                                       HAS_VALID=valid is not None, num_warps=4)
+    return q, k, v, g, beta
+
+
+@triton.jit
+def _gated_norm_chunk_kernel(o_ptr, rows, gate_ptr, gate_stride, w_ptr, y_ptr, eps, HV: tl.constexpr,
+                             DV: tl.constexpr):
+    """Program (token, value head): `layers.gated_rms_norm` of the head's read-out (the walk's fp32 [HV,
+    rows, DV], rounded to the activation dtype first, as the reference rounds it) times silu(z)."""
+    t = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    d = tl.arange(0, DV)
+    dtype = y_ptr.dtype.element_ty
+    o = tl.load(o_ptr + (head * rows + t) * DV + d).to(dtype).to(tl.float32)
+    normed = (o * tl.rsqrt(tl.sum(o * o, axis=0) / DV + eps)).to(dtype).to(tl.float32)
+    gate = tl.load(gate_ptr + t * gate_stride + head * DV + d).to(tl.float32)
+    w = tl.load(w_ptr + d).to(tl.float32)
+    tl.store(y_ptr + (t * HV + head) * DV + d, (w * normed * (gate * tl.sigmoid(gate))).to(dtype))
+
+
+def gated_norm_chunk(walked: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The GDN output norm of a prompt chunk: walked [Hv, N, C, Dv] (`wy_recurrence`, fp32), gate = z [S, Hv * Dv]
+    (a view of the projections) -> [S, Hv * Dv] in z's dtype, what out_proj reads."""
+    heads, n, chunk, dv = walked.shape
+    seq = gate.shape[0]
+    y = torch.empty(seq, heads * dv, dtype=gate.dtype, device=gate.device)
+    _gated_norm_chunk_kernel[(seq, heads)](walked, n * chunk, gate, gate.stride(0), weight, y, eps, HV=heads, DV=dv,
+                                           num_warps=1)
+    return y

@@ -3,10 +3,11 @@
 Per layer a decode step becomes five launches (six for attention): input norm + projections (+ the GDN
 causal conv), the mixer (delta rule, or flash-decoding attention with its combine), output projection
 (+ the GDN gated norm) + residual, post norm + SwiGLU, down projection + residual. Short int8 matmuls
-(1..4 rows: small prefill chunks) take the plain GEMV. A prompt chunk's GDN walks its WY chunks in one
-kernel a layer, and a short chunk prepares them in one too (`triton_chunks.py`). Anything else (longer chunks,
-layouts the kernels do not take) falls back to the reference composition of `models/ops.py`, which the
-tests compare these with.
+(1..4 rows: small prefill chunks) take the plain GEMV. A prompt chunk's norms run one program a token
+(`triton_rows.rms_norm_rows`), and its GDN mixer is the kernels of `triton_chunks.py` around the projections
+(conv and inputs, WY chunks walked in one kernel a layer, prepared in one when short, output norm). Anything
+else (layouts the kernels do not take) falls back to the reference composition of `models/ops.py`, which
+the tests compare these with.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lmbundle.models.linear import Linear
 from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOps
 
 from . import triton_chunks, triton_gemv, triton_mixers, whole_tiles
+from .triton_rows import rms_norm_rows
 
 # prompt chunks up to this many tokens prepare their WY chunks in one kernel; longer ones in the reference's
 # batched torch ops (H200, 2B int8hu, whole chunk: 11.72 against 12.43 ms at 256 tokens, 16.29 against 15.90 at
@@ -56,6 +58,10 @@ class TritonStepOps(StepOps):
     def _one_token(self, x: torch.Tensor) -> bool:
         return self._on_device(x) and x.dim() == 2 and x.shape[0] == 1
 
+    def _tokens(self, x: torch.Tensor) -> bool:
+        """A prompt chunk's rows [S > 1, hidden], which the rows kernels normalize one program a token."""
+        return self._on_device(x) and x.dim() == 2 and x.shape[0] > 1 and x.is_contiguous()
+
     def _short_int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
         """1..4 rows of x, block-32 scales, contiguous: the plain GEMV streams it."""
         in_features = qweight.shape[1]
@@ -81,12 +87,17 @@ class TritonStepOps(StepOps):
         return super().swiglu(h, gate, up)
 
     def norm_linears(self, x: torch.Tensor, norm: Norm, linears: list[Linear]):
+        if self._tokens(x):
+            h = rms_norm_rows(x, norm)
+            return tuple(self.linear(h, w) for w in linears)
         weights = _weights(linears[0]) if len(linears) == 1 and self._one_token(x) else None
         if weights is None:
             return super().norm_linears(x, norm, linears)
         return (triton_gemv.gemv(x, *weights, norm=norm, pdl=self.pdl).view(1, -1),)
 
     def norm_swiglu(self, x: torch.Tensor, norm: Norm, gate: Linear, up: Linear):
+        if self._tokens(x):
+            return self.swiglu(rms_norm_rows(x, norm), gate, up)
         gate_weights, up_weights = _weights(gate), _weights(up)
         if not self._one_token(x) or gate_weights is None or up_weights is None or (
                 (gate_weights[1] is None) != (up_weights[1] is None)):
@@ -105,16 +116,26 @@ class TritonStepOps(StepOps):
     def gdn_mixer(self, x: torch.Tensor, norm: Norm, w: GDNWeights, conv_state: torch.Tensor,
                   rec_state: torch.Tensor, valid: torch.Tensor | None = None):
         """One token: two launches, norm + the fused projections + causal conv, then the delta rule; the
-        output norm waits for out_proj (a `GatedNormInput`). A prompt chunk: the reference composition with
-        its WY chunks walked (and when short, prepared) by the kernels of `triton_chunks`."""
+        output norm waits for out_proj (a `GatedNormInput`). A prompt chunk: norm, projections, then the
+        kernels of `triton_chunks`: conv + the delta rule's inputs, its WY chunks walked (and when short,
+        prepared), the output norm; projections not fused or heads it does not tile take the reference
+        composition with the WY kernels."""
         dims = w.dims
         if self.wy_chunk and self._on_device(x) and x.shape[0] > 1 and rec_state.dim() == 3:  # a prompt chunk
             projected = self.norm_linears(x, norm, w.in_proj)
             prepare = triton_chunks.wy_chunks if x.shape[0] <= self.wy_prepare_max else wy_chunks
-            delta_chunk = functools.partial(gated_delta_chunk, chunk=self.wy_chunk, prepare=prepare,
-                                            recurrence=triton_chunks.wy_recurrence)
-            return gdn_mix(projected, w.conv, w.A_log, w.dt_bias, w.norm, dims, conv_state, rec_state, valid,
-                           delta_chunk=delta_chunk)
+            if len(projected) > 1 or not whole_tiles(dims.key_dim, dims.value_dim):
+                delta_chunk = functools.partial(gated_delta_chunk, chunk=self.wy_chunk, prepare=prepare,
+                                                recurrence=triton_chunks.wy_recurrence)
+                return gdn_mix(projected, w.conv, w.A_log, w.dt_bias, w.norm, dims, conv_state, rec_state, valid,
+                               delta_chunk=delta_chunk)
+            projected = projected[0]
+            heads, head_dims = (dims.key_heads, dims.value_heads), (dims.key_dim, dims.value_dim)
+            inputs = triton_chunks.gdn_inputs(projected, conv_state, w.conv, w.A_log, w.dt_bias, heads, head_dims,
+                                              valid)
+            walked = triton_chunks.wy_recurrence(prepare(*inputs, self.wy_chunk), rec_state)
+            z = projected[:, dims.conv_dim : dims.conv_dim + dims.value_heads * dims.value_dim]
+            return triton_chunks.gated_norm_chunk(walked, z, w.norm, dims.eps)
         in_weights = _weights(w.in_proj[0]) if len(w.in_proj) == 1 else None
         if (not self._one_token(x) or in_weights is None or _weights(w.out_proj) is None
                 or not whole_tiles(dims.key_dim, dims.value_dim)):
