@@ -246,9 +246,9 @@ class BatchScheduler:
         cache = engine.prefix_cache
         held, entry = cache.lookup(seq.ids, limit=len(seq.ids)) if engine.keeps(seq.ids) else (0, None)
         if entry is not None:
-            state.load_prefix(entry.tensors, held)
+            state.load_prefix(entry.state, held)
             if held == len(seq.ids):  # the same prompt before: its last token's logits were kept
-                seq.logits = entry.tensors["logits"].to(self.device)
+                seq.logits = entry.logits.to(self.device)
         else:
             for t in state.tensors().values():
                 t.zero_()
@@ -308,7 +308,7 @@ class BatchScheduler:
         """What the sequence's slot holds after `ids` into the prefix cache (with the logits of the last
         token of ids, when given)."""
         with self._timed("cache"):
-            self.engine._remember_state(ids, self.pool.slot(seq.slot), logits)
+            self.engine._remember(ids, logits, state=self.pool.slot(seq.slot))
 
     def _join_decoding(self, seq: Sequence) -> None:
         """Move the sequence from its prefill slot into slot len(decoding): the decoding ones stay in 0..B-1."""

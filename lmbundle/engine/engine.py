@@ -328,7 +328,7 @@ class Engine:
             else:
                 handle = backend.prefill(ids[pos:cut], chunk, start=pos, with_head=last)
             if keep:
-                self._remember(ids[:cut], handle if last else None)
+                self._remember(ids[:cut], handle.logits if last else None)
             pos = cut
         return handle
 
@@ -338,18 +338,13 @@ class Engine:
         block, marker = self.prefix_cache.block, self._message_start
         return [p for p in range(held + 1, len(ids)) if p % block == 0 or (marker is not None and ids[p] == marker)]
 
-    def _remember(self, ids: list[int], last=None) -> None:
-        """The state after `ids` into the prefix cache, with the logits of `last` (their last step) if given."""
+    def _remember(self, ids: list[int], logits: torch.Tensor | None = None, state=None) -> None:
+        """What the backend's state (or `state`, a batch slot) holds after `ids` into the prefix cache, with
+        the logits of their last token when given."""
         cache = self.prefix_cache
         if cache.enabled and not cache.contains(ids):
-            cache.insert(ids, self.backend.snapshot_prefix(len(ids)), None if last is None else last.logits)
-
-    def _remember_state(self, ids: list[int], state, logits: torch.Tensor | None = None) -> None:
-        """Put what `state` (a batch slot) holds after `ids` into the prefix cache (with the logits of the
-        last token of `ids`, when given)."""
-        cache = self.prefix_cache
-        if cache.enabled and not cache.contains(ids):
-            cache.insert(ids, state.prefix(len(ids)), logits)
+            tensors = self.backend.snapshot_prefix(len(ids)) if state is None else state.prefix(len(ids))
+            cache.insert(ids, tensors, logits)
 
     def keeps(self, ids: list[int]) -> bool:
         """Whether a prompt's states can be kept and resumed (text prompts on a backend that exposes its state)."""
@@ -368,7 +363,7 @@ class Engine:
                 live = len(fed)
         cached, entry = self.prefix_cache.lookup(ids, limit=len(ids), min_length=live + 1)
         if entry is not None:
-            last = self.backend.restore_prefix(entry.tensors, cached, length)
+            last = self.backend.restore_prefix(entry.state, cached, length, entry.logits)
             return cached, last if cached == len(ids) else None
         if live:
             self.backend.make_room(length)

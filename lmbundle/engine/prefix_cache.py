@@ -46,6 +46,7 @@ def parse_size(text: str | int) -> int:
 
 
 MAX_SPILLS_IN_FLIGHT = 8
+_LOGITS = "logits"  # an entry's tensor that is not the state's (`Entry.logits`)
 
 
 def _token_bytes(ids) -> bytes:
@@ -60,6 +61,17 @@ class Entry:
     nbytes: int
     on_device: bool
 
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The state's tensors after the prefix (`State.prefix`)."""
+        return {name: t for name, t in self.tensors.items() if name != _LOGITS}
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """The prefix's last token's logits [V], when its step kept them (a prompt's end): they pick the next
+        token, so a request for exactly this prefix has nothing to prefill."""
+        return self.tensors.get(_LOGITS)
+
 
 class _Spills:
     """Entries' tensors copied to host memory in the background, in order; `landed(key, entry, host)` is
@@ -67,9 +79,10 @@ class _Spills:
 
     A copy goes through one staging buffer, page-locked where there is CUDA, made once and reused: the
     device writes it by DMA, then the CPU copies it out into the entry's own (pageable) host tensors. A
-    device-to-pageable copy goes through the driver's own staging instead, and is the suspect for what the
-    server still lost at 32 clients once spills began (not yet measured); pinning a fresh buffer per spill
-    costs more than the copy."""
+    device-to-pageable copy goes through the driver's own staging instead: with those (and the scheduler's
+    blocking host-to-device copies) a server at 32 clients lost half its throughput once spills began
+    (H200: 1,276 -> 2,875 tok/s with both fixed, `benchmarks/results/serve-*-20261202-0556.json`); pinning a
+    fresh buffer per spill costs more than the copy."""
 
     def __init__(self, landed):
         self._landed = landed
@@ -178,7 +191,7 @@ class PrefixCache:
 
     def lookup(self, ids, limit: int, min_length: int = 1) -> tuple[int, Entry | None]:
         """The longest cached prefix of `ids` with min_length <= length <= limit: (length, entry), or (0, None).
-        All of `ids` is a hit only with its last token's logits (`tensors["logits"]`): they pick the next token."""
+        All of `ids` is a hit only with its last token's logits (`Entry.logits`): they pick the next token."""
         if not self.enabled:
             return 0, None
         self.counts["lookups"] += 1
@@ -186,7 +199,7 @@ class PrefixCache:
         width = 8
         for length in sorted((n for n in self._lengths if min_length <= n <= limit), reverse=True):
             entry = self._find(tokens[: length * width])
-            if entry is not None and (length < len(ids) or "logits" in entry.tensors):
+            if entry is not None and (length < len(ids) or entry.logits is not None):
                 self._entries.move_to_end(self.digest(entry.tokens))
                 self.counts["hits"] += 1
                 self.counts["hit_tokens"] += length
@@ -197,7 +210,7 @@ class PrefixCache:
         """Keep `tensors` (the caller's own copies, on the device) as the state after `ids`, and `logits`, its
         last token's (copied here), if given: a later lookup of all of `ids` then has nothing to prefill."""
         if logits is not None:
-            tensors = {**tensors, "logits": logits.reshape(-1).clone()}
+            tensors = {**tensors, _LOGITS: logits.reshape(-1).clone()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         if not self.enabled or nbytes > max(self.device_bytes, self.host_bytes):
             return False

@@ -134,13 +134,13 @@ class TorchBackend:
         """What the state holds after `length` positions (a prefix cache entry)."""
         return self.state.prefix(length)
 
-    def restore_prefix(self, saved: dict[str, torch.Tensor], length: int, room: int) -> TorchStep | None:
+    def restore_prefix(self, saved: dict[str, torch.Tensor], length: int, room: int,
+                       logits: torch.Tensor | None = None) -> TorchStep | None:
         """Put a `snapshot_prefix(length)` back, with room for `room` positions; returns the step of its
-        last position when the entry kept its logits (`PrefixCache.insert`)."""
+        last position when given its logits (a prefix cache entry's `logits`)."""
         self.make_room(max(room, length))
         self.state.load_prefix(saved, length)
         self.writes += 1
-        logits = saved.get("logits")
         return None if logits is None else TorchStep(logits.to(self.device).view(1, 1, -1))
 
     def load_state(self, write) -> None:
