@@ -142,6 +142,14 @@ def test_lru_by_bytes_longest_prefix_and_spill():
     assert spilling.counts["spilled"] == 3 and spilling.counts["evicted"] == 1
     assert spilling.lookup([0, 5], limit=1) == (0, None) and spilling.lookup([1, 5], limit=1)[0] == 1
     assert [e.tokens for e in spilling._entries.values() if e.on_device] == [cache_bytes([3])]
+    recent = PrefixCache(device_bytes=250, host_bytes=1000, device="cuda")  # a hit keeps a device entry there
+    for i in range(3):
+        recent.insert([i], snapshot(i))  # [0] spills
+    assert recent.lookup([1, 9], limit=1)[0] == 1
+    recent.insert([3], snapshot(3))  # the least recently used on the device is [2] now, not [1]
+    recent.settle()
+    assert {e.tokens for e in recent._entries.values() if e.on_device} == {cache_bytes([1]), cache_bytes([3])}
+    assert recent.used == {"device": 200, "host": 200} and recent.counts["spilled"] == 2
     assert parse_size("512M") == 512 << 20 and parse_size("1.5G") == 3 << 29 and parse_size("0") == 0
 
 

@@ -155,6 +155,7 @@ class PrefixCache:
         self.spills = self.device.type != "cpu" and host_bytes > 0
         self.host_bytes = host_bytes if self.spills else 0
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()  # least recently used first
+        self._on_device: OrderedDict[bytes, None] = OrderedDict()  # the device entries' keys, in the same order
         self._lengths: Counter[int] = Counter()  # the prefix lengths held, for the longest-match lookup
         self.used = {"device": 0, "host": 0}  # an entry on its way to the host counts as there
         self._spills = _Spills(self._landed)
@@ -200,7 +201,10 @@ class PrefixCache:
         for length in sorted((n for n in self._lengths if min_length <= n <= limit), reverse=True):
             entry = self._find(tokens[: length * width])
             if entry is not None and (length < len(ids) or entry.logits is not None):
-                self._entries.move_to_end(self.digest(entry.tokens))
+                key = self.digest(entry.tokens)
+                self._entries.move_to_end(key)
+                if key in self._on_device:
+                    self._on_device.move_to_end(key)
                 self.counts["hits"] += 1
                 self.counts["hit_tokens"] += length
                 return length, entry
@@ -223,6 +227,8 @@ class PrefixCache:
         if not on_device:
             self._spills.submit(key, entry)
         self._entries[key] = entry
+        if on_device:
+            self._on_device[key] = None
         self._lengths[entry.length] += 1
         self.used["device" if on_device else "host"] += nbytes
         self.counts["inserts"] += 1
@@ -235,6 +241,7 @@ class PrefixCache:
 
     def _drop(self, key: bytes, entry: Entry) -> None:
         del self._entries[key]
+        self._on_device.pop(key, None)
         self._lengths[entry.length] -= 1
         if not self._lengths[entry.length]:
             del self._lengths[entry.length]
@@ -252,24 +259,28 @@ class PrefixCache:
         self._spills.wait()
 
     def _fit(self) -> None:
-        """Spill (or drop) least recently used device entries past the device budget, then drop host ones."""
-        for key, entry in list(self._entries.items()):
-            if self.used["device"] <= self.device_bytes:
-                break
-            if not entry.on_device:
-                continue
+        """Spill (or drop) least recently used device entries past the device budget, then drop host ones.
+        Device entries are walked in their own order: the host ones, older, would be skipped at every insert."""
+        while self.used["device"] > self.device_bytes and self._on_device:
+            key = next(iter(self._on_device))
+            entry = self._entries[key]
             if self.spills and self._spills.in_flight < MAX_SPILLS_IN_FLIGHT:
                 self._spills.submit(key, entry)
                 entry.on_device = False
+                del self._on_device[key]
                 self.used["device"] -= entry.nbytes
                 self.used["host"] += entry.nbytes
                 self.counts["spilled"] += 1
             else:
                 self._drop(key, entry)
                 self.counts["evicted"] += 1
-        for key, entry in list(self._entries.items()):
-            if self.used["host"] <= self.host_bytes:
+        over, victims = self.used["host"] - self.host_bytes, []
+        for key, entry in self._entries.items():  # the oldest first: host entries are mostly at the front
+            if over <= 0:
                 break
             if not entry.on_device:
-                self._drop(key, entry)
-                self.counts["evicted"] += 1
+                victims.append((key, entry))
+                over -= entry.nbytes
+        for key, entry in victims:
+            self._drop(key, entry)
+            self.counts["evicted"] += 1
