@@ -163,8 +163,8 @@ def resources(compiled) -> str:
 
 
 def prompt_launches() -> dict[str, list]:
-    """Prompt chunks' kernels (`triton_chunks`) for a 2,048-token chunk: the GDN's inputs, 64 WY chunks of 32
-    prepared and walked, the output norm."""
+    """Prompt chunks' kernels (`triton_chunks`) for a 2,048-token chunk: attention (Qwen3.5's and Qwen3-VL's
+    heads), the GDN's inputs, 64 WY chunks of 32 prepared and walked, the output norm."""
     heads, n, chunk, dim = 16, 64, 32, 128
     chunks = triton_chunks.WYChunks(*(meta(heads, n, chunk, width, dtype=torch.float32)
                                       for width in (dim, dim, dim, chunk, dim)),
@@ -178,7 +178,20 @@ def prompt_launches() -> dict[str, list]:
                                  meta(heads, dtype=torch.float32), meta(heads, dtype=torch.float32), (heads, heads),
                                  (dim, dim), valid)
 
-    return {"GDN conv + delta rule inputs (prompt chunks)": launches(triton_chunks, "_gdn_inputs_kernel", inputs),
+    found = {}
+    for label, (h, kvh), dim, rot, gate in (("Qwen3.5", (8, 2), 256, 64, True), ("Qwen3-VL", (16, 8), 128, 128, False)):
+        width = h * dim * (2 if gate else 1) + 2 * kvh * dim
+
+        def attention():
+            triton_chunks.attention_chunk(
+                meta(n * chunk, width), meta(n * chunk, dtype=torch.int64), meta(dim), meta(dim),
+                meta(n * chunk, rot, dtype=torch.float32), meta(n * chunk, rot, dtype=torch.float32),
+                meta(kvh, 4096, dim), meta(kvh, 4096, dim), 4096, (h, kvh), dim, gate, True, 1e-6)
+
+        found[f"{label} attention k/v (prompt chunks)"] = launches(triton_chunks, "_chunk_kv_kernel", attention)
+        found[f"{label} attention (prompt chunks)"] = launches(triton_chunks, "_chunk_attention_kernel", attention)
+    return {**found,
+            "GDN conv + delta rule inputs (prompt chunks)": launches(triton_chunks, "_gdn_inputs_kernel", inputs),
             "GDN conv state (prompt chunks)": launches(triton_chunks, "_conv_state_kernel", inputs),
             "GDN output norm (prompt chunks)": launches(
                 triton_chunks, "_gated_norm_chunk_kernel",

@@ -129,3 +129,40 @@ def test_prompt_gdn_mixer_kernels_match_the_reference(tmp_path, config):
         errors = (_rel(ours[:rows], ref[:rows]), _rel(our_state.rec, ref_state.rec))
         assert max(errors) < 1e-4, (seq, errors)  # the walks' TF32x3 products on CUDA; ~1e-7 interpreted
         assert _rel(our_state.conv, ref_state.conv) < 1e-6, seq  # the inputs, through norms of other roundings
+
+
+@pytest.mark.parametrize("gate,zero_centered,heads,dim,rot,dtype", [
+    (True, True, (8, 2), 32, 8, torch.float32),     # Qwen3.5: output gate, 1 + w norms, partial rotary
+    (False, False, (4, 4), 16, 16, torch.float32),  # Qwen3-VL: plain w norms, full rotary, one head a kv head
+    pytest.param(True, True, (4, 1), 64, 16, torch.bfloat16, marks=pytest.mark.skipif(
+        DEVICE == "cpu", reason="Triton's interpreter truncates to bf16 (a GPU rounds to nearest): CUDA only")),
+])
+def test_prompt_attention_kernels_match_the_reference(gate, zero_centered, heads, dim, rot, dtype):
+    """A prompt chunk's attention as two kernels (k/v into the cache, then attention over it) against
+    `layers.gated_attention`, for a chunk of 37 tokens at positions 20..56 whose cache already holds 20,
+    over a window of 64 slots: its output and every cache slot."""
+    from lmbundle.engine.kernels.triton_chunks import attention_chunk
+
+    (h, kvh), seq, start, capacity = heads, 37, 20, 80
+    dims = layers.AttentionDims(h, kvh, dim, 1e-6, gate, zero_centered)
+    torch.manual_seed(dim + h)
+    projected = (torch.randn(seq, h * dim * (2 if gate else 1) + 2 * kvh * dim, device=DEVICE) * 2).to(dtype)
+    q_norm, k_norm = (torch.randn(dim, device=DEVICE) * 0.1).to(dtype), (torch.randn(dim, device=DEVICE) * 0.1).to(dtype)
+    positions = torch.arange(start, start + seq, device=DEVICE)
+    cos, sin = layers.mrope_cos_sin(positions, layers.rope_inv_freq(dim, 10000.0, rot / dim), None)
+    caches = [torch.zeros(kvh, capacity, dim, device=DEVICE, dtype=dtype) for _ in range(2)]
+    for cache in caches:
+        cache[:, :start] = torch.randn(kvh, start, dim, device=DEVICE).to(dtype)
+    ref_caches, our_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    ref = layers.gated_attention((projected,), q_norm, k_norm, dims, cos, sin, positions, *ref_caches, 64)
+    ours = attention_chunk(projected, positions, q_norm, k_norm, cos, sin, *our_caches, 64, heads, dim, gate,
+                           zero_centered, 1e-6)
+    assert ours.shape == ref.shape
+    if dtype == torch.float32:
+        assert _rel(ours, ref) < 1e-5
+    else:  # the reference rounds its scores to bf16: both against the same math in fp32, ours no further off
+        exact = layers.gated_attention((projected.float(),), q_norm.float(), k_norm.float(), dims, cos, sin, positions,
+                                       *[c.float() for c in caches], 64)
+        assert _rel(ours, exact) <= max(_rel(ref, exact), 5e-3)
+    for a, b in zip(our_caches, ref_caches):
+        assert _rel(a, b) < (1e-6 if dtype == torch.float32 else 1e-2)

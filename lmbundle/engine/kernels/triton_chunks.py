@@ -37,6 +37,7 @@ from lmbundle.models.layers import wy_chunks as reference_chunks
 from lmbundle.models.layers import wy_recurrence as reference_recurrence
 
 from . import whole_tiles
+from .triton_mixers import _norm_rope
 
 
 @triton.jit
@@ -322,3 +323,94 @@ def gated_norm_chunk(walked: torch.Tensor, gate: torch.Tensor, weight: torch.Ten
     _gated_norm_chunk_kernel[(seq, heads)](walked, n * chunk, gate, gate.stride(0), weight, y, eps, HV=heads, DV=dv,
                                            num_warps=1)
     return y
+
+
+@triton.jit
+def _chunk_kv_kernel(proj_ptr, proj_stride, positions_ptr, k_norm_ptr, cos_ptr, sin_ptr, key_ptr, value_ptr, eps,
+                     capacity, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+                     GATE: tl.constexpr, ZERO_CENTERED: tl.constexpr):
+    """Program (token, kv head): the token's k (normed, rotated) and v into the caches [KVH, capacity, D]
+    at its position."""
+    t = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_width: tl.constexpr = D * (2 if GATE else 1)
+    d = tl.arange(0, D)
+    row = proj_ptr + t.to(tl.int64) * proj_stride
+    k = _norm_rope(row, k_norm_ptr, cos_ptr + t * ROT, sin_ptr + t * ROT, eps, (H * q_width + kv_head * D + d)[None, :],
+                   D, ROT, ZERO_CENTERED)
+    v = tl.load(row + H * q_width + KVH * D + kv_head * D + d)
+    slot = (kv_head * capacity + tl.load(positions_ptr + t)).to(tl.int64) * D
+    tl.store(key_ptr + slot + d[None, :], k.to(key_ptr.dtype.element_ty))
+    tl.store(value_ptr + slot + d, v.to(value_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _chunk_attention_kernel(proj_ptr, proj_stride, positions_ptr, q_norm_ptr, cos_ptr, sin_ptr, key_ptr, value_ptr,
+                            out_ptr, eps, seq, capacity, kv_len, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+                            ROT: tl.constexpr, GATE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (block of BLOCK_M tokens, head): their q (normed, rotated, rounded to the cache's dtype) against
+    the cache's slots up to each token's position (within kv_len), online softmax, probabilities rounded to
+    the values' dtype like the reference's; times sigmoid(gate) for a gated head. Products on fp32 operands:
+    TF32 for 16-bit caches (exact for their values), IEEE fp32 for fp32 ones (PRECISION)."""
+    head = tl.program_id(1)
+    kv_head = head // (H // KVH)
+    q_width: tl.constexpr = D * (2 if GATE else 1)
+    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    real = i < seq
+    rows = tl.where(real, i, 0)
+    d = tl.arange(0, D)
+    dims = rows[:, None].to(tl.int64) * proj_stride + head * q_width + d[None, :]
+    q = _norm_rope(proj_ptr, q_norm_ptr, cos_ptr + rows[:, None] * ROT, sin_ptr + rows[:, None] * ROT, eps, dims, D,
+                   ROT, ZERO_CENTERED)
+    q = q.to(key_ptr.dtype.element_ty).to(tl.float32)  # fp32 operands: tf32 products are exact for 16-bit ones
+    position = tl.load(positions_ptr + rows)
+    end = tl.minimum(tl.max(position, axis=0) + 1, kv_len)
+    cache = kv_head.to(tl.int64) * capacity * D
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for start in range(0, end, BLOCK_N):
+        slots = start + tl.arange(0, BLOCK_N)
+        held = slots < end
+        keys = tl.load(key_ptr + cache + slots[:, None] * D + d[None, :], mask=held[:, None], other=0.0)
+        keys = keys.to(tl.float32)
+        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * (1.0 / tl.sqrt(D * 1.0))
+        scores = tl.where(held[None, :] & (slots[None, :] <= position[:, None]), scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp(scores - m_new[:, None])
+        correction = tl.exp(m - m_new)
+        values = tl.load(value_ptr + cache + slots[:, None] * D + d[None, :], mask=held[:, None], other=0.0)
+        p16 = p.to(values.dtype).to(tl.float32)
+        acc = acc * correction[:, None] + tl.dot(p16, values.to(tl.float32), input_precision=PRECISION)
+        total = total * correction + tl.sum(p, axis=1)
+        m = m_new
+    dtype = out_ptr.dtype.element_ty
+    o = acc / total[:, None]
+    if GATE:
+        gate = tl.load(proj_ptr + dims + D).to(tl.float32)
+        o = o.to(dtype).to(tl.float32) * tl.sigmoid(gate)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * (H * D) + head * D + d[None, :], o.to(dtype), mask=real[:, None])
+
+
+def attention_chunk(projected: torch.Tensor, positions: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    kv_len: int, heads: tuple[int, int], head_dim: int, gate: bool, zero_centered: bool,
+                    eps: float) -> torch.Tensor:
+    """`layers.gated_attention` of a prompt chunk in two launches: projected [S, q(+gate) | k | v] at
+    `positions` [S] (rotary tables cos/sin [S, rot]) -> [S, H * D]; the chunk's k/v go into key/value_cache
+    [KVH, capacity, D] first, then each token attends over the cache's first kv_len slots up to its own."""
+    (h, kvh), seq = heads, projected.shape[0]
+    capacity = key_cache.shape[1]
+    rot = cos.shape[-1]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    flags = dict(H=h, KVH=kvh, D=head_dim, ROT=rot, GATE=gate, ZERO_CENTERED=zero_centered)
+    _chunk_kv_kernel[(seq, kvh)](projected, projected.stride(0), positions, k_norm, cos, sin, key_cache, value_cache,
+                                 eps, capacity, **flags, num_warps=1 if head_dim <= 64 else 2)
+    out = torch.empty(seq, h * head_dim, dtype=projected.dtype, device=projected.device)
+    block_m = 16 if seq <= 16 else 32
+    _chunk_attention_kernel[(triton.cdiv(seq, block_m), h)](
+        projected, projected.stride(0), positions, q_norm, cos, sin, key_cache, value_cache, out, eps, seq, capacity,
+        kv_len, **flags, BLOCK_M=block_m, BLOCK_N=32,
+        PRECISION="ieee" if key_cache.dtype == torch.float32 else "tf32", num_warps=4 if head_dim <= 128 else 8)
+    return out

@@ -149,7 +149,17 @@ class TritonStepOps(StepOps):
 
     def attention_mixer(self, x: torch.Tensor, norm: Norm, w: AttentionWeights, rope: Rope,
                         key_cache: torch.Tensor, value_cache: torch.Tensor):
+        """One token: norm + the fused projections, then flash-decoding attention (a split and a combine
+        kernel). A prompt chunk: norm, projections, then its k/v into the cache and its attention over it
+        (`triton_chunks.attention_chunk`, two launches where the reference takes ~50)."""
         dims = w.dims
+        if (self._tokens(x) and len(w.in_proj) == 1 and whole_tiles(dims.head_dim) and key_cache.dim() == 3
+                and key_cache.is_contiguous() and rope.positions.dim() == 1 and rope.cos.dim() == 2):
+            projected = self.norm_linears(x, norm, w.in_proj)[0]
+            return triton_chunks.attention_chunk(
+                projected, rope.positions, w.q_norm, w.k_norm, rope.cos, rope.sin, key_cache, value_cache,
+                rope.kv_len, (dims.heads, dims.kv_heads), dims.head_dim, dims.output_gate, dims.zero_centered,
+                dims.eps)
         weights = _weights(w.in_proj[0]) if len(w.in_proj) == 1 else None
         if not self._one_token(x) or weights is None or not whole_tiles(dims.head_dim):
             return super().attention_mixer(x, norm, w, rope, key_cache, value_cache)
