@@ -1,6 +1,10 @@
-"""Triton kernels for prompt chunks: the GDN mixer between its projections and out_proj.
+"""Triton kernels for prompt chunks: the mixers between their projections and output projections.
 
-`gdn_inputs` (the causal conv, SiLU, q/k L2 norms, write strengths and decays: about thirty torch kernels a
+Attention (`attention_chunk`): the chunk's k/v (normed, rotated) into the cache, then a flash-style pass
+per block of tokens and head over the cache up to each token's position, its output gate included: two
+launches where `layers.gated_attention` takes ~50 and a [KVH, G*S, L] fp32 score tensor.
+
+The GDN: `gdn_inputs` (the causal conv, SiLU, q/k L2 norms, write strengths and decays: about thirty torch kernels a
 layer in `layers.gdn_mix`, two launches here) and `gated_norm_chunk` (the output norm, one launch) surround
 the chunked (WY) delta rule, which comes in two parts.
 

@@ -4,10 +4,10 @@ Per layer a decode step becomes five launches (six for attention): input norm + 
 causal conv), the mixer (delta rule, or flash-decoding attention with its combine), output projection
 (+ the GDN gated norm) + residual, post norm + SwiGLU, down projection + residual. Short int8 matmuls
 (1..4 rows: small prefill chunks) take the plain GEMV. A prompt chunk's norms run one program a token
-(`triton_rows.rms_norm_rows`), and its GDN mixer is the kernels of `triton_chunks.py` around the projections
-(conv and inputs, WY chunks walked in one kernel a layer, prepared in one when short, output norm). Anything
-else (layouts the kernels do not take) falls back to the reference composition of `models/ops.py`, which
-the tests compare these with.
+(`triton_rows.rms_norm_rows`), and its mixers are the kernels of `triton_chunks.py` around the projections:
+the GDN's conv and inputs, WY chunks walked in one kernel a layer (prepared in one when short) and output
+norm; attention's k/v into the cache and one pass over it. Anything else (layouts the kernels do not take)
+falls back to the reference composition of `models/ops.py`, which the tests compare these with.
 """
 
 from __future__ import annotations
