@@ -147,7 +147,7 @@ def test_prompt_attention_kernels_match_the_reference(gate, zero_centered, heads
     dims = layers.AttentionDims(h, kvh, dim, 1e-6, gate, zero_centered)
     torch.manual_seed(dim + h)
     projected = (torch.randn(seq, h * dim * (2 if gate else 1) + 2 * kvh * dim, device=DEVICE) * 2).to(dtype)
-    q_norm, k_norm = (torch.randn(dim, device=DEVICE) * 0.1).to(dtype), (torch.randn(dim, device=DEVICE) * 0.1).to(dtype)
+    q_norm, k_norm = ((torch.randn(dim, device=DEVICE) * 0.1).to(dtype) for _ in range(2))
     positions = torch.arange(start, start + seq, device=DEVICE)
     cos, sin = layers.mrope_cos_sin(positions, layers.rope_inv_freq(dim, 10000.0, rot / dim), None)
     caches = [torch.zeros(kvh, capacity, dim, device=DEVICE, dtype=dtype) for _ in range(2)]

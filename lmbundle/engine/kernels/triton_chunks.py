@@ -4,9 +4,9 @@ Attention (`attention_chunk`): the chunk's k/v (normed, rotated) into the cache,
 per block of tokens and head over the cache up to each token's position, its output gate included: two
 launches where `layers.gated_attention` takes ~50 and a [KVH, G*S, L] fp32 score tensor.
 
-The GDN: `gdn_inputs` (the causal conv, SiLU, q/k L2 norms, write strengths and decays: about thirty torch kernels a
-layer in `layers.gdn_mix`, two launches here) and `gated_norm_chunk` (the output norm, one launch) surround
-the chunked (WY) delta rule, which comes in two parts.
+The GDN: `gdn_inputs` (the causal conv, SiLU, q/k L2 norms, write strengths and decays: about thirty torch
+kernels a layer in `layers.gdn_mix`, two launches here) and `gated_norm_chunk` (the output norm, one launch)
+surround the chunked (WY) delta rule, which comes in two parts.
 
 `layers.gated_delta_chunk` does each chunk's parallel part as batched torch ops over all heads and
 chunks (`wy_chunks`: cumulative decay, the strictly lower A, the triangular solve, the WY products), then
