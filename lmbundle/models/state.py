@@ -69,9 +69,8 @@ class State:
                 "key": self.key[..., :length, :].clone(), "value": self.value[..., :length, :].clone()}
 
     def load_prefix(self, saved: dict[str, torch.Tensor], length: int) -> None:
-        """Put a `prefix(length)` back (positions past it stay masked until written); other entries of
-        `saved` (a prefix cache entry's logits) are not the state's."""
-        self.copy_from(State(**{name: saved[name] for name in self.tensors()}), length)
+        """Put a `prefix(length)` back (positions past it stay masked until written)."""
+        self.copy_from(State(**saved), length)
 
     def copy_from(self, other: "State", length: int) -> None:
         """What `other` holds after `length` positions (its KV at least `length` long), copied in place."""
