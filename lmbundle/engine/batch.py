@@ -177,7 +177,8 @@ class BatchScheduler:
         self._unread: Step | None = None  # the last step enqueued, its tokens not yet handed out
         self._host_tokens = [torch.zeros(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
                              for _ in range(2)]  # the steps' tokens land here, alternately
-        self._on_device = HostInts(self.device, max(max_batch, MAX_PIECE))
+        # a step's tokens, positions and gather indices (4 ints a row at most), or a prompt piece
+        self._on_device = HostInts(self.device, max(4 * max_batch, MAX_PIECE))
         self.active: list[Sequence] = []  # admission order
         self.decoding: list[Sequence] = []  # slot order: decoding[i].slot == i
         self.batch_size = 0
@@ -365,8 +366,7 @@ class BatchScheduler:
         self.batch_size = count
         self.peak_batch = max(self.peak_batch, count)
         window = self.capacity  # each slot's whole KV row: the same softmax sums whatever the others' lengths
-        ids = self._feed(rows)
-        positions = self._on_device([s.pos for s in rows])
+        ids, positions = self._feed(rows)
         if self.padded:
             for t in (self._ids_in, self._positions_in, self._live_in):
                 t.zero_()  # padding rows: token 0 at position 0 of a free decode slot, not live
@@ -394,19 +394,22 @@ class BatchScheduler:
             done.record()
         return Step(rows, tokens, host, done)
 
-    def _feed(self, rows: list[Sequence]) -> torch.Tensor:
-        """The tokens the rows feed, on the device: from the unread step's rows, or each one's first token."""
-        ids = self._on_device([0 if s.first_token is None else s.first_token for s in rows])
-        unread = self._unread
-        if unread is not None:
-            where = {id(seq): i for i, seq in enumerate(unread.rows)}
-            carried = [(i, where[id(s)]) for i, s in enumerate(rows) if id(s) in where]
-            if carried:
-                dst, src = self._on_device([i for pair in zip(*carried) for i in pair]).view(2, -1)
-                ids.index_copy_(0, dst, unread.tokens.index_select(0, src))
+    def _feed(self, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens the rows feed and their positions, on the device, in one copy from the host: a row of
+        the unread step feeds the token that step chose for it (taken on the device), a row just joined its
+        first token."""
+        count, unread = len(rows), self._unread
+        where = {id(seq): i for i, seq in enumerate(unread.rows)} if unread is not None else {}
+        carried = [(i, where[id(s)]) for i, s in enumerate(rows) if id(s) in where]
+        staged = self._on_device([0 if s.first_token is None else s.first_token for s in rows]
+                                 + [s.pos for s in rows] + [i for pair in zip(*carried) for i in pair])
+        ids, positions = staged[:count], staged[count : 2 * count]
+        if carried:
+            dst, src = staged[2 * count :].view(2, -1)
+            ids.index_copy_(0, dst, unread.tokens.index_select(0, src))
         for seq in rows:
             seq.first_token = None
-        return ids
+        return ids, positions
 
     def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The batched step on all max_batch rows, as a CUDA graph (the warm-up run, which also makes the
