@@ -158,6 +158,10 @@ def test_prompt_attention_kernels_match_the_reference(gate, zero_centered, heads
     ours = attention_chunk(projected, positions, q_norm, k_norm, cos, sin, *our_caches, 64, heads, dim, gate,
                            zero_centered, 1e-6)
     assert ours.shape == ref.shape
+    wide_caches = [c.clone() for c in caches]  # kv_len only bounds the slots: the whole capacity, same bits
+    wide = attention_chunk(projected, positions, q_norm, k_norm, cos, sin, *wide_caches, capacity, heads, dim, gate,
+                           zero_centered, 1e-6)
+    assert torch.equal(wide, ours)
     if dtype == torch.float32:
         assert _rel(ours, ref) < 1e-5
     else:  # the reference rounds its scores to bf16: both against the same math in fp32, ours no further off

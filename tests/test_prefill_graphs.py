@@ -87,7 +87,7 @@ def test_replayed_prompt_equals_the_same_chunks_run_eagerly(demo_bundle):
     backend.reset(len(ids))
     graphed = backend.prefill(ids, chunk=256).logits.reshape(-1).clone()
     graphed_state = {k: v.clone() for k, v in backend.state.tensors().items()}
-    assert backend._prefill_graphs.captured == 2  # 256 (window 256, no head), then 44 padded to 64 (head)
+    assert backend._prefill_graphs.captured == 2  # 256 (no head), then 44 padded to 64 (head): one window
 
     with torch.inference_mode():  # the same chunks, eager
         backend.reset(len(ids))
@@ -101,6 +101,33 @@ def test_replayed_prompt_equals_the_same_chunks_run_eagerly(demo_bundle):
     for name, t in backend.state.tensors().items():
         assert torch.equal(t[..., :300, :] if name in ("key", "value") else t,
                            graphed_state[name][..., :300, :] if name in ("key", "value") else graphed_state[name])
+
+
+def test_prompt_graphs_need_one_window_only_where_attention_stops_at_the_positions(tiny_qwen35, tmp_path_factory):
+    """The reference's softmax spans kv_len (a graph per window); the chunk kernel's attention does not."""
+    from lmbundle.engine.kernels.triton_ops import TritonStepOps
+
+    bundle = convert(str(tiny_qwen35), tmp_path_factory.mktemp("windows") / "b", quant="int8hu", backend="torch",
+                     max_context=512, log=None)
+    model = load_graph(open_bundle(bundle), "cpu", torch.float32)
+    state = model.new_state(512)
+    assert not model.prompt_window_free(state)
+    model.ops = TritonStepOps(pdl=False, devices=("cpu",))
+    assert not model.prompt_window_free(state)  # q, k, v apart: the reference composition
+    model.fuse_projections_()  # what the CUDA backend loads
+    assert model.prompt_window_free(state)
+
+
+@cuda
+def test_warm_captures_every_piece_length_up_front(demo_bundle):
+    engine = Engine(demo_bundle, backend="torch", device="cuda", cache_bytes=0, max_batch=4)
+    graphs = engine.scheduler.prefill_graphs
+    assert graphs.warm(256) == 12  # 1, 16, 32, 64, 128, 256 tokens, each with and without the head
+    assert graphs.warm(256) == 0
+    ids = engine.encode(TEXT)[:300]
+    assert len(list(engine.generate(ids, max_new_tokens=4))) == 4
+    assert graphs.captured == 12
+    engine.close()
 
 
 @cuda

@@ -229,6 +229,10 @@ class BatchScheduler:
             with self._wake:
                 self._wake.notify()
 
+    def warm(self) -> int:
+        """Capture the prompt graphs of every piece length up to the chunk now (CUDA; between requests)."""
+        return self.prefill_graphs.warm(self.chunk) if self.prefill_graphs is not None else 0
+
     def close(self) -> None:
         self._closing = True
         with self._wake:

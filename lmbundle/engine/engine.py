@@ -384,6 +384,10 @@ class Engine:
             yield tail
 
     def warmup(self) -> None:
-        """A real 1-token generate (what the seed engine does; a long warm-up would not fit a [1,1] step)."""
+        """A real 1-token generate (what the seed engine does; a long warm-up would not fit a [1,1] step);
+        with the batch scheduler, its prompt pieces' graphs too (a server's first prompts would each wait
+        for one)."""
         for _ in self.generate(self.encode("Hello") or [0], max_new_tokens=1, stop=False):
             pass
+        if self.scheduler is not None:
+            self.scheduler.warm()

@@ -2,8 +2,9 @@
 
 Eagerly, a prompt chunk of the 2B is some 1,500-5,000 kernel launches: 0.13-0.18 s on an H200 whatever its
 length, so the host, not the GPU, set the prompt speed (a 128-token prompt took as long as a 2,048-token
-one). `PrefillGraphs` replays captured chunks instead, one graph per chunk length and attention window,
-captured on first use. A replay has a fixed cost (~5 ms for the 2B: thousands of small kernels), so a
+one). `PrefillGraphs` replays captured chunks instead, one graph per chunk length (and attention window,
+where the attention's bits depend on it: the reference's softmax; the CUDA chunk kernel stops at each
+token's position), captured on first use or up front (`warm`). A replay has a fixed cost (~5 ms for the 2B: thousands of small kernels), so a
 piece is padded up to the next captured length (a power of two, at least `MIN_PADDED`) rather than cut
 into many: the padding tokens sit after the real ones, leave the GDN states as the real ones left them
 and write KV only past them (`hidden_states(valid=...)`). A piece that cannot be padded (its padding would
@@ -82,6 +83,7 @@ class PrefillGraphs:
         self._valid = torch.ones(1, dtype=torch.long, device=device)  # real tokens of the chunk being replayed
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        self._window_free = model.prompt_window_free(state)  # one window (the capacity) serves every piece
 
     @property
     def captured(self) -> int:
@@ -102,7 +104,7 @@ class PrefillGraphs:
         logits = None
         for i, (offset, length, size) in enumerate(pieces):
             head = with_head and i == len(pieces) - 1
-            key = (size, bucket(start + offset + size, self.state.capacity), head)
+            key = (size, self._window(start + offset + size), head)
             graph, out = self._graphs.get(key) or self._capture(*key)
             self._ids[:length].copy_(tokens[offset : offset + length])
             torch.arange(start + offset, start + offset + size, out=self._positions[:size])
@@ -111,6 +113,22 @@ class PrefillGraphs:
             if head:
                 logits = out.clone()  # the pool is shared: the next replay may reuse this memory
         return logits
+
+    def warm(self, longest: int) -> int:
+        """Capture, ahead of the first prompts, the graphs of every piece up to `longest` tokens (with and
+        without the head) where one window serves all positions; returns how many were captured. A server
+        pays this once at start, instead of a stall (a capture and its Triton compiles) on each new length."""
+        if not self._window_free:
+            return 0
+        sizes = sorted({padded_size(n) for n in range(1, min(longest, MAX_PIECE) + 1)})
+        todo = [(size, self.state.capacity, head) for size in sizes for head in (False, True)
+                if size <= self.state.capacity and (size, self.state.capacity, head) not in self._graphs]
+        for key in todo:
+            self._capture(*key)
+        return len(todo)
+
+    def _window(self, end: int) -> int:
+        return self.state.capacity if self._window_free else bucket(end, self.state.capacity)
 
     def _capture(self, size: int, window: int, head: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
         model, ids, positions, valid = self.model, self._ids[:size], self._positions[:size], self._valid

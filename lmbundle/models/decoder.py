@@ -203,6 +203,12 @@ class DecoderForStep(nn.Module):
             if module is not self and hasattr(module, "fuse_projections_"):
                 module.fuse_projections_()
 
+    def prompt_window_free(self, state: State) -> bool:
+        """Whether prompt chunks on `state` compute the same bits whatever their kv_len (every attention
+        layer's chunk attention stops at the tokens' positions): then one captured graph serves all windows."""
+        return all(layer.is_linear or self.ops.prompt_attention_by_position(layer.self_attn.weights(), kv[0])
+                   for layer, kv in zip(self.model.layers, self.state_spec.per_layer(state)))
+
     def new_state(self, capacity: int, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> State:
         weight = self.model.embed_tokens.weight

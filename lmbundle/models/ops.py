@@ -78,6 +78,11 @@ class StepOps:
         """residual + w(h): a mixer's output projection or the MLP's down projection."""
         return residual + self.linear(h, w)
 
+    def prompt_attention_by_position(self, w: AttentionWeights, key_cache: torch.Tensor) -> bool:
+        """Whether a prompt chunk's attention reads only the cache slots up to each token's position, so that
+        its kv_len changes no bit of the result. The reference's softmax spans the kv_len slots: no."""
+        return False
+
     def gdn_mixer(self, x: torch.Tensor, norm: Norm, w: GDNWeights, conv_state: torch.Tensor,
                   rec_state: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """A GDN mixer from the residual stream to its gated-normed output, what out_proj reads (a fused

@@ -147,14 +147,19 @@ class TritonStepOps(StepOps):
         gate = projected[dims.conv_dim : dims.conv_dim + hv * dv]
         return triton_gemv.GatedNormInput(o, sumsq, gate, w.norm, dims.eps, dv)
 
+    def prompt_attention_by_position(self, w: AttentionWeights, key_cache: torch.Tensor) -> bool:
+        """The chunk kernel's layouts: it stops each token at its own position, so kv_len only bounds it."""
+        return (self._on_device(key_cache) and len(w.in_proj) == 1 and whole_tiles(w.dims.head_dim)
+                and key_cache.dim() == 3 and key_cache.is_contiguous())
+
     def attention_mixer(self, x: torch.Tensor, norm: Norm, w: AttentionWeights, rope: Rope,
                         key_cache: torch.Tensor, value_cache: torch.Tensor):
         """One token: norm + the fused projections, then flash-decoding attention (a split and a combine
         kernel). A prompt chunk: norm, projections, then its k/v into the cache and its attention over it
         (`triton_chunks.attention_chunk`, two launches where the reference takes ~50)."""
         dims = w.dims
-        if (self._tokens(x) and len(w.in_proj) == 1 and whole_tiles(dims.head_dim) and key_cache.dim() == 3
-                and key_cache.is_contiguous() and rope.positions.dim() == 1 and rope.cos.dim() == 2):
+        if (self._tokens(x) and self.prompt_attention_by_position(w, key_cache) and rope.positions.dim() == 1
+                and rope.cos.dim() == 2):
             projected = self.norm_linears(x, norm, w.in_proj)[0]
             return triton_chunks.attention_chunk(
                 projected, rope.positions, w.q_norm, w.k_norm, rope.cos, rope.sin, key_cache, value_cache,
