@@ -6,7 +6,6 @@ through enough weight copies to overflow L2, so small shapes are timed from devi
 TB/s = weight bytes (int8 + scales, or bf16) per call / median time per call.
 
     python3 benchmarks/bench_int8_gemv.py [--sweep] [--json out.json]
-    python3 benchmarks/bench_int8_gemv.py --chunks [--json out.json]   (prompt chunks: many rows)
 """
 
 from __future__ import annotations
@@ -17,12 +16,11 @@ import itertools
 import json
 import math
 import statistics
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from lmbundle.engine.kernels import triton_gemv, triton_matmul
+from lmbundle.engine.kernels import triton_gemv
 from lmbundle.models.linear import int8_matmul as reference_int8_matmul
 
 SHAPES = [  # (label, out_features, in_features)
@@ -163,45 +161,6 @@ def sweep(results) -> dict[str, tuple]:
     return best_configs
 
 
-CHUNK_SHAPES = [  # the 2B's prompt-chunk matmuls, projections fused as the CUDA backend loads them
-    ("gdn in_proj", 8224, 2048), ("mlp down", 2048, 6144), ("gdn out, attn o", 2048, 2048),
-    ("mlp gate|up", 6144, 2048), ("attn qkv", 5120, 2048),
-]
-CHUNK_ROWS = (16, 64, 128, 256, 512)
-CHUNK_TILES = [triton_matmul.Tiles(*t) for t in (  # rows, features, depth, warps, stages
-    (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4),
-    (64, 128, 64, 8, 3), (128, 64, 128, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3))]
-
-
-def chunks(results) -> None:
-    """Prompt chunks' int8 matmuls: every tile config of CHUNK_TILES against the dense copy + cuBLAS path
-    and bf16 cuBLAS on bf16 weights, per row count; prints each shape's best and what `pick_tiles` takes."""
-    print(f"{'shape':16s} {'rows':>5s} {'bf16':>8s} {'dense':>8s} {'picked':>8s} {'best':>8s}  best tiles (us)")
-    for label, out_features, in_features in CHUNK_SHAPES:
-        int8 = int8_copies(out_features, in_features)
-        nbytes = _int8_bytes(*int8[0])
-        dense = _bf16_copies(out_features, in_features)
-        for rows in CHUNK_ROWS:
-            x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
-            us = {"bf16": seconds_per_call([lambda w=w: F.linear(x, w) for w in dense], 2 * dense[0].numel()) * 1e6,
-                  "dense": seconds_per_call([lambda q=q, s=s: F.linear(x, triton_matmul.dequantize(q, s, x.dtype))
-                                             for q, s in int8], nbytes) * 1e6}
-            for tiles in dict.fromkeys([triton_matmul.pick_tiles(rows, out_features), *CHUNK_TILES]):
-                if rows < tiles.block_m // 2:
-                    continue
-                us[tiles] = seconds_per_call([lambda q=q, s=s, t=tiles: triton_matmul.expanding_matmul(x, q, s, t)
-                                              for q, s in int8], nbytes) * 1e6
-            picked = triton_matmul.pick_tiles(rows, out_features)
-            ranked = sorted((k for k in us if isinstance(k, triton_matmul.Tiles)), key=us.get)
-            results.append(dict(shape=label, out=out_features, inp=in_features, rows=rows,
-                                us={str(tuple(k)) if isinstance(k, tuple) else k: round(v, 2) for k, v in us.items()},
-                                picked=list(picked), used_us=round(us[picked] if rows <= triton_matmul.EXPAND_ONCE_ROWS
-                                                                   else us["dense"], 2)))
-            print(f"{label:16s} {rows:5d} {us['bf16']:8.1f} {us['dense']:8.1f} {us[picked]:8.1f} {us[ranked[0]]:8.1f}  "
-                  + "  ".join(f"{tuple(t)}:{us[t]:.1f}" for t in ranked[:3]), flush=True)
-        del int8, dense
-
-
 def _header() -> str:
     import triton
 
@@ -214,8 +173,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true",
                         help="time the kernel's block configs first, then use each shape's best")
-    parser.add_argument("--chunks", action="store_true",
-                        help="prompt chunks' int8 matmuls (many rows): tile configs vs dense copy + cuBLAS")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--json", help="write every result here")
     args = parser.parse_args()
@@ -223,13 +180,6 @@ def main() -> None:
     print(_header(), flush=True)
     print(f"device copy {copy_tbps():.2f} TB/s (read + write)", flush=True)
     results: list[dict] = []
-    if args.chunks:
-        chunks(results)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(header=_header(), command=" ".join(["python3", *sys.argv]), results=results), f,
-                          indent=1)
-        return
     configs = sweep(results) if args.sweep else {}
     compiled_fn = None if args.no_compile else torch.compile(reference_int8_matmul, dynamic=False)
     print(f"{'shape':22s} {'out x in':>12s} {'M':>2s} {'variant':25s} {'us':>9s} {'TB/s':>6s} {'x bf16':>7s}")

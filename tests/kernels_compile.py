@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lmbundle.engine.kernels import triton_chunks, triton_gemv, triton_matmul, triton_mixers, triton_rows
+from lmbundle.engine.kernels import triton_chunks, triton_gemv, triton_mixers, triton_rows
 from lmbundle.models.ops import Norm
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -103,15 +103,10 @@ def one_token_launches() -> dict[str, list]:
         "down + residual": lambda: triton_gemv.gemv(meta(MLP), *int8(HIDDEN, MLP), residual=meta(HIDDEN), pdl=True),
         "head + norm": lambda: triton_gemv.gemv(x, *int8(VOCAB, HIDDEN), norm=norm, pdl=True),
         "bf16 head + norm": lambda: triton_gemv.gemv(x, meta(VOCAB, HIDDEN), norm=norm, pdl=True),
+        "dequantize (prompt chunks)": lambda: triton_gemv.dequantize(*int8(MLP, HIDDEN), torch.bfloat16),
     }
-    found = {label: launches(triton_gemv, "_gemv_kernel", call) for label, call in gemv.items()}
-    found["dequantize (long prompt chunks)"] = launches(
-        triton_matmul, "_dequantize_kernel", lambda: triton_matmul.dequantize(*int8(MLP, HIDDEN), torch.bfloat16))
-    for rows in (16, 64, 128, 512):  # prompt chunks' int8 matmuls, their tiles expanded in registers
-        tiles = triton_matmul.pick_tiles(rows, IN_PROJ)
-        found[f"int8 matmul, {rows} rows"] = launches(
-            triton_matmul, "_int8_matmul_kernel",
-            lambda: triton_matmul.expanding_matmul(meta(rows, HIDDEN), *int8(IN_PROJ, HIDDEN), tiles))
+    found = {label: launches(triton_gemv, "_gemv_kernel" if "dequantize" not in label else "_dequantize_kernel",
+                             call) for label, call in gemv.items()}
     found["GDN delta rule"] = launches(triton_mixers, "_gated_delta_kernel", lambda: triton_mixers.gated_delta_step(
         meta(IN_PROJ), meta(16, dtype=torch.float32), meta(16, dtype=torch.float32),
         meta(16, 128, 128, dtype=torch.float32), (16, 16), (128, 128), pdl=True))

@@ -190,37 +190,13 @@ def test_gate_passes_on_cuda_with_fused_kernels(demo_bundles, quant):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_one_pass_dequantize_equals_the_reference(dtype):
-    """Long chunks' int8 matmuls dequantize in one Triton pass: the same bits as `models.linear.dequantize`."""
-    from lmbundle.engine.kernels import triton_matmul
+    """Chunks' int8 matmuls dequantize in one Triton pass: the same bits as `models.linear.dequantize`."""
+    from lmbundle.engine.kernels import triton_gemv
     from lmbundle.models.linear import dequantize, quantize_absmax
 
     q, s = (t.to(DEVICE) for t in quantize_absmax(torch.randn(37, 160) * 3, 32))
-    ours, ref = triton_matmul.dequantize(q, s, dtype), dequantize(q, s, dtype)
+    ours, ref = triton_gemv.dequantize(q, s, dtype), dequantize(q, s, dtype)
     if DEVICE == "cpu":  # the interpreter rounds to bf16 by truncation
         assert _rel(ours, ref) < 1e-2
     else:
         assert torch.equal(ours, ref)
-
-
-@pytest.mark.parametrize("rows", [5, 37, 130])
-def test_int8_matmul_expanding_tiles_matches_the_reference(rows):
-    """Prompt chunks' int8 matmuls with the weight tiles expanded in registers: every tile config the chunk
-    lengths pick, output features not a multiple of the tile (masks), against dequantize + F.linear; in the
-    interpreter on fp32 rows (its bf16 truncates), on CUDA in bf16 against the same math in fp64."""
-    from lmbundle.engine.kernels import triton_matmul
-    from lmbundle.models.linear import quantize_absmax
-
-    torch.manual_seed(rows)
-    q, s = (t.to(DEVICE) for t in quantize_absmax(torch.randn(200, 256) * 3, 32))
-    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    x = torch.randn(rows, 256, device=DEVICE).to(dtype)
-    tiles = triton_matmul.pick_tiles(rows, 200)._replace(block_k=128)  # two steps along the input
-    ours = triton_matmul.expanding_matmul(x, q, s, tiles)
-    assert ours.shape == (rows, 200) and ours.dtype == dtype
-    exact = torch.nn.functional.linear(x.double(), dequantize(q, s, dtype).double())
-    if DEVICE == "cpu":
-        assert _rel(ours, exact) < 1e-6
-    else:  # rounded once to bf16 from an fp32 sum: as close as cuBLAS's bf16 result
-        ref = torch.nn.functional.linear(x, dequantize(q, s, dtype))
-        assert _rel(ours, exact) <= max(_rel(ref, exact), 4e-3)
-        assert torch.equal(triton_matmul.int8_matmul(x, q, s), ours if rows <= 512 else ref)
