@@ -124,6 +124,7 @@ def test_cli_run_streams_and_bench_reports(fp16_bundle, engine):
     assert result["decode_tok_s"] > 0 and result["bytes_per_token"] > 0 and 0 < result["bandwidth_fraction"]
     assert result["prefill"] == "s1" and result["chunked_prefill"] == 256 and result["chunked_prefill_tok_s"] > 0
     assert result["cached_tokens"] == 0  # every trial timed the whole prompt, not a prefix-cache hit
+    assert result["prompt_copies_bytes"] == 0  # the CPU expands int8 at load; copies for prompts are CUDA's
 
 
 @pytest.mark.parametrize("args,message", [

@@ -200,3 +200,30 @@ def test_one_pass_dequantize_equals_the_reference(dtype):
         assert _rel(ours, ref) < 1e-2
     else:
         assert torch.equal(ours, ref)
+
+
+def test_prompt_chunks_read_the_kept_dense_copies(tmp_path):
+    """Where memory allows, the int8 body is kept expanded for prompt chunks (`torch_backend.prompt_copies`):
+    the head left out, none past a quarter of the free memory, and a chunk's matmul through a copy computes
+    the bits the expansion on every call computes, from the copy itself."""
+    from lmbundle.engine.kernels.triton_ops import TritonStepOps
+    from lmbundle.engine.torch_backend import prompt_copies
+
+    ckpt = checkpoints.make_qwen35_with_tokenizer(tmp_path / "ckpt", **checkpoints.TINY_CONFIGS["base"])
+    model = load_graph(open_bundle(convert(str(ckpt), tmp_path / "b", quant="int8hu", backend="torch", log=None)),
+                       DEVICE, torch.float32)
+    model.fuse_projections_()
+    body = [m for m in model.modules() if isinstance(m, Linear) and m.quantized and m is not model.lm_head]
+    needed = sum(m.qweight.numel() for m in body) * 4
+    assert prompt_copies(model, 4 * needed - 1) is None
+    copies = prompt_copies(model, 4 * needed)
+    assert copies.nbytes == needed and copies.get(model.lm_head.qweight, torch.float32) is None
+    in_proj = model.model.layers[0].linear_attn.in_proj_fused  # what a prompt chunk's GDN projection reads
+    assert copies.get(in_proj.qweight, torch.bfloat16) is None  # a copy serves its own dtype only
+
+    x = torch.randn(20, in_proj.in_features, device=DEVICE)
+    expanded = TritonStepOps(PDL, devices=(DEVICE,)).int8_matmul(x, in_proj.qweight, in_proj.scales)
+    kept = TritonStepOps(PDL, devices=(DEVICE,), kept=copies)
+    assert torch.equal(kept.int8_matmul(x, in_proj.qweight, in_proj.scales), expanded)
+    copies.get(in_proj.qweight, torch.float32)[0].zero_()
+    assert torch.equal(kept.int8_matmul(x, in_proj.qweight, in_proj.scales)[:, 0], torch.zeros(20, device=DEVICE))

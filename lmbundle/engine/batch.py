@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..models.linear import Linear, dequantize
+from ..models.linear import DenseCopies, Linear, dequantize
 from ..models.ops import StepOps
 from .graphs import MAX_PIECE, PrefillGraphs, capture
 from .kernels import triton_installed
@@ -60,9 +60,10 @@ class BatchOps(StepOps):
     result is the same in any batch) and, on an accelerator, the int8 weights read from a dense copy
     made once (one weight read serves every row; the values the reference computes on each call)."""
 
-    def __init__(self, rows: int, dense: bool):
+    def __init__(self, rows: int, dense: bool, kept: DenseCopies | None = None):
         self.rows = rows
         self.dense = dense
+        self.kept = kept  # the prompt chunks' copies (`torch_backend.prompt_copies`): not made twice
         self._weights: dict[int, torch.Tensor] = {}
 
     def weight(self, w: Linear, dtype: torch.dtype) -> torch.Tensor:
@@ -71,7 +72,8 @@ class BatchOps(StepOps):
         if not self.dense:
             return dequantize(w.qweight, w.scales, dtype)
         if (dense := self._weights.get(id(w))) is None:
-            dense = self._weights[id(w)] = dequantize(w.qweight, w.scales, dtype)
+            kept = self.kept.get(w.qweight, dtype) if self.kept is not None else None
+            dense = self._weights[id(w)] = kept if kept is not None else dequantize(w.qweight, w.scales, dtype)
         return dense
 
     def linear(self, x: torch.Tensor, w: Linear) -> torch.Tensor:
@@ -202,7 +204,8 @@ class BatchScheduler:
         """The reference math with padded rows (int8 weights from a dense copy off the CPU); on CUDA its
         GEMMs with the rows kernels of `kernels/triton_rows.py` around them (LMBUNDLE_ROW_KERNELS=0: the
         reference alone: a 32-row 2B int8hu step 8.9 ms on the H200 against 2.5-2.8 ms)."""
-        linears = BatchOps(-(-self.max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu")
+        linears = BatchOps(-(-self.max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu",
+                           kept=getattr(self.model.ops, "kept", None))
         if self.device.type == "cuda" and triton_installed() and os.environ.get("LMBUNDLE_ROW_KERNELS") != "0":
             from .kernels.triton_rows import RowStepOps
 

@@ -94,7 +94,8 @@ def bench(engine: Engine, prompt_tokens: int = 128, gen_tokens: int = 256, trial
         "chunked_prefill": chunked_prefill or None,
         "chunked_prefill_tok_s": round(statistics.median(r.prefill_tok_s for r in chunked), 2) if chunked else None,
         "chunked_ttft_s": round(statistics.median(r.prefill_seconds for r in chunked), 4) if chunked else None,
-        "peak_memory_bytes": peak, "bytes_per_token": int(bytes_per_token),
+        "peak_memory_bytes": peak, "prompt_copies_bytes": getattr(engine.backend, "prompt_copies_bytes", 0),
+        "bytes_per_token": int(bytes_per_token),
         "achieved_bandwidth_gb_s": round(achieved / 1e9, 2),
         "measured_copy_bandwidth_gb_s": round(ceiling / 1e9, 2) if ceiling else None,
         "bandwidth_fraction": round(achieved / ceiling, 4) if ceiling else None,
@@ -112,6 +113,8 @@ def format_bench(r: dict) -> str:
         f"  reads {r['bytes_per_token'] / 1e6:.2f} MB/token -> {r['achieved_bandwidth_gb_s']:.1f} GB/s"
         + (f" = {100 * r['bandwidth_fraction']:.1f}% of the measured copy bandwidth "
            f"({r['measured_copy_bandwidth_gb_s']:.0f} GB/s)" if r["bandwidth_fraction"] else ""),
-        f"  peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB",
+        f"  peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB"
+        + (f" ({r['prompt_copies_bytes'] / 2**20:.0f} MiB of it: int8 weights kept expanded for prompts)"
+           if r.get("prompt_copies_bytes") else ""),
     ]
     return "\n".join(lines)

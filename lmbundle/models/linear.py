@@ -49,6 +49,20 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     return F.linear(x, dequantize(qweight, scales, x.dtype))
 
 
+class DenseCopies:
+    """Dense copies of chosen int8 weights (the values `dequantize` gives), made once: memory traded for
+    the time of expanding a weight on every call where one weight serves many rows (prompt chunks, the
+    batched step). Keyed by the int8 tensor's storage, which lives as long as the model."""
+
+    def __init__(self, linears: list[Linear], dtype: torch.dtype):
+        self.dtype = dtype
+        self._copies = {w.qweight.data_ptr(): dequantize(w.qweight, w.scales, dtype) for w in linears}
+        self.nbytes = sum(t.numel() * t.element_size() for t in self._copies.values())
+
+    def get(self, qweight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        return self._copies.get(qweight.data_ptr()) if dtype == self.dtype else None
+
+
 class Linear(nn.Module):
     """A bias-free linear layer that is either dense (`weight`) or int8 (`qweight` + `scales`)."""
 
