@@ -41,7 +41,7 @@ from lmbundle.models.layers import wy_chunks as reference_chunks
 from lmbundle.models.layers import wy_recurrence as reference_recurrence
 
 from . import whole_tiles
-from .triton_mixers import _norm_rope
+from .triton_mixers import _norm_rope, _softmax_block
 
 
 @triton.jit
@@ -377,18 +377,9 @@ def _chunk_attention_kernel(proj_ptr, proj_stride, positions_ptr, q_norm_ptr, co
     for start in range(0, end, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         held = slots < end
-        keys = tl.load(key_ptr + cache + slots[:, None] * D + d[None, :], mask=held[:, None], other=0.0)
-        keys = keys.to(tl.float32)
-        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * (1.0 / tl.sqrt(D * 1.0))
-        scores = tl.where(held[None, :] & (slots[None, :] <= position[:, None]), scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        correction = tl.exp(m - m_new)
-        values = tl.load(value_ptr + cache + slots[:, None] * D + d[None, :], mask=held[:, None], other=0.0)
-        p16 = p.to(values.dtype).to(tl.float32)
-        acc = acc * correction[:, None] + tl.dot(p16, values.to(tl.float32), input_precision=PRECISION)
-        total = total * correction + tl.sum(p, axis=1)
-        m = m_new
+        m, total, acc = _softmax_block(q, key_ptr + cache, value_ptr + cache, slots, held,
+                                       held[None, :] & (slots[None, :] <= position[:, None]), m, total, acc, D,
+                                       PRECISION, True)
     dtype = out_ptr.dtype.element_ty
     o = acc / total[:, None]
     if GATE:

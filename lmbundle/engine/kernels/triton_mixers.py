@@ -122,6 +122,26 @@ def _norm_rope(x_ptr, norm_ptr, cos_ptr, sin_ptr, eps, dims, D: tl.constexpr, RO
 
 
 @triton.jit
+def _softmax_block(q, key_ptr, value_ptr, slots, held, visible, m, total, acc, D: tl.constexpr,
+                   PRECISION: tl.constexpr, ROUND_P: tl.constexpr):
+    """One block of cache slots [N] (rows of [capacity, D] at key/value_ptr; `held` [N] are loaded) in an
+    online softmax of q [M, D] (fp32): scores where `visible` [M, N], then the running (max [M], sum [M],
+    acc [M, D]) updated. ROUND_P rounds the probabilities to the values' dtype before the product, as the
+    reference does for prompt chunks."""
+    d = tl.arange(0, D)
+    keys = tl.load(key_ptr + slots[:, None] * D + d[None, :], mask=held[:, None], other=0.0).to(tl.float32)
+    scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * (1.0 / tl.sqrt(D * 1.0))
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    p = tl.exp(scores - m_new[:, None])
+    correction = tl.exp(m - m_new)
+    values = tl.load(value_ptr + slots[:, None] * D + d[None, :], mask=held[:, None], other=0.0)
+    weights = p.to(values.dtype).to(tl.float32) if ROUND_P else p
+    acc = acc * correction[:, None] + tl.dot(weights, values.to(tl.float32), input_precision=PRECISION)
+    return m_new, total * correction + tl.sum(p, axis=1), acc
+
+
+@triton.jit
 def _attend_split(proj_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, key_ptr, value_ptr, part_ptr, eps, cache,
                   position, start, split_len, kv_head, split, splits,
                   H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, GATE: tl.constexpr,
@@ -154,17 +174,8 @@ def _attend_split(proj_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, key_ptr, v
     for block in range(start, end, BLOCK_L):
         slots = block + tl.arange(0, BLOCK_L)
         visible = slots < end
-        keys = tl.load(key_ptr + cache + slots[:, None] * D + d[None, :], mask=visible[:, None], other=0.0)
-        keys = keys.to(tl.float32)
-        scores = tl.dot(q, tl.trans(keys)) * (1.0 / tl.sqrt(D * 1.0))
-        scores = tl.where(visible[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        correction = tl.exp(m - m_new)
-        values = tl.load(value_ptr + cache + slots[:, None] * D + d[None, :], mask=visible[:, None], other=0.0)
-        acc = acc * correction[:, None] + tl.dot(p, values.to(tl.float32))
-        total = total * correction + tl.sum(p, axis=1)
-        m = m_new
+        m, total, acc = _softmax_block(q, key_ptr + cache, value_ptr + cache, slots, visible, visible[None, :],
+                                       m, total, acc, D, "tf32", False)
     part = part_ptr + (heads[:, None] * splits + split) * (D + 2)
     tl.store(part + d[None, :], acc, mask=head_ok[:, None])
     tl.store(part + D + tl.zeros_like(g)[:, None], m[:, None], mask=head_ok[:, None])
