@@ -276,6 +276,7 @@ def cmd_gate(args) -> None:
 def cmd_serve(args) -> None:
     from .serve.server import serve
 
+    _chunk(args)
     serve(args)
 
 

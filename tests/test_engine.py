@@ -133,6 +133,7 @@ def test_cli_run_streams_and_bench_reports(fp16_bundle, engine):
     (["convert", "{ckpt}", "-o", "{tmp}/x", "--quant", "int4"], "error: unknown quant mode 'int4'"),
     (["run", "{bundle}", "--prompt", "word " * 5000], "error: context too long"),
     (["run", "{bundle}", "--prompt", "x", "--chunk", "0"], "error: --chunk must be at least 1 (got 0)"),
+    (["serve", "{bundle}", "--chunk", "0", "--port", "1"], "error: --chunk must be at least 1 (got 0)"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, message, fp16_bundle, tiny_qwen35, tmp_path):
     args = [a.format(ckpt=tiny_qwen35, tmp=tmp_path, bundle=fp16_bundle) for a in args]

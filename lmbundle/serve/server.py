@@ -726,8 +726,8 @@ def serve(args) -> None:
     from ..engine.prefix_cache import parse_size
 
     loopback = check_host(args.host, args.allow_remote)
-    if args.queue_size < 0 or args.timeout <= 0 or args.max_batch < 1 or args.chunk < 1:
-        raise LmbundleError("--queue-size must be >= 0, --max-batch >= 1, --chunk >= 1 and --timeout > 0")
+    if args.queue_size < 0 or args.timeout <= 0 or args.max_batch < 1:
+        raise LmbundleError("--queue-size must be >= 0, --max-batch >= 1 and --timeout > 0")
     try:
         cache_bytes = parse_size(args.cache_mem)
         host_bytes = None if args.cache_host_mem is None else parse_size(args.cache_host_mem)
