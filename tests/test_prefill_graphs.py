@@ -81,6 +81,7 @@ def demo_bundle(tmp_path_factory):
 def test_replayed_prompt_equals_the_same_chunks_run_eagerly(demo_bundle):
     engine = Engine(demo_bundle, backend="torch", device="cuda", cache_bytes=0)
     backend, model = engine.backend, engine.backend.model
+    assert backend.prompt_copies_bytes > 0  # an int8 body this small is kept expanded for prompts
     ids = engine.encode(TEXT)[:300]
     assert len(ids) == 300
 
