@@ -40,6 +40,9 @@ TINY_CONFIGS = {
         BASE, linear_num_key_heads=4, linear_num_value_heads=4, linear_key_head_dim=32,
         linear_value_head_dim=16, linear_conv_kernel_dim=3, hidden_size=96, intermediate_size=160,
     ),
+    # head dims the Triton mixers do not tile (not powers of two): their ops must fall back, not break
+    "odd_dims": dict(BASE, head_dim=24, linear_key_head_dim=24, linear_value_head_dim=40, hidden_size=96,
+                     intermediate_size=160),
 }
 
 # The real configs (random weights): qwen-facts.md, checked against the installed transformers.

@@ -13,6 +13,7 @@ from lmbundle.bundle.load import load_graph
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
 from lmbundle.engine.graphs import MAX_PIECE, padded_size, piece_sizes
+from tests import checkpoints
 from tests.conftest import DEMO_QWEN35
 
 TEXT = ("Once upon a time there was a king who had three sons, and the youngest of them "
@@ -117,6 +118,14 @@ def test_prompt_graphs_need_one_window_only_where_attention_stops_at_the_positio
     assert not model.prompt_window_free(state)  # q, k, v apart: the reference composition
     model.fuse_projections_()  # what the CUDA backend loads
     assert model.prompt_window_free(state)
+
+    odd = checkpoints.make_qwen35_with_tokenizer(tmp_path_factory.mktemp("odd") / "ckpt",
+                                                 **checkpoints.TINY_CONFIGS["odd_dims"])
+    model = load_graph(open_bundle(convert(str(odd), odd.parent / "b", quant="int8hu", backend="torch",
+                                           max_context=512, log=None)), "cpu", torch.float32)
+    model.fuse_projections_()
+    model.ops = TritonStepOps(pdl=False, devices=("cpu",))
+    assert not model.prompt_window_free(model.new_state(512))  # head dim 24: the reference's attention
 
 
 @cuda

@@ -40,7 +40,7 @@ def ops():
     return TritonStepOps(PDL, devices=(DEVICE,))
 
 
-@pytest.fixture(scope="module", params=["base", "equal_gdn_heads", "deep_pattern"])
+@pytest.fixture(scope="module", params=["base", "equal_gdn_heads", "deep_pattern", "odd_dims"])
 def graphs(request, tmp_path_factory):
     """[int8hu bf16, fp16 bf16, int8hu fp32] graphs of a tiny checkpoint on the device, projections fused.
 
