@@ -50,7 +50,7 @@ def _install_cuda_kernels(model: torch.nn.Module, device: torch.device) -> None:
 
 def prompt_copies(model: torch.nn.Module, free: int) -> DenseCopies | None:
     """The body's int8 weights kept expanded for prompt chunks' matmuls, when the copies take at most a
-    quarter of the `free` device memory (the 2B: +2.6 GB next to its 2 GB): a 128-token chunk of the 2B
+    quarter of the `free` device memory (the 2B: +2.7 GB): a 128-token chunk of the 2B
     int8hu spent 1.19 of its 4.67 ms expanding them on every call (H200). Decode still reads the int8
     weights. The head is left out: a prompt runs it on its last token only, through the GEMV."""
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.quantized and m is not model.lm_head]
