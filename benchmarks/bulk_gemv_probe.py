@@ -7,7 +7,9 @@ next in registers, so the bytes in flight per SM stay small. `bulk_gemv/bulk_gem
 4-16 rows (up to 200 KB) in flight per CTA through `cp.async.bulk` copies into shared memory. This script
 builds it with torch's extension loader (nvcc, sm_90), checks it against the reference, and times both
 kernels the same way as `bench_int8_gemv.py`: graph replays over enough weight copies to overflow L2.
-Nothing of lmbundle uses the kernel; the figures decide whether a CUDA C++ GEMV is worth building.
+Then the decode step's 97 GEMVs in order as one graph with each kernel (each shape's best bulk config):
+launch gaps included, the figure the step's 1.18 ms of GEMV time compares with. Nothing of lmbundle uses
+the kernel; the figures decide whether a CUDA C++ GEMV is worth building.
 
     python3 benchmarks/bulk_gemv_probe.py [--json out.json]
 """
@@ -62,6 +64,43 @@ def configs(in_features: int, sms: int) -> list[tuple[int, int, int]]:
     return [(r, s, sms * m) for (r, s), m in itertools.product(rows_stages, (1, 2, 4))]
 
 
+def step_chain(module, best: dict[tuple[int, int], tuple[int, int, int]]) -> dict:
+    """The 2B's decode step as GEMVs alone, in order (18 GDN + 6 attention layers, then the head: 97 GEMVs,
+    1.9 GB), captured as one graph per kernel: what the step's GEMV time would be, launch gaps included."""
+    shapes = []
+    for mixer_rows in [8224, 8224, 8224, 5120] * 6:  # GDN in_proj x3, attention qkv; then out/o, MLP
+        shapes += [(mixer_rows, 2048), (2048, 2048), (12288, 2048), (2048, 6144)]
+    shapes.append((248320, 2048))
+    xs = {k: torch.randn(k, device="cuda", dtype=torch.bfloat16) for k in (2048, 6144)}
+    calls = [(shape, torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda"),
+              (torch.rand(shape[0], shape[1] // 32, device="cuda") * 0.02 + 1e-3).half()) for shape in shapes]
+    nbytes = sum(_int8_bytes(q, s) for _, q, s in calls)
+
+    def run(kernel) -> float:
+        for shape, q, s in calls:  # compile / configure outside the capture
+            kernel(shape, q, s)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for shape, q, s in calls:
+                kernel(shape, q, s)
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+    triton_us = run(lambda shape, q, s: triton_gemv.int8_gemv(xs[shape[1]].view(1, -1), q, s))
+    bulk_us = run(lambda shape, q, s: module.gemv(xs[shape[1]], q, s, *best[shape]))
+    print(f"decode step's {len(calls)} GEMVs ({nbytes / 1e9:.2f} GB) as one graph: triton {triton_us:.0f} us "
+          f"({nbytes / triton_us / 1e6:.2f} TB/s), bulk {bulk_us:.0f} us ({nbytes / bulk_us / 1e6:.2f} TB/s)", flush=True)
+    return dict(gemvs=len(calls), bytes=nbytes, triton_us=round(triton_us, 1), bulk_us=round(bulk_us, 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write every result here")
@@ -71,7 +110,7 @@ def main() -> None:
     module = build()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"device copy {copy_tbps():.2f} TB/s (read + write)", flush=True)
-    results = []
+    results, best_by_shape = [], {}
     for label, out_features, in_features in SHAPES:
         copies = int8_copies(out_features, in_features)
         nbytes = _int8_bytes(*copies[0])
@@ -90,6 +129,8 @@ def main() -> None:
                 [lambda q=q, s=s, c=(rows, stages, ctas): module.gemv(x.view(-1), q, s, *c) for q, s in copies],
                 nbytes) * 1e6
         best = min(timed, key=timed.get) if timed else None
+        if best:
+            best_by_shape[(out_features, in_features)] = best
         row = dict(shape=label, out=out_features, inp=in_features, bytes=nbytes, triton_us=round(triton_us, 2),
                    bulk_us={f"{r}x{s}x{c}": round(t, 2) for (r, s, c), t in timed.items()},
                    best=list(best) if best else None)
@@ -100,9 +141,10 @@ def main() -> None:
                   f"({nbytes / timed[best] / 1e6:.2f} TB/s, rows x stages x CTAs {best})  "
                   f"x{triton_us / timed[best]:.2f}", flush=True)
         del copies
+    chain = step_chain(module, best_by_shape) if len(best_by_shape) == len(SHAPES) else None
     if args.json:
         Path(args.json).write_text(json.dumps(dict(header=_header(), command=" ".join(["python3", *sys.argv]),
-                                                   results=results), indent=1))
+                                                   results=results, step_chain=chain), indent=1))
 
 
 if __name__ == "__main__":

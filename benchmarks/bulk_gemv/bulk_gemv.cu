@@ -155,8 +155,12 @@ cudaError_t launch(const int8_t* weight, const __half* scales, const __nv_bfloat
                    int out_features, int ctas, cudaStream_t stream) {
     auto kernel = gemv_kernel<K, ROWS, STAGES, WARPS>;
     constexpr size_t bytes = shared_bytes<K, ROWS, STAGES, WARPS>();
-    cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (status != cudaSuccess) return status;
+    static bool configured = false;  // once, on the first (uncaptured) call: not an API to call inside a capture
+    if (!configured) {
+        cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+        if (status != cudaSuccess) return status;
+        configured = true;
+    }
     const int blocks = out_features / ROWS;
     kernel<<<ctas < blocks ? ctas : blocks, WARPS * 32, bytes, stream>>>(weight, scales, x, y, blocks);
     return cudaGetLastError();
