@@ -75,13 +75,17 @@ def _dot(a, b):
 
 @triton.jit
 def _wy_chunks_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, seq, wv_ptr, wk_ptr, qd_ptr, scores_ptr, ke_ptr,
-                      decay_ptr, H: tl.constexpr, B: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
-    """Program (head, chunk of 2B tokens): `layers.wy_chunks` for one head, in two halves of B tokens
+                      decay_ptr, H: tl.constexpr, B: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                      SPLIT: tl.constexpr):
+    """Program (head, chunk of 2B tokens[, part]): `layers.wy_chunks` for one head, in two halves of B tokens
     (tokens past `seq` are padding: no decay, no write). (I + A)^-1 blockwise: each half's diagonal
-    block inverted by forward substitution, the block below from those two (-T11 A10 T00)."""
+    block inverted by forward substitution, the block below from those two (-T11 A10 T00). SPLIT: three
+    programs share a chunk (keys' products, values' products, the queries' part, which needs no inverse),
+    each holding a third of the tiles."""
     head = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
+    part = tl.program_id(2) if SPLIT else -1  # -1: every part in this program
     i = tl.arange(0, B)
     t0 = chunk * 2 * B + i
     t1 = t0 + B
@@ -89,8 +93,6 @@ def _wy_chunks_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, seq, wv_ptr, wk_ptr,
     k0, k1 = _half(k_ptr, t0, real0, head, H, DK), _half(k_ptr, t1, real1, head, H, DK)
     g0 = tl.load(g_ptr + t0 * H + head, mask=real0, other=0.0)
     g1 = tl.load(g_ptr + t1 * H + head, mask=real1, other=0.0)
-    beta0 = tl.load(beta_ptr + t0 * H + head, mask=real0, other=0.0)
-    beta1 = tl.load(beta_ptr + t1 * H + head, mask=real1, other=0.0)
 
     cum0 = tl.cumsum(g0, axis=0)  # G_t
     cum1 = tl.cumsum(g1, axis=0) + tl.sum(g0, axis=0)
@@ -98,35 +100,41 @@ def _wy_chunks_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, seq, wv_ptr, wk_ptr,
     r00 = tl.exp(tl.where(lower, cum0[:, None] - cum0[None, :], float("-inf")))  # e^{G_t - G_s}, s <= t
     r11 = tl.exp(tl.where(lower, cum1[:, None] - cum1[None, :], float("-inf")))
     r10 = tl.exp(cum1[:, None] - cum0[None, :])
-    strict = i[:, None] > i[None, :]
-    t00 = _unit_lower_inverse(tl.where(strict, beta0[:, None] * r00 * _dot(k0, tl.trans(k0)), 0.0), B)
-    t11 = _unit_lower_inverse(tl.where(strict, beta1[:, None] * r11 * _dot(k1, tl.trans(k1)), 0.0), B)
-    t10 = -_dot(_dot(t11, beta1[:, None] * r10 * _dot(k1, tl.trans(k0))), t00)
-
     row0 = (head * chunks + chunk).to(tl.int64) * 2 * B
     row1 = row0 + B
-    v0, v1 = _half(v_ptr, t0, real0, head, H, DV), _half(v_ptr, t1, real1, head, H, DV)
-    bv0, bv1 = beta0[:, None] * v0, beta1[:, None] * v1
-    _store_half(wv_ptr, row0, _dot(t00, bv0), B, DV)
-    _store_half(wv_ptr, row1, _dot(t10, bv0) + _dot(t11, bv1), B, DV)
-    bk0, bk1 = (beta0 * tl.exp(cum0))[:, None] * k0, (beta1 * tl.exp(cum1))[:, None] * k1
-    _store_half(wk_ptr, row0, _dot(t00, bk0), B, DK)
-    _store_half(wk_ptr, row1, _dot(t10, bk0) + _dot(t11, bk1), B, DK)
-    last = tl.sum(tl.where(i == B - 1, cum1, 0.0), axis=0)  # G at the chunk's end
-    _store_half(ke_ptr, row0, k0 * tl.exp(last - cum0)[:, None], B, DK)
-    _store_half(ke_ptr, row1, k1 * tl.exp(last - cum1)[:, None], B, DK)
-    tl.store(decay_ptr + head * chunks + chunk, tl.exp(last))
 
-    q0, q1 = _half(q_ptr, t0, real0, head, H, DK), _half(q_ptr, t1, real1, head, H, DK)
-    _store_half(qd_ptr, row0, q0 * tl.exp(cum0)[:, None], B, DK)
-    _store_half(qd_ptr, row1, q1 * tl.exp(cum1)[:, None], B, DK)
-    # scores [2B, 2B]: the upper-right block is zero (no token sees a later one)
-    scores0 = scores_ptr + row0 * 2 * B + i[:, None] * 2 * B + i[None, :]
-    scores1 = scores0 + B * 2 * B
-    tl.store(scores0, _dot(q0, tl.trans(k0)) * r00)
-    tl.store(scores0 + B, tl.zeros([B, B], tl.float32))
-    tl.store(scores1, _dot(q1, tl.trans(k0)) * r10)
-    tl.store(scores1 + B, _dot(q1, tl.trans(k1)) * r11)
+    if part != 2:  # the keys' and the values' products need the inverse
+        beta0 = tl.load(beta_ptr + t0 * H + head, mask=real0, other=0.0)
+        beta1 = tl.load(beta_ptr + t1 * H + head, mask=real1, other=0.0)
+        strict = i[:, None] > i[None, :]
+        t00 = _unit_lower_inverse(tl.where(strict, beta0[:, None] * r00 * _dot(k0, tl.trans(k0)), 0.0), B)
+        t11 = _unit_lower_inverse(tl.where(strict, beta1[:, None] * r11 * _dot(k1, tl.trans(k1)), 0.0), B)
+        t10 = -_dot(_dot(t11, beta1[:, None] * r10 * _dot(k1, tl.trans(k0))), t00)
+        if part != 0:
+            v0, v1 = _half(v_ptr, t0, real0, head, H, DV), _half(v_ptr, t1, real1, head, H, DV)
+            bv0, bv1 = beta0[:, None] * v0, beta1[:, None] * v1
+            _store_half(wv_ptr, row0, _dot(t00, bv0), B, DV)
+            _store_half(wv_ptr, row1, _dot(t10, bv0) + _dot(t11, bv1), B, DV)
+        if part != 1:
+            bk0, bk1 = (beta0 * tl.exp(cum0))[:, None] * k0, (beta1 * tl.exp(cum1))[:, None] * k1
+            _store_half(wk_ptr, row0, _dot(t00, bk0), B, DK)
+            _store_half(wk_ptr, row1, _dot(t10, bk0) + _dot(t11, bk1), B, DK)
+            last = tl.sum(tl.where(i == B - 1, cum1, 0.0), axis=0)  # G at the chunk's end
+            _store_half(ke_ptr, row0, k0 * tl.exp(last - cum0)[:, None], B, DK)
+            _store_half(ke_ptr, row1, k1 * tl.exp(last - cum1)[:, None], B, DK)
+            tl.store(decay_ptr + head * chunks + chunk, tl.exp(last))
+
+    if part < 0 or part == 2:
+        q0, q1 = _half(q_ptr, t0, real0, head, H, DK), _half(q_ptr, t1, real1, head, H, DK)
+        _store_half(qd_ptr, row0, q0 * tl.exp(cum0)[:, None], B, DK)
+        _store_half(qd_ptr, row1, q1 * tl.exp(cum1)[:, None], B, DK)
+        # scores [2B, 2B]: the upper-right block is zero (no token sees a later one)
+        scores0 = scores_ptr + row0 * 2 * B + i[:, None] * 2 * B + i[None, :]
+        scores1 = scores0 + B * 2 * B
+        tl.store(scores0, _dot(q0, tl.trans(k0)) * r00)
+        tl.store(scores0 + B, tl.zeros([B, B], tl.float32))
+        tl.store(scores1, _dot(q1, tl.trans(k0)) * r10)
+        tl.store(scores1 + B, _dot(q1, tl.trans(k1)) * r11)
 
 
 @triton.jit
@@ -166,9 +174,10 @@ def _wy_recurrence_kernel(wv_ptr, wk_ptr, qd_ptr, scores_ptr, ke_ptr, decay_ptr,
 
 
 def wy_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-              chunk: int) -> WYChunks:
+              chunk: int, split: bool = False) -> WYChunks:
     """`layers.wy_chunks` as one launch (q,k [S, H, Dk], v [S, H, Dv], g, beta [S, H], fp32); shapes the
-    kernel does not tile take the reference."""
+    kernel does not tile take the reference. `split`: three programs a chunk, each with a third of the work
+    (more programs for short prompts, fewer tiles live in each)."""
     seq, heads, dk = k.shape
     dv = v.shape[-1]
     if not (whole_tiles(chunk, dk, dv) and chunk >= 32):  # two halves of at least 16 tokens
@@ -178,7 +187,8 @@ def wy_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     out = WYChunks(*(torch.empty(heads, n, chunk, width, dtype=torch.float32, device=device)
                      for width in (dv, dk, dk, chunk, dk)), torch.empty(heads, n, dtype=torch.float32, device=device))
     q, k, v, g, beta = (x.float().contiguous() for x in (q, k, v, g, beta))
-    _wy_chunks_kernel[(heads, n)](q, k, v, g, beta, seq, *out, H=heads, B=chunk // 2, DK=dk, DV=dv, num_warps=8)
+    _wy_chunks_kernel[(heads, n, 3 if split else 1)](q, k, v, g, beta, seq, *out, H=heads, B=chunk // 2, DK=dk,
+                                                     DV=dv, SPLIT=split, num_warps=8)
     return out
 
 

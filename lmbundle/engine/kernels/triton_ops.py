@@ -52,6 +52,7 @@ class TritonStepOps(StepOps):
         # chunks of at most `wy_prepare_max` tokens
         self.wy_chunk = 32 if wy_walk else None
         self.wy_prepare_max = wy_prepare_max
+        self.wy_prepare_split = False  # three programs a chunk prepare it (`triton_chunks.wy_chunks(split=)`)
 
     def _on_device(self, x: torch.Tensor) -> bool:
         return x.device.type in self.devices
@@ -128,7 +129,8 @@ class TritonStepOps(StepOps):
         dims = w.dims
         if self.wy_chunk and self._on_device(x) and x.shape[0] > 1 and rec_state.dim() == 3:  # a prompt chunk
             projected = self.norm_linears(x, norm, w.in_proj)
-            prepare = triton_chunks.wy_chunks if x.shape[0] <= self.wy_prepare_max else wy_chunks
+            prepare = (functools.partial(triton_chunks.wy_chunks, split=self.wy_prepare_split)
+                       if x.shape[0] <= self.wy_prepare_max else wy_chunks)
             if len(projected) > 1 or not whole_tiles(dims.key_dim, dims.value_dim):
                 delta_chunk = functools.partial(gated_delta_chunk, chunk=self.wy_chunk, prepare=prepare,
                                                 recurrence=triton_chunks.wy_recurrence)
