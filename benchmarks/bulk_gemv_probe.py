@@ -60,7 +60,8 @@ def build():
 
 def configs(in_features: int, sms: int) -> list[tuple[int, int, int]]:
     """(rows, stages, ctas) the .cu builds for this K."""
-    rows_stages = [(r, s) for r, s in itertools.product((4, 8, 16), (2, 3, 4)) if in_features == 2048 or r < 16 or s == 2]
+    rows_stages = [(r, s) for r, s in itertools.product((4, 8, 16), (2, 3, 4))
+                   if in_features == 2048 or r < 16 or s == 2]
     return [(r, s, sms * m) for (r, s), m in itertools.product(rows_stages, (1, 2, 4))]
 
 
@@ -97,7 +98,8 @@ def step_chain(module, best: dict[tuple[int, int], tuple[int, int, int]]) -> dic
     triton_us = run(lambda shape, q, s: triton_gemv.int8_gemv(xs[shape[1]].view(1, -1), q, s))
     bulk_us = run(lambda shape, q, s: module.gemv(xs[shape[1]], q, s, *best[shape]))
     print(f"decode step's {len(calls)} GEMVs ({nbytes / 1e9:.2f} GB) as one graph: triton {triton_us:.0f} us "
-          f"({nbytes / triton_us / 1e6:.2f} TB/s), bulk {bulk_us:.0f} us ({nbytes / bulk_us / 1e6:.2f} TB/s)", flush=True)
+          f"({nbytes / triton_us / 1e6:.2f} TB/s), bulk {bulk_us:.0f} us ({nbytes / bulk_us / 1e6:.2f} TB/s)",
+          flush=True)
     return dict(gemvs=len(calls), bytes=nbytes, triton_us=round(triton_us, 1), bulk_us=round(bulk_us, 1))
 
 

@@ -205,7 +205,7 @@ class BatchScheduler:
         GEMMs with the rows kernels of `kernels/triton_rows.py` around them (LMBUNDLE_ROW_KERNELS=0: the
         reference alone: a 32-row 2B int8hu step 8.9 ms on the H200 against 2.5-2.8 ms)."""
         linears = BatchOps(-(-self.max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu",
-                           kept=getattr(self.model.ops, "kept", None))
+                           kept=self.engine.backend.prompt_copies)
         if self.device.type == "cuda" and triton_installed() and os.environ.get("LMBUNDLE_ROW_KERNELS") != "0":
             from .kernels.triton_rows import RowStepOps
 

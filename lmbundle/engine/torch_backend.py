@@ -33,30 +33,41 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def _install_cuda_kernels(model: torch.nn.Module, device: torch.device) -> None:
+def _install_cuda_kernels(model: torch.nn.Module, device: torch.device) -> DenseCopies | None:
     """The fused projections layout, and the Triton ops: fused kernels for one-token steps, the int8
-    GEMV for other short int8 matmuls, dense copies of the int8 body for prompt chunks where they fit."""
+    GEMV for other short int8 matmuls, dense copies of the int8 body for prompt chunks where they fit
+    (returned: the batch scheduler reads the same ones)."""
     model.fuse_projections_()
-    if triton_installed():
-        from .kernels.triton_ops import TritonStepOps
+    if not triton_installed():
+        return None
+    from .kernels.triton_ops import TritonStepOps
 
-        pdl = torch.cuda.get_device_capability(device) >= (9, 0) and os.environ.get("LMBUNDLE_PDL", "1") != "0"
-        # LMBUNDLE_PROMPT_COPIES=0: prompt chunks expand int8 weights on every call, never keep copies
-        free = torch.cuda.mem_get_info(device)[0] if os.environ.get("LMBUNDLE_PROMPT_COPIES") != "0" else 0
-        # LMBUNDLE_WY_KERNEL=0: prompt chunks walk the GDN's WY chunks in torch ops, not one kernel a layer
-        model.ops = TritonStepOps(pdl, wy_walk=os.environ.get("LMBUNDLE_WY_KERNEL") != "0",
-                                  kept=prompt_copies(model, free))
+    pdl = torch.cuda.get_device_capability(device) >= (9, 0) and os.environ.get("LMBUNDLE_PDL", "1") != "0"
+    # LMBUNDLE_PROMPT_COPIES=0: prompt chunks expand int8 weights on every call, never keep copies
+    free = torch.cuda.mem_get_info(device)[0] if os.environ.get("LMBUNDLE_PROMPT_COPIES") != "0" else 0
+    kept = prompt_copies(model, free)
+    # LMBUNDLE_WY_KERNEL=0: prompt chunks walk the GDN's WY chunks in torch ops, not one kernel a layer
+    model.ops = TritonStepOps(pdl, wy_walk=os.environ.get("LMBUNDLE_WY_KERNEL") != "0", kept=kept)
+    return kept
+
+
+def _int8_linears(model: torch.nn.Module) -> list[Linear]:
+    return [m for m in model.modules() if isinstance(m, Linear) and m.quantized]
+
+
+def _expanded_bytes(linears: list[Linear], dtype: torch.dtype) -> int:
+    """What the int8 `linears` take expanded to `dtype`."""
+    return sum(m.qweight.numel() for m in linears) * torch.finfo(dtype).bits // 8
 
 
 def prompt_copies(model: torch.nn.Module, free: int) -> DenseCopies | None:
     """The body's int8 weights kept expanded for prompt chunks' matmuls, when the copies take at most a
-    quarter of the `free` device memory (the 2B: +2.7 GB): a 128-token chunk of the 2B
-    int8hu spent 1.19 of its 4.67 ms expanding them on every call (H200). Decode still reads the int8
-    weights. The head is left out: a prompt runs it on its last token only, through the GEMV."""
-    linears = [m for m in model.modules() if isinstance(m, Linear) and m.quantized and m is not model.lm_head]
+    quarter of the `free` device memory (the 2B: +2.7 GB): a 128-token chunk of the 2B int8hu spent 1.19
+    of its 4.67 ms expanding them on every call (H200). Decode still reads the int8 weights. The head is
+    left out: a prompt runs it on its last token only, through the GEMV."""
+    linears = [m for m in _int8_linears(model) if m is not model.lm_head]
     dtype = model.model.embed_tokens.weight.dtype
-    needed = sum(m.qweight.numel() for m in linears) * torch.finfo(dtype).bits // 8
-    return DenseCopies(linears, dtype) if linears and needed <= free // 4 else None
+    return DenseCopies(linears, dtype) if linears and _expanded_bytes(linears, dtype) <= free // 4 else None
 
 
 def _available_memory() -> int | None:
@@ -81,10 +92,9 @@ def dequantize_for_cpu(model: torch.nn.Module, dtype: torch.dtype) -> None:
     There is no block-32 int8 GEMV on the CPU: the reference dequantizes every weight on every call,
     writing and re-reading a full-width copy. Dequantizing once computes the same values (measured on the
     Qwen3.5-0.8B config, 2 cores: 0.5-0.8 -> 4.7 tok/s) at 4x the weight memory."""
-    linears = [m for m in model.modules() if isinstance(m, Linear) and m.quantized]
-    dense_bytes = sum(m.qweight.numel() for m in linears) * torch.finfo(dtype).bits // 8
+    linears = _int8_linears(model)
     free = _available_memory()
-    if linears and free is not None and dense_bytes <= free // 2:
+    if linears and free is not None and _expanded_bytes(linears, dtype) <= free // 2:
         for linear in linears:
             linear.dequantize_(dtype)
 
@@ -122,16 +132,16 @@ class TorchBackend:
         self.writes = 0  # counts what changes the state, so a caller can tell it is as it left it
         self._token_in = torch.zeros(1, 1, dtype=torch.long, device=device)
         self._position_in = torch.zeros(1, dtype=torch.long, device=device)
+        self.prompt_copies: DenseCopies | None = None  # the int8 body expanded for prompt chunks (CUDA)
         if device.type == "cuda":
-            _install_cuda_kernels(model, device)
+            self.prompt_copies = _install_cuda_kernels(model, device)
         elif device.type == "cpu":
             dequantize_for_cpu(model, model.model.embed_tokens.weight.dtype)
 
     @property
     def prompt_copies_bytes(self) -> int:
         """Device memory taken by int8 weights kept expanded for prompt chunks (`prompt_copies`)."""
-        kept = getattr(self.model.ops, "kept", None)
-        return kept.nbytes if kept is not None else 0
+        return self.prompt_copies.nbytes if self.prompt_copies is not None else 0
 
     # -- state ----------------------------------------------------------------------------------
     def reset(self, length: int) -> None:

@@ -41,7 +41,7 @@ from lmbundle.models.layers import wy_chunks as reference_chunks
 from lmbundle.models.layers import wy_recurrence as reference_recurrence
 
 from . import whole_tiles
-from .triton_mixers import _norm_rope, _softmax_block
+from .triton_mixers import _norm_rope, _softmax_block, _write_and_log_decay
 
 
 @triton.jit
@@ -259,12 +259,10 @@ def _gdn_inputs_kernel(proj_ptr, proj_stride, conv_ptr, conv_w_ptr, a_log_ptr, d
         if HAS_VALID:
             real_tokens = tl.load(valid_ptr)
         real = t < real_tokens
-        b = tl.load(row + conv_dim + HV * DV + h, mask=head_ok, other=0.0)
-        a = tl.load(row + conv_dim + HV * DV + HV + h, mask=head_ok, other=0.0).to(tl.float32)
-        a = a + tl.load(dt_bias_ptr + h, mask=head_ok, other=0.0).to(tl.float32)
-        beta = tl.sigmoid(b.to(tl.float32)).to(dtype).to(tl.float32)
-        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
-        g = -tl.exp(tl.load(a_log_ptr + h, mask=head_ok, other=0.0).to(tl.float32)) * softplus
+        beta, g = _write_and_log_decay(tl.load(row + conv_dim + HV * DV + h, mask=head_ok, other=0.0),
+                                       tl.load(row + conv_dim + HV * DV + HV + h, mask=head_ok, other=0.0),
+                                       tl.load(dt_bias_ptr + h, mask=head_ok, other=0.0),
+                                       tl.load(a_log_ptr + h, mask=head_ok, other=0.0))
         tl.store(beta_ptr + t * HV + h, tl.where(real, beta, 0.0), mask=head_ok)
         tl.store(g_ptr + t * HV + h, tl.where(real, g, 0.0), mask=head_ok)
 

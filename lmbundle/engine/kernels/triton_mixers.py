@@ -20,6 +20,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _write_and_log_decay(b, a, dt_bias, a_log):
+    """The GDN's write strength sigmoid(b) (rounded to b's dtype, as the reference rounds it) and log decay
+    -exp(A_log) softplus(a + dt_bias), in fp32, from a head's b, a and parameters as loaded."""
+    beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)
+    a = a.to(tl.float32) + dt_bias.to(tl.float32)
+    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
+    return beta, -tl.exp(a_log.to(tl.float32)) * softplus
+
+
+@triton.jit
 def _delta_rule_heads(proj_ptr, state_ptrs, state, a_log_ptr, dt_bias_ptr, out_ptr, sumsq_ptr, key_head, block,
                       blocks, dv, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
     """One key head's delta-rule step for value columns `dv`: its L2-normed q/k, then each value head that
@@ -39,10 +49,9 @@ def _delta_rule_heads(proj_ptr, state_ptrs, state, a_log_ptr, dt_bias_ptr, out_p
             state = tl.load(state_ptrs + r * DK * DV)
         v = tl.load(proj_ptr + 2 * key_dim + head * DV + dv).to(tl.float32)
         b = tl.load(b_ptr + head)
-        a = tl.load(b_ptr + HV + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32)
-        beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)
-        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
-        decay = tl.exp(-tl.exp(tl.load(a_log_ptr + head).to(tl.float32)) * softplus)
+        beta, log_decay = _write_and_log_decay(b, tl.load(b_ptr + HV + head), tl.load(dt_bias_ptr + head),
+                                               tl.load(a_log_ptr + head))
+        decay = tl.exp(log_decay)
 
         state = state * decay
         memory = tl.sum(k[:, None] * state, axis=0)
