@@ -30,6 +30,8 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", t
 # attention 8 heads of 256 (with output gate) over 2 KV heads, rotary on 64 dims; MLP 6144; vocabulary 248,320.
 HIDDEN, CONV, IN_PROJ, MLP, VOCAB, GROUPS = 2048, 6144, 8224, 6144, 248320, 2048 // 32
 ROWS = 32  # the batch scheduler's rows (--max-batch 32)
+# attention layouts: (label, (heads, kv heads), head dim, rotary dims, output gate)
+ATTENTION = (("Qwen3.5", (8, 2), 256, 64, True), ("Qwen3-VL", (16, 8), 128, 128, False))
 
 
 class Recorder:
@@ -110,7 +112,7 @@ def one_token_launches() -> dict[str, list]:
     found["GDN delta rule"] = launches(triton_mixers, "_gated_delta_kernel", lambda: triton_mixers.gated_delta_step(
         meta(IN_PROJ), meta(16, dtype=torch.float32), meta(16, dtype=torch.float32),
         meta(16, 128, 128, dtype=torch.float32), (16, 16), (128, 128), pdl=True))
-    for label, heads, dim, rot, gate in (("Qwen3.5", (8, 2), 256, 64, True), ("Qwen3-VL", (16, 8), 128, 128, False)):
+    for label, heads, dim, rot, gate in ATTENTION:
         h, kvh = heads
         width = h * dim * (2 if gate else 1) + 2 * kvh * dim
 
@@ -179,7 +181,7 @@ def prompt_launches() -> dict[str, list]:
                                  (dim, dim), valid)
 
     found = {}
-    for label, (h, kvh), dim, rot, gate in (("Qwen3.5", (8, 2), 256, 64, True), ("Qwen3-VL", (16, 8), 128, 128, False)):
+    for label, (h, kvh), dim, rot, gate in ATTENTION:
         width = h * dim * (2 if gate else 1) + 2 * kvh * dim
 
         def attention():
