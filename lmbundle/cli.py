@@ -274,9 +274,12 @@ def cmd_gate(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .serve.server import serve
-
     _chunk(args)
+    try:
+        from .serve.server import serve
+    except ModuleNotFoundError as exc:  # a broken install: fastapi, uvicorn... are lmbundle's dependencies
+        raise LmbundleError(f"serve needs the module '{exc.name}', which is not installed "
+                            f"(pip install lmbundle's dependencies)") from None
     serve(args)
 
 

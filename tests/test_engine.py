@@ -141,3 +141,13 @@ def test_cli_bad_input_is_one_line_exit_2(args, message, fp16_bundle, tiny_qwen3
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(message)
     assert "Traceback" not in out.stderr
+
+
+def test_serve_without_its_web_modules_is_one_line(fp16_bundle):
+    """A broken install (fastapi missing) names the module in one line, not an import traceback."""
+    code = ("import sys; sys.modules['fastapi'] = None; from lmbundle.cli import main; "
+            f"main(['serve', {str(fp16_bundle)!r}, '--port', '1'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("error: serve needs the module 'fastapi', which is not installed "
+                                  "(pip install lmbundle's dependencies)")
