@@ -106,17 +106,16 @@ def compare_wy_variants(engine, lengths: list[int]) -> None:
     torch ops or the Triton kernels (`triton_chunks`): the figures behind `triton_ops.WY_PREPARE_MAX`."""
     backend = engine.backend
     ops = backend.model.ops
-    saved = ops.wy_chunk, ops.wy_prepare_max, ops.wy_prepare_split
-    variants = {"torch walk + torch preparation": (None, 0, False), "kernel walk + torch preparation": (32, 0, False),
-                "kernel walk + kernel preparation": (32, 1 << 30, False),
-                "kernel walk + kernel preparation in three parts": (32, 1 << 30, True)}
+    saved = ops.wy_chunk, ops.wy_prepare_max
+    variants = {"torch walk + torch preparation": (None, 0), "kernel walk + torch preparation": (32, 0),
+                "kernel walk + kernel preparation": (32, 1 << 30)}
     print("prompt chunk replayed, ms (tok/s): " + ", ".join(f"{n} tokens" for n in lengths))
-    for label, (chunk, prepare_max, split) in variants.items():
-        ops.wy_chunk, ops.wy_prepare_max, ops.wy_prepare_split = chunk, prepare_max, split
+    for label, (chunk, prepare_max) in variants.items():
+        ops.wy_chunk, ops.wy_prepare_max = chunk, prepare_max
         backend._prefill_graphs = None  # captured with the other variant
         rates = [chunked_prefill(engine, n, n) for n in lengths]
         print(f"  {label:48s}" + "".join(f" {n / r * 1e3:8.2f} ({r:6.0f})" for n, r in zip(lengths, rates)))
-    ops.wy_chunk, ops.wy_prepare_max, ops.wy_prepare_split = saved
+    ops.wy_chunk, ops.wy_prepare_max = saved
     backend._prefill_graphs = None
 
 

@@ -200,8 +200,6 @@ def prompt_launches() -> dict[str, list]:
                 lambda: triton_chunks.gated_norm_chunk(chunks.w_v, meta(n * chunk, HIDDEN), meta(dim), 1e-6)),
             "GDN WY chunks (prompt chunks)": launches(triton_chunks, "_wy_chunks_kernel",
                                                       lambda: triton_chunks.wy_chunks(qk, qk, qk, g, g, chunk)),
-            "GDN WY chunks, split in three (prompt chunks)": launches(
-                triton_chunks, "_wy_chunks_kernel", lambda: triton_chunks.wy_chunks(qk, qk, qk, g, g, chunk, True)),
             "GDN WY walk (prompt chunks)": launches(triton_chunks, "_wy_recurrence_kernel",
                                                     lambda: triton_chunks.wy_recurrence(chunks, state))}
 

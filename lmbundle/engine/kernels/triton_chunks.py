@@ -14,18 +14,21 @@ walks the chunks in order (`wy_recurrence`): four small matmuls a chunk. On the 
 of the 2B spent 10.2 ms of its 47.8 ms in those walks, 1,152 matmul launches of fp32 FFMA, and most of
 the ~17 ms of small elementwise kernels around them
 (`benchmarks/results/20261201T233000Z-profile-prefill.txt`). Here each part is one launch per layer:
-- `wy_chunks`: a program per (head, chunk of 2 x 16 tokens); (I + A)^-1 blockwise, each half's diagonal
-  block by forward substitution in registers.
+- `wy_chunks`: three programs per (head, chunk of 2 x 16 tokens): the keys' part, the values' part (each
+  with (I + A)^-1 blockwise, each half's diagonal block by forward substitution in registers) and the
+  queries' part.
 - `wy_recurrence`: a program per (head, 16 value columns) keeps its slice of the state in registers
   across all the chunks.
 Products on the tensor cores as three TF32 products (`tf32x3`: about fp32's accuracy; the reference's
 matmuls are fp32). Compiled offline for sm_90 (`python -m tests.kernels_compile --resources`), chunks of
 32: the walk (one stage, 4 warps) takes 16 KB of shared memory, 255 registers and 56 bytes of spills
-(chunks of 64, or fp32 FMA products, spilled 0.2-5.7 KB); the preparation (8 warps) 16 KB and 2.4 KB
-of spills. On the H200 (2B int8hu, `benchmarks/profile_step.py --wy-variants`) the walk took a 2,048-token
-chunk from 49.7 to 40.2 ms; the preparation is faster than the torch ops up to 256 tokens (10.2 against
-11.0 ms at 128) and slower past them (49.5 ms at 2,048: 15 ms in the kernel), so `TritonStepOps` walks every
-prompt chunk here and prepares only short ones (`triton_ops.WY_PREPARE_MAX`).
+(chunks of 64, or fp32 FMA products, spilled 0.2-5.7 KB); the preparation (8 warps) 20 KB and 1.24 KB
+of spills (2.36 KB as one program a chunk). On the H200 (2B int8hu, `benchmarks/profile_step.py
+--wy-variants`) the walk took a 2,048-token chunk from 49.7 to 40.2 ms; the preparation is faster than the
+torch ops up to 256 tokens (4.06 against 4.97 ms at 128, 5.43 against 5.76 at 256; one program a chunk:
+4.33 and 5.41) and slower past them (8.81 against 8.60 at 512, 16.3 against 14.8 at 1,024;
+`benchmarks/results/20261202T120500Z-profile-wy.txt`), so `TritonStepOps` walks every prompt chunk here and
+prepares only short ones (`triton_ops.WY_PREPARE_MAX`).
 With these and the input norms as rows kernels, a prompt chunk of the 2B int8hu on the H200 went from 2,050
 to 820 launches at 128 tokens: 9.42 -> 6.39 ms; 2,048 tokens 40.0 -> 29.8 ms
 (`benchmarks/results/20261202T060800Z-profile-prefill.txt`).
@@ -75,17 +78,16 @@ def _dot(a, b):
 
 @triton.jit
 def _wy_chunks_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, seq, wv_ptr, wk_ptr, qd_ptr, scores_ptr, ke_ptr,
-                      decay_ptr, H: tl.constexpr, B: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                      SPLIT: tl.constexpr):
-    """Program (head, chunk of 2B tokens[, part]): `layers.wy_chunks` for one head, in two halves of B tokens
+                      decay_ptr, H: tl.constexpr, B: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+    """Program (head, chunk of 2B tokens, part): `layers.wy_chunks` for one head, in two halves of B tokens
     (tokens past `seq` are padding: no decay, no write). (I + A)^-1 blockwise: each half's diagonal
-    block inverted by forward substitution, the block below from those two (-T11 A10 T00). SPLIT: three
-    programs share a chunk (keys' products, values' products, the queries' part, which needs no inverse),
-    each holding a third of the tiles."""
+    block inverted by forward substitution, the block below from those two (-T11 A10 T00). Three programs
+    share a chunk (part 0 the keys' products, 1 the values', 2 the queries' part, which needs no inverse):
+    3x the programs of a short prompt, and a third of the tiles live in each (half the register spills)."""
     head = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
-    part = tl.program_id(2) if SPLIT else -1  # -1: every part in this program
+    part = tl.program_id(2)
     i = tl.arange(0, B)
     t0 = chunk * 2 * B + i
     t1 = t0 + B
@@ -124,7 +126,7 @@ def _wy_chunks_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, seq, wv_ptr, wk_ptr,
             _store_half(ke_ptr, row1, k1 * tl.exp(last - cum1)[:, None], B, DK)
             tl.store(decay_ptr + head * chunks + chunk, tl.exp(last))
 
-    if part < 0 or part == 2:
+    if part == 2:
         q0, q1 = _half(q_ptr, t0, real0, head, H, DK), _half(q_ptr, t1, real1, head, H, DK)
         _store_half(qd_ptr, row0, q0 * tl.exp(cum0)[:, None], B, DK)
         _store_half(qd_ptr, row1, q1 * tl.exp(cum1)[:, None], B, DK)
@@ -174,10 +176,9 @@ def _wy_recurrence_kernel(wv_ptr, wk_ptr, qd_ptr, scores_ptr, ke_ptr, decay_ptr,
 
 
 def wy_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-              chunk: int, split: bool = False) -> WYChunks:
+              chunk: int) -> WYChunks:
     """`layers.wy_chunks` as one launch (q,k [S, H, Dk], v [S, H, Dv], g, beta [S, H], fp32); shapes the
-    kernel does not tile take the reference. `split`: three programs a chunk, each with a third of the work
-    (more programs for short prompts, fewer tiles live in each)."""
+    kernel does not tile take the reference."""
     seq, heads, dk = k.shape
     dv = v.shape[-1]
     if not (whole_tiles(chunk, dk, dv) and chunk >= 32):  # two halves of at least 16 tokens
@@ -187,8 +188,7 @@ def wy_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     out = WYChunks(*(torch.empty(heads, n, chunk, width, dtype=torch.float32, device=device)
                      for width in (dv, dk, dk, chunk, dk)), torch.empty(heads, n, dtype=torch.float32, device=device))
     q, k, v, g, beta = (x.float().contiguous() for x in (q, k, v, g, beta))
-    _wy_chunks_kernel[(heads, n, 3 if split else 1)](q, k, v, g, beta, seq, *out, H=heads, B=chunk // 2, DK=dk,
-                                                     DV=dv, SPLIT=split, num_warps=8)
+    _wy_chunks_kernel[(heads, n, 3)](q, k, v, g, beta, seq, *out, H=heads, B=chunk // 2, DK=dk, DV=dv, num_warps=8)
     return out
 
 

@@ -24,8 +24,8 @@ from . import triton_chunks, triton_gemv, triton_mixers, whole_tiles
 from .triton_rows import rms_norm_rows
 
 # prompt chunks up to this many tokens prepare their WY chunks in one kernel; longer ones in the reference's
-# batched torch ops (H200, 2B int8hu, whole chunk: 11.72 against 12.43 ms at 256 tokens, 16.29 against 15.90 at
-# 512, 49.5 against 40.2 at 2,048; `benchmarks/profile_step.py --wy-variants`)
+# batched torch ops (H200, 2B int8hu, whole chunk: 5.43 against 5.76 ms at 256 tokens, 8.81 against 8.60 at
+# 512, 16.3 against 14.8 at 1,024; `benchmarks/profile_step.py --wy-variants`)
 WY_PREPARE_MAX = 256
 
 
@@ -52,7 +52,6 @@ class TritonStepOps(StepOps):
         # chunks of at most `wy_prepare_max` tokens
         self.wy_chunk = 32 if wy_walk else None
         self.wy_prepare_max = wy_prepare_max
-        self.wy_prepare_split = False  # three programs a chunk prepare it (`triton_chunks.wy_chunks(split=)`)
 
     def _on_device(self, x: torch.Tensor) -> bool:
         return x.device.type in self.devices
@@ -129,8 +128,7 @@ class TritonStepOps(StepOps):
         dims = w.dims
         if self.wy_chunk and self._on_device(x) and x.shape[0] > 1 and rec_state.dim() == 3:  # a prompt chunk
             projected = self.norm_linears(x, norm, w.in_proj)
-            prepare = (functools.partial(triton_chunks.wy_chunks, split=self.wy_prepare_split)
-                       if x.shape[0] <= self.wy_prepare_max else wy_chunks)
+            prepare = triton_chunks.wy_chunks if x.shape[0] <= self.wy_prepare_max else wy_chunks
             if len(projected) > 1 or not whole_tiles(dims.key_dim, dims.value_dim):
                 delta_chunk = functools.partial(gated_delta_chunk, chunk=self.wy_chunk, prepare=prepare,
                                                 recurrence=triton_chunks.wy_recurrence)
