@@ -46,7 +46,8 @@ def _sync(device: torch.device) -> None:
 def bench(engine: Engine, prompt_tokens: int = 128, gen_tokens: int = 256, trials: int = 3,
           prefill_chunk: int = 0, chunked_prefill: int = 256) -> dict:
     """The protocol's figures with `prefill_chunk` (0: S=1 steps), plus the time to first token of the
-    same prompt fed in chunks of `chunked_prefill` tokens (0: not measured)."""
+    same prompt fed in chunks of `chunked_prefill` tokens (0: not measured), after one untimed run that
+    captures its graph (as `serve` does at start)."""
     vocab = engine.bundle.info["config"]["vocab_size"]
     ids = [(17 + 31 * i) % min(vocab, 1000) for i in range(prompt_tokens)]  # synthetic, like llm-benchmark
     engine.check_length(prompt_tokens, gen_tokens)
@@ -64,12 +65,13 @@ def bench(engine: Engine, prompt_tokens: int = 128, gen_tokens: int = 256, trial
     prefill = statistics.median(r.prefill_tok_s for r in runs)
     ttft = statistics.median(r.prefill_seconds for r in runs)
     chunked = []
-    for _ in range(trials if chunked_prefill else 0):
+    for trial in range(trials + 1 if chunked_prefill else 0):  # the first, untimed, captures the prompt's graph
         engine.forget()
         stats = GenerationStats()
         for _token in engine.generate(ids, 1, stop=False, prefill_chunk=chunked_prefill, stats=stats):
             pass
-        chunked.append(stats)
+        if trial:
+            chunked.append(stats)
     bpt = engine.bundle.info["bytes_per_token"]
     if engine.backend_name == "torch":  # the weights as loaded (the CPU expands int8 to fp32)
         from ..bundle.quant import bytes_per_token as weights_read
