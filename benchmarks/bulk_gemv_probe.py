@@ -7,9 +7,12 @@ next in registers, so the bytes in flight per SM stay small. `bulk_gemv/bulk_gem
 4-16 rows (up to 200 KB) in flight per CTA through `cp.async.bulk` copies into shared memory. This script
 builds it with torch's extension loader (nvcc, sm_90), checks it against the reference, and times both
 kernels the same way as `bench_int8_gemv.py`: graph replays over enough weight copies to overflow L2.
-Then the decode step's 97 GEMVs in order as one graph with each kernel (each shape's best bulk config):
-launch gaps included, the figure the step's 1.18 ms of GEMV time compares with. Nothing of lmbundle uses
-the kernel; the figures decide whether a CUDA C++ GEMV is worth building.
+Beside it, the Triton way to the same bytes in flight: a plain int8 GEMV whose loop Triton's software
+pipeliner turns into `cp.async` copies into 3-6 shared-memory stages (`tl.range(num_stages=)`; the
+lmbundle GEMV double-buffers its tiles in registers instead). Then the decode step's 97 GEMVs in order as
+one graph with each kernel (each shape's best config): launch gaps included, the figure the step's 1.18 ms
+of GEMV time compares with. Nothing of lmbundle uses these kernels; the figures decide whether either is
+worth building the fused decode GEMVs on.
 
     python3 benchmarks/bulk_gemv_probe.py [--json out.json]
 """
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_int8_gemv import _header, _int8_bytes, copy_tbps, int8_copies, seconds_per_call  # noqa: E402
@@ -58,6 +63,39 @@ def build():
                        extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"], verbose=False)
 
 
+@triton.jit
+def _pipelined_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, num_rows, num_groups, BLOCK_N: tl.constexpr,
+                           BLOCK_G: tl.constexpr, STAGES: tl.constexpr):
+    """y[rows] = x @ (W * s).T for a [BLOCK_N, BLOCK_G, 32] int8 tile a step, loads pipelined by Triton."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    groups = tl.arange(0, BLOCK_G)
+    cols = tl.arange(0, 32)
+    row_ok = rows < num_rows
+    w_offsets = rows[:, None, None].to(tl.int64) * num_groups * 32 + groups[None, :, None] * 32 + cols[None, None, :]
+    s_offsets = rows[:, None].to(tl.int64) * num_groups + groups[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    for g0 in tl.range(0, num_groups, BLOCK_G, num_stages=STAGES):
+        w = tl.load(w_ptr + w_offsets + g0 * 32, mask=row_ok[:, None, None], other=0)
+        scale = tl.load(s_ptr + s_offsets + g0, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        h = tl.load(x_ptr + g0 * 32 + groups[:, None] * 32 + cols[None, :]).to(tl.float32)
+        acc += tl.sum(w.to(tl.float32) * h[None, :, :], axis=2) * scale
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=row_ok)
+
+
+def pipelined_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_n: int, block_g: int, stages: int,
+                   num_warps: int) -> torch.Tensor:
+    """x [in] -> [out]; in_features a multiple of 32 * block_g (the 2B's are)."""
+    y = torch.empty(q.shape[0], dtype=x.dtype, device=x.device)
+    _pipelined_gemv_kernel[(triton.cdiv(q.shape[0], block_n),)](x, q, s, y, q.shape[0], q.shape[1] // 32,
+                                                                 BLOCK_N=block_n, BLOCK_G=block_g, STAGES=stages,
+                                                                 num_warps=num_warps, num_stages=stages)
+    return y
+
+
+PIPELINED = [(n, g, st, 4) for n, g, st in itertools.product((8, 16, 32), (8, 16), (3, 4, 6))] + [
+    (16, 16, 4, 8), (32, 16, 4, 8), (32, 32, 3, 8)]  # (BLOCK_N, BLOCK_G, stages, warps)
+
+
 def configs(in_features: int, sms: int) -> list[tuple[int, int, int]]:
     """(rows, stages, ctas) the .cu builds for this K."""
     rows_stages = [(r, s) for r, s in itertools.product((4, 8, 16), (2, 3, 4))
@@ -65,7 +103,8 @@ def configs(in_features: int, sms: int) -> list[tuple[int, int, int]]:
     return [(r, s, sms * m) for (r, s), m in itertools.product(rows_stages, (1, 2, 4))]
 
 
-def step_chain(module, best: dict[tuple[int, int], tuple[int, int, int]]) -> dict:
+def step_chain(module, best: dict[tuple[int, int], tuple[int, int, int]],
+               best_pipelined: dict[tuple[int, int], tuple[int, int, int, int]]) -> dict:
     """The 2B's decode step as GEMVs alone, in order (18 GDN + 6 attention layers, then the head: 97 GEMVs,
     1.9 GB), captured as one graph per kernel: what the step's GEMV time would be, launch gaps included."""
     shapes = []
@@ -97,10 +136,25 @@ def step_chain(module, best: dict[tuple[int, int], tuple[int, int, int]]) -> dic
 
     triton_us = run(lambda shape, q, s: triton_gemv.int8_gemv(xs[shape[1]].view(1, -1), q, s))
     bulk_us = run(lambda shape, q, s: module.gemv(xs[shape[1]], q, s, *best[shape]))
+    pipelined_us = run(lambda shape, q, s: pipelined_gemv(xs[shape[1]], q, s, *best_pipelined[shape]))
     print(f"decode step's {len(calls)} GEMVs ({nbytes / 1e9:.2f} GB) as one graph: triton {triton_us:.0f} us "
-          f"({nbytes / triton_us / 1e6:.2f} TB/s), bulk {bulk_us:.0f} us ({nbytes / bulk_us / 1e6:.2f} TB/s)",
-          flush=True)
-    return dict(gemvs=len(calls), bytes=nbytes, triton_us=round(triton_us, 1), bulk_us=round(bulk_us, 1))
+          f"({nbytes / triton_us / 1e6:.2f} TB/s), bulk {bulk_us:.0f} us ({nbytes / bulk_us / 1e6:.2f} TB/s), "
+          f"triton pipelined {pipelined_us:.0f} us ({nbytes / pipelined_us / 1e6:.2f} TB/s)", flush=True)
+    return dict(gemvs=len(calls), bytes=nbytes, triton_us=round(triton_us, 1), bulk_us=round(bulk_us, 1),
+                pipelined_us=round(pipelined_us, 1))
+
+
+def _checked_times(label: str, kernel, configs: list[tuple], x, copies, exact, nbytes: int) -> dict:
+    """us per call of kernel(x, q, s, *config) for each config whose output matches the exact product."""
+    q, s = copies[0]
+    timed = {}
+    for config in configs:
+        error = ((kernel(x, q, s, *config).double() - exact).norm() / exact.norm()).item()
+        if error > 1e-2:  # bf16 output: ~4e-3
+            print(f"{label} {config}: WRONG, relative error {error:.3g}", flush=True)
+            continue
+        timed[config] = seconds_per_call([lambda q=q, s=s: kernel(x, q, s, *config) for q, s in copies], nbytes) * 1e6
+    return timed
 
 
 def main() -> None:
@@ -112,38 +166,31 @@ def main() -> None:
     module = build()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"device copy {copy_tbps():.2f} TB/s (read + write)", flush=True)
-    results, best_by_shape = [], {}
+    results, best_by_shape, best_pipelined = [], {}, {}
     for label, out_features, in_features in SHAPES:
         copies = int8_copies(out_features, in_features)
         nbytes = _int8_bytes(*copies[0])
         x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
-        q, s = copies[0]
-        exact = F.linear(x.double(), dequantize(q, s, torch.float64)).view(-1)
+        exact = F.linear(x.double(), dequantize(*copies[0], torch.float64)).view(-1)
         triton_us = seconds_per_call([lambda q=q, s=s: triton_gemv.int8_gemv(x, q, s) for q, s in copies], nbytes) * 1e6
-        timed = {}
-        for rows, stages, ctas in configs(in_features, sms):
-            ours = module.gemv(x.view(-1), q, s, rows, stages, ctas).double()
-            error = ((ours - exact).norm() / exact.norm()).item()
-            if error > 1e-2:  # bf16 output: ~4e-3
-                print(f"{label} {rows}x{stages}x{ctas}: WRONG, relative error {error:.3g}", flush=True)
-                continue
-            timed[(rows, stages, ctas)] = seconds_per_call(
-                [lambda q=q, s=s, c=(rows, stages, ctas): module.gemv(x.view(-1), q, s, *c) for q, s in copies],
-                nbytes) * 1e6
-        best = min(timed, key=timed.get) if timed else None
-        if best:
-            best_by_shape[(out_features, in_features)] = best
-        row = dict(shape=label, out=out_features, inp=in_features, bytes=nbytes, triton_us=round(triton_us, 2),
-                   bulk_us={f"{r}x{s}x{c}": round(t, 2) for (r, s, c), t in timed.items()},
-                   best=list(best) if best else None)
+        bulk = _checked_times(label, module.gemv, configs(in_features, sms), x.view(-1), copies, exact, nbytes)
+        pipelined = _checked_times(label, pipelined_gemv, PIPELINED, x.view(-1), copies, exact, nbytes)
+        shape = (out_features, in_features)
+        row = dict(shape=label, out=out_features, inp=in_features, bytes=nbytes, triton_us=round(triton_us, 2))
+        line = (f"{label:16s} {out_features:>6d}x{in_features:<5d} triton {triton_us:7.1f} us "
+                f"({nbytes / triton_us / 1e6:.2f} TB/s)")
+        for name, timed, best in (("bulk", bulk, best_by_shape), ("pipelined", pipelined, best_pipelined)):
+            row[f"{name}_us"] = {"x".join(map(str, c)): round(t, 2) for c, t in timed.items()}
+            if timed:
+                best[shape] = min(timed, key=timed.get)
+                row[f"{name}_best"] = list(best[shape])
+                line += (f"  {name} {timed[best[shape]]:7.1f} us ({nbytes / timed[best[shape]] / 1e6:.2f} TB/s, "
+                         f"{best[shape]}) x{triton_us / timed[best[shape]]:.2f}")
         results.append(row)
-        if best:
-            print(f"{label:16s} {out_features:>6d}x{in_features:<5d} triton {triton_us:7.1f} us "
-                  f"({nbytes / triton_us / 1e6:.2f} TB/s)  bulk best {timed[best]:7.1f} us "
-                  f"({nbytes / timed[best] / 1e6:.2f} TB/s, rows x stages x CTAs {best})  "
-                  f"x{triton_us / timed[best]:.2f}", flush=True)
+        print(line, flush=True)
         del copies
-    chain = step_chain(module, best_by_shape) if len(best_by_shape) == len(SHAPES) else None
+    chain = (step_chain(module, best_by_shape, best_pipelined)
+             if len(best_by_shape) == len(best_pipelined) == len(SHAPES) else None)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(header=_header(), command=" ".join(["python3", *sys.argv]),
                                                    results=results, step_chain=chain), indent=1))
