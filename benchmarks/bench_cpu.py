@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmbundle.convert.convert import convert  # noqa: E402
-from lmbundle.engine.bench import bench  # noqa: E402
+from lmbundle.engine.bench import bench, prompt_ids  # noqa: E402
 from lmbundle.engine.engine import Engine  # noqa: E402
 
 
@@ -57,10 +57,10 @@ def main() -> None:
                          backend="all" if "coreai" in args.backends else "torch", log=None)
         results = {"threads": torch.get_num_threads(), "checkpoint": args.checkpoint, "quant": args.quant}
         for backend in args.backends:
-            r = bench(Engine(bundle, backend=backend, device="cpu" if backend == "torch" else None),
-                      args.p, args.g, args.n if backend == "torch" else 1)
+            engine = Engine(bundle, backend=backend, device="cpu" if backend == "torch" else None)
+            r = bench(engine, args.p, args.g, args.n if backend == "torch" else 1)
             results[backend] = {k: r[k] for k in ("prefill_tok_s", "decode_tok_s", "peak_memory_bytes")}
-        ids = [(17 + 31 * i) % 1000 for i in range(args.p)]
+        ids = prompt_ids(engine, args.p)  # the prompt bench fed
         results["transformers_fp32"] = {"decode_tok_s": round(transformers_decode(args.checkpoint, ids, args.g), 2)}
     h = results["transformers_fp32"]["decode_tok_s"]
     ours = {k: results[k]["decode_tok_s"] for k in args.backends}

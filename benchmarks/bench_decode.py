@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmbundle.convert.convert import convert  # noqa: E402
-from lmbundle.engine.bench import bench, format_bench, measured_bandwidth  # noqa: E402
+from lmbundle.engine.bench import bench, format_bench, measured_bandwidth, prompt_ids  # noqa: E402
 from lmbundle.engine.engine import Engine, GenerationStats  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
@@ -121,7 +121,7 @@ def chunked_prefill(engine: Engine, tokens: int, chunk: int) -> float:
 def time_to_first_token(engine: Engine, tokens: int) -> float:
     """What `run`/`chat`/`serve` take to the first token of a cold prompt (chunks of 256, prefix-cache
     snapshots at its cut points included), best of 3."""
-    ids = [(11 + 17 * i) % 1000 for i in range(tokens)]
+    ids = prompt_ids(engine, tokens, 11, 17)
     best = float("inf")
     for _ in range(3):
         engine.forget()

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_decode import chunked_prefill, make_checkpoint  # noqa: E402
 from lmbundle.convert.convert import convert  # noqa: E402
+from lmbundle.engine.bench import prompt_ids  # noqa: E402
 from lmbundle.engine.engine import Engine, GenerationStats  # noqa: E402
 
 
@@ -143,7 +144,7 @@ def profile_ttft(engine, tokens: int) -> None:
     prefix cache's snapshots), against the kernels it ran and the host calls that took the time: where the
     TTFT goes beyond the prompt's replay (H200, 128 tokens: 10.3 against 6.4 ms at 06:23 on 2026-12-02, 5.72
     against 5.49 ms at 08:20)."""
-    ids = [(11 + 17 * i) % 1000 for i in range(tokens)]
+    ids = prompt_ids(engine, tokens, 11, 17)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if engine.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

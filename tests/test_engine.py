@@ -151,3 +151,16 @@ def test_serve_without_its_web_modules_is_one_line(fp16_bundle):
     assert out.returncode == 2
     assert out.stderr.strip() == ("error: serve needs the module 'fastapi', which is not installed "
                                   "(pip install lmbundle's dependencies)")
+
+
+def test_bench_prompt_is_plain_text(engine):
+    """bench's synthetic prompt holds no special token: a chat marker would cut it into pieces for the
+    prefix cache (the old `(17 + 31 i) mod 1000` ids held <|im_start|> and timed two pieces, not one)."""
+    from lmbundle.engine.bench import prompt_ids
+
+    ids = prompt_ids(engine, 300)
+    marker = engine.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert marker in [(17 + 31 * i) % 1000 for i in range(300)]  # the old prompt was cut there
+    assert marker not in ids and not set(ids) & set(engine.tokenizer.all_special_ids) and len(set(ids)) > 200
+    block = engine.prefix_cache.block
+    assert engine._cuts(ids, 0) == [p for p in range(1, 300) if p % block == 0]

@@ -43,13 +43,22 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def prompt_ids(engine: Engine, count: int, offset: int = 17, stride: int = 31) -> list[int]:
+    """A synthetic prompt of `count` ordinary token ids (like llm-benchmark's), none of them special: a
+    chat-message marker among them would make the engine cut the prompt there for the prefix cache, and
+    the figure would time pieces a plain prompt never has."""
+    tokenizer = engine.tokenizer
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    ordinary = [i for i in range(min(engine.bundle.info["config"]["vocab_size"], 1000)) if i not in special]
+    return [ordinary[(offset + stride * i) % len(ordinary)] for i in range(count)]
+
+
 def bench(engine: Engine, prompt_tokens: int = 128, gen_tokens: int = 256, trials: int = 3,
           prefill_chunk: int = 0, chunked_prefill: int = 256) -> dict:
     """The protocol's figures with `prefill_chunk` (0: S=1 steps), plus the time to first token of the
     same prompt fed in chunks of `chunked_prefill` tokens (0: not measured), after one untimed run that
     captures its graph (as `serve` does at start)."""
-    vocab = engine.bundle.info["config"]["vocab_size"]
-    ids = [(17 + 31 * i) % min(vocab, 1000) for i in range(prompt_tokens)]  # synthetic, like llm-benchmark
+    ids = prompt_ids(engine, prompt_tokens)
     engine.check_length(prompt_tokens, gen_tokens)
     engine.warmup()
     if engine.device.type == "cuda":
