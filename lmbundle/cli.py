@@ -278,6 +278,8 @@ def cmd_serve(args) -> None:
     try:
         from .serve.server import serve
     except ModuleNotFoundError as exc:  # a broken install: fastapi, uvicorn... are lmbundle's dependencies
+        if (exc.name or "lmbundle").startswith("lmbundle"):
+            raise
         raise LmbundleError(f"serve needs the module '{exc.name}', which is not installed "
                             f"(pip install lmbundle's dependencies)") from None
     serve(args)
