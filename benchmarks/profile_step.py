@@ -115,7 +115,7 @@ def compare_wy_variants(engine, lengths: list[int]) -> None:
         ops.wy_chunk, ops.wy_prepare_max = chunk, prepare_max
         backend._prefill_graphs = None  # captured with the other variant
         rates = [chunked_prefill(engine, n, n) for n in lengths]
-        print(f"  {label:48s}" + "".join(f" {n / r * 1e3:8.2f} ({r:6.0f})" for n, r in zip(lengths, rates)))
+        print(f"  {label:34s}" + "".join(f" {n / r * 1e3:8.2f} ({r:6.0f})" for n, r in zip(lengths, rates)))
     ops.wy_chunk, ops.wy_prepare_max = saved
     backend._prefill_graphs = None
 

@@ -8,9 +8,9 @@ token's position), captured on first use or up front (`warm`). A replay has a fi
 2B: thousands of small kernels), so a piece is padded up to the next captured length (a power of two, at
 least `MIN_PADDED`) rather than cut into many: the padding tokens sit after the real ones, leave the GDN
 states as the real ones left them and write KV only past them (`hidden_states(valid=...)`). A piece that
-cannot be padded (its padding would run past the KV capacity) is cut into exact power-of-two lengths. Either way the cut depends only on the
-piece and the capacity, so a prompt is computed the same way every time (the batch scheduler's exactness
-rests on that).
+cannot be padded (its padding would run past the KV capacity) is cut into exact power-of-two lengths.
+Either way the cut depends only on the piece and the capacity, so a prompt is computed the same way every
+time (the batch scheduler's exactness rests on that).
 """
 
 from __future__ import annotations

@@ -125,8 +125,7 @@ def _wy_chunks_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, seq, wv_ptr, wk_ptr,
             _store_half(ke_ptr, row0, k0 * tl.exp(last - cum0)[:, None], B, DK)
             _store_half(ke_ptr, row1, k1 * tl.exp(last - cum1)[:, None], B, DK)
             tl.store(decay_ptr + head * chunks + chunk, tl.exp(last))
-
-    if part == 2:
+    else:  # the queries' part
         q0, q1 = _half(q_ptr, t0, real0, head, H, DK), _half(q_ptr, t1, real1, head, H, DK)
         _store_half(qd_ptr, row0, q0 * tl.exp(cum0)[:, None], B, DK)
         _store_half(qd_ptr, row1, q1 * tl.exp(cum1)[:, None], B, DK)
