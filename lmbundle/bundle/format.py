@@ -128,23 +128,25 @@ def atomic_folder(out: Path) -> Iterator[Path]:
 
 
 def language_bundle_metadata(
-    name: str, vocab_size: int, max_context: int, hf_model_id: str | None, compression: dict | None,
+    name: str, vocab_size: int, max_context: int, source: str, revision: str | None, compression: dict | None,
     aimodel: str | None,
 ) -> dict[str, Any]:
-    """The keys Apple's LanguageBundle loader (schema 0.2) reads."""
+    """The keys Apple's LanguageBundle loader (schema 0.2) reads. `source` is the hub id (with its
+    `revision`) or the checkpoint folder's name; `language.tokenizer` carries it too, as Apple's exporter
+    writes it: the loader reads tokenizer/ first and fetches that id from the hub only without it."""
     return {
         "metadata_version": "0.2",
         "kind": "llm",
         "name": name,
         "assets": {"main": aimodel} if aimodel else {},
         "language": {
-            "tokenizer": TOKENIZER_DIR,
+            "tokenizer": source,
             "vocab_size": vocab_size,
             "max_context_length": max_context,
             "embedded_tokenizer": True,
             "function_map": {"main": ["main"]},
         },
-        "source": {"model_definition": "torch", "hf_model_id": hf_model_id, "hf_revision": None},
+        "source": {"model_definition": "torch", "hf_model_id": source, "hf_revision": revision},
         "compression": compression,
         "compilation": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "targets": []},
     }
