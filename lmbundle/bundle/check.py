@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LmbundleError
+from .format import BUNDLE_VERSION
 from .hosts import HOSTS, check_host
 from .hosts.base import FAIL, PASS, WARN, Signature, Subject, Tensor
 
@@ -153,8 +154,18 @@ def check_bundle(folder: str | Path, hosts: list[str] | tuple[str, ...] = HOSTS,
     subject.vision_functions = _signatures_of(folder, subject.assets.get("vision"))
     for host in hosts:
         add = report.adder(host)
+        _lmbundle_version(subject, add)
         check_host(host, subject, add)
         _device_rules(subject, add)
     return report
+
+
+def _lmbundle_version(subject: Subject, add) -> None:
+    """A bundle an older lmbundle wrote has the old asset layout (GDN states first, a `prefill` with an
+    output): no host contract to check it against."""
+    version = subject.lmbundle.get("bundle_version") if subject.lmbundle else BUNDLE_VERSION
+    add("lmbundle bundle_version", PASS if version == BUNDLE_VERSION else FAIL, f"{version!r}: bundles before "
+        f"{BUNDLE_VERSION} declare the GDN states before the KV pair and a prefill function with an output; convert "
+        "the checkpoint again", "lmbundle bundle/format.py BUNDLE_VERSION")
 
 
