@@ -105,7 +105,8 @@ def vlm(request, tmp_path_factory):
     ref = _make_checkpoint(request.param, root / "ckpt")
     engines = {}
     for quant, context in (("fp16", 4096), ("int8hu", SMALL_CONTEXT)):
-        bundle = convert(str(root / "ckpt"), root / quant, quant=quant, backend="torch", max_context=context, log=None)
+        bundle = convert(str(root / "ckpt"), root / quant, quant=quant, backend="torch", max_context=context,
+                         max_images=4, log=None)  # multi-image prompts: lmbundle's engines only
         engines[quant] = Engine(bundle, backend="torch", device="cpu")
     return request.param, ref, engines, root / "ckpt"
 
