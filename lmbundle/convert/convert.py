@@ -169,7 +169,7 @@ def convert(
             from ..bundle.hosts import SHIP_HOST
 
             report = check_bundle(tmp, hosts=[SHIP_HOST])
-            slots = {f"input {name}" for name in IMAGE_INPUT_NAMES} if max_images > 1 else set()
+            slots = {f"input {n}" for n in IMAGE_INPUT_NAMES} if max_images > 1 else set()
             failures = [r for r in report.failures() if r.name not in slots]  # more images: the user's choice
             if failures:
                 failed = "; ".join(f"{r.name}: {r.detail}" for r in failures)
