@@ -10,6 +10,7 @@ import gc
 import json
 import sys
 
+from .bundle.hosts import HOSTS
 from .engine import BACKENDS
 from .errors import LmbundleError
 from .quiet import quiet
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="all", help="all | torch | coreai: which graphs the bundle carries")
     p.add_argument("--max-context", type=int, default=4096, help="largest prompt + output, in tokens")
     p.add_argument("--name", help="bundle name (default: from the source and quant mode)")
+    p.add_argument("--max-images", type=int, default=1,
+                   help="image-text checkpoints: images per prompt (default 1, the hosts' contract; more runs "
+                        "on lmbundle's own engines only)")
 
     p = sub.add_parser("run", help="generate from a prompt, streaming")
     _add_engine_args(p)
@@ -103,8 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a bundle holds: config, quant, sizes, bytes per token")
     p.add_argument("bundle")
     p.add_argument("--check", action="store_true",
-                   help="check the bundle against the rules of Apple's bundle loader and pipelined engine "
-                        "(exit status 1 if one fails)")
+                   help="check the bundle against each host's rules: Apple's loader and engine at 86b363d and on "
+                        "main, and the zoo's engine (exit status 1 if one fails)")
+    p.add_argument("--host", action="append", choices=HOSTS,
+                   help="with --check: only this host (repeatable; default: all, one column each)")
+    p.add_argument("--target", choices=("macos", "ios"), default="macos",
+                   help="with --check: the device class (ios adds the iPhone's KV and memory warnings)")
     p.add_argument("--json", action="store_true", help="with --check: the rules as JSON")
     for command in sub.choices.values():
         command.add_argument("-v", "--verbose", action="store_true",
@@ -135,7 +143,7 @@ def cmd_convert(args) -> None:
     from .convert.convert import convert
 
     out = convert(args.source, args.out, quant=args.quant, head_quant=args.head_quant, backend=args.backend,
-                  max_context=args.max_context, name=args.name)
+                  max_context=args.max_context, name=args.name, max_images=args.max_images)
     _print_info(open_bundle(out))
 
 
@@ -160,7 +168,7 @@ def cmd_info(args) -> None:
     if args.check:
         from .bundle.check import check_bundle
 
-        report = check_bundle(args.bundle)
+        report = check_bundle(args.bundle, hosts=args.host or HOSTS, target=args.target)
         print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
         if not report.passed:
             raise SystemExit(1)

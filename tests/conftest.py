@@ -55,3 +55,26 @@ def demo_bundles(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo")
     return {q: convert(str(DEMO_QWEN35), root / q, quant=q, backend="all", log=None) for q in ("fp16", "int8hu")}
+
+
+HOST_SHAPES = ("base", "deep_pattern", "qwen3_vl", "qwen3_5_vision")  # text x2 (GDN layouts), image-text x2
+
+
+@pytest.fixture(scope="session")
+def host_bundles(tmp_path_factory):
+    """Fresh int8hu bundles with both backends (Core AI where it installs), one per shape the hosts must
+    take: two tiny Qwen3.5 text layouts, a tiny Qwen3-VL (DeepStack) and a tiny Qwen3.5 with a vision
+    tower. Converted once for the session (each export is ~10 s on the reference runtime)."""
+    from lmbundle.convert.convert import convert
+    from tests.test_vlm_e2e import _make_checkpoint
+
+    root = tmp_path_factory.mktemp("host-bundles")
+    bundles = {}
+    for shape in HOST_SHAPES:
+        ckpt = root / f"{shape}-ckpt"
+        if shape in checkpoints.TINY_CONFIGS:
+            checkpoints.make_qwen35_with_tokenizer(ckpt, **checkpoints.TINY_CONFIGS[shape])
+        else:
+            _make_checkpoint(shape.removesuffix("_vision"), ckpt)
+        bundles[shape] = convert(str(ckpt), root / shape, quant="int8hu", backend="all", max_context=256, log=None)
+    return bundles

@@ -34,6 +34,18 @@ def test_metadata_is_a_language_bundle_superset(bundles, tiny_qwen35):
     assert info["state"]["key"]["shape"] == [1, 1, 2, 4096, 32] and info["state"]["key"]["grows"]
     assert info["state"]["rec"]["shape"] == [3, 1, 4, 16, 32]
     assert set(info["files"]) >= {"weights.safetensors", "tokenizer/tokenizer.json", "tokenizer/chat_template.jinja"}
+    # no path of the machine that converted it: a local checkpoint is named by its folder
+    assert meta["source"] == {"model_definition": "torch", "hf_model_id": tiny_qwen35.name, "hf_revision": None}
+    assert meta["language"]["tokenizer"] == tiny_qwen35.name
+    assert str(tiny_qwen35.parent) not in json.dumps(meta)
+
+
+def test_hub_checkpoints_are_named_by_id_and_revision(tmp_path):
+    from lmbundle.convert.checkpoint import hub_origin
+
+    snapshot = tmp_path / "models--Qwen--Qwen3.5-2B" / "snapshots" / "0123abc"
+    assert hub_origin("Qwen/Qwen3.5-2B", snapshot) == ("Qwen/Qwen3.5-2B", "0123abc")
+    assert hub_origin(str(tmp_path), tmp_path) == (None, None)
 
 
 def test_quant_layouts_and_bytes_per_token(bundles):

@@ -4,7 +4,8 @@ fp32 and int8 (block-32 blockwise constants) assets on the tiny checkpoint: teac
 within fp16 rounding (the asset's logits are fp16, as Apple's engine takes them) and the same argmax
 over 16 steps, with the dynamic KV states grown from 4 slots by copying; a pipelined greedy rollout
 (each step fed the previous step's on-runtime argmax) equal to torch's; prefill chunks + steps equal
-to S=1 steps; the compile cache hit, rebuilt when damaged; a damaged asset
+to S=1 steps (Apple's balanced chunks, the asset's prompt function padding each to its width); the
+compile cache hit, rebuilt when damaged; a damaged asset
 is a LmbundleError, never a crash.
 """
 
@@ -183,14 +184,15 @@ def test_load_state_seeds_the_runtime(exported, cache):
 
 
 def test_asset_has_dynamic_kv_states_and_a_prefill_function(exported):
-    """The descriptor Apple's engine reads: KV sequence dim -1 (grown by the host), GDN states fixed,
-    and `prefill` (8 tokens here, no head) over the same states."""
+    """The descriptor the hosts read: the KV pair first with sequence dim -1 (grown by the host), the GDN
+    states fixed, and `prefill` ([1, q] ids, no head, no outputs) over the same states."""
     from lmbundle.bundle.check import read_signatures
 
     model, path = exported["int8"]
     functions = read_signatures(path)
     assert list(functions) == ["main", "prefill"]
     main, prefill = functions["main"], functions["prefill"]
+    assert main.names("states") == ["keyCache", "valueCache", "convState", "recState"]
     states = dict(main.states)
     assert states["keyCache"].shape == states["valueCache"].shape == [1, 1, 2, -1, 32]
     assert -1 not in states["convState"].shape and -1 not in states["recState"].shape
@@ -198,18 +200,19 @@ def test_asset_has_dynamic_kv_states_and_a_prefill_function(exported):
                                                                ("position_ids", "Int32", [1, -1])]
     assert [(n, t.dtype, t.shape) for n, t in main.outputs] == [("logits", "Float16", [1, 1, model.cfg.vocab_size]),
                                                                 ("next_token", "Int32", [1, 1])]
-    assert [n for n, _ in prefill.states] == [n for n, _ in main.states]
-    assert dict(prefill.inputs)["input_ids"].shape == [1, 8]
+    assert prefill.names("states") == main.names("states") and prefill.outputs == []
+    assert dict(prefill.inputs)["input_ids"].shape == [1, -1]
 
 
 @pytest.mark.parametrize("kind", ["fp32", "int8"])
 def test_prefill_function_equals_s1_steps(exported, cache, kind):
-    """A 29-token prompt as 3 prefill chunks of 8 + 5 S=1 steps, then 8 greedy steps: the same tokens
-    as 29 S=1 steps (and as the torch graph), logits within fp16 rounding."""
+    """A 29-token prompt as Apple's engine sends it with 8-token chunks (28 tokens in 4 balanced chunks of 7
+    through `prefill`, the last through `main`), then 8 greedy steps: the same tokens as 29 S=1 steps (and
+    as the torch graph), logits within fp16 rounding."""
     model, path = exported[kind]
     prompt = torch.randint(0, model.cfg.vocab_size, (29,), generator=torch.Generator().manual_seed(5)).tolist()
     routes = {}
-    with CoreAIBackend(path, cache, max_context=CAPACITY + 16) as backend:
+    with CoreAIBackend(path, cache, max_context=CAPACITY + 16, prefill_chunk=8) as backend:
         assert backend.prefill_chunk == 8
         for chunk in (0, 8):
             backend.reset(len(prompt) + 8)

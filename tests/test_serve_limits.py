@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one torch thre
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm-serve")
     _make_checkpoint("qwen3_5", root / "ckpt")
-    bundle = convert(str(root / "ckpt"), root / "fp16", quant="fp16", backend="torch", max_context=2048, log=None)
+    bundle = convert(str(root / "ckpt"), root / "fp16", quant="fp16", backend="torch", max_context=2048, max_images=4,
+                     log=None)
     proc, host = start_server(bundle, "--api-key", API_KEY, "--timeout", "120")
     yield proc, host
     stop_server(proc)

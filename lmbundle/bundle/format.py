@@ -27,9 +27,8 @@ import torch
 from .. import __version__
 from ..errors import LmbundleError
 from ..models.image_prompt import ImageContext
-from ..models.state import State
 
-BUNDLE_VERSION = 2  # 2: metadata.json carries content_sha256 (issue 18)
+BUNDLE_VERSION = 3  # 3: KV states first and the `prefill` entry point of the hosts' contract
 METADATA = "metadata.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -40,13 +39,20 @@ TOKENIZER_PATTERNS = (
 )
 
 
-# The exported step's names (the seed's contract): one Core AI state per `State` field (a pure-attention
-# decoder has no GDN state, so no convState/recState), and the image inputs are an `ImageContext`'s tensors.
-_COREAI_STATE_NAMES = {"conv": "convState", "rec": "recState", "key": "keyCache", "value": "valueCache"}
-STATE_NAMES = {f.name: _COREAI_STATE_NAMES[f.name] for f in fields(State)}
+# The exported step's names (the hosts' contract, docs/coreai.md): one Core AI state per `State` field, the
+# KV pair first (the zoo's engine binds the first two states as the KV cache; Apple's heuristic does not care);
+# a pure-attention decoder has no GDN state, so no convState/recState. The image inputs are an `ImageContext`'s
+# tensors.
+STATE_NAMES = {"key": "keyCache", "value": "valueCache", "conv": "convState", "rec": "recState"}  # State field -> name
 IMAGE_INPUT_NAMES = tuple(f.name for f in fields(ImageContext) if f.name != "grid")
 STEP_INPUT_NAMES = ("input_ids", "position_ids")
 STEP_OUTPUT_NAMES = ("logits", "next_token")
+# The asset's entry points: `main`, the one-token step, and `prefill`, Apple's prompt function (same inputs and
+# states as `main`, no head, no outputs; the name Apple's engines look up, `prefillGraphFunctionName`).
+MAIN_FUNCTION = "main"
+PREFILL_FUNCTION = "prefill"
+ENTRY_POINTS = (MAIN_FUNCTION, PREFILL_FUNCTION)
+PREFILL_CHUNK = 64  # the most tokens one `prefill` call takes (metadata `language.prefill_chunk_size`)
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8", torch.int32: "I32",
@@ -122,23 +128,25 @@ def atomic_folder(out: Path) -> Iterator[Path]:
 
 
 def language_bundle_metadata(
-    name: str, vocab_size: int, max_context: int, hf_model_id: str | None, compression: dict | None,
+    name: str, vocab_size: int, max_context: int, source: str, revision: str | None, compression: dict | None,
     aimodel: str | None,
 ) -> dict[str, Any]:
-    """The keys Apple's LanguageBundle loader (schema 0.2) reads."""
+    """The keys Apple's LanguageBundle loader (schema 0.2) reads. `source` is the hub id (with its
+    `revision`) or the checkpoint folder's name; `language.tokenizer` carries it too, as Apple's exporter
+    writes it: the loader reads tokenizer/ first and fetches that id from the hub only without it."""
     return {
         "metadata_version": "0.2",
         "kind": "llm",
         "name": name,
         "assets": {"main": aimodel} if aimodel else {},
         "language": {
-            "tokenizer": TOKENIZER_DIR,
+            "tokenizer": source,
             "vocab_size": vocab_size,
             "max_context_length": max_context,
             "embedded_tokenizer": True,
             "function_map": {"main": ["main"]},
         },
-        "source": {"model_definition": "torch", "hf_model_id": hf_model_id, "hf_revision": None},
+        "source": {"model_definition": "torch", "hf_model_id": source, "hf_revision": revision},
         "compression": compression,
         "compilation": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "targets": []},
     }

@@ -29,7 +29,8 @@ def _hub_like(source: str) -> bool:
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
-    """A local checkpoint folder, or a hub id fetched through huggingface_hub's cache."""
+    """A local checkpoint folder, or a hub id fetched through huggingface_hub's cache (a
+    `snapshots/<commit>` folder: `hub_origin` reads the id and revision back from it)."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -55,6 +56,14 @@ class Checkpoint:
     config: dict[str, Any]
     architecture: Architecture
     tensor_files: dict[str, Path]  # checkpoint tensor name -> shard
+    hub_id: str | None = None  # where a hub checkpoint came from (None: a local folder)
+    revision: str | None = None  # the hub commit it was read at
+
+    @property
+    def source_name(self) -> str:
+        """What a bundle may say it came from: the hub id, else the folder's name (never a path of the
+        machine that converted it)."""
+        return self.hub_id or self.path.name
 
     @property
     def text_config(self) -> dict[str, Any]:
@@ -151,6 +160,13 @@ def _tensor_index(folder: Path) -> dict[str, Path]:
     return files
 
 
+def hub_origin(source: str | os.PathLike, folder: Path) -> tuple[str | None, str | None]:
+    """(hub id, revision) when `source` named a hub checkpoint rather than a local folder."""
+    if Path(source).expanduser().exists():
+        return None, None
+    return str(source), folder.name if folder.parent.name == "snapshots" else None
+
+
 def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
     folder = resolve_source(source)
     config_path = folder / "config.json"
@@ -158,4 +174,4 @@ def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
         raise LmbundleError(f"{folder}: not a checkpoint (no config.json)")
     config = read_json(config_path)
     architecture = _architecture(config, config_path)
-    return Checkpoint(folder, config, architecture, _tensor_index(folder))
+    return Checkpoint(folder, config, architecture, _tensor_index(folder), *hub_origin(source, folder))

@@ -16,7 +16,9 @@ from tqdm import tqdm
 from .. import __version__
 from ..bundle.format import (
     BUNDLE_VERSION,
+    ENTRY_POINTS,
     IMAGE_INPUT_NAMES,
+    PREFILL_CHUNK,
     STATE_NAMES,
     WEIGHTS,
     atomic_folder,
@@ -31,7 +33,7 @@ from ..errors import LmbundleError
 from ..models.decoder import DecoderForStep
 from ..models.state import GROWING_STATES
 from .checkpoint import Checkpoint, open_checkpoint
-from .vision_export import write_vision
+from .vision_export import DEFAULT_MAX_IMAGES, write_vision
 
 EXPORT_TARGETS = ("all", "torch", "coreai")  # what a bundle carries: both graphs, or one
 DEFAULT_MAX_CONTEXT = 4096
@@ -83,9 +85,11 @@ def convert(
     backend: str = "all",
     max_context: int = DEFAULT_MAX_CONTEXT,
     name: str | None = None,
+    max_images: int = DEFAULT_MAX_IMAGES,
     log=print,
 ) -> Path:
-    """Convert a checkpoint folder or hub id into a bundle at `out` (atomically)."""
+    """Convert a checkpoint folder or hub id into a bundle at `out` (atomically). `max_images`: the image
+    slots of a VLM decoder (one image is the hosts' contract; more is ours alone)."""
     check_mode(quant, head_quant)
     if backend not in EXPORT_TARGETS:
         raise LmbundleError(f"unknown backend {backend!r} (choose one of {', '.join(EXPORT_TARGETS)})")
@@ -122,7 +126,8 @@ def convert(
         progress.set_postfix_str("tokenizer")
         copy_tokenizer(ckpt.path, tmp / "tokenizer")
         vision_asset = None if coreai_reason else f"{name}.vision.aimodel"
-        vision = write_vision(ckpt, tmp, cfg.hidden_size, asset=vision_asset) if ckpt.has_vision else None
+        vision = write_vision(ckpt, tmp, cfg.hidden_size, max_images=max_images,
+                              asset=vision_asset) if ckpt.has_vision else None
         progress.update()
 
         aimodel = None
@@ -139,15 +144,14 @@ def convert(
 
         compression = None if quant == "fp16" else {"scheme": quant, "granularity": "per_block_32",
                                                     "head": recipe["head"], "symmetric": "absmax"}
-        metadata = language_bundle_metadata(
-            name, cfg.vocab_size, max_context, ckpt.config.get("_name_or_path") or str(source), compression, aimodel
-        )
+        metadata = language_bundle_metadata(name, cfg.vocab_size, max_context, ckpt.source_name, ckpt.revision,
+                                            compression, aimodel)
         metadata["lmbundle"] = {
             "bundle_version": BUNDLE_VERSION,
             "lmbundle_version": __version__,
             "architecture": ckpt.architecture.name,
             "config": dataclasses.asdict(cfg),
-            "hf_config": ckpt.config,
+            "hf_config": {k: v for k, v in ckpt.config.items() if k != "_name_or_path"},  # no build paths
             "quant": recipe,
             "weights": WEIGHTS,
             "state": state_layout(model, max_context),
@@ -162,11 +166,16 @@ def convert(
         write_metadata(tmp, metadata)
         if aimodel:
             from ..bundle.check import check_bundle
+            from ..bundle.hosts import SHIP_HOST
 
-            report = check_bundle(tmp)
-            if not report.passed:
-                failed = "; ".join(f"{r.name}: {r.detail}" for r in report.failures)
-                raise LmbundleError(f"{out}: the bundle would not load in Apple's engine ({failed})")
+            report = check_bundle(tmp, hosts=[SHIP_HOST])
+            slots = {f"input {n}" for n in IMAGE_INPUT_NAMES} if max_images > 1 else set()
+            failures = [r for r in report.failures() if r.name not in slots]  # more images: the user's choice
+            if failures:
+                failed = "; ".join(f"{r.name}: {r.detail}" for r in failures)
+                raise LmbundleError(f"{out}: the bundle would not run on the {SHIP_HOST} host ({failed})")
+            if slots and log:
+                log(f"note: {max_images} image slots: lmbundle's engines take them; the {SHIP_HOST} host feeds one image")
     return out
 
 
@@ -174,25 +183,28 @@ APPLE_STATE_NAMES = {"conv": "convStates", "rec": "recurrentStates"}  # Apple's 
 
 
 def apple_language_keys(metadata: dict[str, Any], model: torch.nn.Module, functions: list[str]) -> None:
-    """What Apple's loader reads beyond the base schema: the state kinds (KV grows, GDN states are fixed)
-    and the entry points of the asset."""
+    """What Apple's loader reads beyond the base schema: the state kinds (KV grows, GDN states are fixed),
+    the entry points of the asset, and the prompt chunking (#240): the `prefill` function takes up to
+    PREFILL_CHUNK tokens, `main` one, so every prompt longer than one token is chunked."""
     state = model.new_state(1, device="meta")
-    present = [f for f, t in state.tensors().items() if t.numel()]
+    present = [f for f in STATE_NAMES if state.tensors()[f].numel()]
     language = metadata["language"]
     language["states"] = {STATE_NAMES[f]: "kv_cache" if f in GROWING_STATES else "fixed" for f in present}
-    language["function_map"] = {f: [f] for f in functions}
+    language["function_map"] = {f: [f] for f in ENTRY_POINTS if f in functions}
+    if len(language["function_map"]) > 1:
+        language["prefill_chunk_size"] = PREFILL_CHUNK
+        language["prefill_chunk_threshold"] = 1
     metadata["lmbundle"]["apple_state_names"] = {STATE_NAMES[f]: APPLE_STATE_NAMES.get(f, STATE_NAMES[f])
                                                  for f in present}
     metadata["lmbundle"]["coreai_kv"] = "dynamic"  # the asset's KV length is -1: grown by the host up to max_context
 
 
 def apple_vision_keys(metadata: dict[str, Any], vision: dict[str, Any]) -> None:
-    """A VLM bundle is `kind` vlm, and its vision section carries the keys Apple's VisionConfig requires
-    (image_token_count, image_strategy beside ours); the encoder asset is also `assets.vision`."""
-    metadata["kind"] = "vlm"
+    """A VLM bundle stays `kind: llm` (the seed's host contract: the decoder is a LanguageBundle and the
+    host feeds the image inputs); its vision section carries the keys Apple's VisionConfig decodes
+    (image_token_count, image_strategy beside ours), and the encoder asset is also `assets.vision`."""
     vision.setdefault("image_token_count", vision["tokens_per_image"])
     vision.setdefault("image_strategy", "stretch")
     if vision.get("asset"):
         metadata["assets"]["vision"] = vision["asset"]
     metadata["vision"] = vision
-

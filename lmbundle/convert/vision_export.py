@@ -4,8 +4,8 @@ whatever the decoder's quant mode (the seeds quantize the decoder only); their s
 `lmbundle.files` with every other file of the bundle.
 
 Where Core AI export is available the section also names a `NAME.vision.aimodel`: the encoder as one
-static function `main`, `patches` [784, 1536] fp32 in, `image_embeds` / `deepstack_embeds` fp32 out
-(the seed's vision contract), computed at the weights' dtype.
+static function `main`, `patches` [784, 1536] fp16 in, `image_embeds` / `deepstack_embeds` fp16 out
+(the seed's vision contract: one image on the fixed grid), computed at the weights' dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from ..models.vision import VisionConfig, VisionEncoder, sanitize
 from ..quiet import python_stdout_filtered
 from .checkpoint import Checkpoint, open_checkpoint, read_json
 
-DEFAULT_MAX_IMAGES = 4  # image slots of the decoder's fixed ImageContext (4 x 196 tokens)
+VISION_IO_DTYPE = torch.float16
+DEFAULT_MAX_IMAGES = 1  # image slots of the decoder's ImageContext: one image, the hosts' contract
 _TOKEN_KEYS = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
@@ -86,7 +87,8 @@ def write_vision(
 
 
 class VisionGraph(nn.Module):
-    """The exported function: fp32 patches in, fp32 embeddings out, whatever the weights' dtype."""
+    """The exported function: fp16 patches in, fp16 embeddings out (the host's buffers), whatever the
+    weights' dtype."""
 
     def __init__(self, encoder: VisionEncoder):
         super().__init__()
@@ -94,14 +96,14 @@ class VisionGraph(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image_embeds, deepstack_embeds = self.encoder(patches)
-        return image_embeds.float(), deepstack_embeds.float()
+        return image_embeds.to(VISION_IO_DTYPE), deepstack_embeds.to(VISION_IO_DTYPE)
 
 
 def export_vision_aimodel(encoder: VisionEncoder, out_path: Path) -> Path:
     """Write the encoder as a Core AI `.aimodel` folder (static shapes: one image on the fixed grid)."""
     coreai_torch = import_coreai_torch()
     config = encoder.config
-    patches = torch.zeros(encoder.grid_side**2, config.patch_dim)
+    patches = torch.zeros(encoder.grid_side**2, config.patch_dim, dtype=VISION_IO_DTYPE)
     with torch.no_grad():
         exported = torch.export.export(VisionGraph(encoder).eval(), (patches,), strict=False)
     exported = exported.run_decompositions(coreai_torch.get_decomp_table())

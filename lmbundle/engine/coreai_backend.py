@@ -8,8 +8,9 @@ Steps are enqueued on the runtime's event loop (a thread of ours) and run in ord
 handle at once, so the engine can enqueue step n + 1, feeding it step n's handle as its token (the
 token then never visits the host), before it reads step n's token.
 
-KV states of dynamic length are grown as Apple's pipelined engine grows them (class docstring); an
-asset with a `prefill` function takes prompts in its chunks.
+KV states of dynamic length are grown as Apple's pipelined engine grows them (class docstring); prompts
+go as Apple's engine sends them: all but the last token through the `prefill` function in balanced
+chunks of at most the bundle's `prefill_chunk_size`, then `main` steps.
 
 A VLM asset also takes the four image inputs of an `ImageContext` on every step; the backend holds
 them as runtime arrays, the "no images" values until `set_images` hands it a prompt's context.
@@ -26,7 +27,14 @@ import numpy as np
 import torch
 
 from ..bundle.coreai import compiled_entry, discard_entry, import_runtime
-from ..bundle.format import IMAGE_INPUT_NAMES, STATE_NAMES
+from ..bundle.format import (
+    IMAGE_INPUT_NAMES,
+    MAIN_FUNCTION,
+    PREFILL_CHUNK,
+    PREFILL_FUNCTION,
+    STATE_NAMES,
+    STEP_INPUT_NAMES,
+)
 from ..errors import LmbundleError
 from ..models.image_prompt import NO_SHIFT_START
 from ..models.state import State
@@ -35,7 +43,17 @@ from .sampling import Sampling, sample
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
 INITIAL_CAPACITY = 256  # Apple's engine: KV states start at min(256, max_context_length) slots
-PREFILL_FUNCTION = "prefill"
+KV_FIRST = (STATE_NAMES["key"], STATE_NAMES["value"])
+
+
+def prefill_chunks(count: int, width: int) -> list[int]:
+    """Apple's chunk plan for `count` prompt tokens (the last one held back for `main`): as many chunks
+    as `width`-wide ones would take, balanced to within one token of each other."""
+    total = max(0, count - 1)
+    if not total:
+        return []
+    chunks = -(-total // max(1, width))
+    return [total // chunks + (1 if i < total % chunks else 0) for i in range(chunks)]
 
 
 def _asset_of(source, verify: bool) -> Path:
@@ -76,7 +94,8 @@ class CoreAIBackend:
     name = "coreai"
     resumable = False  # its state lives in the runtime: every prompt starts over
 
-    def __init__(self, source, cache: Path | None = None, verify: bool = True, max_context: int | None = None):
+    def __init__(self, source, cache: Path | None = None, verify: bool = True, max_context: int | None = None,
+                 prefill_chunk: int | None = None):
         _, runtime = import_runtime()
         self._runtime = runtime
         self.aimodel = _asset_of(source, verify)
@@ -97,6 +116,7 @@ class CoreAIBackend:
                 self.close()
                 raise LmbundleError(f"{self.aimodel}: the Core AI runtime could not load it ({exc})") from exc
         desc = self._function.desc
+        self._check_contract(desc)
         self.ramp = desc.input_descriptor("position_ids").shape[1] == -1
         self._state_layout = {
             name: (tuple(desc.state_descriptor(name).shape), np.dtype(desc.state_descriptor(name).dtype))
@@ -108,8 +128,10 @@ class CoreAIBackend:
         if max_context is None:
             max_context = source.max_context if hasattr(source, "max_context") else 1 << 20
         self.max_context = max_context if self.dynamic_kv else min(max_context, kv_length)
-        self.prefill_chunk = (int(self._prefill.desc.input_descriptor("input_ids").shape[1])
-                              if self._prefill is not None else 0)
+        if prefill_chunk is None:
+            language = source.metadata["language"] if hasattr(source, "metadata") else {}
+            prefill_chunk = int(language.get("prefill_chunk_size", PREFILL_CHUNK))
+        self.prefill_chunk = prefill_chunk if self._prefill is not None else 0
         self.capacity = 0  # KV slots of the states the runtime holds now
         self.states: dict = {}
         self._image_layout = {
@@ -125,7 +147,25 @@ class CoreAIBackend:
         model = await self._runtime.AIModel.load(self.compiled)
         with native_stderr_filtered():  # the runtime's "ODIE [default]: Loading function ..." (lmbundle/quiet.py)
             prefill = model.load_function(PREFILL_FUNCTION) if PREFILL_FUNCTION in model.function_names else None
-            return model.load_function("main"), prefill
+            return model.load_function(MAIN_FUNCTION), prefill
+
+    def _check_contract(self, desc) -> None:
+        """The layout the hosts bind (docs/coreai.md): KV states first, and a `prefill` function with
+        `main`'s inputs and states and no outputs. An asset from an older lmbundle is refused."""
+        states = list(desc.state_names)
+        problem = None
+        if states[: len(KV_FIRST)] != list(KV_FIRST):
+            problem = f"its states are {states}; the hosts bind {', '.join(KV_FIRST)} first"
+        elif self._prefill is not None:
+            prefill = self._prefill.desc
+            if list(prefill.input_names) != list(desc.input_names) or set(prefill.state_names) != set(states) \
+                    or list(prefill.output_names):
+                problem = (f"its `{PREFILL_FUNCTION}` function has outputs {list(prefill.output_names)} or other "
+                           "inputs and states than `main`")
+        if problem:
+            self.close()
+            raise LmbundleError(f"{self.aimodel}: an older lmbundle wrote this asset ({problem}); "
+                                "convert the checkpoint again")
 
     def _call(self, coroutine) -> Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -234,7 +274,7 @@ class CoreAIBackend:
                 ids = NDArray(token)
             else:
                 ids = NDArray(np.array([[token]], dtype=np.int32))
-            inputs = {"input_ids": ids, "position_ids": NDArray(position_ids), **self._images}
+            inputs = dict(zip(STEP_INPUT_NAMES, (ids, NDArray(position_ids)))) | self._images
             handle.outputs = await function(inputs, self.states)
 
     def step(self, token: int | torch.Tensor | CoreAIStep, position: int) -> CoreAIStep:
@@ -247,16 +287,17 @@ class CoreAIBackend:
         return handle
 
     def prefill(self, ids: list[int], chunk: int = 0) -> CoreAIStep:
-        """The prompt: with `chunk` > 0 and an asset with a `prefill` function, whole chunks of its size
-        (all but the last token, which needs the head), then S=1 steps for the rest; else S=1 steps."""
-        size = self.prefill_chunk if chunk and self._prefill is not None else 0
-        done = (len(ids) - 1) // size * size if size else 0
-        chunks = []
-        for start in range(0, done, size or 1):
+        """The prompt. With `chunk` > 0 as Apple's engine sends it when the asset has a `prefill` function:
+        all but the last token through it in balanced chunks of at most `prefill_chunk` (it has no
+        outputs), then the last token through `main`; else S=1 steps through `main`."""
+        sizes = prefill_chunks(len(ids), self.prefill_chunk) if chunk and self._prefill is not None else []
+        chunks, start = [], 0
+        for size in sizes:
             tokens = np.array([ids[start : start + size]], dtype=np.int32)
             chunks.append(self._call(self._run(CoreAIStep(), self._prefill, tokens, self._position_ids(start, size))))
+            start += size
         handle = None
-        for position in range(done, len(ids)):
+        for position in range(start, len(ids)):
             handle = CoreAIStep()
             handle.done = self._call(self._run(handle, self._function, ids[position], self._position_ids(position),
                                                chunks))
