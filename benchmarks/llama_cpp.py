@@ -29,12 +29,18 @@ VERSION = "0.3.36"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = REPO / ".llama"
 # what a CUDA build of llama-bench and the HF -> GGUF converter need from the vendored tree
+# what the CUDA builds of llama-bench, llama-server and llama-quantize and the HF -> GGUF converter need from the
+# vendored tree (llama-server: its multimodal library and an empty web UI table; no UI assets are fetched)
 KEEP = ["CMakeLists.txt", "LICENSE", "cmake", "ggml", "src", "include", "common", "vendor", "gguf-py", "conversion",
-        "convert_hf_to_gguf.py", "tools/llama-bench"]
+        "convert_hf_to_gguf.py", "tools/llama-bench", "tools/server", "tools/mtmd", "tools/quantize",
+        "tools/ui/CMakeLists.txt", "tools/ui/ui.cpp.in", "tools/ui/ui.h.in", "scripts/ui-assets.cmake"]
 KEEP_BACKENDS = {"ggml-cpu", "ggml-cuda"}
-CMAKE_FLAGS = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DCMAKE_BUILD_TYPE=Release",
-               "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+TOOLS = ["llama-bench", "mtmd", "quantize", "ui", "server"]
+TARGETS = ["llama-bench", "llama-server", "llama-quantize"]
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_SERVER=ON",
+               "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON"]
+CUDA_FLAGS = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90"]
 
 
 def fetch(dest: Path) -> None:
@@ -56,31 +62,37 @@ def fetch(dest: Path) -> None:
         for backend in (source / "ggml" / "src").iterdir():
             if backend.is_dir() and backend.name.startswith("ggml-") and backend.name not in KEEP_BACKENDS:
                 shutil.rmtree(backend)
-        # the tools folder builds only llama-bench
+        # the tools folder builds only what TARGETS need
         (source / "tools" / "CMakeLists.txt").write_text(
-            "find_package(Threads REQUIRED)\nllama_add_compile_flags()\nadd_subdirectory(llama-bench)\n")
+            "find_package(Threads REQUIRED)\nllama_add_compile_flags()\n"
+            + "".join(f"add_subdirectory({tool})\n" for tool in TOOLS))
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"llama.cpp from llama-cpp-python {VERSION} in {dest}: {size / 1e6:.1f} MB")
 
 
-def build(folder: Path, jobs: int) -> Path:
-    """Configure and build llama-bench (CUDA, sm_90) in folder/build; returns the binary. folder/build.lock
-    exists while it runs (another process waits on it: `Background`), and says "failed" if it failed."""
-    source, out, lock = folder / "src", folder / "build", folder / "build.lock"
+def build(folder: Path, jobs: int, cpu: bool = False) -> Path:
+    """Configure and build `TARGETS` (CUDA, sm_90; `cpu`: the CPU backend only, in folder/build-cpu) in
+    folder/build; returns llama-bench. folder/build.lock exists while it runs (another process waits on it:
+    `Background`), and says "failed" if it failed."""
+    source, out, lock = folder / "src", build_dir(folder, cpu), folder / "build.lock"
     lock.write_text("building")
     try:
         subprocess.run(["cmake", "-S", str(source), "-B", str(out), "-G", "Ninja" if shutil.which("ninja") else
-                        "Unix Makefiles", *CMAKE_FLAGS], check=True)
-        subprocess.run(["cmake", "--build", str(out), "--target", "llama-bench", "-j", str(jobs)], check=True)
+                        "Unix Makefiles", *CMAKE_FLAGS, *([] if cpu else CUDA_FLAGS)], check=True)
+        subprocess.run(["cmake", "--build", str(out), "--target", *TARGETS, "-j", str(jobs)], check=True)
     except BaseException:
         lock.write_text("failed")
         raise
     lock.unlink()
-    return binary(folder)
+    return binary(folder, cpu=cpu)
 
 
-def binary(folder: Path) -> Path:
-    return folder / "build" / "bin" / "llama-bench"
+def build_dir(folder: Path, cpu: bool = False) -> Path:
+    return folder / ("build-cpu" if cpu else "build")
+
+
+def binary(folder: Path, name: str = "llama-bench", cpu: bool = False) -> Path:
+    return build_dir(folder, cpu) / "bin" / name
 
 
 CONVERT_WRAPPER = """
