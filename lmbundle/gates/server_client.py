@@ -30,6 +30,7 @@ class Completion:
     text: str | None
     finish: str | None
     prompt_tokens: int | None
+    generated: int | None  # usage.completion_tokens: more than len(path) where the server left entries out
 
 
 @dataclass
@@ -79,14 +80,15 @@ class Server:
                 temperature=0, seed=0, logprobs=True, top_logprobs=k, extra_body=extra)
         choice, usage = self._greedy("chat", send)
         return Completion(_path(choice), (choice.get("message") or {}).get("content"), choice.get("finish_reason"),
-                          usage.get("prompt_tokens"))
+                          usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
     def complete(self, ids: list[int], max_tokens: int) -> Completion:
         def send(k: int, extra: dict):
             return self.client.completions.create(model=self.model, prompt=ids, max_tokens=max_tokens,
                                                   temperature=0, seed=0, logprobs=k, extra_body=extra)
         choice, usage = self._greedy("completions", send)
-        return Completion(_path(choice), choice.get("text"), choice.get("finish_reason"), usage.get("prompt_tokens"))
+        return Completion(_path(choice), choice.get("text"), choice.get("finish_reason"), usage.get("prompt_tokens"),
+                          usage.get("completion_tokens"))
 
     def takes_token_ids(self, ids: list[int]) -> str | None:
         """None when /v1/completions takes `ids` as its prompt, else the server's reason."""
