@@ -4,8 +4,11 @@ The GPU machine has no network, and llama.cpp's git repository is too large to f
 PyPI's llama-cpp-python source archive, which vendors a llama.cpp that supports `qwen35` (0.3.36: ggml 0.25.3):
 
   python benchmarks/llama_cpp.py fetch            # here: pip download the sdist, prune it into .llama/ (~24 MB)
-  python benchmarks/llama_cpp.py build            # there: cmake + llama-bench only, CUDA sm_90 (.llama/build)
+  python benchmarks/llama_cpp.py build            # there: cmake + llama-bench, llama-server, llama-quantize,
+                                                  # CUDA sm_90 (.llama/build; --cpu: CPU only, .llama/build-cpu)
   python benchmarks/llama_cpp.py bench --checkpoint CKPT --outtype q8_0 bf16   # there: convert + llama-bench
+
+benchmarks/llama_server_gate.py serves the same GGUFs with llama-server and gates them (`lmbundle gate --server`).
 
 `.llama/` is ignored by git: name it in the device tool's `carry`. bench_decode.py --llama-cpp .llama starts the
 build in the background (nice'd, while our own benches run), then converts its checkpoint and runs llama-bench
@@ -108,14 +111,17 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def convert(folder: Path, checkpoint: Path, outtype: str, out: Path) -> Path:
-    """HF checkpoint -> GGUF of `outtype` (q8_0, bf16, f16) with llama.cpp's own converter (no MTP weights)."""
+def convert(folder: Path, checkpoint: Path, outtype: str, out: Path, quiet: bool = False) -> Path:
+    """HF checkpoint -> GGUF of `outtype` (q8_0, bf16, f16) with llama.cpp's own converter (no MTP weights);
+    `quiet`: its log only when it fails."""
     source = folder / "src"
     wrapper = out.with_suffix(".convert.py")
     wrapper.write_text(CONVERT_WRAPPER.format(source=str(source), gguf=str(source / "gguf-py"),
                                               script=str(source / "convert_hf_to_gguf.py")))
-    subprocess.run([sys.executable, str(wrapper), str(checkpoint), "--outtype", outtype, "--outfile", str(out),
-                    "--no-mtp"], check=True)
+    proc = subprocess.run([sys.executable, str(wrapper), str(checkpoint), "--outtype", outtype, "--outfile", str(out),
+                           "--no-mtp"], capture_output=quiet, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed ({proc.returncode}): {(proc.stderr or '')[-2000:]}")
     return out
 
 
@@ -135,17 +141,21 @@ def run_bench(folder: Path, gguf: Path, p: int, g: int, reps: int = 3) -> dict:
     return result
 
 
+def built(folder: Path, cpu: bool = False) -> bool:
+    return all(binary(folder, target, cpu).exists() for target in TARGETS)
+
+
 class Background:
     """The build started at once in a nice'd background process (it overlaps our own benches)."""
 
-    def __init__(self, folder: Path, jobs: int, log: Path):
-        self.folder, self.log, self.proc = folder, log, None
+    def __init__(self, folder: Path, jobs: int, log: Path, cpu: bool = False):
+        self.folder, self.log, self.proc, self.cpu = folder, log, None, cpu
         self.started = time.perf_counter()
-        if binary(folder).exists() or (folder / "build.lock").exists():
+        if built(folder, cpu) or (folder / "build.lock").exists():
             return  # built, or being built by a process started before this one (it holds the lock)
         self.proc = subprocess.Popen(
-            ["nice", "-n", "19", sys.executable, __file__, "build", "--dir", str(folder), "-j", str(jobs)],
-            stdout=log.open("w"), stderr=subprocess.STDOUT)
+            ["nice", "-n", "19", sys.executable, __file__, "build", "--dir", str(folder), "-j", str(jobs),
+             *(["--cpu"] if cpu else [])], stdout=log.open("w"), stderr=subprocess.STDOUT)
 
     def wait(self) -> float:
         """Seconds from this object's start until the binary is there (raises if the build failed)."""
@@ -154,8 +164,8 @@ class Background:
         lock = self.folder / "build.lock"
         while lock.exists() and lock.read_text() != "failed":
             time.sleep(2)
-        if not binary(self.folder).exists():
-            raise RuntimeError("llama.cpp build failed (see its log)")
+        if not built(self.folder, self.cpu):
+            raise RuntimeError(f"llama.cpp build failed (see {self.log})")
         return time.perf_counter() - self.started
 
 
@@ -179,6 +189,7 @@ def main() -> None:
     parser.add_argument("what", choices=["fetch", "build", "bench"])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("-j", type=int, default=os.cpu_count() or 4)
+    parser.add_argument("--cpu", action="store_true", help="build: the CPU backend only, in DIR/build-cpu")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--outtype", nargs="+", default=["q8_0", "bf16"])
     parser.add_argument("-p", type=int, default=128)
@@ -187,7 +198,7 @@ def main() -> None:
     if args.what == "fetch":
         fetch(args.dir)
     elif args.what == "build":
-        print(build(args.dir, args.j))
+        print(build(args.dir, args.j, cpu=args.cpu))
     else:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(side_by_side(args.dir, args.checkpoint, args.outtype, args.p, args.g, Path(tmp))))
