@@ -121,7 +121,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", nargs="*", default=[str(REPO / "lmbundle/data/demo/qwen35-tiny")])
     parser.add_argument("--fresh", action="store_true", help="also a fresh-init tiny checkpoint")
     parser.add_argument("--outtype", nargs="+", default=["bf16", "q8_0"])
-    parser.add_argument("--llama-args", default="", help="more llama-server arguments, e.g. '-ctk f32 -ctv f32 -fa off'")
+    parser.add_argument("--llama-args", default="",
+                        help="more llama-server arguments, e.g. '-ctk f32 -ctv f32 -fa off'")
     parser.add_argument("--cpu", action="store_true", help="llama.cpp's CPU build (.llama/build-cpu)")
     parser.add_argument("--dir", type=Path, default=llama_cpp.DEFAULT_DIR)
     parser.add_argument("-j", type=int, default=os.cpu_count() or 4)

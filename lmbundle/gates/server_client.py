@@ -47,6 +47,7 @@ class Server:
         except ModuleNotFoundError:
             raise LmbundleError("gate --server needs the 'openai' package (pip install openai)") from None
         self._openai = openai
+        self.api_error = openai.APIError  # what a request can raise that is the server's doing
         base = self.url.rstrip("/")
         if not base.startswith(("http://", "https://")):
             raise LmbundleError(f"--server {self.url!r}: give an http:// or https:// URL")
@@ -59,7 +60,10 @@ class Server:
     # -- what the server is --------------------------------------------------------------------------
     def connect(self) -> str:
         """The model to gate: --model, which the server must list, else the one model it lists."""
-        listed = [m.model_dump() for m in self._call(lambda: self.client.models.list().data)]
+        try:
+            listed = [m.model_dump() for m in self._call(lambda: self.client.models.list().data)]
+        except self.api_error as exc:
+            raise LmbundleError(self.describe_error(exc)) from None
         names = [m.get("id") for m in listed]
         if self.model is None:
             if len(names) != 1:
@@ -145,7 +149,7 @@ class Server:
             raise
 
     def describe_error(self, exc: Exception) -> str:
-        """A request the gate needed failed in a way the user cannot fix by a flag: say what the server said."""
+        """A request the gate needed failed in a way no flag fixes: what the server said, in one line."""
         if isinstance(exc, self._openai.APIStatusError):
             return f"{self.base} answered {exc.status_code}: {_message(exc)}"
         return f"{self.base}: {type(exc).__name__}: {str(exc)[:200]}"

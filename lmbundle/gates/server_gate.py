@@ -60,9 +60,8 @@ def declared_precision(model: str, card: dict) -> str | None:
     """The precision class a model's name declares, or None. Our own server computes in bf16 on CUDA."""
     name = model.lower()
     found = next((cls for cls, hint in NAME_HINTS if re.search(rf"(?<![a-z0-9])({hint})", name)), None)
-    if found in ("fp32", "fp16") and card.get("owned_by") == "lmbundle" and str(card.get("device", "")).startswith("cuda"):
-        return "bf16"
-    return found
+    ours_on_cuda = card.get("owned_by") == "lmbundle" and str(card.get("device", "")).startswith("cuda")
+    return "bf16" if found == "fp16" and ours_on_cuda else found
 
 
 @dataclass
@@ -108,16 +107,16 @@ class ServerGateReport(Report):
         top = ", ".join(f"{k} {v}" for k, v in self.top_logprobs.items())
         token_prompts = (f"{self.random_prompts} random-token prompts of {RANDOM_PROMPT}" if not self.token_prompts
                          else f"no token-id prompts ({self.token_prompts})")
+        unchecked = (f"; {self.unchecked} of {self.generated} generated tokens not checked "
+                     f"({self.left_out_rollouts} rollouts with entries left out)" if self.unchecked else "")
         return [
             f"gate --server {self.server}  model {self.model!r}  [{self.precision}: {self.precision_source}]",
             f"  {self.chat_prompts} chat prompts + {token_prompts}; top_logprobs {top}; {self.positions} positions, "
-            f"{self.entries} log-probs compared" + (f"; {self.unchecked} of {self.generated} generated tokens not checked "
-                                                     f"({self.left_out_rollouts} rollouts with entries left out)"
-                                                     if self.unchecked else ""),
+            f"{self.entries} log-probs compared{unchecked}",
             f"  chat template: prompt tokens == oracle's {self.template_matched}/{self.template_checked}"
             + (f" (first: {self.template_mismatch})" if self.template_mismatch else ""),
             f"  greedy tokens == oracle top-1 {self.agreed}/{self.positions}; forks at near-ties {self.forks_excused}, "
-            f"at clear margins {self.forks_clear}" + (f" (first: {self.first_clear_fork})" if self.first_clear_fork else ""),
+            f"at clear margins {self.forks_clear}" + (f" (first: {self.first_clear_fork})" if self.forks_clear else ""),
             f"  log-prob deviation: worst {self.worst:.3g} std (bound {self.bound:g}; {self.worst_abs:.3g} nats; "
             f"at {self.worst_at or '-'})   mean {self.mean:.3g} std (bound {self.mean_bound:g})",
         ]
@@ -175,9 +174,7 @@ def _ask(server: Server, request):
     """A request the gate needs; a failure the user cannot fix by a flag ends the gate with what the server said."""
     try:
         return request()
-    except LmbundleError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the server's answer, in one line
+    except server.api_error as exc:
         raise LmbundleError(server.describe_error(exc)) from None
 
 
@@ -266,8 +263,9 @@ def decide(report: ServerGateReport, positions: list[Position], precision: str |
         failures.append(f"only {report.generated - report.unchecked} of {report.generated} generated tokens could be "
                         f"checked ({why})")
     if report.template_mismatch:
-        failures.append(f"chat template: {report.template_checked - report.template_matched} of "
-                        f"{report.template_checked} prompts differ in length from the oracle's ({report.template_mismatch})")
+        differ = report.template_checked - report.template_matched
+        failures.append(f"chat template: {differ} of {report.template_checked} prompts differ in length from the "
+                        f"oracle's ({report.template_mismatch})")
     if report.token_prompt_mismatch:
         failures.append(f"token-id prompts: {report.token_prompt_mismatch}")
     if clear:
