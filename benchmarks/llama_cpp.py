@@ -3,9 +3,10 @@
 The GPU machine has no network, and llama.cpp's git repository is too large to fetch, so the source comes from
 PyPI's llama-cpp-python source archive, which vendors a llama.cpp that supports `qwen35` (0.3.36: ggml 0.25.3):
 
-  python benchmarks/llama_cpp.py fetch            # here: pip download the sdist, prune it into .llama/ (~24 MB)
-  python benchmarks/llama_cpp.py build            # there: cmake + llama-bench, llama-server, llama-quantize,
-                                                  # CUDA sm_90 (.llama/build; --cpu: CPU only, .llama/build-cpu)
+  python benchmarks/llama_cpp.py fetch            # here: pip download the sdist, prune it into .llama/ (~26 MB)
+  python benchmarks/llama_cpp.py build            # there: cmake + llama-bench, llama-server, llama-quantize
+                                                  # (--target: some), CUDA sm_90 in .llama/build (--cpu: the CPU
+                                                  # backend only, in .llama/build-cpu)
   python benchmarks/llama_cpp.py bench --checkpoint CKPT --outtype q8_0 bf16   # there: convert + llama-bench
 
 benchmarks/llama_server_gate.py serves the same GGUFs with llama-server and gates them (`lmbundle gate --server`).
@@ -31,7 +32,6 @@ from pathlib import Path
 VERSION = "0.3.36"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = REPO / ".llama"
-# what a CUDA build of llama-bench and the HF -> GGUF converter need from the vendored tree
 # what the CUDA builds of llama-bench, llama-server and llama-quantize and the HF -> GGUF converter need from the
 # vendored tree (llama-server: its multimodal library and an empty web UI table; no UI assets are fetched)
 KEEP = ["CMakeLists.txt", "LICENSE", "cmake", "ggml", "src", "include", "common", "vendor", "gguf-py", "conversion",
@@ -73,21 +73,21 @@ def fetch(dest: Path) -> None:
     print(f"llama.cpp from llama-cpp-python {VERSION} in {dest}: {size / 1e6:.1f} MB")
 
 
-def build(folder: Path, jobs: int, cpu: bool = False) -> Path:
-    """Configure and build `TARGETS` (CUDA, sm_90; `cpu`: the CPU backend only, in folder/build-cpu) in
-    folder/build; returns llama-bench. folder/build.lock exists while it runs (another process waits on it:
+def build(folder: Path, jobs: int, cpu: bool = False, targets: list[str] = TARGETS) -> Path:
+    """Configure and build `targets` in folder/build (CUDA, sm_90), or in folder/build-cpu with the CPU backend
+    only (`cpu`); returns the first. folder/build.lock exists while it runs (another process waits on it:
     `Background`), and says "failed" if it failed."""
     source, out, lock = folder / "src", build_dir(folder, cpu), folder / "build.lock"
     lock.write_text("building")
     try:
         subprocess.run(["cmake", "-S", str(source), "-B", str(out), "-G", "Ninja" if shutil.which("ninja") else
                         "Unix Makefiles", *CMAKE_FLAGS, *([] if cpu else CUDA_FLAGS)], check=True)
-        subprocess.run(["cmake", "--build", str(out), "--target", *TARGETS, "-j", str(jobs)], check=True)
+        subprocess.run(["cmake", "--build", str(out), "--target", *targets, "-j", str(jobs)], check=True)
     except BaseException:
         lock.write_text("failed")
         raise
     lock.unlink()
-    return binary(folder, cpu=cpu)
+    return binary(folder, targets[0], cpu)
 
 
 def build_dir(folder: Path, cpu: bool = False) -> Path:
@@ -141,21 +141,21 @@ def run_bench(folder: Path, gguf: Path, p: int, g: int, reps: int = 3) -> dict:
     return result
 
 
-def built(folder: Path, cpu: bool = False) -> bool:
-    return all(binary(folder, target, cpu).exists() for target in TARGETS)
+def built(folder: Path, cpu: bool = False, targets: list[str] = TARGETS) -> bool:
+    return all(binary(folder, target, cpu).exists() for target in targets)
 
 
 class Background:
     """The build started at once in a nice'd background process (it overlaps our own benches)."""
 
-    def __init__(self, folder: Path, jobs: int, log: Path, cpu: bool = False):
-        self.folder, self.log, self.proc, self.cpu = folder, log, None, cpu
+    def __init__(self, folder: Path, jobs: int, log: Path, cpu: bool = False, targets: list[str] = ("llama-bench",)):
+        self.folder, self.log, self.proc, self.cpu, self.targets = folder, log, None, cpu, list(targets)
         self.started = time.perf_counter()
-        if built(folder, cpu) or (folder / "build.lock").exists():
+        if built(folder, cpu, self.targets) or (folder / "build.lock").exists():
             return  # built, or being built by a process started before this one (it holds the lock)
         self.proc = subprocess.Popen(
             ["nice", "-n", "19", sys.executable, __file__, "build", "--dir", str(folder), "-j", str(jobs),
-             *(["--cpu"] if cpu else [])], stdout=log.open("w"), stderr=subprocess.STDOUT)
+             "--target", *self.targets, *(["--cpu"] if cpu else [])], stdout=log.open("w"), stderr=subprocess.STDOUT)
 
     def wait(self) -> float:
         """Seconds from this object's start until the binary is there (raises if the build failed)."""
@@ -164,7 +164,7 @@ class Background:
         lock = self.folder / "build.lock"
         while lock.exists() and lock.read_text() != "failed":
             time.sleep(2)
-        if not built(self.folder, self.cpu):
+        if not built(self.folder, self.cpu, self.targets):
             raise RuntimeError(f"llama.cpp build failed (see {self.log})")
         return time.perf_counter() - self.started
 
@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("-j", type=int, default=os.cpu_count() or 4)
     parser.add_argument("--cpu", action="store_true", help="build: the CPU backend only, in DIR/build-cpu")
+    parser.add_argument("--target", nargs="+", default=TARGETS, choices=TARGETS, help="build: these only")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--outtype", nargs="+", default=["q8_0", "bf16"])
     parser.add_argument("-p", type=int, default=128)
@@ -198,7 +199,7 @@ def main() -> None:
     if args.what == "fetch":
         fetch(args.dir)
     elif args.what == "build":
-        print(build(args.dir, args.j, cpu=args.cpu))
+        print(build(args.dir, args.j, cpu=args.cpu, targets=args.target))
     else:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(side_by_side(args.dir, args.checkpoint, args.outtype, args.p, args.g, Path(tmp))))

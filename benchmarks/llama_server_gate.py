@@ -86,10 +86,11 @@ def gate(url: str, checkpoint: Path) -> dict:
 
 def run(args) -> dict:
     folder = args.dir
-    if not llama_cpp.built(folder, args.cpu):
+    if not llama_cpp.built(folder, args.cpu, ["llama-server"]):
         log = Path(tempfile.gettempdir()) / "llama-build.log"
         print(f"building llama.cpp ({'CPU' if args.cpu else 'CUDA'}; log {log})", flush=True)
-        print(f"built in {llama_cpp.Background(folder, args.j, log, cpu=args.cpu).wait():.0f} s", flush=True)
+        build = llama_cpp.Background(folder, args.j, log, cpu=args.cpu, targets=["llama-server"])
+        print(f"built in {build.wait():.0f} s", flush=True)
     results = {"llama_cpp": llama_cpp.VERSION, "cpu": args.cpu, "llama_server_args": args.llama_args, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

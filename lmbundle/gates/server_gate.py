@@ -211,7 +211,7 @@ def teacher_forced(oracle: Oracle, table: TokenTable, ids: list[int], completion
             break
         tokens.append(entry.id)
     unchecked = len(path) + left_out - len(tokens)
-    stopped = completion.finish == "stop" and not unchecked and not (tokens and tokens[-1] in stops)
+    stopped = completion.finish == "stop" and stops and not unchecked and not (tokens and tokens[-1] in stops)
     if not tokens and not stopped:
         return [], unchecked, bool(left_out)
     logits = oracle.forward(ids + tokens).logits[len(ids) - 1:].double()
@@ -257,7 +257,9 @@ def decide(report: ServerGateReport, positions: list[Position], precision: str |
         report.worst, report.mean, report.worst_at = worst, mean, positions[deviation.index(worst)].where
         report.worst_abs = max(p.error_abs for p in positions)
     failures = report.failures
-    if 2 * report.unchecked > report.generated:
+    if not positions:
+        failures.append("no generated position could be checked")
+    elif 2 * report.unchecked > report.generated:
         why = (f"{report.left_out_rollouts} rollouts list fewer logprob entries than tokens generated"
                if report.left_out_rollouts else "the logprob entries name tokens the oracle's tokenizer does not have")
         failures.append(f"only {report.generated - report.unchecked} of {report.generated} generated tokens could be "

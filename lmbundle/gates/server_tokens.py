@@ -42,7 +42,8 @@ def entries(logprobs: dict | None) -> list[Entry]:
     for k, (token, logprob) in enumerate(zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [])):
         tops = (logprobs.get("top_logprobs") or [])
         top = tops[k] if k < len(tops) and tops[k] else {}
-        out.append(Entry(token, float(logprob), top=[Entry(t, float(v)) for t, v in top.items()]))
+        value = float(logprob) if logprob is not None else float("nan")
+        out.append(Entry(token, value, top=[Entry(t, float(v)) for t, v in top.items()]))
     return out
 
 
@@ -83,10 +84,10 @@ class TokenTable:
 
     def candidates(self, entry: Entry) -> list[int]:
         """The ids `entry` can be, best first (one id where the server said enough)."""
-        if entry.id is not None:
-            return [entry.id] if 0 <= entry.id < len(self.bytes) else []
-        if match := _TOKEN_ID.fullmatch(entry.token):
-            return [int(match.group(1))]
+        named = entry.id if entry.id is not None else (
+            int(match.group(1)) if (match := _TOKEN_ID.fullmatch(entry.token)) else None)
+        if named is not None:
+            return [named] if 0 <= named < len(self.bytes) else []
         if entry.raw is not None:
             found = self.by_bytes.get(entry.raw, [])
         elif REPLACEMENT in entry.token:
@@ -97,7 +98,9 @@ class TokenTable:
         return sorted(found, key=lambda i: i not in self.added)
 
     def resolve(self, entry: Entry) -> int | None:
-        found = self.candidates(entry)
+        return self._pick(self.candidates(entry))
+
+    def _pick(self, found: list[int]) -> int | None:
         return found[0] if len(found) == 1 or (found and found[0] in self.added) else None
 
     def resolve_path(self, path: list[Entry], text: str | None) -> None:
@@ -107,15 +110,15 @@ class TokenTable:
             for alt in entry.top:
                 alt.id = self.resolve(alt)
         options = [self.candidates(entry) for entry in path]
-        if all(len(o) == 1 for o in options) or text is None:
+        if text is None or all(self._pick(o) is not None for o in options):
             for entry, option in zip(path, options):
-                entry.id = option[0] if len(option) == 1 else None
+                entry.id = self._pick(option)
             return
         target = text.encode()
         ids = self._spell(options, target, 0, 0, [])
         if ids is None:  # resolve up to the first token the text cannot settle
-            first = next(k for k, o in enumerate(options) if len(o) != 1)
-            ids = [o[0] for o in options[:first]]
+            first = next(k for k, o in enumerate(options) if self._pick(o) is None)
+            ids = [self._pick(o) for o in options[:first]]
         for k, entry in enumerate(path):
             entry.id = ids[k] if k < len(ids) else None
 
