@@ -76,7 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(prefill="s1")  # the seed's llm-benchmark protocol: prefill tok/s of S=1 steps
 
     p = sub.add_parser("gate", help="numeric gates against the fp32 transformers oracle")
-    p.add_argument("bundle")
+    p.add_argument("bundle", nargs="?", help="the bundle to gate (or --server)")
+    p.add_argument("--server", metavar="URL", help="gate a running OpenAI-compatible server instead of a bundle "
+                   "(ours, llama-server, vLLM, SGLang): its greedy tokens and log-probs against the oracle's")
+    p.add_argument("--model", help="with --server: the model to gate (default: the one the server lists)")
+    p.add_argument("--api-key", help="with --server: its bearer token (default: LMBUNDLE_API_KEY, OPENAI_API_KEY)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8", "4bit"],
+                   help="with --server: the class whose log-prob bound applies (default: the model name's, else "
+                        "the tightest the figures fit)")
+    p.add_argument("--quiet", action="store_true", help="with --server: no progress lines")
     p.add_argument("--oracle", required=True, help="the original checkpoint (folder or hub id)")
     p.add_argument("--against", help="another bundle (e.g. fp16) that greedy rollouts must equal")
     p.add_argument("--coverage", type=int, help="token ids fed as random-token prompts (default: the whole "
@@ -258,6 +266,10 @@ def cmd_bench(args) -> None:
 
 
 def cmd_gate(args) -> None:
+    if args.server:
+        return _gate_server(args)
+    if not args.bundle:
+        raise LmbundleError("gate needs a bundle folder, or --server URL")
     from .engine.engine import Engine
     from .gates.gate import run_gate, verdict
     from .gates.oracle import Oracle
@@ -277,6 +289,28 @@ def cmd_gate(args) -> None:
                          | {"passed": line == "PASS", "verdict": line}))
     else:
         print("\n".join(report.lines() + (image.lines() if image else []) + [line]))
+    if line != "PASS":
+        raise SystemExit(1)
+
+
+def _gate_server(args) -> None:
+    from .gates.gate import verdict
+    from .gates.oracle import Oracle
+    from .gates.server_client import Server
+    from .gates.server_gate import run_server_gate
+
+    if args.bundle or args.against or args.coverage:
+        raise LmbundleError("gate --server takes no bundle, --against or --coverage")
+    server = Server(args.server, args.model, args.api_key)
+    server.connect()
+    progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    progress(f"gate --server {server.base}: model {server.model!r}")
+    report = run_server_gate(server, Oracle(args.oracle), args.precision, progress=progress)
+    line = verdict(report)
+    if args.json:
+        print(json.dumps(report.to_dict() | {"verdict": line}))
+    else:
+        print("\n".join(report.lines() + [line]))
     if line != "PASS":
         raise SystemExit(1)
 

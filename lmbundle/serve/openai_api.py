@@ -158,6 +158,7 @@ class _Sampled(_Schema):
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # a signed 64-bit integer: distinct seeds never wrap
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1)
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: logprob entries name tokens as "token_id:N"
 
     @property
     def stop_strings(self) -> list[str]:

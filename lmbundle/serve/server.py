@@ -81,6 +81,7 @@ class Generation:
     top_logprobs: int | None = None  # None: no logprobs
     penalties: dict = field(default_factory=dict)  # presence / frequency / bias for sampling.Penalties
     grammar: Callable[[], str] | None = None  # the constraint's grammar, built on the worker
+    token_ids: bool = False  # logprob entries name tokens as "token_id:N" (return_tokens_as_token_ids)
 
 
 class ClientGone(Exception):
@@ -122,7 +123,7 @@ def run_generation(engine, gen: Generation, job: Job) -> None:
         for index, token in enumerate(tokens):
             job.check()
             if recorder is not None:
-                entries.append(logprob_entry(engine.tokenizer, token, *recorder.read(index)))
+                entries.append(logprob_entry(engine.tokenizer, token, *recorder.read(index), as_ids=gen.token_ids))
             text, hit = matcher.push(decoder.push(token))
             if text or (entries and not matcher.pending):
                 job.emit("text", (text, entries))
@@ -163,12 +164,13 @@ def token_bytes(tokenizer, token: int) -> list[int]:
     return list(tokenizer.decode([token]).encode("utf-8"))
 
 
-def logprob_entry(tokenizer, token: int, logprob: float, top: list[tuple[int, float]]) -> dict:
-    """OpenAI's per-token logprob object (chat shape); `token` is the token's text, `bytes` its bytes."""
+def logprob_entry(tokenizer, token: int, logprob: float, top: list[tuple[int, float]], as_ids: bool = False) -> dict:
+    """OpenAI's per-token logprob object (chat shape); `token` is the token's text (`as_ids`: "token_id:N", as
+    vLLM names it, the only exact name in the legacy completions shape), `bytes` its bytes."""
     def one(tid: int, value: float) -> dict:
         raw = token_bytes(tokenizer, tid)
-        return {"token": bytes(raw).decode("utf-8", errors="replace"), "logprob": max(value, -9999.0),
-                "bytes": raw}
+        name = f"token_id:{tid}" if as_ids else bytes(raw).decode("utf-8", errors="replace")
+        return {"token": name, "logprob": max(value, -9999.0), "bytes": raw}
     return {**one(token, logprob), "top_logprobs": [one(t, v) for t, v in top]}
 
 
@@ -177,7 +179,7 @@ def completion_logprobs(entries: list[dict], offset: int = 0) -> dict:
     text_offset, at = [], offset
     for e in entries:
         text_offset.append(at)
-        at += len(e["token"])
+        at += len(bytes(e["bytes"]).decode("utf-8", errors="replace"))  # the text's, also for "token_id:N" names
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
             "text_offset": text_offset}
@@ -553,7 +555,8 @@ def create_app(engine, options: Options) -> FastAPI:
     async def answer(request: Request, req, chat: bool, build_ids, tools: list[dict] | None = None,
                      grammar: Callable[[], str] | None = None):
         gen = Generation(build_ids, req.token_limit, sampling_of(req), req.stop_strings, options.prefill_chunk,
-                         top_logprobs=req.top_count, penalties=penalties_of(req), grammar=grammar)
+                         top_logprobs=req.top_count, penalties=penalties_of(req), grammar=grammar,
+                         token_ids=req.return_tokens_as_token_ids)
         try:
             job = worker.submit(lambda j: run_generation(engine, gen, j), options.timeout)
         except QueueFull:
