@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_decode import chunked_prefill, make_checkpoint  # noqa: E402
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.engine.bench import prompt_ids  # noqa: E402
-from lmbundle.engine.engine import Engine, GenerationStats  # noqa: E402
+from lmbundle.engine.engine import Engine  # noqa: E402
+from lmbundle.engine.request import Request  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
 
         def time_replay(label: str) -> None:
             backend._graphs.clear()
-            list(engine.generate(list(range(1, 65)), 4, stop=False))  # compile + capture
+            engine.complete(Request(list(range(1, 65)), max_tokens=4, ignore_eos=True))  # compile + capture
             torch.cuda.synchronize()
             best = float("inf")
             for _ in range(3):
@@ -151,10 +152,8 @@ def profile_ttft(engine, tokens: int) -> None:
     times = []
     for trial in range(4):  # the first captures the prompt's graph
         engine.forget()
-        stats = GenerationStats()
         with torch.profiler.profile(activities=activities) if trial == 3 else contextlib.nullcontext() as prof:
-            for _token in engine.generate(ids, 1, stop=False, prefill_chunk=256, stats=stats):
-                pass
+            stats = engine.complete(Request(ids, max_tokens=1, ignore_eos=True, prefill_chunk=256)).stats
         times.append(stats.prefill_seconds)
     print(f"TTFT of a cold {tokens}-token prompt: " + ", ".join(f"{1e3 * t:.2f}" for t in times) + " ms "
           "(the first captures; the last under the profiler)")

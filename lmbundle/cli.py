@@ -26,6 +26,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=256,
                    help="chunk size of --prefill chunked, and the prefix cache's block: prompts are snapshotted at "
                         "its multiples (a piece never crosses one)")
+    p.add_argument("--no-prompt-copies", action="store_true",
+                   help="CUDA: do not keep the int8 weights expanded for prompt chunks (saves ~2.7 GB of GPU memory "
+                        "for a 2B; each prompt chunk then expands them again)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -112,10 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine(args):
+def _engine(args, **options):
     from .engine.engine import Engine
+    from .engine.torch_backend import CudaOptions
 
-    return Engine(args.bundle, backend=args.backend, device=args.device, cache_block=_chunk(args))
+    chunk = _chunk(args)
+    return Engine(args.bundle, backend=args.backend, device=args.device, cache_block=chunk,
+                  prefill_chunk=chunk if args.prefill == "chunked" else 0,
+                  cuda=CudaOptions(prompt_copies=not args.no_prompt_copies), **options)
 
 
 def _chunk(args) -> int:
@@ -168,31 +175,26 @@ def cmd_info(args) -> None:
     _print_info(open_bundle(args.bundle))
 
 
-def _generate_kwargs(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "sampling": _sampling(args),
-            "prefill_chunk": args.chunk if args.prefill == "chunked" else 0}
-
-
 def cmd_run(args) -> None:
-    from .engine.engine import GenerationStats
+    from .engine.request import Request
 
     engine = _engine(args)
-    sampling_kwargs = _generate_kwargs(args)
     if args.image or args.chat:
         ids = engine.chat_ids([_user_message(engine, args.prompt, args.image)])
     else:
         ids = engine.encode(args.prompt)
+    request = Request(ids, max_tokens=args.max_new_tokens, sampling=_sampling(args))
     engine.check_length(len(ids), args.max_new_tokens)
     engine.warmup()
-    stats = GenerationStats()
-    for piece in engine.generate_text(ids, stats=stats, **sampling_kwargs):
-        sys.stdout.write(piece)
+    for output in engine.generate(request):
+        sys.stdout.write(output.text)
         sys.stdout.flush()
+    stats, finish = output.stats, output.finish_reason
     sys.stdout.write("\n")
     if args.stats:
         print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; prefill "
               f"{stats.prefill_tok_s:.1f} tok/s (first token after {1000 * stats.prefill_seconds:.1f} ms), decode "
-              f"{stats.decode_tok_s:.1f} tok/s; stop: {stats.stop_reason}]",
+              f"{stats.decode_tok_s:.1f} tok/s; stop: {finish}]",
               file=sys.stderr)
 
 
@@ -203,8 +205,9 @@ def _user_message(engine, text: str, images: list[str]) -> dict:
 
 
 def cmd_chat(args) -> None:
+    from .engine.request import Request
+
     engine = _engine(args)
-    kwargs = _generate_kwargs(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     pending_images = list(args.image)
     engine.warmup()
@@ -228,11 +231,11 @@ def cmd_chat(args) -> None:
         try:
             history.append(_user_message(engine, text, pending_images))
             pending_images = []
-            ids = engine.chat_ids(history)
             reply = []
-            for piece in engine.generate_text(ids, **kwargs):
-                reply.append(piece)
-                print(piece, end="", flush=True)
+            for output in engine.generate(Request(messages=history, max_tokens=args.max_new_tokens,
+                                                  sampling=_sampling(args))):
+                reply.append(output.text)
+                print(output.text, end="", flush=True)
             print()
             history.append({"role": "assistant", "content": "".join(reply)})
         except LmbundleError as exc:

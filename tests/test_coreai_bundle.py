@@ -24,6 +24,7 @@ from lmbundle.cli import main as cli_main  # noqa: E402
 from lmbundle.convert import coreai_export  # noqa: E402
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.engine.engine import Engine  # noqa: E402
+from lmbundle.engine.request import Request  # noqa: E402
 from lmbundle.errors import LmbundleError  # noqa: E402
 from tests.conftest import DEMO_QWEN35  # noqa: E402
 
@@ -69,7 +70,7 @@ def prompt(engines):
 
 @pytest.fixture(scope="module")
 def expected(engines, prompt):
-    return list(engines["torch"].generate(prompt, NEW, stop=False))
+    return engines["torch"].complete(Request(prompt, max_tokens=NEW, ignore_eos=True)).tokens
 
 
 @pytest.mark.parametrize("chunk", [0, 64])
@@ -78,7 +79,8 @@ def test_generate_across_256_equals_torch(engines, prompt, expected, chunk):
     prompt as S=1 steps or 3 prefill chunks of 64 + 58 steps."""
     backend = engines["coreai"].backend
     assert backend.dynamic_kv and backend.prefill_chunk == 64
-    assert list(engines["coreai"].generate(prompt, NEW, stop=False, prefill_chunk=chunk)) == expected
+    request = Request(prompt, max_tokens=NEW, ignore_eos=True, prefill_chunk=chunk)
+    assert engines["coreai"].complete(request).tokens == expected
     assert backend.capacity == 512
 
 
@@ -98,7 +100,8 @@ def test_growth_during_decode_equals_torch(engines, prompt, expected):
 def test_old_fixed_kv_bundle_runs_on_our_backend(engines, prompt, expected):
     old = engines["old"].backend
     assert not old.dynamic_kv and old.prefill_chunk == 0 and old.max_context == 512
-    assert list(engines["old"].generate(prompt, NEW, stop=False, prefill_chunk=64)) == expected
+    request = Request(prompt, max_tokens=NEW, ignore_eos=True, prefill_chunk=64)
+    assert engines["old"].complete(request).tokens == expected
 
 
 def test_check_passes_a_new_bundle(bundles):

@@ -25,6 +25,7 @@ from PIL import Image
 
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
+from lmbundle.engine.request import Request
 from tests.test_vlm_e2e import PROCESSOR
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "make_real_vocab_fixture.py"
@@ -243,10 +244,11 @@ def _assert_greedy_follows(reference: torch.Tensor, tokens: list[int], margin: f
 def test_generation_follows_the_reference_and_round_trips(case):
     vocab, ref, engine = case
     ids = engine.chat_ids([{"role": "user", "content": "Tell me a story about a cat."}])
-    tokens = list(engine.generate(ids, max_new_tokens=12, stop=False))
+    done = engine.complete(Request(ids, max_tokens=12, ignore_eos=True))
+    tokens = done.tokens
     assert len(tokens) == 12 and max(tokens) < vocab.tokenizer_size
     _assert_greedy_follows(_reference_logits(ref, ids + tokens, 13)[:-1], tokens)
-    streamed = "".join(engine.generate_text(ids, max_new_tokens=12, stop=False))
+    streamed = done.text
     expected = _reference_tokenizer(vocab).decode(tokens)
     assert streamed == expected.rstrip("\ufffd"), (streamed, expected)  # a split character is held back
 
@@ -273,7 +275,7 @@ def test_image_prompt_uses_the_real_image_pad(case):
 
     raw = [vocab.image_pad if t >= vocab.model_vocab else t for t in ids]  # the checkpoint's own prompt
     assert raw.count(vocab.image_pad) == TOKENS_PER_IMAGE
-    tokens = list(engine.generate(ids, max_new_tokens=6, stop=False, prefill_chunk=64))  # S=1: test_vlm_e2e
+    tokens = engine.complete(Request(ids, max_tokens=6, ignore_eos=True, prefill_chunk=64)).tokens  # S=1: vlm_e2e
     assert max(tokens) < vocab.tokenizer_size
     expected = _reference_logits(ref, raw + tokens, 7, _vision_inputs(raw + tokens, vocab, image))
     _assert_greedy_follows(expected[:-1], tokens)

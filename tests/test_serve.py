@@ -27,11 +27,12 @@ import torch
 from PIL import Image
 
 from lmbundle.convert.convert import convert
-from lmbundle.engine.engine import Engine, GenerationStats
-from lmbundle.engine.sampling import Sampling
+from lmbundle.engine.engine import Engine
+from lmbundle.engine.outputs import StopStrings
+from lmbundle.engine.request import Request
 from lmbundle.errors import LmbundleError
 from lmbundle.serve.images import ImageError, decode_image_url
-from lmbundle.serve.openai_api import ApiError, StopMatcher
+from lmbundle.serve.openai_api import ApiError
 from lmbundle.serve.server import JobEvents, check_host, serve
 from lmbundle.serve.worker import Job, QueueFull, Worker
 
@@ -152,9 +153,8 @@ def engine(bundle):
 
 def reference(engine, ids: list[int], max_tokens: int) -> tuple[str, int, str]:
     """Greedy text, token count and stop reason of the engine itself on the same prompt ids."""
-    stats = GenerationStats()
-    text = "".join(engine.generate_text(ids, max_new_tokens=max_tokens, sampling=Sampling(), stats=stats))
-    return text, stats.generated_tokens, stats.stop_reason
+    done = engine.complete(Request(ids, max_tokens=max_tokens))
+    return done.text, done.stats.generated_tokens, done.finish_reason
 
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox"}]
@@ -239,8 +239,8 @@ def test_next_turn_reports_cached_prompt_tokens_like_the_engine(client, engine):
     says so in usage.prompt_tokens_details, as the engine itself does for the same two calls."""
     first_text, _, _ = reference(engine, engine.chat_ids(MESSAGES), 8)
     turn = MESSAGES + [{"role": "assistant", "content": first_text}, {"role": "user", "content": "And then?"}]
-    stats = GenerationStats()
-    text = "".join(engine.generate_text(engine.chat_ids(turn), max_new_tokens=8, sampling=Sampling(), stats=stats))
+    done = engine.complete(Request(engine.chat_ids(turn), max_tokens=8))
+    text, stats = done.text, done.stats
     first = client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=8, temperature=0)
     assert first.choices[0].message.content == first_text
     out = client.chat.completions.create(model=engine.name, messages=turn, max_tokens=8, temperature=0)
@@ -445,7 +445,7 @@ def test_100_concurrent_requests_bounded_queue_and_memory(server, engine):
 # -- parts, in process ----------------------------------------------------------------------------
 @pytest.mark.parametrize("pieces", [["ab", "cST", "OPde"], ["abcS", "T", "O", "Pde"], ["abcSTOPde"]])
 def test_stop_matcher_cuts_at_first_stop_over_any_split(pieces):
-    matcher = StopMatcher(["STOP", "zz"])
+    matcher = StopStrings(["STOP", "zz"])
     out, hit = "", False
     for piece in pieces:
         text, hit = matcher.push(piece)
@@ -453,7 +453,7 @@ def test_stop_matcher_cuts_at_first_stop_over_any_split(pieces):
         if hit:
             break
     assert (out, hit) == ("abc", True)
-    matcher = StopMatcher(["STOP"])
+    matcher = StopStrings(["STOP"])
     assert matcher.push("xxST") == ("xx", False) and matcher.push("x") == ("STx", False)
     assert matcher.push("S") == ("", False) and matcher.flush() == "S"
 

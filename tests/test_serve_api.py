@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from lmbundle.convert.convert import convert
-from lmbundle.engine.engine import Engine, GenerationStats
+from lmbundle.engine.engine import Engine
+from lmbundle.engine.request import Request
 from lmbundle.engine.sampling import Sampling
 from tests.test_serve import API_KEY, request, start_server, stop_server, wait_idle
 
@@ -133,9 +134,8 @@ def engine(bundle):
 
 
 def greedy(engine, ids, n, **sampling) -> tuple[str, str]:
-    stats = GenerationStats()
-    text = "".join(engine.generate_text(ids, max_new_tokens=n, sampling=Sampling(**sampling), stats=stats))
-    return text, stats.stop_reason
+    done = engine.complete(Request(ids, max_tokens=n, sampling=Sampling(**sampling)))
+    return done.text, done.finish_reason
 
 
 def manual_greedy(engine, ids: list[int], n: int, adjust) -> list[int]:

@@ -22,6 +22,7 @@ from PIL import Image
 from lmbundle.cli import main as cli_main
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
+from lmbundle.engine.request import Request
 from lmbundle.errors import LmbundleError
 
 VOCAB, START, END, IMAGE = 320, 3, 4, 5  # the tokenizer's special ids, written into config.json
@@ -169,7 +170,7 @@ def test_greedy_identical_fp16(vlm):
     ids = engine.chat_ids(_message(images, "What is in it?"))
     with torch.no_grad():
         expected = ref.generate(**_hf_inputs(ids, images), max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    ours = list(engine.generate(ids, max_new_tokens=12, stop=False))
+    ours = engine.complete(Request(ids, max_tokens=12, ignore_eos=True)).tokens
     assert ours == expected[0, len(ids):].tolist()
 
 
@@ -230,7 +231,7 @@ def test_bad_input_is_one_clear_line(vlm, tmp_path):
         "not found": lambda: engine.attach_images([tmp_path / "missing.jpg"]),
         "at most 4": lambda: engine.chat_ids(_message([_image(k, 64, 64) for k in range(5)])),
         "context too long": lambda: engine.chat_ids(_message([_image(k, 64, 64) for k in range(3)])),
-        "not the images": lambda: list(engine.generate([1, 2, VOCAB, VOCAB + 1, 6], max_new_tokens=1)),
+        "not the images": lambda: engine.complete(Request([1, 2, VOCAB, VOCAB + 1, 6], max_tokens=1)),
     }
     damaged = tmp_path / "damaged"
     shutil.copytree(engine.bundle.path, damaged)

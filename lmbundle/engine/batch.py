@@ -25,7 +25,6 @@ own generator, so a seeded request repeats whatever runs beside it.
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
@@ -42,6 +41,9 @@ from ..models.linear import DenseCopies, Linear, dequantize
 from ..models.ops import StepOps
 from .graphs import MAX_PIECE, PrefillGraphs, capture
 from .kernels import triton_installed
+from .outputs import TokenStops
+from .prefix_cache import PrefixCache
+from .request import Stats
 from .sampling import Sampling, sample
 
 ROW_TILE = 16
@@ -86,10 +88,9 @@ class BatchOps(StepOps):
 @dataclass
 class Sequence:
     ids: list[int]
-    max_new_tokens: int
+    stops: TokenStops
     sampling: Sampling
-    stop: bool
-    stats: object  # GenerationStats
+    stats: Stats
     chunk: int
     generator: torch.Generator | None = None
     out: queue.Queue = field(default_factory=queue.Queue)  # lists of tokens, then None (or an error, None)
@@ -157,15 +158,17 @@ class HostInts:
 
 
 class BatchScheduler:
-    def __init__(self, engine, max_batch: int, token_budget: int = 512, chunk: int = 256):
-        backend = engine.backend
-        self.engine, self.model, self.device = engine, backend.model, backend.device
+    def __init__(self, backend, cache: PrefixCache, max_batch: int, token_budget: int = 512, chunk: int = 256,
+                 row_kernels: bool = True):
+        self.model, self.device, self.cache = backend.model, backend.device, cache
         self.max_batch, self.token_budget, self.chunk = max_batch, token_budget, chunk
-        self.capacity = engine.max_context
+        self.capacity = backend.max_context
+        self.prompt_copies = backend.prompt_copies
+        self.row_kernels = row_kernels
         weight = self.model.model.embed_tokens.weight
         self.pool = self.model.state_spec.new(self.capacity, self.device, weight.dtype, slots=2 * max_batch)
         self.owner: list[Sequence | None] = [None] * (2 * max_batch)  # decode slots, then prefill slots
-        self.use_graphs = self.device.type == "cuda" and os.environ.get("LMBUNDLE_BATCH_GRAPHS", "1") != "0"
+        self.use_graphs = self.device.type == "cuda"
         self.prefill_graphs = None  # with graphs: prompt pieces replayed on a staging slot
         if self.use_graphs:
             staging = self.model.state_spec.new(self.capacity, self.device, weight.dtype)
@@ -205,20 +208,19 @@ class BatchScheduler:
         GEMMs with the rows kernels of `kernels/triton_rows.py` around them (LMBUNDLE_ROW_KERNELS=0: the
         reference alone: a 32-row 2B int8hu step 8.9 ms on the H200 against 2.5-2.8 ms)."""
         linears = BatchOps(-(-self.max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu",
-                           kept=self.engine.backend.prompt_copies)
-        if self.device.type == "cuda" and triton_installed() and os.environ.get("LMBUNDLE_ROW_KERNELS") != "0":
+                           kept=self.prompt_copies)
+        if self.device.type == "cuda" and triton_installed() and self.row_kernels:
             from .kernels.triton_rows import RowStepOps
 
             return RowStepOps(self._live_in, linears)
         return linears
 
     # -- the requests' side ---------------------------------------------------------------------
-    def generate(self, ids: list[int], max_new_tokens: int, sampling: Sampling, prefill_chunk: int, stop: bool,
-                 stats) -> Iterator[int]:
-        seq = Sequence(list(ids), max_new_tokens, sampling, stop, stats, prefill_chunk or self.chunk)
+    def generate(self, ids: list[int], stops: TokenStops, sampling: Sampling, prefill_chunk: int,
+                 stats: Stats) -> Iterator[int]:
+        seq = Sequence(list(ids), stops, sampling, stats, prefill_chunk or self.chunk)
         seq.generator = sampling.generator(self.device)
         seq.start = time.perf_counter()
-        stats.prompt_tokens = len(ids)
         with self._wake:
             self._pending.append(seq)
             self._wake.notify()
@@ -288,9 +290,8 @@ class BatchScheduler:
 
     def _restore(self, seq: Sequence) -> None:
         """The longest cached prefix into the sequence's slot (else a zeroed slot)."""
-        engine, state = self.engine, self.pool.slot(seq.slot)
-        cache = engine.prefix_cache
-        held, entry = cache.lookup(seq.ids, limit=len(seq.ids)) if engine.keeps(seq.ids) else (0, None)
+        state, cache = self.pool.slot(seq.slot), self.cache
+        held, entry = cache.lookup(seq.ids, limit=len(seq.ids))
         if entry is not None:
             state.load_prefix(entry.state, held)
             if held == len(seq.ids):  # the same prompt before: its last token's logits were kept
@@ -300,8 +301,8 @@ class BatchScheduler:
                 t.zero_()
         seq.pos = held
         seq.stats.cached_tokens = held
-        if cache.enabled and engine.keeps(seq.ids):
-            seq.cuts = set(engine._cuts(seq.ids, held))
+        if cache.enabled:
+            seq.cuts = set(cache.cuts(seq.ids, held))
 
     def _iteration(self) -> None:
         for seq in list(self.active):
@@ -354,7 +355,7 @@ class BatchScheduler:
         """What the sequence's slot holds after `ids` into the prefix cache (with the logits of the last
         token of ids, when given)."""
         with self._timed("cache"):
-            self.engine._remember(ids, logits, state=self.pool.slot(seq.slot))
+            self.cache.remember(ids, self.pool.slot(seq.slot).prefix, logits)
 
     def _join_decoding(self, seq: Sequence) -> None:
         """Move the sequence from its prefill slot into slot len(decoding): the decoding ones stay in 0..B-1."""
@@ -451,14 +452,15 @@ class BatchScheduler:
             seq.first = now
             stats.prefill_seconds = now - seq.start
         stats.decode_seconds = now - seq.first
-        if seq.stop and token in self.engine.stop_ids:
+        finish = seq.stops.finish(token, stats.generated_tokens)
+        if finish == "stop":
             self._finish(seq, "stop")
             return
         stats.generated_tokens += 1
         seq.unsent.append(token)
         if now - seq.sent >= max(STREAM_FRAME_S, len(self.decoding) / STREAM_FRAMES_PER_S):
             self._send(seq, now)
-        if stats.generated_tokens >= seq.max_new_tokens:
+        if finish == "length":
             self._finish(seq, "length")
 
     @staticmethod
@@ -475,7 +477,7 @@ class BatchScheduler:
             seq.stats.stop_reason = reason if reason != "cancelled" else seq.stats.stop_reason
             fed = (seq.ids + seq.chosen)[: seq.pos]  # what the slot holds (the step that fed the last token
             # chosen may still run: what the cache keeps is copied after it)
-            if seq.decoding and len(fed) > len(seq.ids) and self.engine.keeps(seq.ids):
+            if seq.decoding and len(fed) > len(seq.ids):
                 self._remember(fed, seq)
         slot = seq.slot
         if seq.decoding:

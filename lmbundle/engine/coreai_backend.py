@@ -63,8 +63,8 @@ class CoreAIStep:
 
 
 class CoreAIBackend:
-    """The engine's backend interface (reset / prefill / step / next_token / read_token / logits) on a
-    Core AI asset: a bundle (its `main` asset) or a bare `.aimodel` folder.
+    """The engine's `Backend` (backend.py; not resumable) on a Core AI asset: a bundle (its `main`
+    asset) or a bare `.aimodel` folder.
 
     KV states: an asset with dynamic KV states (sequence dim -1) gets them grown as Apple's pipelined
     engine grows them: `INITIAL_CAPACITY` slots (at most the context), doubled by copying the written
@@ -237,28 +237,31 @@ class CoreAIBackend:
             inputs = {"input_ids": ids, "position_ids": NDArray(position_ids), **self._images}
             handle.outputs = await function(inputs, self.states)
 
-    def step(self, token: int | torch.Tensor | CoreAIStep, position: int) -> CoreAIStep:
+    def step(self, token: int | torch.Tensor | CoreAIStep, position: int, with_head: bool = True) -> CoreAIStep:
         """Enqueue one step: `token` is an id ([1, 1] tensor or int) or the handle of the step whose
-        in-graph argmax feeds this one (the greedy pipeline: the token stays in the runtime)."""
+        in-graph argmax feeds this one (the greedy pipeline: the token stays in the runtime). The asset
+        always computes the head (`with_head` is the Backend protocol's)."""
         if isinstance(token, torch.Tensor):
             token = int(token.item())
         handle = CoreAIStep()
         handle.done = self._call(self._run(handle, self._function, token, self._position_ids(position)))
         return handle
 
-    def prefill(self, ids: list[int], chunk: int = 0) -> CoreAIStep:
-        """The prompt: with `chunk` > 0 and an asset with a `prefill` function, whole chunks of its size
-        (all but the last token, which needs the head), then S=1 steps for the rest; else S=1 steps."""
+    def prefill(self, ids: list[int], chunk: int = 0, start: int = 0, with_head: bool = True) -> CoreAIStep:
+        """Prompt tokens at positions start, start+1, ...: with `chunk` > 0 and an asset with a `prefill`
+        function, whole chunks of its size (all but the last token, which needs the head), then S=1 steps
+        for the rest; else S=1 steps. The asset always computes the head (`with_head` is the protocol's)."""
         size = self.prefill_chunk if chunk and self._prefill is not None else 0
         done = (len(ids) - 1) // size * size if size else 0
         chunks = []
-        for start in range(0, done, size or 1):
-            tokens = np.array([ids[start : start + size]], dtype=np.int32)
-            chunks.append(self._call(self._run(CoreAIStep(), self._prefill, tokens, self._position_ids(start, size))))
+        for at in range(0, done, size or 1):
+            tokens = np.array([ids[at : at + size]], dtype=np.int32)
+            chunks.append(self._call(self._run(CoreAIStep(), self._prefill, tokens,
+                                               self._position_ids(start + at, size))))
         handle = None
-        for position in range(done, len(ids)):
+        for at in range(done, len(ids)):
             handle = CoreAIStep()
-            handle.done = self._call(self._run(handle, self._function, ids[position], self._position_ids(position),
+            handle.done = self._call(self._run(handle, self._function, ids[at], self._position_ids(start + at),
                                                chunks))
         return handle
 

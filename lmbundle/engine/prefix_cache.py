@@ -26,6 +26,7 @@ import queue
 import re
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,9 +149,14 @@ class _Spills:
 
 
 class PrefixCache:
-    def __init__(self, device_bytes: int, host_bytes: int = 0, device: torch.device | str = "cpu", block: int = 256):
+    """Snapshots by token prefix. `block`: a prompt is snapshotted at its multiples; `marker`: the token that
+    starts a chat message (a prompt is snapshotted where one starts)."""
+
+    def __init__(self, device_bytes: int, host_bytes: int = 0, device: torch.device | str = "cpu", block: int = 256,
+                 marker: int | None = None):
         self.device = torch.device(device)
         self.block = block
+        self.marker = marker
         self.device_bytes = device_bytes
         self.spills = self.device.type != "cpu" and host_bytes > 0
         self.host_bytes = host_bytes if self.spills else 0
@@ -189,6 +195,20 @@ class PrefixCache:
 
     def contains(self, ids) -> bool:
         return self._find(_token_bytes(ids)) is not None
+
+    def cuts(self, ids: list[int], held: int) -> list[int]:
+        """Where a prompt's state is snapshotted past the `held` positions it starts from: block multiples
+        and where a chat message starts (a shared system prompt, a turn). Its end is snapshotted too, with
+        the logits of its last token."""
+        block, marker = self.block, self.marker
+        return [p for p in range(held + 1, len(ids)) if p % block == 0 or (marker is not None and ids[p] == marker)]
+
+    def remember(self, ids: list[int], snapshot: Callable[[int], dict[str, torch.Tensor]],
+                 logits: torch.Tensor | None = None) -> None:
+        """Keep `snapshot(len(ids))` (a state's tensors after `ids`) unless the prefix is held already, with
+        the logits of its last token when given."""
+        if self.enabled and not self.contains(ids):
+            self.insert(ids, snapshot(len(ids)), logits)
 
     def lookup(self, ids, limit: int, min_length: int = 1) -> tuple[int, Entry | None]:
         """The longest cached prefix of `ids` with min_length <= length <= limit: (length, entry), or (0, None).

@@ -253,31 +253,6 @@ def _is_type_tag(part) -> bool:
                                       part in ("str", "int", "float", "bool", "list", "dict", "none"))
 
 
-class StopMatcher:
-    """Cuts streamed text at the first stop string. Text that could still be the start of a stop
-    string is held back until the next piece shows whether it is."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.pending = ""
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """(text safe to send now, whether a stop string was reached)."""
-        text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return text[: min(hits)], True
-        hold = next((k for k in range(min(len(text), max(map(len, self.stops), default=1) - 1), 0, -1)
-                     if any(s.startswith(text[-k:]) for s in self.stops)), 0)
-        self.pending = text[len(text) - hold:]
-        return text[: len(text) - hold], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

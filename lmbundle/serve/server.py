@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -26,11 +26,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.engine import GenerationStats, StreamDecoder
-from ..engine.grammar import GrammarConstraint, GrammarError, json_grammar, lark_grammar
-from ..engine.prompt import ChatPrompt
-from ..engine.sampling import Logprobs, Penalties, Sampling
-from ..errors import LmbundleError
+from ..engine.grammar import GrammarError, json_grammar, lark_grammar
+from ..engine.request import Request as EngineRequest
+from ..engine.sampling import Sampling
+from ..errors import ContextTooLong, LmbundleError, TemplateError
 from .images import ImageError, check_header, decode_bytes, give_back_memory, image_bytes, resolve_dirs
 from .metrics import Metrics
 from .metrics import health as health_report
@@ -41,7 +40,6 @@ from .openai_api import (
     CompletionRequest,
     ImagePart,
     Shapes,
-    StopMatcher,
     check_json,
     parse,
     timings,
@@ -69,107 +67,40 @@ class Options:
     max_batch: int = 1  # requests decoded at once (--max-batch)
 
 
-@dataclass
-class Generation:
-    """What the worker needs to run one request."""
-
-    build_ids: Callable[[], list[int] | ChatPrompt]  # runs on the worker thread (the tokenizer is not shared)
-    max_tokens: int | None  # None: up to the context
-    sampling: Sampling
-    stops: list[str]
-    prefill_chunk: int = 0
-    top_logprobs: int | None = None  # None: no logprobs
-    penalties: dict = field(default_factory=dict)  # presence / frequency / bias for sampling.Penalties
-    grammar: Callable[[], str] | None = None  # the constraint's grammar, built on the worker
-
-
 class ClientGone(Exception):
     """The client disconnected before its answer was complete."""
 
 
-def run_generation(engine, gen: Generation, job: Job) -> None:
-    """Worker side: build the prompt, decode, stream text out, stop at EOS / stop string / limit.
+def run_generation(engine, request: EngineRequest, job: Job) -> None:
+    """Worker side: build the prompt, decode, stream text out (the engine decides where it ends).
     Events: ("prompt", (prompt tokens, whether the reply starts inside <think>)), ("text", (text,
     [logprob entries])) ..., ("done", (finish reason, stats))."""
-    prompt = gen.build_ids()
-    ids = prompt.ids if isinstance(prompt, ChatPrompt) else prompt
-    limit = gen.max_tokens if gen.max_tokens is not None else engine.max_context - len(ids)
-    engine.check_length(len(ids), max(limit, 1))
-    vocab = engine.bundle.info["config"]["vocab_size"]
-    processors = []
-    recorder = Logprobs(gen.top_logprobs) if gen.top_logprobs is not None else None
-    if recorder is not None:
-        processors.append(recorder)
-    if any(gen.penalties.values()):
-        processors.append(Penalties(vocab, engine.device, **gen.penalties))
-    if gen.grammar is not None:
-        try:
-            processors.append(GrammarConstraint(gen.grammar(), engine.tokenizer, vocab, engine.stop_ids,
-                                                engine.device, budget=limit))
-        except GrammarError as exc:
-            raise ApiError(400, str(exc), code="invalid_response_format", param="response_format") from None
-    sampling = replace(gen.sampling, processors=tuple(processors))
-    thinking = isinstance(prompt, ChatPrompt) and prompt.opens_thinking and gen.grammar is None
-    job.emit("prompt", (len(ids), thinking))
-    stats = GenerationStats()
-    decoder = StreamDecoder(engine.tokenizer)
-    matcher = StopMatcher(gen.stops)
-    tokens = engine.generate(ids, max_new_tokens=limit, sampling=sampling, prefill_chunk=gen.prefill_chunk,
-                             stats=stats)
-    finish = None
+    prompt = engine.prompt(request)
+    thinking = request.messages is not None and prompt.opens_thinking and request.grammar is None
+    job.emit("prompt", (len(prompt.ids), thinking))
+    outputs = engine.generate(request, prompt)
     entries = []
     try:
-        for index, token in enumerate(tokens):
+        for output in outputs:
             job.check()
-            if recorder is not None:
-                entries.append(logprob_entry(engine.tokenizer, token, *recorder.read(index)))
-            text, hit = matcher.push(decoder.push(token))
-            if text or (entries and not matcher.pending):
-                job.emit("text", (text, entries))
+            if output.logprobs is not None:
+                entries.append(logprob_entry(engine, output.token, output.logprobs))
+            if output.text or entries:
+                job.emit("text", (output.text, entries))
                 entries = []
-            if hit:
-                finish = "stop"
-                break
+            if output.finish_reason is not None:
+                job.emit("done", (output.finish_reason, output.stats))
     finally:
-        tokens.close()
-    if finish is None:
-        if (tail := matcher.push(decoder.flush())[0] + matcher.flush()) or entries:
-            job.emit("text", (tail, entries))
-        finish = stats.stop_reason
-    job.emit("done", (finish, stats))
+        outputs.close()
 
 
-def _byte_table() -> dict[str, int]:
-    """GPT-2 byte-level BPE: the printable character that stands for each byte in token strings."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
-        list(range(ord("\u00ae"), 256))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
-
-
-_BYTE_OF = _byte_table()
-
-
-def token_bytes(tokenizer, token: int) -> list[int]:
-    piece = tokenizer.convert_ids_to_tokens(token)
-    if isinstance(piece, str) and all(c in _BYTE_OF for c in piece):
-        return [_BYTE_OF[c] for c in piece]
-    return list(tokenizer.decode([token]).encode("utf-8"))
-
-
-def logprob_entry(tokenizer, token: int, logprob: float, top: list[tuple[int, float]]) -> dict:
+def logprob_entry(engine, token: int, logprobs) -> dict:
     """OpenAI's per-token logprob object (chat shape); `token` is the token's text, `bytes` its bytes."""
     def one(tid: int, value: float) -> dict:
-        raw = token_bytes(tokenizer, tid)
+        raw = engine.token_bytes(tid)
         return {"token": bytes(raw).decode("utf-8", errors="replace"), "logprob": max(value, -9999.0),
                 "bytes": raw}
-    return {**one(token, logprob), "top_logprobs": [one(t, v) for t, v in top]}
+    return {**one(token, logprobs.logprob), "top_logprobs": [one(t, v) for t, v in logprobs.top]}
 
 
 def completion_logprobs(entries: list[dict], offset: int = 0) -> dict:
@@ -285,13 +216,16 @@ def _lark_text(text: str) -> str:
 def as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
-    if type(exc).__module__.startswith("jinja2"):  # the chat template refused the conversation (raise_exception)
-        return ApiError(400, f"the chat template refused these messages: {str(exc)[:300]}", param="messages")
+    if isinstance(exc, TemplateError):
+        return ApiError(400, str(exc), param="messages")
     if isinstance(exc, ImageError):
         return ApiError(400, str(exc), code="invalid_image")
+    if isinstance(exc, GrammarError):
+        return ApiError(400, str(exc), code="invalid_response_format", param="response_format")
+    if isinstance(exc, ContextTooLong):
+        return ApiError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, LmbundleError):
-        text = str(exc)
-        return ApiError(400, text, code="context_length_exceeded" if text.startswith("context too long") else None)
+        return ApiError(400, str(exc))
     return ApiError(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
 
 
@@ -492,9 +426,11 @@ def create_app(engine, options: Options) -> FastAPI:
         return Sampling(**{key: defaults[key] if value is None else value for key, value in given.items()},
                         seed=req.seed, min_p=req.min_p or 0.0)
 
-    def penalties_of(req) -> dict:
-        return {"presence": req.presence_penalty or 0.0, "frequency": req.frequency_penalty or 0.0,
-                "bias": req.bias(vocab_size)}
+    def engine_request(req, **prompt) -> EngineRequest:
+        """The engine's request for an OpenAI one (`prompt`: its prompt, messages, tools...)."""
+        return EngineRequest(**prompt, max_tokens=req.token_limit, sampling=sampling_of(req), stop=req.stop_strings,
+                             logprobs=req.top_count, presence_penalty=req.presence_penalty or 0.0,
+                             frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.bias(vocab_size))
 
     async def chat_messages(req: ChatRequest) -> list[dict]:
         """The request's messages for the template, images decoded. Everything that can refuse a request
@@ -538,24 +474,21 @@ def create_app(engine, options: Options) -> FastAPI:
             del image
             give_back_memory()
 
-    def completion_ids(prompt) -> Callable[[], list[int]]:
+    def completion_prompt(prompt) -> str | list[int]:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             vocab = len(engine.tokenizer)
             if not all(0 <= t < vocab for t in prompt):
                 raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-            return lambda: list(prompt)
+            return list(prompt)
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise ApiError(400, "exactly one prompt per request", param="prompt")
             prompt = prompt[0]
-        return lambda: engine.encode(prompt)
+        return prompt
 
-    async def answer(request: Request, req, chat: bool, build_ids, tools: list[dict] | None = None,
-                     grammar: Callable[[], str] | None = None):
-        gen = Generation(build_ids, req.token_limit, sampling_of(req), req.stop_strings, options.prefill_chunk,
-                         top_logprobs=req.top_count, penalties=penalties_of(req), grammar=grammar)
+    async def answer(request: Request, req, chat: bool, work: EngineRequest, tools: list[dict] | None = None):
         try:
-            job = worker.submit(lambda j: run_generation(engine, gen, j), options.timeout)
+            job = worker.submit(lambda j: run_generation(engine, work, j), options.timeout)
         except QueueFull:
             if worker.closing:
                 raise ApiError(503, "the server is shutting down", code="server_shutdown") from None
@@ -679,8 +612,8 @@ def create_app(engine, options: Options) -> FastAPI:
             grammar = functools.partial(json_grammar, schema)
             kwargs.setdefault("enable_thinking", False)  # JSON from the first token
         if grammar is not None:
-            try:  # compile once here so a bad schema is a 400 before anything is queued
-                grammar = functools.partial(lambda text: text, grammar())
+            try:  # compiled here so a bad schema is a 400 before anything is queued
+                grammar = grammar()
             except GrammarError as exc:
                 raise ApiError(400, str(exc), code="invalid_response_format", param="response_format") from None
         parse_tools = tools if choice != "none" else None
@@ -691,14 +624,13 @@ def create_app(engine, options: Options) -> FastAPI:
         req = await read_body(request, ChatRequest)
         template_tools, kwargs, parse_tools, grammar = chat_plan(req)
         messages = await chat_messages(req)
-        return await answer(request, req, True,
-                            lambda: engine.chat_prompt(messages, template_tools, kwargs),
-                            tools=parse_tools, grammar=grammar)
+        work = engine_request(req, messages=messages, tools=template_tools, template_kwargs=kwargs, grammar=grammar)
+        return await answer(request, req, True, work, tools=parse_tools)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await read_body(request, CompletionRequest)
-        return await answer(request, req, False, completion_ids(req.prompt))
+        return await answer(request, req, False, engine_request(req, prompt=completion_prompt(req.prompt)))
 
     return app
 
@@ -724,6 +656,7 @@ def serve(args) -> None:
 
     from ..engine.engine import Engine
     from ..engine.prefix_cache import parse_size
+    from ..engine.torch_backend import CudaOptions
 
     loopback = check_host(args.host, args.allow_remote)
     if args.queue_size < 0 or args.timeout <= 0 or args.max_batch < 1:
@@ -741,7 +674,8 @@ def serve(args) -> None:
                       max_batch=args.max_batch)
     engine = Engine(args.bundle, backend=args.backend, device=args.device, cache_bytes=cache_bytes,
                     cache_host_bytes=host_bytes, cache_block=args.chunk, max_batch=args.max_batch,
-                    token_budget=getattr(args, "token_budget", 512))
+                    token_budget=getattr(args, "token_budget", 512), prefill_chunk=options.prefill_chunk,
+                    cuda=CudaOptions(prompt_copies=not getattr(args, "no_prompt_copies", False)))
     engine.warmup()
     app = create_app(engine, options)
     if not loopback:
