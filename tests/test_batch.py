@@ -202,7 +202,7 @@ def test_prefix_cache_through_the_batch(bundles, one_thread):
 def test_host_ints_reach_the_device_intact_as_the_ring_wraps(device):
     """The scheduler's ints go through a ring of staging buffers: each result is its own tensor, unchanged
     by the later copies that reuse its buffer, and lists longer than a buffer take a plain copy."""
-    from lmbundle.engine.batch import HostInts
+    from lmbundle.engine.batch_ops import HostInts
 
     host_ints = HostInts(torch.device(device), size=8, slots=3)
     sent = [[7 * i + j for j in range(1 + i % 8)] for i in range(10)]

@@ -29,12 +29,14 @@ from ..bundle.load import load_graph
 from ..errors import ContextTooLong, LmbundleError
 from . import BACKENDS
 from .backend import Backend
+from .batching import BatchLoop
 from .grammar import GrammarConstraint
 from .outputs import OutputStream, TokenStops, token_bytes
 from .prefix_cache import PrefixCache
 from .prompt import Prompt, render_chat
 from .request import Completion, Output, Request, Stats, TokenLogprobs
 from .sampling import Logprobs, Penalties, Sampling
+from .scheduler import Scheduler
 from .torch_backend import CudaOptions, TorchBackend, pick_device
 from .vision import ImagePrompts, split_images
 
@@ -107,12 +109,11 @@ class Engine:
         marker = start if isinstance(start, int) and start != self.tokenizer.unk_token_id else None
         self.prefix_cache = PrefixCache(cache_bytes if self.backend.resumable else 0, host, self.device, cache_block,
                                         marker)
-        self.scheduler = None  # continuous batching of text prompts (the torch backend, max_batch > 1)
+        self.scheduler: Scheduler | None = None  # continuous batching of text prompts (torch, max_batch > 1)
         if max_batch > 1 and backend == "torch" and self.vision is None:
-            from .batch import BatchScheduler
-
-            self.scheduler = BatchScheduler(self.backend, self.prefix_cache, max_batch, token_budget, cache_block,
+            self.scheduler = Scheduler(self.backend, self.prefix_cache, max_batch, token_budget, cache_block,
                                        cuda.row_kernels)
+            self._batch = BatchLoop(self.scheduler)
 
     def forget(self) -> None:
         """Start the next prompt cold: no state kept from the last call, an empty prefix cache (benchmarks
@@ -122,7 +123,7 @@ class Engine:
 
     def close(self) -> None:
         if self.scheduler is not None:
-            self.scheduler.close()
+            self._batch.close()
         self.backend.close()
 
     # -- what the bundle is -----------------------------------------------------------------------
@@ -262,7 +263,7 @@ class Engine:
         chunk = self.prefill_chunk if request.prefill_chunk is None else request.prefill_chunk
         stats = Stats(prompt_tokens=len(prompt.ids))
         if self.scheduler is not None and self.keeps(prompt.ids) and not sampling.processors:
-            tokens = self.scheduler.generate(prompt.ids, stops, sampling, chunk, stats)
+            tokens = self._batch.generate(prompt.ids, stops, sampling, chunk, stats)
         else:
             tokens = self._one_request(prompt, stops, sampling, chunk, stats)
         return self._outputs(tokens, OutputStream(self.tokenizer, request.stop), recorder, stats)
