@@ -277,15 +277,26 @@ def cmd_gate(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from .engine.prefix_cache import parse_size
+
     _chunk(args)
     try:
-        from .serve.server import serve
+        from .serve.app import options_from, serve
     except ModuleNotFoundError as exc:  # a broken install: fastapi, uvicorn... are lmbundle's dependencies
         if (exc.name or "lmbundle").startswith("lmbundle"):
             raise
         raise LmbundleError(f"serve needs the module '{exc.name}', which is not installed "
                             f"(pip install lmbundle's dependencies)") from None
-    serve(args)
+    options = options_from(args)
+    try:
+        cache_bytes = parse_size(args.cache_mem)
+        host_bytes = None if args.cache_host_mem is None else parse_size(args.cache_host_mem)
+    except ValueError as exc:
+        raise LmbundleError(f"--cache-mem / --cache-host-mem: {exc}") from None
+    engine = _engine(args, cache_bytes=cache_bytes, cache_host_bytes=host_bytes, max_batch=args.max_batch,
+                     token_budget=args.token_budget)
+    engine.warmup()
+    serve(engine, options)
 
 
 COMMANDS = {"convert": cmd_convert, "run": cmd_run, "chat": cmd_chat, "bench": cmd_bench, "gate": cmd_gate,

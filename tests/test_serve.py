@@ -29,11 +29,12 @@ from PIL import Image
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
 from lmbundle.engine.outputs import StopStrings
-from lmbundle.engine.request import Request
+from lmbundle.engine.request import Output, Request
 from lmbundle.errors import LmbundleError
 from lmbundle.serve.images import ImageError, decode_image_url
-from lmbundle.serve.openai_api import ApiError
-from lmbundle.serve.server import JobEvents, check_host, serve
+from lmbundle.serve.app import JobEvents, options_from
+from lmbundle.serve.guard import check_host
+from lmbundle.serve.schemas import ApiError
 from lmbundle.serve.worker import Job, QueueFull, Worker
 
 API_KEY = "test-key"
@@ -488,23 +489,25 @@ def test_worker_is_fifo_bounded_and_stops_late_jobs():
     assert order == ["a", "b"] and stopped == 1  # "c" ran past its time limit and was stopped
 
 
-def test_text_emitted_while_the_loop_is_busy_arrives_as_one_event_in_order():
+def test_outputs_emitted_while_the_loop_is_busy_arrive_as_one_event_in_order():
+    outputs = [Output(1, "a"), Output(2, "b"), Output(None, "c", finish_reason="length")]
+
     async def scenario():
         job = Job(lambda job: None, asyncio.get_running_loop(), time.monotonic() + 10)
 
         def work():
-            job.emit("text", ("a", [1]))
-            job.emit("text", ("b", []))
-            job.emit("text", ("c", [2]))
-            job.emit("done", "length")
+            job.emit("prompt", "p")
+            for output in outputs:
+                job.emit("output", output)
+            job.emit("end")
 
         thread = threading.Thread(target=work)
         thread.start()
         thread.join()  # the loop is held: every event is still on its way
-        events = [await job.events.get() for _ in range(2)]
+        events = [await job.events.get() for _ in range(3)]
         return [(e.kind, e.value) for e in events], job.events.empty()
 
-    assert asyncio.run(scenario()) == ([("text", ("abc", [1, 2])), ("done", "length")], True)
+    assert asyncio.run(scenario()) == ([("prompt", "p"), ("outputs", outputs), ("end", None)], True)
 
 
 def test_worker_without_queue_runs_one_at_a_time():
@@ -516,12 +519,12 @@ def test_worker_without_queue_runs_one_at_a_time():
             worker.submit(lambda job: None, timeout=10)
         while (await first.events.get()).kind != "end":
             pass
-        second = worker.submit(lambda job: job.emit("text", "ran"), timeout=10)
+        second = worker.submit(lambda job: job.emit("prompt", "ran"), timeout=10)
         kinds = [(await second.events.get()).kind for _ in range(2)]
         worker.close()
         return kinds
 
-    assert asyncio.run(scenario()) == ["text", "end"]
+    assert asyncio.run(scenario()) == ["prompt", "end"]
 
 
 def test_request_side_time_limit_is_504():
@@ -547,4 +550,4 @@ def test_remote_host_needs_allow_remote():
     assert check_host("0.0.0.0", True) is False
     args = Namespace(host="192.168.1.20", allow_remote=False, bundle="unused", port=1)
     with pytest.raises(LmbundleError, match="refusing to listen on 192.168.1.20"):
-        serve(args)  # refused before any bundle is opened
+        options_from(args)  # `lmbundle serve` checks its options before it opens the bundle

@@ -152,6 +152,11 @@ class Engine:
         return {"temperature": float(config.get("temperature", 1.0)) if sampled else 0.0,
                 "top_p": float(config.get("top_p", 1.0)), "top_k": int(config.get("top_k", 0) or 0)}
 
+    @property
+    def tokenizer_size(self) -> int:
+        """Token ids the tokenizer knows (a text prompt's ids are below it)."""
+        return len(self.tokenizer)
+
     def token_bytes(self, token: int) -> list[int]:
         return token_bytes(self.tokenizer, token)
 
