@@ -143,8 +143,7 @@ def profile_prefill(engine, tokens: int) -> None:
 def profile_ttft(engine, tokens: int) -> None:
     """A cold prompt's time to first token as run/chat/serve take it (`Engine.generate`, chunks of 256, the
     prefix cache's snapshots), against the kernels it ran and the host calls that took the time: where the
-    TTFT goes beyond the prompt's replay (H200, 128 tokens: 10.3 against 6.4 ms at 06:23 on 2026-12-02, 5.72
-    against 5.49 ms at 08:20)."""
+    TTFT goes beyond the prompt's replay."""
     ids = prompt_ids(engine, tokens, 11, 17)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if engine.device.type == "cuda":

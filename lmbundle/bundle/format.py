@@ -29,7 +29,7 @@ from ..errors import LmbundleError
 from ..models.image_prompt import ImageContext
 from ..models.state import State
 
-BUNDLE_VERSION = 2  # 2: metadata.json carries content_sha256 (issue 18)
+BUNDLE_VERSION = 2  # 2: metadata.json carries content_sha256
 METADATA = "metadata.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"

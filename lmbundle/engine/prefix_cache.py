@@ -13,7 +13,7 @@ hit is verified against them, so a digest collision can never return another pre
 are evicted least-recently-used by byte budgets: `device_bytes` on the accelerator, and where there
 is one, entries pushed out of it move to host memory (`host_bytes`) before they are dropped. That move
 runs on a thread (and CUDA stream) of its own: a 20-40 MB copy into fresh host pages takes tens of
-milliseconds, and on the batch scheduler's thread it stalled every decoding request (H200, 64 clients:
+milliseconds, and on the batch loop's thread it would stall every decoding request (H200, 64 clients:
 13 s of an 18.5 s run). Until a copy lands the entry serves hits from the device, so the device holds
 up to `MAX_SPILLS_IN_FLIGHT` entries past its budget; past that, entries are dropped, not spilled.
 """
@@ -80,9 +80,8 @@ class _Spills:
 
     A copy goes through one staging buffer, page-locked where there is CUDA, made once and reused: the
     device writes it by DMA, then the CPU copies it out into the entry's own (pageable) host tensors. A
-    device-to-pageable copy goes through the driver's own staging instead: with those (and the scheduler's
-    blocking host-to-device copies) a server at 32 clients lost half its throughput once spills began
-    (H200: 1,276 -> 2,875 tok/s with both fixed, `benchmarks/results/serve-*-20261202-0556.json`); pinning a
+    device-to-pageable copy goes through the driver's own staging instead, and with it a server at 32 clients
+    serves less than half as many tokens once spills begin (H200: 1,276 against 2,875 tok/s); pinning a
     fresh buffer per spill costs more than the copy."""
 
     def __init__(self, landed):
