@@ -152,5 +152,4 @@ class Model:
 def _request(max_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              min_p: float = 0.0, seed: int | None = None, stop: str | Sequence[str] = (), **fields) -> Request:
     sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
-    return Request(max_tokens=max_tokens, sampling=sampling, stop=[stop] if isinstance(stop, str) else list(stop),
-                   **fields)
+    return Request(max_tokens=max_tokens, sampling=sampling, stop=stop, **fields)

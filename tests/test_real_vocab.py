@@ -26,7 +26,7 @@ from PIL import Image
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
 from lmbundle.engine.request import Request
-from tests.test_vlm_e2e import PROCESSOR
+from tests.checkpoints import image_processor
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "make_real_vocab_fixture.py"
 FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab_facts.json")
@@ -147,8 +147,6 @@ def _text_checkpoint(folder: Path, tokenizer_folder: Path):
 
 def _vlm_checkpoint(vocab: Vocab, folder: Path, tokenizer_folder: Path):
     """Qwen3-VL (deepstack) or Qwen3.5 with vision, tied head, the real image token ids."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     if vocab is QWEN3_VL:
         from transformers import Qwen3VLConfig as Config
         from transformers import Qwen3VLForConditionalGeneration as Model
@@ -170,7 +168,7 @@ def _vlm_checkpoint(vocab: Vocab, folder: Path, tokenizer_folder: Path):
     _spread_and_clear_padding(model, vocab)
     model.save_pretrained(folder)
     _with_tokenizer(folder, tokenizer_folder)
-    Qwen2VLImageProcessorPil(**PROCESSOR).save_pretrained(folder)
+    image_processor().save_pretrained(folder)
     return model
 
 
@@ -295,10 +293,8 @@ def test_image_prompt_uses_the_real_image_pad(case):
 
 def _vision_inputs(raw: list[int], vocab: Vocab, image: Image.Image) -> dict:
     """The reference's image inputs: the processor's pixel values of our 448 x 448 stretch."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     stretched = image.resize((448, 448), Image.Resampling.BICUBIC)
-    processed = Qwen2VLImageProcessorPil(**PROCESSOR)(images=[stretched], return_tensors="pt")
+    processed = image_processor()(images=[stretched], return_tensors="pt")
     assert processed["image_grid_thw"].tolist() == [[1, 28, 28]]
     return dict(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"],
                 mm_token_type_ids=(torch.tensor([raw]) == vocab.image_pad).int())

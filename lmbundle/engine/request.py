@@ -54,6 +54,8 @@ class Request:
             raise LmbundleError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise LmbundleError(f"logprobs must be >= 0, got {self.logprobs}")
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
 
     @property
     def penalized(self) -> bool:
