@@ -1,8 +1,8 @@
 """The one loop that drives the batch scheduler, and the requests' side of it.
 
 A request's thread (`BatchLoop.generate`) hands its sequence to the loop and reads its tokens back from a
-queue; the loop thread takes new sequences in, retires those whose caller left, calls `Scheduler.step` and
-passes each sequence's tokens on. Tokens go to a request's thread in frames (its first at once): with 32
+queue; the loop thread takes new sequences in, retires those whose caller left, has the scheduler feed prompt
+pieces and run a batched step (`Scheduler.prefill`, `Scheduler.decode`) and passes each sequence's tokens on. Tokens go to a request's thread in frames (its first at once): with 32
 rows stepping every ~2.5 ms, each request thread then wakes, and takes the GIL from the loop, a fraction as
 often, and 10 ms of tokens at a time stream as smoothly to a reader. The loop sets nothing process-wide
 (`lmbundle serve` shortens Python's thread switch interval for it: serve/app.py).
@@ -93,10 +93,10 @@ class BatchLoop:
                     scheduler.retire(ticket, "cancelled")
                     self._end(ticket)
                 try:
-                    emitted = scheduler.step()
+                    self._pass_on(scheduler.prefill())  # prompts' first tokens go out before the step
+                    self._pass_on(scheduler.decode())
                 except Exception as exc:  # a fault of the step itself: every request in it fails, slots free
-                    emitted = scheduler.fail(exc)
-                self._pass_on(emitted)
+                    self._pass_on(scheduler.fail(exc))
 
     def _pass_on(self, emitted: list[Emitted]) -> None:
         now = time.perf_counter()

@@ -1,21 +1,21 @@
 """Continuous batching, passive: many requests share one decode step, each with its own slot of the state pool.
 
-The pool holds 2 x `max_batch` slots (GDN conv + recurrent state and a KV cache row each, preallocated):
-the decoding sequences in slots 0..B-1, the ones still prefilling in the upper half. Whoever drives the
-scheduler (`batching.BatchLoop`, one thread) calls `add`, `step` and `retire`; nothing here starts a thread
-or waits for work. A step admits waiting sequences into free slots (restoring the longest cached prefix into
-the slot), prefills prompt pieces under a token budget (a long prompt goes in pieces between decode steps,
-so it never stalls the others), then enqueues one batched decode step for every sequence that has its first
-token: B tokens at B different positions, one read of the weights for all (`step_rows`, the same graph as
-the one-token step with a row axis on each layer's state). Sequences join and leave between steps; the
-decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last). Pipelined like the
-one-request engine: step k+1 is enqueued with step k's tokens taken on the device, before the host reads
-step k's tokens and hands them out, so the GPU computes while the host streams text; a sequence that stopped
-at step k has fed one more token in step k+1, a row of waste. Where a sequence ends is decided as its
-tokens are read back (`outputs.TokenStops`: its stop tokens and its limit), so its slot is free for the next
-step. On CUDA the step runs on all `max_batch` rows at every load, as one CUDA graph (cuBLAS GEMMs on dense
-weights and the rows kernels of `kernels/triton_rows.py` between them): the padding rows step free decode
-slots. Prompt pieces replay the prompt graphs (`graphs.PrefillGraphs`) on a staging slot.
+The pool holds 2 x `max_batch` slots (GDN conv + recurrent state and a KV cache row each, preallocated): the
+decoding sequences in slots 0..B-1, the ones still prefilling in the upper half. Whoever drives the scheduler
+(`batching.BatchLoop`, one thread) calls `add`, `prefill`, `decode` and `retire`; nothing here starts a thread or
+waits for work. Each turn of the driver's loop, `prefill` admits waiting sequences into free slots (restoring the
+longest cached prefix into the slot) and feeds prompt pieces under a token budget (a long prompt goes in pieces
+between decode steps, so it never stalls the others), then `decode` enqueues one batched decode step for every
+sequence that has its first token: B tokens at B different positions, one read of the weights for all
+(`step_rows`, the same graph as the one-token step with a row axis on each layer's state). Sequences join and
+leave between steps; the decoding ones keep slots 0..B-1 (a finished one's slot is refilled by the last).
+Pipelined like the one-request engine: step k+1 is enqueued with step k's tokens taken on the device, before the
+host reads step k's tokens and hands them out, so the GPU computes while the host streams text; a sequence that
+stopped at step k has fed one more token in step k+1, a row of waste. Where a sequence ends is decided as its
+tokens are read back (`outputs.TokenStops`: its stop tokens and its limit), so its slot is free for the next step.
+On CUDA the step runs on all `max_batch` rows at every load, as one CUDA graph (cuBLAS GEMMs on dense weights and
+the rows kernels of `kernels/triton_rows.py` between them): the padding rows step free decode slots. Prompt pieces
+replay the prompt graphs (`graphs.PrefillGraphs`) on a staging slot.
 
 Exact: a request's tokens do not depend on what else runs. Its prompt is cut into pieces at fixed
 absolute positions (chunk multiples and the prefix cache's cut points), whatever the load; the batched
@@ -154,9 +154,9 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.active and not self.waiting
 
-    def step(self) -> list[Emitted]:
-        """Admit waiting sequences, feed prompt pieces, enqueue one batched step, and read the one before:
-        what each sequence got, in order. A fault of the step itself raises (`fail`)."""
+    def prefill(self) -> list[Emitted]:
+        """Admit waiting sequences into free slots and feed prompt pieces under the token budget: the first
+        token of each prompt that is now complete (and the sequences that failed)."""
         with self.timed("admit"):
             self._admit()
         budget = self.token_budget - len(self.decoding)
@@ -166,6 +166,11 @@ class Scheduler:
                 with self.timed("prefill"):
                     n = self._prefill_piece(seq)
                 budget, fed = budget - n, fed + n
+        return self._take_emitted()
+
+    def decode(self) -> list[Emitted]:
+        """Enqueue one batched step for the decoding sequences and read the step before it: what each of its
+        rows got, in order. A fault of the step itself raises (`fail`)."""
         with self.timed("decode"):
             unread, self._unread = self._unread, self._decode() if self.decoding else None
             if unread is not None:
@@ -174,6 +179,9 @@ class Scheduler:
                 self._hand_out(unread.rows, tokens)
         if not self.active:
             self.batch_size = 0
+        return self._take_emitted()
+
+    def _take_emitted(self) -> list[Emitted]:
         emitted, self._emitted = self._emitted, []
         return emitted
 
@@ -181,8 +189,7 @@ class Scheduler:
         """Every active sequence ends with `error` (a fault of the step itself), its slot freed."""
         for seq in list(self.active):
             self.retire(seq, None, error)
-        emitted, self._emitted = self._emitted, []
-        return emitted
+        return self._take_emitted()
 
     def retire(self, seq: Sequence, reason: str | None, error: BaseException | None = None) -> None:
         """End a sequence: `reason` "stop" / "length" (it ended), "cancelled" (its caller left; the reply so
