@@ -189,7 +189,7 @@ def test_prefix_cache_through_the_batch(bundles, one_thread):
         assert stats.cached_tokens == len(base) + len(first)
         assert got == tokens(plain, turn, 8)
         assert engine.totals["cached_tokens"] >= stats.cached_tokens
-        seconds = engine.scheduler.seconds  # where the scheduler thread spent its time, by phase
+        seconds = engine.scheduler.seconds  # where the batch loop spent its time, by phase
         assert min(seconds["prefill"], seconds["cache"], seconds["decode"], seconds["wait"]) > 0
         assert sum(seconds.values()) <= time.perf_counter() - began
     finally:

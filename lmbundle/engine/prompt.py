@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import jinja2
 
 from ..errors import TemplateError
+from ..models.image_prompt import ImageContext
 
 MARK = "\ue000"  # a private-use character: inserted after the first character of a special token
 _UNMARK = re.compile(MARK + "(" + MARK + "?)")
@@ -31,7 +31,7 @@ class Prompt:
 
     ids: list[int]
     text: str = ""  # the rendered template (client special-token strings shown as text); "" for plain ids
-    images: Any = None  # the `ImageContext` of an image prompt (models/image_prompt.py)
+    images: ImageContext | None = None
 
     @property
     def opens_thinking(self) -> bool:

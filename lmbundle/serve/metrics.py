@@ -49,7 +49,7 @@ class _Collector:
             yield CounterMetricFamily(f"lmbundle_{name}", doc, value=totals.get(name, 0))
         if (scheduler := counts["scheduler"]) is not None:
             yield CounterMetricFamily("lmbundle_batch_steps", "batched decode steps", value=scheduler["steps"])
-            seconds = CounterMetricFamily("lmbundle_scheduler_seconds", "the batch scheduler thread's time by what it "
+            seconds = CounterMetricFamily("lmbundle_scheduler_seconds", "the batch loop thread's time by what it "
                                           "did: admit (restore cached prefixes), prefill (prompt pieces), cache "
                                           "(snapshots), decode (batched steps enqueued, tokens handed out), wait "
                                           "(for a step's tokens), idle", labels=["phase"])
