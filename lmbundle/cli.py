@@ -22,9 +22,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device (cpu, cuda, mps); default: the best present")
     p.add_argument("--prefill", choices=["s1", "chunked"], default="chunked",
                    help="feed the prompt in chunks (default; on the PyTorch backend 13x faster for a 0.8B on "
-                        "2 CPU cores, ~20x on an H100) or as S=1 steps (one token a step, the contract of the engine the "
-                        "seed bundles run on: README). The Core AI backend "
-                        "chunks through the asset's `prefill` function, in its own chunk size (64)")
+                        "2 CPU cores, ~20x on an H100) or as S=1 steps (one token a step, the contract of the "
+                        "engine the seed bundles run on: README). The Core AI backend chunks through the asset's "
+                        "`prefill` function, in its own chunk size (64)")
     p.add_argument("--chunk", type=int, default=256,
                    help="chunk size of --prefill chunked, and the prefix cache's block: prompts are snapshotted at "
                         "its multiples (a piece never crosses one)")
