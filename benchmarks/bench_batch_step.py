@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_decode import make_checkpoint  # noqa: E402
 from benchmarks.profile_step import print_kernels  # noqa: E402
 from lmbundle.convert.convert import convert  # noqa: E402
-from lmbundle.engine.batch import ROW_TILE, BatchOps  # noqa: E402
+from lmbundle.engine.batch_ops import ROW_TILE, BatchOps  # noqa: E402
 from lmbundle.engine.engine import Engine  # noqa: E402
 from lmbundle.engine.kernels.triton_rows import RowStepOps  # noqa: E402
 

@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.engine.bench import bench, format_bench, measured_bandwidth, prompt_ids  # noqa: E402
-from lmbundle.engine.engine import Engine, GenerationStats  # noqa: E402
+from lmbundle.engine.engine import Engine  # noqa: E402
+from lmbundle.engine.request import Request  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
 # Qwen3-VL-2B-Instruct (../shared/reference/qwen-facts.md). transformers' Qwen3VLConfig defaults are the 8B's
@@ -125,9 +126,7 @@ def time_to_first_token(engine: Engine, tokens: int) -> float:
     best = float("inf")
     for _ in range(3):
         engine.forget()
-        stats = GenerationStats()
-        for _token in engine.generate(ids, 1, stop=False, prefill_chunk=256, stats=stats):
-            pass
+        stats = engine.complete(Request(ids, max_tokens=1, ignore_eos=True, prefill_chunk=256)).stats
         best = min(best, stats.prefill_seconds)
     return best
 
@@ -135,10 +134,10 @@ def time_to_first_token(engine: Engine, tokens: int) -> float:
 def profile_decode(engine: Engine, steps: int = 32) -> str:
     """Host-side calls per decoded token in the steady state: one graph launch and one token read."""
     ids = [(17 + 31 * i) % 1000 for i in range(64)]
-    list(engine.generate(ids, 8, stop=False))
+    engine.complete(Request(ids, max_tokens=8, ignore_eos=True))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        list(engine.generate(ids, steps, stop=False))
+        engine.complete(Request(ids, max_tokens=steps, ignore_eos=True))
     rows = {e.key: e.count for e in prof.key_averages()}
     keep = ("cudaGraphLaunch", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
             "aten::item", "aten::_local_scalar_dense")

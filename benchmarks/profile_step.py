@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_decode import chunked_prefill, make_checkpoint  # noqa: E402
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.engine.bench import prompt_ids  # noqa: E402
-from lmbundle.engine.engine import Engine, GenerationStats  # noqa: E402
+from lmbundle.engine.engine import Engine  # noqa: E402
+from lmbundle.engine.request import Request  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
 
         def time_replay(label: str) -> None:
             backend._graphs.clear()
-            list(engine.generate(list(range(1, 65)), 4, stop=False))  # compile + capture
+            engine.complete(Request(list(range(1, 65)), max_tokens=4, ignore_eos=True))  # compile + capture
             torch.cuda.synchronize()
             best = float("inf")
             for _ in range(3):
@@ -142,8 +143,7 @@ def profile_prefill(engine, tokens: int) -> None:
 def profile_ttft(engine, tokens: int) -> None:
     """A cold prompt's time to first token as run/chat/serve take it (`Engine.generate`, chunks of 256, the
     prefix cache's snapshots), against the kernels it ran and the host calls that took the time: where the
-    TTFT goes beyond the prompt's replay (H200, 128 tokens: 10.3 against 6.4 ms at 06:23 on 2026-12-02, 5.72
-    against 5.49 ms at 08:20)."""
+    TTFT goes beyond the prompt's replay."""
     ids = prompt_ids(engine, tokens, 11, 17)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if engine.device.type == "cuda":
@@ -151,10 +151,8 @@ def profile_ttft(engine, tokens: int) -> None:
     times = []
     for trial in range(4):  # the first captures the prompt's graph
         engine.forget()
-        stats = GenerationStats()
         with torch.profiler.profile(activities=activities) if trial == 3 else contextlib.nullcontext() as prof:
-            for _token in engine.generate(ids, 1, stop=False, prefill_chunk=256, stats=stats):
-                pass
+            stats = engine.complete(Request(ids, max_tokens=1, ignore_eos=True, prefill_chunk=256)).stats
         times.append(stats.prefill_seconds)
     print(f"TTFT of a cold {tokens}-token prompt: " + ", ".join(f"{1e3 * t:.2f}" for t in times) + " ms "
           "(the first captures; the last under the profiler)")

@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.bench_serve import free_port, load, measured_load, wait_healthy  # noqa: E402
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.models.decoder import DecoderForStep  # noqa: E402
-from lmbundle.serve import server  # noqa: E402
+from lmbundle.engine.engine import Engine  # noqa: E402
+from lmbundle.serve.app import Options, serve  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
 
@@ -56,11 +57,11 @@ def main() -> None:
         ckpt = checkpoints.make_qwen35_with_tokenizer(Path(tmp) / "ckpt", **checkpoints.TINY_CONFIGS["base"])
         bundle = convert(str(ckpt), Path(tmp) / "b", quant="fp16", backend="torch", log=None)
         port = free_port()
-        options = argparse.Namespace(bundle=str(bundle), host="127.0.0.1", port=port, allow_remote=False,
-                                     queue_size=256, timeout=900, max_batch=args.max_batch, cache_mem="0",
-                                     cache_host_mem=None, api_key=None, backend="torch", device="cpu", chunk=256,
-                                     prefill="chunked")
-        serving = threading.Thread(target=server.serve, args=(options,), daemon=True)
+        engine = Engine(bundle, backend="torch", device="cpu", cache_bytes=0, max_batch=args.max_batch,
+                        prefill_chunk=256)
+        engine.warmup()
+        options = Options(port=port, queue_size=256, timeout=900, max_batch=args.max_batch)
+        serving = threading.Thread(target=serve, args=(engine, options), daemon=True)
         serving.start()
         host = f"127.0.0.1:{port}"
         wait_healthy(host, lambda: None if serving.is_alive() else "its thread ended (see above)")

@@ -17,16 +17,21 @@ from .quiet import quiet
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", help="bundle folder (made by `lmbundle convert`)")
+    p.add_argument("bundle", help="bundle folder (made by `lmbundle convert`), or a checkpoint folder or hub id "
+                   "(converted once to int8hu into ~/.cache/lmbundle/bundles, or $LMBUNDLE_CACHE/bundles)")
     p.add_argument("--backend", choices=BACKENDS, help="default: the fastest present (PyTorch on Linux)")
     p.add_argument("--device", help="torch device (cpu, cuda, mps); default: the best present")
     p.add_argument("--prefill", choices=["s1", "chunked"], default="chunked",
                    help="feed the prompt in chunks (default; on the PyTorch backend 13x faster for a 0.8B on "
-                        "2 CPU cores, ~20x on an H100) or as S=1 steps (the seed engine's contract). The Core AI backend "
-                        "chunks through the asset's `prefill` function, in its own chunk size (64)")
+                        "2 CPU cores, ~20x on an H100) or as S=1 steps (one token a step, the contract of the "
+                        "engine the seed bundles run on: README). The Core AI backend chunks through the asset's "
+                        "`prefill` function, in its own chunk size (64)")
     p.add_argument("--chunk", type=int, default=256,
                    help="chunk size of --prefill chunked, and the prefix cache's block: prompts are snapshotted at "
                         "its multiples (a piece never crosses one)")
+    p.add_argument("--no-prompt-copies", action="store_true",
+                   help="CUDA: do not keep the int8 weights expanded for prompt chunks (saves ~2.7 GB of GPU memory "
+                        "for a 2B; each prompt chunk then expands them again)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -128,10 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine(args):
-    from .engine.engine import Engine
+def _load(args, **engine):
+    """The Python API's Model for the command's bundle (`engine`: more of the Engine's options)."""
+    from .api import load
+    from .engine.torch_backend import CudaOptions
 
-    return Engine(args.bundle, backend=args.backend, device=args.device, cache_block=_chunk(args))
+    chunk = _chunk(args)
+    return load(args.bundle, backend=args.backend, device=args.device, cache_block=chunk,
+                prefill_chunk=chunk if args.prefill == "chunked" else 0,
+                cuda=CudaOptions(prompt_copies=not args.no_prompt_copies), **engine)
 
 
 def _chunk(args) -> int:
@@ -140,10 +150,9 @@ def _chunk(args) -> int:
     return args.chunk
 
 
-def _sampling(args):
-    from .engine.sampling import Sampling
-
-    return Sampling(args.temperature, args.top_p, args.top_k, args.seed)
+def _sampling(args) -> dict:
+    return {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed}
 
 
 def cmd_convert(args) -> None:
@@ -184,47 +193,32 @@ def cmd_info(args) -> None:
     _print_info(open_bundle(args.bundle))
 
 
-def _generate_kwargs(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "sampling": _sampling(args),
-            "prefill_chunk": args.chunk if args.prefill == "chunked" else 0}
-
-
 def cmd_run(args) -> None:
-    from .engine.engine import GenerationStats
-
-    engine = _engine(args)
-    sampling_kwargs = _generate_kwargs(args)
+    model = _load(args)
     if args.image or args.chat:
-        ids = engine.chat_ids([_user_message(engine, args.prompt, args.image)])
+        answer = model.stream_chat([model.user(args.prompt, args.image)], **_sampling(args))
     else:
-        ids = engine.encode(args.prompt)
-    engine.check_length(len(ids), args.max_new_tokens)
-    engine.warmup()
-    stats = GenerationStats()
-    for piece in engine.generate_text(ids, stats=stats, **sampling_kwargs):
+        answer = model.stream(args.prompt, **_sampling(args))
+    model.engine.warmup()  # after the prompt was checked, before it is timed
+    for piece in answer:
         sys.stdout.write(piece)
         sys.stdout.flush()
+    stats, finish = answer.stats, answer.finish_reason
     sys.stdout.write("\n")
     if args.stats:
         print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; prefill "
               f"{stats.prefill_tok_s:.1f} tok/s (first token after {1000 * stats.prefill_seconds:.1f} ms), decode "
-              f"{stats.decode_tok_s:.1f} tok/s; stop: {stats.stop_reason}]",
+              f"{stats.decode_tok_s:.1f} tok/s; stop: {finish}]",
               file=sys.stderr)
 
 
-def _user_message(engine, text: str, images: list[str]) -> dict:
-    if not images:
-        return {"role": "user", "content": text}
-    return {"role": "user", "content": [*engine.attach_images(images), {"type": "text", "text": text}]}
-
-
 def cmd_chat(args) -> None:
-    engine = _engine(args)
-    kwargs = _generate_kwargs(args)
+    model = _load(args)
+    engine = model.engine
     history = [{"role": "system", "content": args.system}] if args.system else []
     pending_images = list(args.image)
     engine.warmup()
-    print(f"{engine.name}: chat ({engine.backend_name} on {engine.device}). /image PATH, /reset, /quit")
+    print(f"{model.name}: chat ({engine.backend_name} on {engine.device}). /image PATH, /reset, /quit")
     while True:
         try:
             text = input("> ").strip()
@@ -242,11 +236,10 @@ def cmd_chat(args) -> None:
             pending_images.append(text.split(maxsplit=1)[1])
             continue
         try:
-            history.append(_user_message(engine, text, pending_images))
+            history.append(model.user(text, pending_images))
             pending_images = []
-            ids = engine.chat_ids(history)
             reply = []
-            for piece in engine.generate_text(ids, **kwargs):
+            for piece in model.stream_chat(history, **_sampling(args)):
                 reply.append(piece)
                 print(piece, end="", flush=True)
             print()
@@ -260,7 +253,7 @@ def cmd_bench(args) -> None:
     from .engine.bench import bench, format_bench
 
     chunked = args.prefill == "chunked"
-    result = bench(_engine(args), args.prompt_tokens, args.gen_tokens, args.trials,
+    result = bench(_load(args).engine, args.prompt_tokens, args.gen_tokens, args.trials,
                    prefill_chunk=args.chunk if chunked else 0, chunked_prefill=0 if chunked else args.chunk)
     print(json.dumps(result) if args.json else format_bench(result))
 
@@ -316,15 +309,26 @@ def _gate_server(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from .engine.prefix_cache import parse_size
+
     _chunk(args)
     try:
-        from .serve.server import serve
+        from .serve.app import options_from, serve
     except ModuleNotFoundError as exc:  # a broken install: fastapi, uvicorn... are lmbundle's dependencies
         if (exc.name or "lmbundle").startswith("lmbundle"):
             raise
         raise LmbundleError(f"serve needs the module '{exc.name}', which is not installed "
                             f"(pip install lmbundle's dependencies)") from None
-    serve(args)
+    options = options_from(args)
+    try:
+        cache_bytes = parse_size(args.cache_mem)
+        host_bytes = None if args.cache_host_mem is None else parse_size(args.cache_host_mem)
+    except ValueError as exc:
+        raise LmbundleError(f"--cache-mem / --cache-host-mem: {exc}") from None
+    model = _load(args, cache_bytes=cache_bytes, cache_host_bytes=host_bytes, max_batch=args.max_batch,
+                  token_budget=args.token_budget)
+    model.engine.warmup()
+    serve(model.engine, options)
 
 
 COMMANDS = {"convert": cmd_convert, "run": cmd_run, "chat": cmd_chat, "bench": cmd_bench, "gate": cmd_gate,

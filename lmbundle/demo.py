@@ -123,6 +123,7 @@ def run(out: Path, backend: str) -> None:
     from .convert.convert import convert
     from .engine.bench import bench, format_bench
     from .engine.engine import Engine
+    from .engine.request import Request
     from .gates.gate import run_gate, verdict
     from .gates.oracle import Oracle
 
@@ -146,10 +147,7 @@ def run(out: Path, backend: str) -> None:
 
     ids = int8hu.chat_ids([{"role": "user", "content": PROMPT}])
     print(f"\nuser: {PROMPT}\nassistant: ", end="", flush=True)
-    answer = []
-    for token in int8hu.generate(ids, max_new_tokens=60):
-        answer.append(token)
-    print(int8hu.tokenizer.decode(answer, skip_special_tokens=True), "\n")
+    print(int8hu.complete(Request(ids, max_tokens=60)).text, "\n")
     if open_bundle(bundles["int8hu"]).aimodel_path:
         passed &= compare_backends(bundles["int8hu"], int8hu, oracle, ids)
     print(format_bench(bench(int8hu, prompt_tokens=64, gen_tokens=128, trials=3)))
@@ -162,11 +160,12 @@ def compare_backends(bundle: Path, torch_engine, oracle, ids: list[int], tokens:
     """The shipped .aimodel on the Core AI runtime must produce PyTorch's tokens (a fork is accepted only
     where the oracle itself is at a top-2 tie, the gates' rule)."""
     from .engine.engine import Engine
+    from .engine.request import Request
     from .gates.gate import forks_at_tie
 
     coreai = Engine(bundle, backend="coreai")
-    ours = list(torch_engine.generate(ids, tokens, stop=False))
-    theirs = list(coreai.generate(ids, tokens, stop=False))
+    request = Request(ids, max_tokens=tokens, ignore_eos=True)
+    ours, theirs = torch_engine.complete(request).tokens, coreai.complete(request).tokens
     del coreai
     gc.collect()  # freed while its event loop runs: freed at interpreter exit, the Core AI runtime can abort
     if ours == theirs:
@@ -193,6 +192,7 @@ def image_demo(out: Path) -> bool:
     against the oracle, then questions about pictures drawn now (saved next to the bundles)."""
     from .convert.convert import convert
     from .engine.engine import Engine
+    from .engine.request import Request
     from .gates.gate import verdict
     from .gates.image_gate import run_image_gate
     from .gates.oracle import Oracle
@@ -220,7 +220,7 @@ def image_demo(out: Path) -> bool:
             template = dict(QUESTIONS)[q]
             ids = engine.chat_ids([{"role": "user", "content": [{"type": "image", "image": image},
                                                                   {"type": "text", "text": q}]}])
-            answer = "".join(engine.generate_text(ids, max_new_tokens=16)).strip()
+            answer = engine.complete(Request(ids, max_tokens=16)).text.strip()
             ok = answer == scene.answer(template)
             right, asked = right + ok, asked + 1
             print(f"user: {q}\nassistant: {answer}" + ("" if ok else f"   (expected: {scene.answer(template)})"))

@@ -1,4 +1,5 @@
-"""Tiny Qwen3.5 checkpoints made by transformers' classes (random init, save_pretrained).
+"""Tiny checkpoints made by transformers' classes (random init, save_pretrained): Qwen3.5 text ones, and
+image-text ones (Qwen3-VL, Qwen3.5 with vision) with the images and messages their tests feed them.
 
 Each config varies what the graph must get right: the layer pattern, GQA ratios, head dims,
 key vs value head counts of the GDN layers, tied vs untied heads.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 BASE = dict(
@@ -91,23 +93,98 @@ _TEXT = (
 )
 
 
-def make_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer with Qwen's chat tokens and template, sized to fit the model's vocab."""
+def make_tokenizer(folder: Path, vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS,
+                   template: str = CHAT_TEMPLATE, text: str = _TEXT):
+    """A byte-level BPE tokenizer with Qwen's chat tokens and a chat template, trained on `text` to fit the
+    model's vocab (the special tokens take the first ids, in order)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_TEXT] * 4, trainer)
+    tok.train_from_iterator([text] * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
     fast.save_pretrained(folder)
+    return fast
 
 
 def make_qwen35_with_tokenizer(folder: Path, **config) -> Path:
     make_qwen35(folder, **config)
     make_tokenizer(folder, config["vocab_size"])
     return folder
+
+
+# -- vision-language checkpoints (Qwen3-VL, and Qwen3.5 with its vision tower) ------------------------------
+VLM_VOCAB, VISION_START, VISION_END, IMAGE_PAD = 320, 3, 4, 5  # the tokenizer's special ids, in config.json
+VLM_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                      "<|image_pad|>"]
+VLM_TEMPLATE = (  # the shape of Qwen3-VL's template: one <|image_pad|> per image part
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.48, 0.46, 0.41],
+                 image_std=[0.27, 0.26, 0.28], size={"shortest_edge": 65536, "longest_edge": 16777216})
+_VISION = dict(hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64)
+_ROPE = {"rope_type": "default", "mrope_interleaved": True}
+VLM_TEXT = {
+    "qwen3_vl": dict(vocab_size=VLM_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     rope_parameters=dict(_ROPE, rope_theta=5e6, mrope_section=[4, 2, 2])),
+    "qwen3_5": dict(vocab_size=VLM_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+                    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                    rope_parameters=dict(_ROPE, rope_theta=1e7, partial_rotary_factor=0.5, mrope_section=[2, 1, 1])),
+}
+
+
+def image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(**PROCESSOR)
+
+
+def make_vlm(family: str, folder: Path) -> torch.nn.Module:
+    """Save a random-init image-text checkpoint ("qwen3_vl" or "qwen3_5") with its tokenizer and image
+    processor; returns the transformers model (the reference)."""
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+
+        vision = dict(_VISION, depth=3, deepstack_visual_indexes=[0, 2])
+    else:
+        from transformers import Qwen3_5Config as Config
+        from transformers import Qwen3_5ForConditionalGeneration as Model
+
+        vision = dict(_VISION, depth=2)
+    torch.manual_seed(0)
+    config = Config(vision_config=vision, text_config=VLM_TEXT[family], image_token_id=IMAGE_PAD,
+                    vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    model = Model(config).eval()
+    with torch.no_grad():  # spread norms, biases and dt_bias so their conventions are exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    tokenizer = make_tokenizer(folder, VLM_VOCAB, VLM_SPECIAL_TOKENS, VLM_TEMPLATE,
+                               "Describe the image. A cat sat on the mat by the sea, and then it ran.")
+    assert tokenizer.convert_tokens_to_ids(VLM_SPECIAL_TOKENS[3:]) == [VISION_START, VISION_END, IMAGE_PAD]
+    image_processor().save_pretrained(folder)
+    return model
+
+
+def random_image(seed: int, width: int, height: int):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def image_message(images, text: str = "Describe the image.") -> list[dict]:
+    """One user message: the images, then the text."""
+    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
+                                         {"type": "text", "text": text}]}]

@@ -1,8 +1,15 @@
-"""Shared fixtures: tiny random checkpoints built with transformers' own classes and save_pretrained."""
+"""Shared fixtures: tiny random checkpoints built with transformers' own classes and save_pretrained, the
+demo model's bundles, and `lmbundle serve` run as a process with plain HTTP to it."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -45,7 +52,16 @@ def tiny_qwen35(tmp_path_factory):
     )
 
 
-DEMO_QWEN35 = Path(__file__).resolve().parents[1] / "lmbundle" / "data" / "demo" / "qwen35-tiny"
+REPO = Path(__file__).resolve().parents[1]
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """A tiny Qwen3.5-with-vision checkpoint (its tokenizer and image processor too)."""
+    folder = tmp_path_factory.mktemp("ckpt") / "qwen35-vlm"
+    checkpoints.make_vlm("qwen3_5", folder)
+    return folder
+
+
+DEMO_QWEN35 = REPO / "lmbundle" / "data" / "demo" / "qwen35-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +82,6 @@ def host_bundles(tmp_path_factory):
     take: two tiny Qwen3.5 text layouts, a tiny Qwen3-VL (DeepStack) and a tiny Qwen3.5 with a vision
     tower. Converted once for the session (each export is ~10 s on the reference runtime)."""
     from lmbundle.convert.convert import convert
-    from tests.test_vlm_e2e import _make_checkpoint
 
     root = tmp_path_factory.mktemp("host-bundles")
     bundles = {}
@@ -75,6 +90,99 @@ def host_bundles(tmp_path_factory):
         if shape in checkpoints.TINY_CONFIGS:
             checkpoints.make_qwen35_with_tokenizer(ckpt, **checkpoints.TINY_CONFIGS[shape])
         else:
-            _make_checkpoint(shape.removesuffix("_vision"), ckpt)
+            checkpoints.make_vlm(shape.removesuffix("_vision"), ckpt)
         bundles[shape] = convert(str(ckpt), root / shape, quant="int8hu", backend="all", max_context=256, log=None)
     return bundles
+
+
+# -- `lmbundle serve` as a process -------------------------------------------------------------------------
+API_KEY = "test-key"  # what the tests' servers take where they take a key
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_request(method: str, host: str, path: str, body: bytes | dict | None = None, key: str | None = API_KEY,
+         timeout: float = 60, **extra_headers: str) -> tuple[int, dict | str]:
+    """One plain HTTP request (for what the openai client cannot send: bad JSON, no key); the JSON answer
+    decoded where it is JSON. Header names: underscores for dashes."""
+    conn = HTTPConnection(host, timeout=timeout)
+    headers = {"Content-Type": "application/json", **{k.replace("_", "-"): v for k, v in extra_headers.items()}}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    payload = json.dumps(body).encode() if isinstance(body, dict) else body
+    try:
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        raw = response.read().decode()
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(raw)
+    except json.JSONDecodeError:
+        return response.status, raw
+
+
+def wait_idle(host: str, seconds: float = 5) -> dict:
+    """/health once the worker is idle (it marks itself idle just after the answer's last event)."""
+    deadline = time.monotonic() + seconds
+    while (health := http_request("GET", host, "/health")[1])["running"] or health["waiting"]:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return health
+
+
+@pytest.fixture(scope="module")
+def engine(bundle):
+    """The module's `bundle` on PyTorch on the CPU, in this process: the reference a server's answers are
+    compared with."""
+    from lmbundle.engine.engine import Engine
+
+    return Engine(bundle, backend="torch", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client of the module's `server` (process, host)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"http://{server[1]}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def serve():
+    """`serve(bundle, *options)`: `python -m lmbundle serve` on a free loopback port (PyTorch on the CPU),
+    returned as (process, host) once /health answers; every server a module started stops when its tests end."""
+    started = []
+
+    def start(bundle, *extra: str, timeout: float = 90) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "lmbundle", "serve", str(bundle), "--port", str(port),
+                                 "--backend", "torch", "--device", "cpu", *extra],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started.append(proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+            try:
+                if http_request("GET", f"127.0.0.1:{port}", "/health")[0] == 200:
+                    return proc, f"127.0.0.1:{port}"
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not answer /health in time")
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

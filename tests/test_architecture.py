@@ -1,7 +1,8 @@
 """The package's shape: imports run one way, and every command's --help prints help.
 
-Layers, top to bottom: cli / serve / gates / demo -> engine -> bundle -> models; convert sits beside the
-engine and reads checkpoints into bundles (convert -> bundle / models). A module may import its own
+Layers, top to bottom: cli / api / serve / gates / demo -> engine -> bundle -> models; convert sits beside
+the engine and reads checkpoints into bundles (convert -> bundle / models); the Python API (api) may convert
+a checkpoint it is given, and the CLI runs on it. A module may import its own
 package and any layer below it, never one above (also not under TYPE_CHECKING).
 """
 
@@ -25,7 +26,8 @@ ALLOWED = {
     "engine": {"bundle", "models", "errors", "quiet"},
     "gates": {"engine", "convert", "bundle", "models", "errors", "quiet"},
     "serve": {"engine", "bundle", "models", "errors"},
-    "cli": {"engine", "convert", "gates", "serve", "bundle", "models", "errors", "quiet"},
+    "api": {"engine", "convert", "bundle", "models", "errors"},
+    "cli": {"api", "engine", "convert", "gates", "serve", "bundle", "models", "errors", "quiet"},
     "demo": {"engine", "convert", "gates", "bundle", "models", "errors", "quiet"},
     "errors": set(),
     "quiet": set(),  # the known-harmless library messages, silenced in one place (a leaf, like errors)

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from lmbundle.convert.convert import convert
-from lmbundle.engine.engine import Engine, GenerationStats
+from lmbundle.engine.engine import Engine
+from lmbundle.engine.request import Request
 from lmbundle.engine.sampling import Sampling
+from lmbundle.engine.torch_backend import CudaOptions
 from tests.conftest import DEMO_QWEN35
 
 TEXTS = [
@@ -40,8 +42,12 @@ def bundles(tiny_qwen35, tmp_path_factory):
                             log=None)}
 
 
-def tokens(engine, ids, n, sampling=Sampling(), stats=None, chunk=0):
-    return list(engine.generate(ids, n, sampling, stop=False, stats=stats, prefill_chunk=chunk))
+def answer(engine, ids, n, sampling=Sampling()):
+    return engine.complete(Request(ids, max_tokens=n, sampling=sampling, ignore_eos=True))
+
+
+def tokens(engine, ids, n, sampling=Sampling()):
+    return answer(engine, ids, n, sampling).tokens
 
 
 def together(engine, prompts, lengths, sampling=Sampling(), stagger=0.0):
@@ -58,10 +64,9 @@ CUDA = [("tiny", "cuda"), ("demo", "cuda"), ("tiny", "cuda-reference"), ("demo",
 
 
 @pytest.mark.parametrize("which,device", [("tiny", "cpu"), ("demo", "cpu"), ("tiny", "cpu-padded"), *CUDA])
-def test_greedy_alone_equals_among_eight_others(which, device, bundles, one_thread, monkeypatch):
-    monkeypatch.setenv("LMBUNDLE_ROW_KERNELS", "0" if device.endswith("-reference") else "1")
+def test_greedy_alone_equals_among_eight_others(which, device, bundles, one_thread):
     engine = Engine(bundles[which], backend="torch", device=device.split("-")[0], max_batch=9, cache_bytes=0,
-                    cache_block=16)
+                    cache_block=16, cuda=CudaOptions(row_kernels=not device.endswith("-reference")))
     if device == "cpu-padded":
         engine.scheduler.padded = True  # CUDA's layout: all max_batch rows every step, padding in free slots
     try:
@@ -115,7 +120,7 @@ def test_a_request_stopped_mid_batch_frees_its_slot(bundles, one_thread):
         started = threading.Barrier(3)
 
         def quitter():
-            gen = engine.generate(prompts[0], 400, stop=False)
+            gen = engine.generate(Request(prompts[0], max_tokens=400, ignore_eos=True))
             next(gen)
             started.wait()
             next(gen)
@@ -178,13 +183,13 @@ def test_prefix_cache_through_the_batch(bundles, one_thread):
         base = engine.encode(TEXTS[4])
         first = tokens(engine, base, 6)
         turn = base + first + engine.encode(" The king")
-        stats = GenerationStats()
-        got = tokens(engine, turn, 8, stats=stats)
+        done = answer(engine, turn, 8)
+        got, stats = done.tokens, done.stats
         # the reply's state, kept at its end: the step enqueued before its last token was read fed that token
         assert stats.cached_tokens == len(base) + len(first)
         assert got == tokens(plain, turn, 8)
         assert engine.totals["cached_tokens"] >= stats.cached_tokens
-        seconds = engine.scheduler.seconds  # where the scheduler thread spent its time, by phase
+        seconds = engine.scheduler.seconds  # where the batch loop spent its time, by phase
         assert min(seconds["prefill"], seconds["cache"], seconds["decode"], seconds["wait"]) > 0
         assert sum(seconds.values()) <= time.perf_counter() - began
     finally:
@@ -197,7 +202,7 @@ def test_prefix_cache_through_the_batch(bundles, one_thread):
 def test_host_ints_reach_the_device_intact_as_the_ring_wraps(device):
     """The scheduler's ints go through a ring of staging buffers: each result is its own tensor, unchanged
     by the later copies that reuse its buffer, and lists longer than a buffer take a plain copy."""
-    from lmbundle.engine.batch import HostInts
+    from lmbundle.engine.batch_ops import HostInts
 
     host_ints = HostInts(torch.device(device), size=8, slots=3)
     sent = [[7 * i + j for j in range(1 + i % 8)] for i in range(10)]

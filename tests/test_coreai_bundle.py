@@ -20,6 +20,7 @@ from lmbundle.bundle.check import PASS, check_bundle  # noqa: E402
 from lmbundle.convert import coreai_export  # noqa: E402
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.engine.engine import Engine  # noqa: E402
+from lmbundle.engine.request import Request  # noqa: E402
 from lmbundle.errors import LmbundleError  # noqa: E402
 from tests.conftest import DEMO_QWEN35  # noqa: E402
 
@@ -51,7 +52,7 @@ def prompt(engines):
 
 @pytest.fixture(scope="module")
 def expected(engines, prompt):
-    return list(engines["torch"].generate(prompt, NEW, stop=False))
+    return engines["torch"].complete(Request(prompt, max_tokens=NEW, ignore_eos=True)).tokens
 
 
 @pytest.mark.parametrize("chunk", [0, 64])
@@ -61,7 +62,8 @@ def test_generate_across_256_equals_torch(engines, prompt, expected, chunk):
     through `main`)."""
     backend = engines["coreai"].backend
     assert backend.dynamic_kv and backend.prefill_chunk == 64
-    assert list(engines["coreai"].generate(prompt, NEW, stop=False, prefill_chunk=chunk)) == expected
+    request = Request(prompt, max_tokens=NEW, ignore_eos=True, prefill_chunk=chunk)
+    assert engines["coreai"].complete(request).tokens == expected
     assert backend.capacity == 512
 
 

@@ -37,10 +37,11 @@ from lmbundle.cli import main as cli_main  # noqa: E402
 from lmbundle.convert.coreai_export import export_aimodel  # noqa: E402
 from lmbundle.engine.coreai_backend import CoreAIBackend, prefill_chunks  # noqa: E402
 from lmbundle.engine.engine import Engine  # noqa: E402
+from lmbundle.engine.request import Request  # noqa: E402
 from lmbundle.errors import LmbundleError  # noqa: E402
+from tests import checkpoints  # noqa: E402
 from tests.conftest import HOST_SHAPES  # noqa: E402
 from tests.hosts import AppleMainEngine, HostError, ZooEngine, prefill_chunk_sizes  # noqa: E402
-from tests.test_vlm_e2e import _image, _message  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT, VLM = HOST_SHAPES[:2], HOST_SHAPES[2:]
@@ -127,7 +128,7 @@ def test_text_hosts_give_torch_tokens(host_bundles, torch_engines, cache, shape)
     and Apple's main with an 8-token chunk (three balanced chunks) all give the torch backend's tokens."""
     engine = torch_engines[shape]
     prompt = engine.encode(PROMPT)[:20]
-    expected = list(engine.generate(prompt, NEW, stop=False))
+    expected = engine.complete(Request(prompt, max_tokens=NEW, ignore_eos=True)).tokens
     zoo = ZooEngine(host_bundles[shape], cache)
     apple = AppleMainEngine(host_bundles[shape], cache)
     try:
@@ -146,9 +147,9 @@ def test_image_prompt_on_the_zoo_host_gives_torch_tokens(host_bundles, torch_eng
     inputs once, feeds the prompt as S=1 steps; the tokens are the torch backend's. A text prompt after it
     (the "no image" inputs) too. Apple's main engine refuses the decoder (2 inputs)."""
     engine = torch_engines[shape]
-    image = _image(3, 640, 480)
-    ids = engine.chat_ids(_message([image]))
-    expected = list(engine.generate(ids, NEW, stop=False))
+    image = checkpoints.random_image(3, 640, 480)
+    ids = engine.chat_ids(checkpoints.image_message([image]))
+    expected = engine.complete(Request(ids, max_tokens=NEW, ignore_eos=True)).tokens
     vocab, image_token = engine.vision.vocab_size, engine.vision.info.image_token_id
     template = [image_token if t == vocab else t for t in ids if t < vocab or t == vocab]
     patches = engine.vision.prepare(image).patches.numpy()
@@ -160,7 +161,7 @@ def test_image_prompt_on_the_zoo_host_gives_torch_tokens(host_bundles, torch_eng
         text = engine.chat_ids([{"role": "user", "content": "Describe the sea."}])
         zoo.set_image(None)
         zoo.reset()
-        assert zoo.generate(text, NEW) == list(engine.generate(text, NEW, stop=False))
+        assert zoo.generate(text, NEW) == engine.complete(Request(text, max_tokens=NEW, ignore_eos=True)).tokens
     finally:
         zoo.close()
     with pytest.raises(HostError, match="Expected 2 inputs, got 6"):

@@ -19,7 +19,8 @@ pytest.importorskip("coreai_torch")
 
 from lmbundle.convert.convert import convert  # noqa: E402
 from lmbundle.engine.engine import Engine  # noqa: E402
-from tests.test_vlm_e2e import _image, _make_checkpoint, _message  # noqa: E402
+from lmbundle.engine.request import Request  # noqa: E402
+from tests.checkpoints import image_message, make_vlm, random_image  # noqa: E402
 
 CONTEXT, NEW_TOKENS = 256, 10  # one 196-token image + the template + the answer
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def engines(request, tmp_path_factory):
     """(family, torch Engine, coreai Engine) on one int8hu bundle holding both backends."""
     root = tmp_path_factory.mktemp(f"coreai-{request.param}")
-    _make_checkpoint(request.param, root / "ckpt")
+    make_vlm(request.param, root / "ckpt")
     bundle = convert(str(root / "ckpt"), root / "bundle", quant="int8hu", backend="all", max_context=CONTEXT, log=None)
     reference, coreai = Engine(bundle, backend="torch", device="cpu"), Engine(bundle, backend="coreai")
     yield request.param, reference, coreai
@@ -70,23 +71,24 @@ def test_asset_takes_the_image_inputs(engines):
 
 def test_image_prompt_greedy_matches_torch(engines):
     _, reference, coreai = engines
-    message = _message([_image(3, 640, 480)])
+    message = image_message([random_image(3, 640, 480)])
     ids = reference.chat_ids(message)
     assert coreai.chat_ids(message) == ids and len(ids) > 196
-    expected = list(reference.generate(ids, max_new_tokens=NEW_TOKENS, stop=False))
-    assert list(coreai.generate(ids, max_new_tokens=NEW_TOKENS, stop=False)) == expected
+    request = Request(ids, max_tokens=NEW_TOKENS, ignore_eos=True)
+    expected = reference.complete(request).tokens
+    assert coreai.complete(request).tokens == expected
     # the prompt through the asset's `prefill` function (chunks of 64 with the image inputs) + S=1 steps
     assert coreai.backend.prefill_chunk == 64
-    assert list(coreai.generate(ids, max_new_tokens=NEW_TOKENS, stop=False, prefill_chunk=64)) == expected
+    assert coreai.complete(Request(ids, max_tokens=NEW_TOKENS, ignore_eos=True, prefill_chunk=64)).tokens == expected
     # and the logits behind those tokens (Qwen3.5's tiny answer repeats one token)
     _assert_close(_step_logits(coreai, ids, expected), _step_logits(reference, ids, expected))
 
 
 def test_text_prompt_after_an_image_prompt_matches_torch(engines):
     _, reference, coreai = engines
-    coreai.chat_ids(_message([_image(4, 448, 448)]))  # a pending image context the text prompt must not see
+    coreai.chat_ids(image_message([random_image(4, 448, 448)]))  # a pending image context the text prompt must not see
     ids = coreai.chat_ids([{"role": "user", "content": "Describe the image."}])
-    answer = list(reference.generate(ids, max_new_tokens=NEW_TOKENS, stop=False))
+    answer = reference.complete(Request(ids, max_tokens=NEW_TOKENS, ignore_eos=True)).tokens
     _assert_close(_step_logits(coreai, ids, answer), _step_logits(reference, ids, answer))
 
 

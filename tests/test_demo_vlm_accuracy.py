@@ -21,6 +21,7 @@ import pytest
 from lmbundle.convert.convert import convert
 from lmbundle.demo import COLOURS, SHAPES, draw_scene, named
 from lmbundle.engine.engine import Engine
+from lmbundle.engine.request import Request
 
 DEMO = Path(__file__).resolve().parents[1] / "lmbundle" / "data" / "demo" / "qwen3vl-tiny"
 QUESTION = "What is in the image?"
@@ -59,8 +60,8 @@ def _pictures(count: int, seed: int = SEED):
 def _ask(engine: Engine, image, question: str = QUESTION) -> tuple[list[int], str]:
     ids = engine.chat_ids([{"role": "user", "content": [{"type": "image", "image": image},
                                                         {"type": "text", "text": question}]}])
-    tokens = list(engine.generate(ids, max_new_tokens=10))
-    return tokens, engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    done = engine.complete(Request(ids, max_tokens=10))
+    return done.tokens, done.text
 
 
 def _accuracy(engine: Engine, pictures) -> tuple[float, float, list[str]]:

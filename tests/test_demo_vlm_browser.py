@@ -12,18 +12,7 @@ import pytest
 
 from lmbundle.convert.convert import convert
 from lmbundle.demo import COLOURS, SHAPES, draw_scene, named
-from tests.test_serve import start_server, stop_server
-from tests.test_serve_browser import (
-    ARTIFACTS,
-    CHROMIUM,
-    CHROMIUM_FLAGS,
-    close_settings,
-    finished,
-    last_answer,
-    send,
-    set_field,
-    sync_api,
-)
+from tests.chat_page import ARTIFACTS, chat_page, close_settings, finished, last_answer, send, set_field, sync_api
 
 DEMO = Path(__file__).resolve().parents[1] / "lmbundle" / "data" / "demo" / "qwen3vl-tiny"
 
@@ -31,34 +20,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, serve):
     bundle = convert(str(DEMO), tmp_path_factory.mktemp("demo-vlm") / "int8hu", quant="int8hu", backend="torch",
                      max_context=512, log=None)
-    proc, host = start_server(bundle)
-    yield host
-    stop_server(proc)
+    return serve(bundle)[1]
 
 
 def test_the_page_names_colour_and_shape_of_a_drawn_picture(server, tmp_path):
     image, scene = draw_scene(random.Random(31), colour="green", shape="triangle", side="right", size=(360, 240))
     path = tmp_path / "green-triangle.png"
     image.save(path)
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 800})
-            page.goto(f"http://{server}/")
-            set_field(page, "#temperature", "0")
-            set_field(page, "#max-tokens", "16")
-            close_settings(page)
-            page.set_input_files("#file-picker", str(path))
-            sync_api.expect(page.locator(".thumb")).to_have_count(1)
-            send(page, "What is in the image?")
-            finished(page)
-            sync_api.expect(page.locator(".turn.user img")).to_have_count(1)
-            answer = last_answer(page).locator(".bubble").evaluate("node => node.textContent")
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "serve_demo_vlm.png"))
-        finally:
-            browser.close()
+    with chat_page(server) as page:
+        set_field(page, "#temperature", "0")
+        set_field(page, "#max-tokens", "16")
+        close_settings(page)
+        page.set_input_files("#file-picker", str(path))
+        sync_api.expect(page.locator(".thumb")).to_have_count(1)
+        send(page, "What is in the image?")
+        finished(page)
+        sync_api.expect(page.locator(".turn.user img")).to_have_count(1)
+        answer = last_answer(page).locator(".bubble").evaluate("node => node.textContent")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "serve_demo_vlm.png"))
     assert named(answer, COLOURS) == [scene.colour] and named(answer, SHAPES) == [scene.shape], answer

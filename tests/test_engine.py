@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from lmbundle.convert.convert import convert
-from lmbundle.engine.engine import Engine, GenerationStats, StreamDecoder
+from lmbundle.engine.engine import Engine
+from lmbundle.engine.outputs import StreamDecoder
+from lmbundle.engine.request import Request
 from lmbundle.engine.sampling import Sampling
 from lmbundle.errors import LmbundleError
 from lmbundle.gates.oracle import Oracle
@@ -24,70 +26,74 @@ def engine(fp16_bundle):
     return Engine(fp16_bundle, backend="torch", device="cpu")
 
 
+def tokens(engine, ids, n, sampling=Sampling(), chunk=None):
+    """Greedy (or `sampling`) tokens through the stop tokens, and the answer's figures."""
+    done = engine.complete(Request(ids, max_tokens=n, sampling=sampling, ignore_eos=True, prefill_chunk=chunk))
+    return done.tokens, done.stats
+
+
 def test_greedy_equals_oracle_and_chunked_prefill(engine, tiny_qwen35):
     ids = engine.encode("Once upon a time there was a little cat")
     expected = Oracle(str(tiny_qwen35)).greedy(ids, 24)
-    assert list(engine.generate(ids, 24, stop=False)) == expected
-    assert list(engine.generate(ids, 24, stop=False, prefill_chunk=4)) == expected
+    assert tokens(engine, ids, 24)[0] == expected
+    assert tokens(engine, ids, 24, chunk=4)[0] == expected
 
 
 def test_kv_grows_across_requests_without_changing_results(engine):
     ids = engine.encode("The quick brown fox")
-    short = list(engine.generate(ids, 8, stop=False))
+    short = tokens(engine, ids, 8)[0]
     long_prompt = engine.encode("The quick brown fox " * 60)  # > 256 positions: a bigger KV chunk
-    list(engine.generate(long_prompt, 4, stop=False))
+    tokens(engine, long_prompt, 4)
     assert engine.backend.state.capacity >= 512
-    assert list(engine.generate(ids, 8, stop=False)) == short
+    assert tokens(engine, ids, 8)[0] == short
 
 
 def test_next_turn_prefills_only_its_new_tokens_and_matches_the_oracle(engine, tiny_qwen35):
     oracle = Oracle(str(tiny_qwen35))
     first = engine.encode("Once upon a time")
-    reply = list(engine.generate(first, 6, stop=False))
+    reply = tokens(engine, first, 6)[0]
     turn = first + reply + engine.encode(" and then the cat")
     for chunk in (0, 4):
-        list(engine.generate(first, 6, stop=False))
-        stats = GenerationStats()
-        assert list(engine.generate(turn, 12, stop=False, stats=stats, prefill_chunk=chunk)) == oracle.greedy(turn, 12)
+        tokens(engine, first, 6)
+        got, stats = tokens(engine, turn, 12, chunk=chunk)
+        assert got == oracle.greedy(turn, 12)
         # the state after the reply (its last token was never fed); then this very turn, cached whole the
         # first time with its last token's logits: nothing left to prefill
         assert stats.cached_tokens == (len(first) + len(reply) - 1 if chunk == 0 else len(turn))
-    other = GenerationStats()  # a prompt that does not extend what the state holds starts over
-    list(engine.generate(engine.encode("A small model speaks plain English"), 2, stop=False, stats=other))
-    assert other.cached_tokens == 0
-    list(engine.generate(first, 6, stop=False))
+    # a prompt that does not extend what the state holds starts over
+    assert tokens(engine, engine.encode("A small model speaks plain English"), 2)[1].cached_tokens == 0
+    tokens(engine, first, 6)
     engine.backend.reset(8)  # anything else touched the state (the gates do): back to the prefix cache's copy
-    touched = GenerationStats()
-    assert list(engine.generate(turn, 12, stop=False, stats=touched)) == oracle.greedy(turn, 12)
+    got, touched = tokens(engine, turn, 12)
+    assert got == oracle.greedy(turn, 12)
     assert touched.cached_tokens == len(turn)  # this very prompt ran above: restored whole, logits and all
 
 
 def test_sampling_is_seeded_and_topk1_is_greedy(engine):
     ids = engine.encode("The old man")
-    a = list(engine.generate(ids, 16, Sampling(temperature=1.0, top_p=0.9, seed=7), stop=False))
-    b = list(engine.generate(ids, 16, Sampling(temperature=1.0, top_p=0.9, seed=7), stop=False))
-    greedy = list(engine.generate(ids, 16, stop=False))
+    a = tokens(engine, ids, 16, Sampling(temperature=1.0, top_p=0.9, seed=7))[0]
+    b = tokens(engine, ids, 16, Sampling(temperature=1.0, top_p=0.9, seed=7))[0]
+    greedy = tokens(engine, ids, 16)[0]
     assert a == b
-    assert list(engine.generate(ids, 16, Sampling(temperature=0.8, top_k=1, seed=3), stop=False)) == greedy
+    assert tokens(engine, ids, 16, Sampling(temperature=0.8, top_k=1, seed=3))[0] == greedy
     with pytest.raises(LmbundleError, match="top_p"):
         Sampling(top_p=0)
 
 
 def test_stop_tokens_end_generation(engine):
     ids = engine.encode("The king")
-    first = next(iter(engine.generate(ids, 1, stop=False)))
+    first = tokens(engine, ids, 1)[0][0]
     engine.stop_ids = engine.stop_ids | {first}
-    stats = GenerationStats()
     try:
-        assert list(engine.generate(ids, 10, stats=stats)) == []
+        done = engine.complete(Request(ids, max_tokens=10))
     finally:
         engine.stop_ids = engine.stop_ids - {first}
-    assert stats.stop_reason == "stop"
+    assert done.tokens == [] and done.finish_reason == done.stats.stop_reason == "stop"
 
 
 def test_context_too_long_before_any_work(engine):
     with pytest.raises(LmbundleError, match="context too long: 4000 prompt tokens \\+ 200 new tokens"):
-        list(engine.generate([5] * 4000, 200))
+        engine.generate(Request([5] * 4000, max_tokens=200))
 
 
 def test_stream_decoder_matches_full_decode(engine):
@@ -106,6 +112,29 @@ def test_stream_decoder_matches_full_decode(engine):
     assert len(decoder.ids) - decoder.prefix <= 9  # a window of a few tokens is decoded per token, not all
 
 
+def test_both_backends_speak_the_backend_protocol(engine):
+    """One signature per Backend method (prefill above all) in both backends; the PyTorch one also resumes."""
+    import inspect
+
+    from lmbundle.engine.backend import Backend, ResumableBackend
+    from lmbundle.engine.coreai_backend import CoreAIBackend
+    from lmbundle.engine.torch_backend import TorchBackend
+
+    def methods(protocol):
+        return {name: inspect.signature(member) for name, member in vars(protocol).items()
+                if callable(member) and not name.startswith("_")}
+
+    def shape(signature):
+        return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+    assert "prefill" in methods(Backend) and "restore_prefix" in methods(ResumableBackend)
+    for backend, protocols in ((TorchBackend, (Backend, ResumableBackend)), (CoreAIBackend, (Backend,))):
+        for protocol in protocols:
+            for name, signature in methods(protocol).items():
+                assert shape(inspect.signature(getattr(backend, name))) == shape(signature), (backend, name)
+    assert not CoreAIBackend.resumable and isinstance(engine.backend, ResumableBackend)
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "lmbundle", *args], capture_output=True, text=True, timeout=300)
 
@@ -114,7 +143,7 @@ def test_cli_run_streams_and_bench_reports(fp16_bundle, engine):
     out = _cli("run", str(fp16_bundle), "--prompt", "Once upon a time", "-g", "12", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     ids = engine.encode("Once upon a time")
-    expected = engine.tokenizer.decode(list(engine.generate(ids, 12)), skip_special_tokens=True)
+    expected = engine.tokenizer.decode(engine.complete(Request(ids, max_tokens=12)).tokens, skip_special_tokens=True)
     assert out.stdout.rstrip("\n") == expected
     bench = _cli("bench", str(fp16_bundle), "-p", "16", "-g", "16", "-n", "2", "--json", "--device", "cpu")
     assert bench.returncode == 0, bench.stderr
@@ -163,4 +192,4 @@ def test_bench_prompt_is_plain_text(engine):
     assert marker in [(17 + 31 * i) % 1000 for i in range(300)]  # the old prompt was cut there
     assert marker not in ids and not set(ids) & set(engine.tokenizer.all_special_ids) and len(set(ids)) > 200
     block = engine.prefix_cache.block
-    assert engine._cuts(ids, 0) == [p for p in range(1, 300) if p % block == 0]
+    assert engine.prefix_cache.cuts(ids, 0) == [p for p in range(1, 300) if p % block == 0]

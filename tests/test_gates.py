@@ -14,6 +14,7 @@ import torch
 from lmbundle.convert.checkpoint import open_checkpoint
 from lmbundle.convert.convert import load_checkpoint_graph
 from lmbundle.engine.engine import Engine
+from lmbundle.engine.request import Request
 from lmbundle.gates.gate import PROMPTS, TIE_MARGIN, run_gate
 from lmbundle.gates.oracle import Oracle
 from lmbundle.models.linear import dequantize, quantize_absmax
@@ -111,7 +112,8 @@ def test_coreai_gate_and_24_of_24_identity_with_torch(demo_bundles, oracle):
     identical = ties = 0
     for text in prompts:
         ids = coreai.encode(text)
-        ours, theirs = list(coreai.generate(ids, 8, stop=False)), list(torch_engine.generate(ids, 8, stop=False))
+        rollout = Request(ids, max_tokens=8, ignore_eos=True)
+        ours, theirs = coreai.complete(rollout).tokens, torch_engine.complete(rollout).tokens
         if ours == theirs:
             identical += 1
         elif forks_at_tie(oracle, ids, ours, theirs) or forks_at_tie(oracle, ids, theirs, ours):

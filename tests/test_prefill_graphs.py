@@ -13,6 +13,7 @@ from lmbundle.bundle.load import load_graph
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
 from lmbundle.engine.graphs import MAX_PIECE, padded_size, piece_sizes
+from lmbundle.engine.request import Request
 from tests import checkpoints
 from tests.conftest import DEMO_QWEN35
 
@@ -135,7 +136,7 @@ def test_warm_captures_every_piece_length_up_front(demo_bundle):
     assert graphs.warm(256) == 12  # 1, 16, 32, 64, 128, 256 tokens, each with and without the head
     assert graphs.warm(256) == 0
     ids = engine.encode(TEXT)[:300]
-    assert len(list(engine.generate(ids, max_new_tokens=4))) == 4
+    assert len(engine.complete(Request(ids, max_tokens=4, ignore_eos=True)).tokens) == 4
     assert graphs.captured == 12
     engine.close()
 

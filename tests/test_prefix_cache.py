@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lmbundle.convert.convert import convert
-from lmbundle.engine.engine import Engine, GenerationStats
+from lmbundle.engine.engine import Engine
+from lmbundle.engine.request import Request
 from lmbundle.engine.prefix_cache import PrefixCache, parse_size
 from lmbundle.gates.oracle import Oracle
 from tests.conftest import DEMO_QWEN35
@@ -34,8 +35,8 @@ def engines(bundle):
 
 
 def run(engine, ids, n, chunk=0):
-    stats = GenerationStats()
-    return list(engine.generate(ids, n, stop=False, prefill_chunk=chunk, stats=stats)), stats.cached_tokens
+    done = engine.complete(Request(ids, max_tokens=n, ignore_eos=True, prefill_chunk=chunk))
+    return done.tokens, done.stats.cached_tokens
 
 
 def chat(engine, *turns, system="You are a helpful assistant. Answer briefly and plainly."):

@@ -25,7 +25,8 @@ from PIL import Image
 
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
-from tests.test_vlm_e2e import PROCESSOR
+from lmbundle.engine.request import Request
+from tests.checkpoints import image_processor
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "make_real_vocab_fixture.py"
 FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab_facts.json")
@@ -146,8 +147,6 @@ def _text_checkpoint(folder: Path, tokenizer_folder: Path):
 
 def _vlm_checkpoint(vocab: Vocab, folder: Path, tokenizer_folder: Path):
     """Qwen3-VL (deepstack) or Qwen3.5 with vision, tied head, the real image token ids."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     if vocab is QWEN3_VL:
         from transformers import Qwen3VLConfig as Config
         from transformers import Qwen3VLForConditionalGeneration as Model
@@ -169,7 +168,7 @@ def _vlm_checkpoint(vocab: Vocab, folder: Path, tokenizer_folder: Path):
     _spread_and_clear_padding(model, vocab)
     model.save_pretrained(folder)
     _with_tokenizer(folder, tokenizer_folder)
-    Qwen2VLImageProcessorPil(**PROCESSOR).save_pretrained(folder)
+    image_processor().save_pretrained(folder)
     return model
 
 
@@ -243,10 +242,11 @@ def _assert_greedy_follows(reference: torch.Tensor, tokens: list[int], margin: f
 def test_generation_follows_the_reference_and_round_trips(case):
     vocab, ref, engine = case
     ids = engine.chat_ids([{"role": "user", "content": "Tell me a story about a cat."}])
-    tokens = list(engine.generate(ids, max_new_tokens=12, stop=False))
+    done = engine.complete(Request(ids, max_tokens=12, ignore_eos=True))
+    tokens = done.tokens
     assert len(tokens) == 12 and max(tokens) < vocab.tokenizer_size
     _assert_greedy_follows(_reference_logits(ref, ids + tokens, 13)[:-1], tokens)
-    streamed = "".join(engine.generate_text(ids, max_new_tokens=12, stop=False))
+    streamed = done.text
     expected = _reference_tokenizer(vocab).decode(tokens)
     assert streamed == expected.rstrip("\ufffd"), (streamed, expected)  # a split character is held back
 
@@ -273,7 +273,7 @@ def test_image_prompt_uses_the_real_image_pad(case):
 
     raw = [vocab.image_pad if t >= vocab.model_vocab else t for t in ids]  # the checkpoint's own prompt
     assert raw.count(vocab.image_pad) == TOKENS_PER_IMAGE
-    tokens = list(engine.generate(ids, max_new_tokens=6, stop=False, prefill_chunk=64))  # S=1: test_vlm_e2e
+    tokens = engine.complete(Request(ids, max_tokens=6, ignore_eos=True, prefill_chunk=64)).tokens  # S=1: vlm_e2e
     assert max(tokens) < vocab.tokenizer_size
     expected = _reference_logits(ref, raw + tokens, 7, _vision_inputs(raw + tokens, vocab, image))
     _assert_greedy_follows(expected[:-1], tokens)
@@ -293,10 +293,8 @@ def test_image_prompt_uses_the_real_image_pad(case):
 
 def _vision_inputs(raw: list[int], vocab: Vocab, image: Image.Image) -> dict:
     """The reference's image inputs: the processor's pixel values of our 448 x 448 stretch."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     stretched = image.resize((448, 448), Image.Resampling.BICUBIC)
-    processed = Qwen2VLImageProcessorPil(**PROCESSOR)(images=[stretched], return_tensors="pt")
+    processed = image_processor()(images=[stretched], return_tensors="pt")
     assert processed["image_grid_thw"].tolist() == [[1, 28, 28]]
     return dict(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"],
                 mm_token_type_ids=(torch.tensor([raw]) == vocab.image_pad).int())

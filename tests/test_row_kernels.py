@@ -16,7 +16,7 @@ import torch
 from lmbundle.bundle.format import open_bundle
 from lmbundle.bundle.load import load_graph
 from lmbundle.convert.convert import convert
-from lmbundle.engine.batch import ROW_TILE, BatchOps
+from lmbundle.engine.batch_ops import ROW_TILE, BatchOps
 from lmbundle.models.layers import mrope_cos_sin
 from lmbundle.models.linear import Linear, dequantize
 from lmbundle.models.ops import REFERENCE, Norm, Rope

@@ -13,8 +13,6 @@ import http.client
 import io
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from argparse import Namespace
@@ -27,86 +25,19 @@ import torch
 from PIL import Image
 
 from lmbundle.convert.convert import convert
-from lmbundle.engine.engine import Engine, GenerationStats
-from lmbundle.engine.sampling import Sampling
+from lmbundle.engine.outputs import StopStrings
+from lmbundle.engine.request import Output, Request
 from lmbundle.errors import LmbundleError
 from lmbundle.serve.images import ImageError, decode_image_url
-from lmbundle.serve.openai_api import ApiError, StopMatcher
-from lmbundle.serve.server import JobEvents, check_host, serve
+from lmbundle.serve.app import JobEvents, options_from
+from lmbundle.serve.guard import check_host
+from lmbundle.serve.schemas import ApiError
 from lmbundle.serve.worker import Job, QueueFull, Worker
+from tests.conftest import API_KEY, http_request, wait_idle
 
-API_KEY = "test-key"
 QUEUE_SIZE = 4
 MAX_BATCH = 2
 MAX_CONTEXT = 2048
-REPO = Path(__file__).resolve().parents[1]
-
-
-# -- a server process --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(bundle: Path, *extra: str, timeout: float = 90) -> tuple[subprocess.Popen, str]:
-    """`python -m lmbundle serve` on a free loopback port; returns once /health answers."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lmbundle", "serve", str(bundle), "--port", str(port),
-                             "--backend", "torch", "--device", "cpu", *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            status, _ = request("GET", f"127.0.0.1:{port}", "/health", key=API_KEY)
-            if status == 200:
-                return proc, f"127.0.0.1:{port}"
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not answer /health in time")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def request(method: str, host: str, path: str, body: bytes | dict | None = None, key: str | None = API_KEY,
-            timeout: float = 60, **extra_headers: str) -> tuple[int, dict | str]:
-    """One plain HTTP request (for what the openai client cannot send: bad JSON, no key)."""
-    conn = http.client.HTTPConnection(host, timeout=timeout)
-    headers = {"Content-Type": "application/json", **{k.replace("_", "-"): v for k, v in extra_headers.items()}}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    payload = json.dumps(body).encode() if isinstance(body, dict) else body
-    try:
-        conn.request(method, path, body=payload, headers=headers)
-        response = conn.getresponse()
-        raw = response.read().decode()
-    finally:
-        conn.close()
-    try:
-        return response.status, json.loads(raw)
-    except json.JSONDecodeError:
-        return response.status, raw
-
-
-def wait_idle(host: str, seconds: float = 5) -> dict:
-    """/health once the worker is idle (it marks itself idle just after the answer's last event)."""
-    deadline = time.monotonic() + seconds
-    while (health := request("GET", host, "/health")[1])["running"] or health["waiting"]:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    return health
 
 
 def rss_mb(pid: int) -> float:
@@ -116,14 +47,9 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The reference engine runs here on the main thread: a tiny model is ~10x slower there with 2 threads
-    spinning against each other on a busy 2-core machine (the server decodes on its own worker thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the reference engine runs here on the main thread: a tiny model is ~10x slower there with 2 threads spinning
+# against each other on a busy 2-core machine (the server decodes on its own threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -133,28 +59,15 @@ def bundle(tiny_qwen35, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(bundle):
-    proc, host = start_server(bundle, "--api-key", API_KEY, "--queue-size", str(QUEUE_SIZE), "--timeout", "60",
-                              "--max-batch", str(MAX_BATCH), "--cache-mem", "64M")
-    yield proc, host
-    stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"http://{server[1]}/v1", api_key=API_KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def engine(bundle):
-    return Engine(bundle, backend="torch", device="cpu")
+def server(bundle, serve):
+    return serve(bundle, "--api-key", API_KEY, "--queue-size", str(QUEUE_SIZE), "--timeout", "60",
+                 "--max-batch", str(MAX_BATCH), "--cache-mem", "64M")
 
 
 def reference(engine, ids: list[int], max_tokens: int) -> tuple[str, int, str]:
     """Greedy text, token count and stop reason of the engine itself on the same prompt ids."""
-    stats = GenerationStats()
-    text = "".join(engine.generate_text(ids, max_new_tokens=max_tokens, sampling=Sampling(), stats=stats))
-    return text, stats.generated_tokens, stats.stop_reason
+    done = engine.complete(Request(ids, max_tokens=max_tokens))
+    return done.text, done.stats.generated_tokens, done.finish_reason
 
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox"}]
@@ -165,7 +78,7 @@ def test_models_and_health(client, server, engine):
     models = client.models.list().data
     assert [m.id for m in models] == [engine.name]
     assert models[0].model_extra["max_context"] == MAX_CONTEXT and models[0].model_extra["vision"] is False
-    status, health = request("GET", server[1], "/health")
+    status, health = http_request("GET", server[1], "/health")
     assert status == 200 and health["status"] == "ok" and health["queue_size"] == QUEUE_SIZE
     assert health["max_batch"] == MAX_BATCH and health["prefix_cache"]["device_budget"] == 64 << 20
 
@@ -198,7 +111,7 @@ def test_metrics_in_prometheus_text(client, server, engine):
               if name == "lmbundle_scheduler_seconds_total"}
     assert set(phases) == {"admit", "prefill", "cache", "decode", "wait", "idle"}
     assert phases["decode"] > 0 and phases["prefill"] > 0 and phases["cache"] > 0
-    assert request("GET", server[1], "/metrics", key=None)[0] == 401
+    assert http_request("GET", server[1], "/metrics", key=None)[0] == 401
 
 
 def test_interleaved_chats_keep_their_cache(client, engine):
@@ -239,8 +152,8 @@ def test_next_turn_reports_cached_prompt_tokens_like_the_engine(client, engine):
     says so in usage.prompt_tokens_details, as the engine itself does for the same two calls."""
     first_text, _, _ = reference(engine, engine.chat_ids(MESSAGES), 8)
     turn = MESSAGES + [{"role": "assistant", "content": first_text}, {"role": "user", "content": "And then?"}]
-    stats = GenerationStats()
-    text = "".join(engine.generate_text(engine.chat_ids(turn), max_new_tokens=8, sampling=Sampling(), stats=stats))
+    done = engine.complete(Request(engine.chat_ids(turn), max_tokens=8))
+    text, stats = done.text, done.stats
     first = client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=8, temperature=0)
     assert first.choices[0].message.content == first_text
     out = client.chat.completions.create(model=engine.name, messages=turn, max_tokens=8, temperature=0)
@@ -294,36 +207,36 @@ def test_seeded_sampling_repeats(client, engine):
 
 # -- bad input -----------------------------------------------------------------------------------
 def test_malformed_json_and_bad_fields(server):
-    status, body = request("POST", server[1], "/v1/chat/completions", body=b'{"messages": [')
+    status, body = http_request("POST", server[1], "/v1/chat/completions", body=b'{"messages": [')
     assert status == 400 and body["error"]["code"] == "invalid_json"
     assert body["error"]["type"] == "invalid_request_error"
-    status, body = request("POST", server[1], "/v1/chat/completions", body={"messages": "hi"})
+    status, body = http_request("POST", server[1], "/v1/chat/completions", body={"messages": "hi"})
     assert status == 400 and body["error"]["param"].startswith("messages")
-    status, body = request("POST", server[1], "/v1/chat/completions",
+    status, body = http_request("POST", server[1], "/v1/chat/completions",
                            body={"messages": MESSAGES, "temperature": -1})
     assert status == 400 and body["error"]["param"] == "temperature"
-    status, body = request("POST", server[1], "/v1/chat/completions", body={"messages": MESSAGES, "n": 3})
+    status, body = http_request("POST", server[1], "/v1/chat/completions", body={"messages": MESSAGES, "n": 3})
     assert status == 400
-    status, body = request("GET", server[1], "/v1/nothing-here")
+    status, body = http_request("GET", server[1], "/v1/nothing-here")
     assert status == 404 and "error" in body
 
 
 def test_foreign_host_and_non_json_posts_are_refused(server):
     port = server[1].rsplit(":", 1)[1]
-    status, body = request("GET", server[1], "/v1/models", Host=f"attacker.example:{port}")
+    status, body = http_request("GET", server[1], "/v1/models", Host=f"attacker.example:{port}")
     assert status == 403 and body["error"]["code"] == "forbidden_host"  # DNS rebinding
-    assert request("GET", server[1], "/v1/models", Host=f"localhost:{port}")[0] == 200
-    status, body = request("POST", server[1], "/v1/completions", body={"prompt": "x"}, Content_Type="text/plain")
+    assert http_request("GET", server[1], "/v1/models", Host=f"localhost:{port}")[0] == 200
+    status, body = http_request("POST", server[1], "/v1/completions", body={"prompt": "x"}, Content_Type="text/plain")
     assert status == 415  # what a cross-site form could send without a CORS preflight
 
 
 def test_api_key_required_but_page_public(server):
-    status, body = request("GET", server[1], "/v1/models", key=None)
+    status, body = http_request("GET", server[1], "/v1/models", key=None)
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
-    assert request("GET", server[1], "/health", key="wrong")[0] == 401
-    status, page = request("GET", server[1], "/", key=None)
+    assert http_request("GET", server[1], "/health", key="wrong")[0] == 401
+    status, page = http_request("GET", server[1], "/", key=None)
     assert status == 200 and "<title>lmbundle chat</title>" in page
-    assert request("GET", server[1], "/static/app.js", key=None)[0] == 200
+    assert http_request("GET", server[1], "/static/app.js", key=None)[0] == 200
 
 
 def test_unknown_model_is_404(client):
@@ -392,7 +305,7 @@ def test_file_urls_only_inside_allowed_folders(tmp_path):
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_stops_generation(server, engine, stream):
     host = server[1]
-    before = request("GET", host, "/health")[1]["stopped"]
+    before = http_request("GET", host, "/health")[1]["stopped"]
     conn = http.client.HTTPConnection(host, timeout=30)
     conn.request("POST", "/v1/chat/completions",
                  headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
@@ -405,13 +318,13 @@ def test_client_disconnect_stops_generation(server, engine, stream):
         response.fp.readline()  # the first event arrived: decoding has started
     else:
         deadline = time.monotonic() + 20
-        while not request("GET", host, "/health")[1]["running"] and time.monotonic() < deadline:
+        while not http_request("GET", host, "/health")[1]["running"] and time.monotonic() < deadline:
             time.sleep(0.02)
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        health = request("GET", host, "/health")[1]
+        health = http_request("GET", host, "/health")[1]
         if health["stopped"] > before and not health["running"]:
             break
         time.sleep(0.05)
@@ -422,11 +335,11 @@ def test_100_concurrent_requests_bounded_queue_and_memory(server, engine):
     proc, host = server
     body = {"model": engine.name, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
     for _ in range(3):  # steady state before measuring
-        assert request("POST", host, "/v1/chat/completions", body=body)[0] == 200
+        assert http_request("POST", host, "/v1/chat/completions", body=body)[0] == 200
     rss_before = rss_mb(proc.pid)
     start = time.monotonic()
     with ThreadPoolExecutor(100) as pool:
-        results = list(pool.map(lambda _: request("POST", host, "/v1/chat/completions", body=body), range(100)))
+        results = list(pool.map(lambda _: http_request("POST", host, "/v1/chat/completions", body=body), range(100)))
     seconds = time.monotonic() - start
     statuses = [status for status, _ in results]
     ok, busy = statuses.count(200), statuses.count(429)
@@ -436,7 +349,7 @@ def test_100_concurrent_requests_bounded_queue_and_memory(server, engine):
     assert all(b["error"]["code"] == "queue_full" for s, b in results if s == 429)
     texts = {b["choices"][0]["message"]["content"] for s, b in results if s == 200}
     assert len(texts) == 1  # every admitted greedy request got the same answer
-    assert request("POST", host, "/v1/chat/completions", body=body)[0] == 200  # still serving
+    assert http_request("POST", host, "/v1/chat/completions", body=body)[0] == 200  # still serving
     health = wait_idle(host)
     assert health["waiting"] == 0 and not health["running"]
     assert rss_mb(proc.pid) < rss_before + 40
@@ -445,7 +358,7 @@ def test_100_concurrent_requests_bounded_queue_and_memory(server, engine):
 # -- parts, in process ----------------------------------------------------------------------------
 @pytest.mark.parametrize("pieces", [["ab", "cST", "OPde"], ["abcS", "T", "O", "Pde"], ["abcSTOPde"]])
 def test_stop_matcher_cuts_at_first_stop_over_any_split(pieces):
-    matcher = StopMatcher(["STOP", "zz"])
+    matcher = StopStrings(["STOP", "zz"])
     out, hit = "", False
     for piece in pieces:
         text, hit = matcher.push(piece)
@@ -453,7 +366,7 @@ def test_stop_matcher_cuts_at_first_stop_over_any_split(pieces):
         if hit:
             break
     assert (out, hit) == ("abc", True)
-    matcher = StopMatcher(["STOP"])
+    matcher = StopStrings(["STOP"])
     assert matcher.push("xxST") == ("xx", False) and matcher.push("x") == ("STx", False)
     assert matcher.push("S") == ("", False) and matcher.flush() == "S"
 
@@ -488,23 +401,25 @@ def test_worker_is_fifo_bounded_and_stops_late_jobs():
     assert order == ["a", "b"] and stopped == 1  # "c" ran past its time limit and was stopped
 
 
-def test_text_emitted_while_the_loop_is_busy_arrives_as_one_event_in_order():
+def test_outputs_emitted_while_the_loop_is_busy_arrive_as_one_event_in_order():
+    outputs = [Output(1, "a"), Output(2, "b"), Output(None, "c", finish_reason="length")]
+
     async def scenario():
         job = Job(lambda job: None, asyncio.get_running_loop(), time.monotonic() + 10)
 
         def work():
-            job.emit("text", ("a", [1]))
-            job.emit("text", ("b", []))
-            job.emit("text", ("c", [2]))
-            job.emit("done", "length")
+            job.emit("prompt", "p")
+            for output in outputs:
+                job.emit("output", output)
+            job.emit("end")
 
         thread = threading.Thread(target=work)
         thread.start()
         thread.join()  # the loop is held: every event is still on its way
-        events = [await job.events.get() for _ in range(2)]
+        events = [await job.events.get() for _ in range(3)]
         return [(e.kind, e.value) for e in events], job.events.empty()
 
-    assert asyncio.run(scenario()) == ([("text", ("abc", [1, 2])), ("done", "length")], True)
+    assert asyncio.run(scenario()) == ([("prompt", "p"), ("outputs", outputs), ("end", None)], True)
 
 
 def test_worker_without_queue_runs_one_at_a_time():
@@ -516,12 +431,12 @@ def test_worker_without_queue_runs_one_at_a_time():
             worker.submit(lambda job: None, timeout=10)
         while (await first.events.get()).kind != "end":
             pass
-        second = worker.submit(lambda job: job.emit("text", "ran"), timeout=10)
+        second = worker.submit(lambda job: job.emit("prompt", "ran"), timeout=10)
         kinds = [(await second.events.get()).kind for _ in range(2)]
         worker.close()
         return kinds
 
-    assert asyncio.run(scenario()) == ["text", "end"]
+    assert asyncio.run(scenario()) == ["prompt", "end"]
 
 
 def test_request_side_time_limit_is_504():
@@ -547,4 +462,4 @@ def test_remote_host_needs_allow_remote():
     assert check_host("0.0.0.0", True) is False
     args = Namespace(host="192.168.1.20", allow_remote=False, bundle="unused", port=1)
     with pytest.raises(LmbundleError, match="refusing to listen on 192.168.1.20"):
-        serve(args)  # refused before any bundle is opened
+        options_from(args)  # `lmbundle serve` checks its options before it opens the bundle

@@ -22,9 +22,10 @@ import pytest
 import torch
 
 from lmbundle.convert.convert import convert
-from lmbundle.engine.engine import Engine, GenerationStats
+from lmbundle.engine.engine import Engine
+from lmbundle.engine.request import Request
 from lmbundle.engine.sampling import Sampling
-from tests.test_serve import API_KEY, request, start_server, stop_server, wait_idle
+from tests.conftest import API_KEY, DEMO_QWEN35, http_request, wait_idle
 
 MAX_CONTEXT = 1024
 QUEUE_SIZE = 2
@@ -111,31 +112,19 @@ def bundle(tiny_qwen35, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(bundle):
+def server(bundle, serve):
     os.environ["LMBUNDLE_API_KEY"] = API_KEY  # the key from the environment, not the command line
     try:
-        proc, host = start_server(bundle, "--queue-size", str(QUEUE_SIZE), "--timeout", "60")
+        proc, host = serve(bundle, "--queue-size", str(QUEUE_SIZE), "--timeout", "60")
     finally:
         del os.environ["LMBUNDLE_API_KEY"]
     assert API_KEY not in " ".join(psutil.Process(proc.pid).cmdline())
-    yield proc, host
-    stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"http://{server[1]}/v1", api_key=API_KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def engine(bundle):
-    return Engine(bundle, backend="torch", device="cpu")
+    return proc, host
 
 
 def greedy(engine, ids, n, **sampling) -> tuple[str, str]:
-    stats = GenerationStats()
-    text = "".join(engine.generate_text(ids, max_new_tokens=n, sampling=Sampling(**sampling), stats=stats))
-    return text, stats.stop_reason
+    done = engine.complete(Request(ids, max_tokens=n, sampling=Sampling(**sampling)))
+    return done.text, done.finish_reason
 
 
 def manual_greedy(engine, ids: list[int], n: int, adjust) -> list[int]:
@@ -356,21 +345,21 @@ def test_template_refusals_and_reserved_kwargs_are_400(client, engine):
 def test_seed_range(server, engine):
     body = {"messages": MESSAGES, "max_tokens": 2, "temperature": 1.0}
     for seed in (2**64, 2**63, -2**63 - 1, 10**30):
-        status, answer = request("POST", server[1], "/v1/chat/completions", body={**body, "seed": seed})
+        status, answer = http_request("POST", server[1], "/v1/chat/completions", body={**body, "seed": seed})
         assert status == 400 and answer["error"]["param"] == "seed", (seed, answer)
     for seed in (-1, -2**63, 2**63 - 1, 0):
-        assert request("POST", server[1], "/v1/chat/completions", body={**body, "seed": seed})[0] == 200
+        assert http_request("POST", server[1], "/v1/chat/completions", body={**body, "seed": seed})[0] == 200
 
 
 def test_lone_surrogate_and_deep_json_are_400(server):
     raw = b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}'
-    status, answer = request("POST", server[1], "/v1/chat/completions", body=raw)
+    status, answer = http_request("POST", server[1], "/v1/chat/completions", body=raw)
     assert status == 400 and "surrogate" in answer["error"]["message"]
     for depth in (100_000, 200):
         deep = b'{"messages": [{"role": "user", "content": "x"}], "logit_bias": ' + b"[" * depth + b"]" * depth + b"}"
-        status, answer = request("POST", server[1], "/v1/chat/completions", body=deep)
+        status, answer = http_request("POST", server[1], "/v1/chat/completions", body=deep)
         assert status == 400 and "nested deeper" in answer["error"]["message"], depth
-    assert request("POST", server[1], "/v1/completions", body={"prompt": "x", "max_tokens": 1})[0] == 200
+    assert http_request("POST", server[1], "/v1/completions", body={"prompt": "x", "max_tokens": 1})[0] == 200
 
 
 # -- security ----------------------------------------------------------------------------------------------
@@ -390,13 +379,13 @@ def test_role_injection_is_tokenized_as_text(client, engine, server):
 
 def test_bearer_scheme_and_media_type_case_insensitive(server):
     body = {"prompt": "x", "max_tokens": 1}
-    assert request("POST", server[1], "/v1/completions", body=body, key=None,
+    assert http_request("POST", server[1], "/v1/completions", body=body, key=None,
                    Authorization=f"bearer {API_KEY}")[0] == 200
-    assert request("POST", server[1], "/v1/completions", body=body, key=None,
+    assert http_request("POST", server[1], "/v1/completions", body=body, key=None,
                    Authorization=f"BEARER {API_KEY}")[0] == 200
-    assert request("POST", server[1], "/v1/completions", body=body, key=None,
+    assert http_request("POST", server[1], "/v1/completions", body=body, key=None,
                    Authorization=f"Basic {API_KEY}")[0] == 401
-    assert request("POST", server[1], "/v1/completions", body=body,
+    assert http_request("POST", server[1], "/v1/completions", body=body,
                    Content_Type="Application/JSON; charset=UTF-8")[0] == 200
 
 
@@ -429,7 +418,7 @@ def test_chunked_body_stops_at_the_limit(server):
           f"RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MB")
     assert status == 413 and answer["error"]["code"] == "body_too_large"
     assert after - before < 100 * 2**20
-    assert request("POST", host, "/v1/completions", body={"prompt": "x", "max_tokens": 1})[0] == 200
+    assert http_request("POST", host, "/v1/completions", body={"prompt": "x", "max_tokens": 1})[0] == 200
 
 
 def test_queued_clients_that_leave_give_their_slot_back(server, engine):
@@ -451,19 +440,19 @@ def test_queued_clients_that_leave_give_their_slot_back(server, engine):
                      % (host.encode(), API_KEY.encode(), len(body), body))
         waiting.append(conn)
     deadline = time.monotonic() + 10
-    while request("GET", host, "/health")[1]["waiting"] < QUEUE_SIZE and time.monotonic() < deadline:
+    while http_request("GET", host, "/health")[1]["waiting"] < QUEUE_SIZE and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert request("GET", host, "/health")[1]["waiting"] == QUEUE_SIZE
-    assert request("POST", host, "/v1/completions", body={"prompt": "x", "max_tokens": 1})[0] == 429
+    assert http_request("GET", host, "/health")[1]["waiting"] == QUEUE_SIZE
+    assert http_request("POST", host, "/v1/completions", body={"prompt": "x", "max_tokens": 1})[0] == 429
     for conn in waiting:
         conn.shutdown(socket.SHUT_RDWR)
         conn.close()
     deadline = time.monotonic() + 5
-    while (health := request("GET", host, "/health")[1])["waiting"] and time.monotonic() < deadline:
+    while (health := http_request("GET", host, "/health")[1])["waiting"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert health["waiting"] == 0 and health["running"]  # slots back while the long job still runs
     with ThreadPoolExecutor(1) as pool:  # a new request is queued now (not 429), answered once the stream ends
-        queued = pool.submit(request, "POST", host, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+        queued = pool.submit(http_request, "POST", host, "/v1/completions", {"prompt": "x", "max_tokens": 1})
         time.sleep(0.5)
         running.sock.shutdown(socket.SHUT_RDWR)
         running.close()
@@ -471,37 +460,31 @@ def test_queued_clients_that_leave_give_their_slot_back(server, engine):
     wait_idle(host)
 
 
-def test_sigterm_ends_open_streams_with_a_final_event(bundle):
+def test_sigterm_ends_open_streams_with_a_final_event(bundle, serve):
     """Its own server, stopped with SIGTERM while a stream is open."""
-    proc, host = start_server(bundle, "--api-key", API_KEY)
-    try:
-        conn = http.client.HTTPConnection(host, timeout=30)
-        conn.request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}",
-                                                              "Content-Type": "application/json"},
-                     body=json.dumps({"messages": MESSAGES, "max_tokens": MAX_CONTEXT - 100, "stream": True,
-                                      "temperature": 1.0, "seed": 2}))
-        response = conn.getresponse()
-        assert response.status == 200
-        first = response.readline()  # the first event: decoding has started
-        proc.send_signal(signal.SIGTERM)
-        text = (first + response.read()).decode()
-        events = [line[6:].strip() for line in text.splitlines() if line.startswith("data: ")]
-        final = [json.loads(e) for e in events[-2:]]
-        assert final[0]["choices"][0]["finish_reason"] == "error"
-        assert final[1]["error"]["code"] == "server_shutdown"
-        assert proc.wait(15) in (0, -signal.SIGTERM)  # uvicorn exits by re-raising the signal
-    finally:
-        if proc.poll() is None:
-            stop_server(proc)
+    proc, host = serve(bundle, "--api-key", API_KEY)
+    conn = http.client.HTTPConnection(host, timeout=30)
+    conn.request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}",
+                                                          "Content-Type": "application/json"},
+                 body=json.dumps({"messages": MESSAGES, "max_tokens": MAX_CONTEXT - 100, "stream": True,
+                                  "temperature": 1.0, "seed": 2}))
+    response = conn.getresponse()
+    assert response.status == 200
+    first = response.readline()  # the first event: decoding has started
+    proc.send_signal(signal.SIGTERM)
+    text = (first + response.read()).decode()
+    events = [line[6:].strip() for line in text.splitlines() if line.startswith("data: ")]
+    final = [json.loads(e) for e in events[-2:]]
+    assert final[0]["choices"][0]["finish_reason"] == "error"
+    assert final[1]["error"]["code"] == "server_shutdown"
+    assert proc.wait(15) in (0, -signal.SIGTERM)  # uvicorn exits by re-raising the signal
 
 
 # -- the trained demo model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
+def demo_server(tmp_path_factory, serve):
     """The demo Qwen3.5 (trained, real margins) with the Qwen3.5-style template."""
     from transformers import AutoTokenizer
-
-    from tests.conftest import DEMO_QWEN35
 
     folder = tmp_path_factory.mktemp("demo-api") / "ckpt"
     shutil.copytree(DEMO_QWEN35, folder)
@@ -510,10 +493,9 @@ def demo_server(tmp_path_factory):
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(folder)
     bundle = convert(str(folder), folder.parent / "demo", quant="fp16", backend="torch", log=None)
-    proc, host = start_server(bundle, "--api-key", API_KEY)
+    _, host = serve(bundle, "--api-key", API_KEY)
     engine = Engine(bundle, backend="torch", device="cpu")
-    yield openai.OpenAI(base_url=f"http://{host}/v1", api_key=API_KEY, max_retries=0, timeout=60), engine
-    stop_server(proc)
+    return openai.OpenAI(base_url=f"http://{host}/v1", api_key=API_KEY, max_retries=0, timeout=60), engine
 
 
 def test_demo_model_tools_json_and_thinking(demo_server):

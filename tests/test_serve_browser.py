@@ -9,27 +9,17 @@ server error in the conversation. Screenshots go to tests/artifacts/.
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from lmbundle.convert.convert import convert
-from lmbundle.engine.engine import Engine
-from tests.test_serve import reference, request, start_server, stop_server
-from tests.test_vlm_e2e import _make_checkpoint
+from lmbundle.engine.request import Request
+from tests.chat_page import ARTIFACTS, chat_page, close_settings, finished, last_answer, send, set_field, sync_api
+from tests.conftest import http_request
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-CHROMIUM = "/usr/bin/chromium"
-if not shutil.which(CHROMIUM):
-    pytest.skip(f"no {CHROMIUM} (Debian: apt-get install -y chromium)", allow_module_level=True)
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-ARTIFACTS = Path(__file__).parent / "artifacts"
 MAX_CONTEXT = 8192  # an image is 196 tokens; a long answer takes seconds, so Stop comes first
 
 
@@ -37,60 +27,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    _make_checkpoint("qwen3_5", root / "ckpt")
-    return convert(str(root / "ckpt"), root / "tiny-vlm", quant="fp16", backend="torch", max_context=MAX_CONTEXT,
-                   log=None)
+def bundle(tiny_vlm, tmp_path_factory):
+    return convert(str(tiny_vlm), tmp_path_factory.mktemp("browser") / "tiny-vlm", quant="fp16", backend="torch",
+                   max_context=MAX_CONTEXT, log=None)
 
 
 @pytest.fixture(scope="module")
-def engine(bundle):
-    engine = Engine(bundle, backend="torch", device="cpu")
-    assert engine.is_vlm
-    return engine
-
-
-@pytest.fixture(scope="module")
-def server(bundle):
-    proc, host = start_server(bundle)
-    yield host
-    stop_server(proc)
+def server(bundle, serve):
+    return serve(bundle)[1]
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 800})
-        page.goto(f"http://{server}/")
+    with chat_page(server) as page:
         yield page
-        browser.close()
 
 
-def set_field(page, selector: str, value: str) -> None:
-    """Fill a field of the Settings panel (opening it first)."""
-    if page.locator("#settings").is_hidden():
-        page.click("#settings-toggle")
-    page.locator(selector).fill(value)
-
-
-def close_settings(page) -> None:
-    if page.locator("#settings").is_visible():
-        page.click("#settings-toggle")
-
-
-def last_answer(page):
-    return page.locator(".turn.assistant").last
-
-
-def send(page, text: str) -> None:
-    page.fill("#prompt", text)
-    page.keyboard.press("Enter")
-
-
-def finished(page):
-    sync_api.expect(last_answer(page).locator(".meta")).to_contain_text("tok/s", timeout=30_000)
+def reference(engine, ids: list[int], max_tokens: int) -> tuple[str, int]:
+    """The engine's own greedy answer to the same prompt: its text and token count."""
+    done = engine.complete(Request(ids, max_tokens=max_tokens))
+    return done.text, done.stats.generated_tokens
 
 
 def test_chat_streams_the_engines_answer_and_stops(page, server, engine):
@@ -107,13 +63,13 @@ def test_chat_streams_the_engines_answer_and_stops(page, server, engine):
     question = "A cat sat on the mat"
     send(page, question)
     finished(page)
-    expected, n, _ = reference(engine, engine.chat_ids([{"role": "user", "content": question}]), 24)
+    expected, n = reference(engine, engine.chat_ids([{"role": "user", "content": question}]), 24)
     assert last_answer(page).locator(".bubble").evaluate("node => node.textContent") == expected
     prompt_tokens = len(engine.chat_ids([{"role": "user", "content": question}]))
     assert f"{prompt_tokens} prompt + {n} tokens" in last_answer(page).locator(".meta").inner_text()
     assert page.evaluate("window.updates") > 3  # pieces arrived one by one, not as one block
 
-    stopped_before = request("GET", server, "/health")[1]["stopped"]
+    stopped_before = http_request("GET", server, "/health")[1]["stopped"]
     set_field(page, "#max-tokens", str(MAX_CONTEXT // 2))  # seconds of decoding: Stop comes first
     close_settings(page)
     send(page, "Tell me a long story about a little cat")
@@ -125,9 +81,9 @@ def test_chat_streams_the_engines_answer_and_stops(page, server, engine):
     sync_api.expect(last_answer(page).locator(".meta")).to_have_text("stopped")
     sync_api.expect(page.locator("#send")).to_be_visible()
     deadline = time.monotonic() + 10
-    while request("GET", server, "/health")[1]["stopped"] == stopped_before and time.monotonic() < deadline:
+    while http_request("GET", server, "/health")[1]["stopped"] == stopped_before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert request("GET", server, "/health")[1]["stopped"] == stopped_before + 1  # the server stopped decoding
+    assert http_request("GET", server, "/health")[1]["stopped"] == stopped_before + 1  # the server stopped decoding
 
     set_field(page, "#max-tokens", "24")
     close_settings(page)
@@ -138,6 +94,7 @@ def test_chat_streams_the_engines_answer_and_stops(page, server, engine):
 
 
 def test_image_by_picker_and_drop_answers_like_the_engine(page, engine, tmp_path):
+    assert engine.is_vlm
     path = tmp_path / "photo.png"
     pixels = np.random.default_rng(0).integers(0, 256, (180, 240, 3), dtype=np.uint8)
     pixels[40:140, 60:180] = (230, 120, 40)  # an orange block, so the thumbnail shows something
@@ -170,7 +127,7 @@ def test_image_by_picker_and_drop_answers_like_the_engine(page, engine, tmp_path
     image = Image.open(path)
     ids = engine.chat_ids([{"role": "user", "content": [{"type": "image", "image": image},
                                                          {"type": "text", "text": question}]}])
-    expected, n, _ = reference(engine, ids, 16)
+    expected, n = reference(engine, ids, 16)
     assert last_answer(page).locator(".bubble").evaluate("node => node.textContent") == expected
     assert f"{len(ids)} prompt + {n} tokens" in last_answer(page).locator(".meta").inner_text()  # 196 image tokens
     page.screenshot(path=str(ARTIFACTS / "serve_chat_image.png"))
@@ -185,7 +142,7 @@ def test_server_errors_show_in_the_conversation(page):
 
 def test_text_bundle_hides_image_upload(page):
     """What the page does with /api/info of a text-only bundle (answered here by the browser)."""
-    info = request("GET", page.url.split("/")[2], "/api/info")[1]
+    info = http_request("GET", page.url.split("/")[2], "/api/info")[1]
     page.route("**/api/info", lambda route: route.fulfill(json={**info, "vision": False}))
     page.reload()
     sync_api.expect(page.locator("#model-name")).to_have_text(info["id"])

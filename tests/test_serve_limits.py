@@ -15,21 +15,16 @@ import pytest
 from PIL import Image
 
 from lmbundle.convert.convert import convert
-from tests.test_serve import API_KEY, start_server, stop_server
-from tests.test_vlm_e2e import _make_checkpoint
+from tests.conftest import API_KEY
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one torch thread for tiny models
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vlm-serve")
-    _make_checkpoint("qwen3_5", root / "ckpt")
-    bundle = convert(str(root / "ckpt"), root / "fp16", quant="fp16", backend="torch", max_context=2048, max_images=4,
-                     log=None)
-    proc, host = start_server(bundle, "--api-key", API_KEY, "--timeout", "120")
-    yield proc, host
-    stop_server(proc)
+def server(tiny_vlm, tmp_path_factory, serve):
+    bundle = convert(str(tiny_vlm), tmp_path_factory.mktemp("vlm-serve") / "fp16", quant="fp16", backend="torch",
+                     max_context=2048, max_images=4, log=None)
+    return serve(bundle, "--api-key", API_KEY, "--timeout", "120")
 
 
 @pytest.fixture(scope="module")

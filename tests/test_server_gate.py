@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 
@@ -30,18 +29,12 @@ from lmbundle.gates.server_gate import chat_ids, run_server_gate, stop_ids, teac
 from lmbundle.gates.server_tokens import Entry, TokenTable
 from lmbundle.models.layers import rope_inv_freq
 from lmbundle.models.linear import dequantize, quantize_absmax
-from lmbundle.serve.server import Options, create_app
+from lmbundle.serve.app import Options, create_app
 from tests import checkpoints
-from tests.conftest import DEMO_QWEN35
+from tests.conftest import DEMO_QWEN35, free_port
 
 KEY = "gate-key"
 QUICK = dict(prompts=PROMPTS[:4], random=1, steps=16)  # enough positions to see a broken server, in seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from lmbundle.convert.vision_export import image_spec_from_configs, image_spec_o
 from lmbundle.engine.image import load_image, preprocess_image
 from lmbundle.errors import LmbundleError
 from lmbundle.models.vision import VisionConfig, VisionEncoder, sanitize
+from tests.checkpoints import PROCESSOR, image_processor
 
 VISION = dict(
     depth=3, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=48,
@@ -24,8 +25,6 @@ VISION = dict(
 )
 TEXT = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
             num_attention_heads=2, num_key_value_heads=1, head_dim=24)
-PROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.48, 0.46, 0.41],
-                 image_std=[0.27, 0.26, 0.28], size={"shortest_edge": 65536, "longest_edge": 16777216})
 TOLERANCE = 1e-4
 
 
@@ -49,12 +48,6 @@ def _vl_model(family: str, deepstack: list[int]):
     return model
 
 
-def _processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(**PROCESSOR)
-
-
 @pytest.fixture(scope="module", params=[("qwen3_vl", [0, 2]), ("qwen3_vl", [2, 1]), ("qwen3_5", [])],
                 ids=["qwen3_vl", "qwen3_vl_unsorted_taps", "qwen3_5"])
 def vl_checkpoint(request, tmp_path_factory):
@@ -62,7 +55,7 @@ def vl_checkpoint(request, tmp_path_factory):
     model = _vl_model(family, deepstack)
     folder = tmp_path_factory.mktemp(family)
     model.save_pretrained(folder)
-    _processor().save_pretrained(folder)
+    image_processor().save_pretrained(folder)
     return folder, model
 
 
@@ -93,7 +86,7 @@ def test_end_to_end_image_matches_transformers(vl_checkpoint):
     folder, model = vl_checkpoint
     image = _random_image(np.random.default_rng(2), 448, 448)
     prepared = preprocess_image(image, image_spec_of(folder))
-    ref_inputs = _processor()(images=image, return_tensors="pt")
+    ref_inputs = image_processor()(images=image, return_tensors="pt")
     with torch.no_grad():
         ref = model.model.visual(ref_inputs["pixel_values"], grid_thw=ref_inputs["image_grid_thw"])
         image_embeds, _ = load_vision_encoder(folder)(prepared.patches)
@@ -121,7 +114,7 @@ def test_preprocess_matches_processor(size, mode):
         image.info["transparency"] = 5
     spec = image_spec_from_configs({"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2}, PROCESSOR)
     prepared = preprocess_image(image, spec)
-    ref = _processor()(images=image, return_tensors="pt")
+    ref = image_processor()(images=image, return_tensors="pt")
     assert ref["image_grid_thw"].tolist() == [list(prepared.grid_thw)] == [[1, 28, 28]]
     diff = (prepared.patches - ref["pixel_values"]).abs().max().item()
     assert diff < 1e-5, f"patches max |diff| {diff:.2e}"

@@ -22,87 +22,30 @@ from PIL import Image
 from lmbundle.cli import main as cli_main
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
+from lmbundle.engine.request import Request
 from lmbundle.errors import LmbundleError
-
-VOCAB, START, END, IMAGE = 320, 3, 4, 5  # the tokenizer's special ids, written into config.json
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
-TEMPLATE = (  # the shape of Qwen3-VL's template: one <|image_pad|> per image part
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from tests.checkpoints import (
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    VLM_VOCAB,
+    image_message,
+    image_processor,
+    make_vlm,
+    random_image,
 )
-PROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.48, 0.46, 0.41],
-                 image_std=[0.27, 0.26, 0.28], size={"shortest_edge": 65536, "longest_edge": 16777216})
-VISION = dict(hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64)
-ROPE = {"rope_type": "default", "mrope_interleaved": True}
-TEXT = {
-    "qwen3_vl": dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                     rope_parameters=dict(ROPE, rope_theta=5e6, mrope_section=[4, 2, 2])),
-    "qwen3_5": dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
-                    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-                    rope_parameters=dict(ROPE, rope_theta=1e7, partial_rotary_factor=0.5, mrope_section=[2, 1, 1])),
-}
+
 SMALL_CONTEXT = 512  # the int8hu bundles: two images fit, three do not
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(**PROCESSOR)
-
-
-def _save_tokenizer(folder):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["Describe the image. A cat sat on the mat by the sea, and then it ran."] * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(folder)
-    assert fast.convert_tokens_to_ids(SPECIAL[3:]) == [START, END, IMAGE]
-
-
-def _make_checkpoint(family, folder):
-    if family == "qwen3_vl":
-        from transformers import Qwen3VLConfig as Config
-        from transformers import Qwen3VLForConditionalGeneration as Model
-
-        vision = dict(VISION, depth=3, deepstack_visual_indexes=[0, 2])
-    else:
-        from transformers import Qwen3_5Config as Config
-        from transformers import Qwen3_5ForConditionalGeneration as Model
-
-        vision = dict(VISION, depth=2)
-    torch.manual_seed(0)
-    config = Config(vision_config=vision, text_config=TEXT[family], image_token_id=IMAGE,
-                    vision_start_token_id=START, vision_end_token_id=END)
-    model = Model(config).eval()
-    with torch.no_grad():  # spread norms, biases and dt_bias so their conventions are exercised
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
-    _save_tokenizer(folder)
-    _processor().save_pretrained(folder)
-    return model
-
-
 @pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_5"])
 def vlm(request, tmp_path_factory):
     """(family, reference model, {quant: Engine}, checkpoint folder) for one tiny checkpoint converted twice."""
     root = tmp_path_factory.mktemp(request.param)
-    ref = _make_checkpoint(request.param, root / "ckpt")
+    ref = make_vlm(request.param, root / "ckpt")
     engines = {}
     for quant, context in (("fp16", 4096), ("int8hu", SMALL_CONTEXT)):
         bundle = convert(str(root / "ckpt"), root / quant, quant=quant, backend="torch", max_context=context,
@@ -111,23 +54,13 @@ def vlm(request, tmp_path_factory):
     return request.param, ref, engines, root / "ckpt"
 
 
-def _image(seed, width, height):
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-def _message(images, text="Describe the image."):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
-                                         {"type": "text", "text": text}]}]
-
-
 def _hf_inputs(ids, images):
     """The reference's inputs: placeholders restored, the processor's pixel values of the stretched images."""
-    raw = torch.tensor([IMAGE if t >= VOCAB else t for t in ids])
-    inputs = dict(input_ids=raw[None], mm_token_type_ids=(raw == IMAGE).int()[None])
+    raw = torch.tensor([IMAGE_PAD if t >= VLM_VOCAB else t for t in ids])
+    inputs = dict(input_ids=raw[None], mm_token_type_ids=(raw == IMAGE_PAD).int()[None])
     if images:
         stretched = [im.resize((448, 448), Image.Resampling.BICUBIC) if im.size != (448, 448) else im for im in images]
-        processed = _processor()(images=stretched, return_tensors="pt")
+        processed = image_processor()(images=stretched, return_tensors="pt")
         assert processed["image_grid_thw"].tolist() == [[1, 28, 28]] * len(images)
         inputs.update(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"])
     return inputs
@@ -155,9 +88,9 @@ def _compare(ours, expected, min_cosine):
 def test_image_prompt_logits_match_transformers(vlm, quant, count, min_cosine):
     _, ref, engines, _ = vlm
     engine = engines[quant]
-    images = [_image(1, 500, 300), _image(2, 448, 448)][:count]  # one stretched, one at the fixed size
-    ids = engine.chat_ids(_message(images))
-    assert len(ids) > count * 196 and sum(t >= VOCAB for t in ids) == count * 196
+    images = [random_image(1, 500, 300), random_image(2, 448, 448)][:count]  # one stretched, one at the fixed size
+    ids = engine.chat_ids(image_message(images))
+    assert len(ids) > count * 196 and sum(t >= VLM_VOCAB for t in ids) == count * 196
     with torch.no_grad():
         expected = ref(**_hf_inputs(ids, images)).logits[0]
     _compare(_teacher_forced(engine, ids), expected, min_cosine)
@@ -166,11 +99,11 @@ def test_image_prompt_logits_match_transformers(vlm, quant, count, min_cosine):
 def test_greedy_identical_fp16(vlm):
     _, ref, engines, _ = vlm
     engine = engines["fp16"]
-    images = [_image(3, 640, 480)]
-    ids = engine.chat_ids(_message(images, "What is in it?"))
+    images = [random_image(3, 640, 480)]
+    ids = engine.chat_ids(image_message(images, "What is in it?"))
     with torch.no_grad():
         expected = ref.generate(**_hf_inputs(ids, images), max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    ours = list(engine.generate(ids, max_new_tokens=12, stop=False))
+    ours = engine.complete(Request(ids, max_tokens=12, ignore_eos=True)).tokens
     assert ours == expected[0, len(ids):].tolist()
 
 
@@ -179,7 +112,7 @@ def test_text_only_unchanged_by_the_image_context(vlm):
     _, ref, engines, _ = vlm
     engine = engines["fp16"]
     model = engine.backend.model
-    _teacher_forced(engine, engine.chat_ids(_message([_image(4, 448, 448)])))
+    _teacher_forced(engine, engine.chat_ids(image_message([random_image(4, 448, 448)])))
     ids = engine.chat_ids([{"role": "user", "content": "A cat sat on the mat."}])
     with_context = _teacher_forced(engine, ids)  # activates the text prompt: the context is zeroed
     assert model.images is engine.vision.context and engine.vision.context.image_embeds.abs().max() == 0
@@ -198,12 +131,12 @@ def test_each_image_is_encoded_once(vlm):
     _, _, engines, _ = vlm
     vision = engines["int8hu"].vision
     before = len(vision.encode_seconds)
-    image = _image(5, 320, 240)
-    first = engines["int8hu"].chat_ids(_message([image, image]))
-    again = engines["int8hu"].chat_ids(_message([image.copy()], "And now?"))
+    image = random_image(5, 320, 240)
+    first = engines["int8hu"].chat_ids(image_message([image, image]))
+    again = engines["int8hu"].chat_ids(image_message([image.copy()], "And now?"))
     assert len(vision.encode_seconds) == before + 1
-    assert first[first.index(VOCAB) : first.index(VOCAB) + 3] == [VOCAB, VOCAB + 1, VOCAB + 2]
-    assert VOCAB + 196 in first and VOCAB in again
+    assert first[first.index(VLM_VOCAB) : first.index(VLM_VOCAB) + 3] == [VLM_VOCAB, VLM_VOCAB + 1, VLM_VOCAB + 2]
+    assert VLM_VOCAB + 196 in first and VLM_VOCAB in again
 
 
 def _png_header(width, height):
@@ -229,9 +162,9 @@ def test_bad_input_is_one_clear_line(vlm, tmp_path):
         "not an image": lambda: engine.attach_images([text_file]),
         "60.0 megapixels": lambda: engine.attach_images([huge]),
         "not found": lambda: engine.attach_images([tmp_path / "missing.jpg"]),
-        "at most 4": lambda: engine.chat_ids(_message([_image(k, 64, 64) for k in range(5)])),
-        "context too long": lambda: engine.chat_ids(_message([_image(k, 64, 64) for k in range(3)])),
-        "not the images": lambda: list(engine.generate([1, 2, VOCAB, VOCAB + 1, 6], max_new_tokens=1)),
+        "at most 4": lambda: engine.chat_ids(image_message([random_image(k, 64, 64) for k in range(5)])),
+        "context too long": lambda: engine.chat_ids(image_message([random_image(k, 64, 64) for k in range(3)])),
+        "not the images": lambda: engine.complete(Request([1, 2, VLM_VOCAB, VLM_VOCAB + 1, 6], max_tokens=1)),
     }
     damaged = tmp_path / "damaged"
     shutil.copytree(engine.bundle.path, damaged)
@@ -248,7 +181,7 @@ def test_bad_input_is_one_clear_line(vlm, tmp_path):
     engine.tokenizer.chat_template = "{% for m in messages %}{{ m['content'][-1]['text'] }}\n{% endfor %}"
     try:
         with pytest.raises(LmbundleError, match="0 image placeholder"):
-            engine.chat_ids(_message([_image(6, 64, 64)]))
+            engine.chat_ids(image_message([random_image(6, 64, 64)]))
     finally:
         engine.tokenizer.chat_template = template
 
@@ -259,7 +192,7 @@ def test_bundle_vision_section(vlm):
     vision = bundle.metadata["vision"]
     deepstack = 2 if family == "qwen3_vl" else 0
     tokens = (vision["image_token_id"], vision["vision_start_token_id"], vision["vision_end_token_id"])
-    assert tokens == (IMAGE, START, END) and vision["tokens_per_image"] == 196 and vision["grid_thw"] == [1, 28, 28]
+    assert tokens == (IMAGE_PAD, VISION_START, VISION_END) and vision["tokens_per_image"] == 196 and vision["grid_thw"] == [1, 28, 28]
     assert vision["num_deepstack"] == deepstack
     assert vision["outputs"]["deepstack_embeds"] == [deepstack * 196, 64]
     assert "vision.safetensors" in bundle.info["files"] and vision["dtype"] == "float16"
@@ -275,7 +208,7 @@ def test_bundle_vision_section(vlm):
 def test_cli_run_image_prints_the_notice_once(vlm, tmp_path, capsys):
     _, _, engines, _ = vlm
     path = tmp_path / "photo.png"
-    _image(8, 500, 300).save(path)
+    random_image(8, 500, 300).save(path)
     cli_main(["run", str(engines["fp16"].bundle.path), "--image", str(path), "--image", str(path),
               "--prompt", "Describe the image.", "-g", "4", "--device", "cpu", "--prefill", "chunked"])
     captured = capsys.readouterr()

@@ -24,7 +24,8 @@ from ..models import Architecture, architecture_of, supported_hf_architectures
 from ..models.vision import VISION_PREFIXES
 
 
-def _hub_like(source: str) -> bool:
+def hub_like(source: str) -> bool:
+    """Whether a source names a hub repository (owner/name), not a local path."""
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not source.startswith(".")
 
 
@@ -37,7 +38,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
             raise LmbundleError(f"{path}: not a checkpoint folder (expected a folder with config.json)")
         return path
     source = str(source)
-    if not _hub_like(source):
+    if not hub_like(source):
         raise LmbundleError(f"{path}: no such checkpoint folder")
     from huggingface_hub import constants, snapshot_download
 

@@ -18,7 +18,9 @@ import time
 import torch
 
 from .. import __version__
-from .engine import Engine, GenerationStats
+from .engine import Engine
+from .request import Request
+from .torch_backend import TorchBackend
 
 
 def measured_bandwidth(device: torch.device, size: int = 1 << 28) -> float:
@@ -49,7 +51,7 @@ def prompt_ids(engine: Engine, count: int, offset: int = 17, stride: int = 31) -
     the figure would time pieces a plain prompt never has."""
     tokenizer = engine.tokenizer
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    ordinary = [i for i in range(min(engine.bundle.info["config"]["vocab_size"], 1000)) if i not in special]
+    ordinary = [i for i in range(min(engine.vocab_size, 1000)) if i not in special]
     return [ordinary[(offset + stride * i) % len(ordinary)] for i in range(count)]
 
 
@@ -66,26 +68,22 @@ def bench(engine: Engine, prompt_tokens: int = 128, gen_tokens: int = 256, trial
     runs = []
     for _ in range(trials):
         engine.forget()  # each trial feeds the whole prompt: a cached prefix would time nothing
-        stats = GenerationStats()
-        for _token in engine.generate(ids, gen_tokens, stop=False, prefill_chunk=prefill_chunk, stats=stats):
-            pass
-        runs.append(stats)
+        runs.append(engine.complete(Request(ids, max_tokens=gen_tokens, ignore_eos=True,
+                                            prefill_chunk=prefill_chunk)).stats)
     decode = statistics.median(r.decode_tok_s for r in runs)
     prefill = statistics.median(r.prefill_tok_s for r in runs)
     ttft = statistics.median(r.prefill_seconds for r in runs)
     chunked = []
     for trial in range(trials + 1 if chunked_prefill else 0):  # the first, untimed, captures the prompt's graph
         engine.forget()
-        stats = GenerationStats()
-        for _token in engine.generate(ids, 1, stop=False, prefill_chunk=chunked_prefill, stats=stats):
-            pass
+        stats = engine.complete(Request(ids, max_tokens=1, ignore_eos=True, prefill_chunk=chunked_prefill)).stats
         if trial:
             chunked.append(stats)
-    bpt = engine.bundle.info["bytes_per_token"]
-    if engine.backend_name == "torch":  # the weights as loaded (the CPU expands int8 to fp32)
+    bpt, copies = engine.bundle.info["bytes_per_token"], 0
+    if isinstance(engine.backend, TorchBackend):  # the weights as loaded (the CPU expands int8 to fp32)
         from ..bundle.quant import bytes_per_token as weights_read
 
-        bpt = weights_read(engine.backend.model)
+        bpt, copies = weights_read(engine.backend.model), engine.backend.prompt_copies_bytes
     mean_context = prompt_tokens + gen_tokens / 2
     bytes_per_token = bpt["total_at_empty_context"] + bpt["kv_per_position"] * mean_context
     ceiling = measured_bandwidth(engine.device) if engine.backend_name == "torch" else None
@@ -105,7 +103,7 @@ def bench(engine: Engine, prompt_tokens: int = 128, gen_tokens: int = 256, trial
         "chunked_prefill": chunked_prefill or None,
         "chunked_prefill_tok_s": round(statistics.median(r.prefill_tok_s for r in chunked), 2) if chunked else None,
         "chunked_ttft_s": round(statistics.median(r.prefill_seconds for r in chunked), 4) if chunked else None,
-        "peak_memory_bytes": peak, "prompt_copies_bytes": getattr(engine.backend, "prompt_copies_bytes", 0),
+        "peak_memory_bytes": peak, "prompt_copies_bytes": copies,
         "bytes_per_token": int(bytes_per_token),
         "achieved_bandwidth_gb_s": round(achieved / 1e9, 2),
         "measured_copy_bandwidth_gb_s": round(ceiling / 1e9, 2) if ceiling else None,

@@ -81,8 +81,8 @@ class CoreAIStep:
 
 
 class CoreAIBackend:
-    """The engine's backend interface (reset / prefill / step / next_token / read_token / logits) on a
-    Core AI asset: a bundle (its `main` asset) or a bare `.aimodel` folder.
+    """The engine's `Backend` (backend.py; not resumable) on a Core AI asset: a bundle (its `main`
+    asset) or a bare `.aimodel` folder.
 
     KV states: an asset with dynamic KV states (sequence dim -1) gets them grown as Apple's pipelined
     engine grows them: `INITIAL_CAPACITY` slots (at most the context), doubled by copying the written
@@ -277,29 +277,32 @@ class CoreAIBackend:
             inputs = dict(zip(STEP_INPUT_NAMES, (ids, NDArray(position_ids)))) | self._images
             handle.outputs = await function(inputs, self.states)
 
-    def step(self, token: int | torch.Tensor | CoreAIStep, position: int) -> CoreAIStep:
+    def step(self, token: int | torch.Tensor | CoreAIStep, position: int, with_head: bool = True) -> CoreAIStep:
         """Enqueue one step: `token` is an id ([1, 1] tensor or int) or the handle of the step whose
-        in-graph argmax feeds this one (the greedy pipeline: the token stays in the runtime)."""
+        in-graph argmax feeds this one (the greedy pipeline: the token stays in the runtime). The asset
+        always computes the head (`with_head` is the Backend protocol's)."""
         if isinstance(token, torch.Tensor):
             token = int(token.item())
         handle = CoreAIStep()
         handle.done = self._call(self._run(handle, self._function, token, self._position_ids(position)))
         return handle
 
-    def prefill(self, ids: list[int], chunk: int = 0) -> CoreAIStep:
-        """The prompt. With `chunk` > 0 as Apple's engine sends it when the asset has a `prefill` function:
-        all but the last token through it in balanced chunks of at most `prefill_chunk` (it has no
-        outputs), then the last token through `main`; else S=1 steps through `main`."""
+    def prefill(self, ids: list[int], chunk: int = 0, start: int = 0, with_head: bool = True) -> CoreAIStep:
+        """Prompt tokens at positions start, start+1, ...: with `chunk` > 0 as Apple's engine sends them
+        when the asset has a `prefill` function: all but the last token through it in balanced chunks of
+        at most `prefill_chunk` (it has no outputs), then the last token through `main`; else S=1 steps
+        through `main`. The asset always computes the head (`with_head` is the Backend protocol's)."""
         sizes = prefill_chunks(len(ids), self.prefill_chunk) if chunk and self._prefill is not None else []
-        chunks, start = [], 0
+        chunks, done = [], 0
         for size in sizes:
-            tokens = np.array([ids[start : start + size]], dtype=np.int32)
-            chunks.append(self._call(self._run(CoreAIStep(), self._prefill, tokens, self._position_ids(start, size))))
-            start += size
+            tokens = np.array([ids[done : done + size]], dtype=np.int32)
+            chunks.append(self._call(self._run(CoreAIStep(), self._prefill, tokens,
+                                               self._position_ids(start + done, size))))
+            done += size
         handle = None
-        for position in range(start, len(ids)):
+        for at in range(done, len(ids)):
             handle = CoreAIStep()
-            handle.done = self._call(self._run(handle, self._function, ids[position], self._position_ids(position),
+            handle.done = self._call(self._run(handle, self._function, ids[at], self._position_ids(start + at),
                                                chunks))
         return handle
 

@@ -13,7 +13,7 @@ hit is verified against them, so a digest collision can never return another pre
 are evicted least-recently-used by byte budgets: `device_bytes` on the accelerator, and where there
 is one, entries pushed out of it move to host memory (`host_bytes`) before they are dropped. That move
 runs on a thread (and CUDA stream) of its own: a 20-40 MB copy into fresh host pages takes tens of
-milliseconds, and on the batch scheduler's thread it stalled every decoding request (H200, 64 clients:
+milliseconds, and on the batch loop's thread it would stall every decoding request (H200, 64 clients:
 13 s of an 18.5 s run). Until a copy lands the entry serves hits from the device, so the device holds
 up to `MAX_SPILLS_IN_FLIGHT` entries past its budget; past that, entries are dropped, not spilled.
 """
@@ -26,6 +26,7 @@ import queue
 import re
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,9 +80,8 @@ class _Spills:
 
     A copy goes through one staging buffer, page-locked where there is CUDA, made once and reused: the
     device writes it by DMA, then the CPU copies it out into the entry's own (pageable) host tensors. A
-    device-to-pageable copy goes through the driver's own staging instead: with those (and the scheduler's
-    blocking host-to-device copies) a server at 32 clients lost half its throughput once spills began
-    (H200: 1,276 -> 2,875 tok/s with both fixed, `benchmarks/results/serve-*-20261202-0556.json`); pinning a
+    device-to-pageable copy goes through the driver's own staging instead, and with it a server at 32 clients
+    serves less than half as many tokens once spills begin (H200: 1,276 against 2,875 tok/s); pinning a
     fresh buffer per spill costs more than the copy."""
 
     def __init__(self, landed):
@@ -148,9 +148,14 @@ class _Spills:
 
 
 class PrefixCache:
-    def __init__(self, device_bytes: int, host_bytes: int = 0, device: torch.device | str = "cpu", block: int = 256):
+    """Snapshots by token prefix. `block`: a prompt is snapshotted at its multiples; `marker`: the token that
+    starts a chat message (a prompt is snapshotted where one starts)."""
+
+    def __init__(self, device_bytes: int, host_bytes: int = 0, device: torch.device | str = "cpu", block: int = 256,
+                 marker: int | None = None):
         self.device = torch.device(device)
         self.block = block
+        self.marker = marker
         self.device_bytes = device_bytes
         self.spills = self.device.type != "cpu" and host_bytes > 0
         self.host_bytes = host_bytes if self.spills else 0
@@ -189,6 +194,20 @@ class PrefixCache:
 
     def contains(self, ids) -> bool:
         return self._find(_token_bytes(ids)) is not None
+
+    def cuts(self, ids: list[int], held: int) -> list[int]:
+        """Where a prompt's state is snapshotted past the `held` positions it starts from: block multiples
+        and where a chat message starts (a shared system prompt, a turn). Its end is snapshotted too, with
+        the logits of its last token."""
+        block, marker = self.block, self.marker
+        return [p for p in range(held + 1, len(ids)) if p % block == 0 or (marker is not None and ids[p] == marker)]
+
+    def remember(self, ids: list[int], snapshot: Callable[[int], dict[str, torch.Tensor]],
+                 logits: torch.Tensor | None = None) -> None:
+        """Keep `snapshot(len(ids))` (a state's tensors after `ids`) unless the prefix is held already, with
+        the logits of its last token when given."""
+        if self.enabled and not self.contains(ids):
+            self.insert(ids, snapshot(len(ids)), logits)
 
     def lookup(self, ids, limit: int, min_length: int = 1) -> tuple[int, Entry | None]:
         """The longest cached prefix of `ids` with min_length <= length <= limit: (length, entry), or (0, None).

@@ -15,14 +15,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import jinja2
+
+from ..errors import TemplateError
+from ..models.image_prompt import ImageContext
+
 MARK = "\ue000"  # a private-use character: inserted after the first character of a special token
 _UNMARK = re.compile(MARK + "(" + MARK + "?)")
 
 
 @dataclass
-class ChatPrompt:
+class Prompt:
+    """A request's prompt as the engine feeds it: token ids (image tokens as vocab + slot) and, for an image
+    prompt, the images' context for the decoder; for a chat, the rendered template too."""
+
     ids: list[int]
-    text: str  # the rendered template (client special-token strings shown as text)
+    text: str = ""  # the rendered template (client special-token strings shown as text); "" for plain ids
+    images: ImageContext | None = None
 
     @property
     def opens_thinking(self) -> bool:
@@ -51,15 +60,23 @@ def defuse(value, pattern: re.Pattern):
 
 
 def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None,
-                template_kwargs: dict | None = None, add_generation_prompt: bool = True) -> ChatPrompt:
+                template_kwargs: dict | None = None, add_generation_prompt: bool = True) -> Prompt:
     """Template-rendered chat -> ids, with the caller's strings always tokenized as text. Image parts
-    ({"type": "image"}) and other non-string values pass through untouched."""
+    ({"type": "image"}) and other non-string values pass through untouched. A template's own refusal
+    (`raise_exception`) is a TemplateError."""
+    try:
+        return _render(tokenizer, messages, tools, template_kwargs, add_generation_prompt)
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"the chat template refused these messages: {str(exc)[:300]}") from None
+
+
+def _render(tokenizer, messages, tools, template_kwargs, add_generation_prompt) -> Prompt:
     specials = special_tokens(tokenizer)
     kwargs = dict(template_kwargs or {})
     if not specials:
         text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                              tokenize=False, **kwargs)
-        return ChatPrompt(list(tokenizer.encode(text, add_special_tokens=False)), text)
+        return Prompt(list(tokenizer.encode(text, add_special_tokens=False)), text)
     pattern = re.compile("|".join(map(re.escape, specials)))
     rendered = tokenizer.apply_chat_template(defuse(messages, pattern), tools=defuse(tools, pattern) if tools else None,
                                              add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
@@ -70,7 +87,7 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
         ids.append(tokenizer.convert_tokens_to_ids(match.group(0)))
         cut = match.end()
     ids += _as_text(tokenizer, rendered[cut:])
-    return ChatPrompt(ids, _UNMARK.sub(r"\1", rendered))
+    return Prompt(ids, _UNMARK.sub(r"\1", rendered))
 
 
 def _as_text(tokenizer, piece: str) -> list[int]:

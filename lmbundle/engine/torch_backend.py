@@ -33,21 +33,31 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def _install_cuda_kernels(model: torch.nn.Module, device: torch.device) -> DenseCopies | None:
-    """The fused projections layout, and the Triton ops: fused kernels for one-token steps, the int8
-    GEMV for other short int8 matmuls, dense copies of the int8 body for prompt chunks where they fit
-    (returned: the batch scheduler reads the same ones)."""
+@dataclass(frozen=True)
+class CudaOptions:
+    """How the PyTorch backend runs on CUDA; the defaults are the fastest measured (benchmarks/RESULTS.md).
+
+    `prompt_copies`: keep the int8 body expanded to 16 bits for prompt chunks' matmuls where the copies take
+    at most a quarter of the free GPU memory (+2.7 GB for the 2B; `prompt_copies`); off, every chunk expands
+    the weights again and the memory stays free. `row_kernels`: the batched step's Triton kernels between its
+    GEMMs; off, the reference ops alone (what the CPU runs), for comparing the two."""
+
+    prompt_copies: bool = True
+    row_kernels: bool = True
+
+
+def _install_cuda_kernels(model: torch.nn.Module, device: torch.device, options: CudaOptions) -> DenseCopies | None:
+    """The fused projections layout, and the Triton ops: fused kernels for one-token steps (chained with
+    programmatic dependent launch from Hopper on), the int8 GEMV for other short int8 matmuls, dense copies
+    of the int8 body for prompt chunks where they fit (returned: the batch scheduler reads the same ones)."""
     model.fuse_projections_()
     if not triton_installed():
         return None
     from .kernels.triton_ops import TritonStepOps
 
-    pdl = torch.cuda.get_device_capability(device) >= (9, 0) and os.environ.get("LMBUNDLE_PDL", "1") != "0"
-    # LMBUNDLE_PROMPT_COPIES=0: prompt chunks expand int8 weights on every call, never keep copies
-    free = torch.cuda.mem_get_info(device)[0] if os.environ.get("LMBUNDLE_PROMPT_COPIES") != "0" else 0
-    kept = prompt_copies(model, free)
-    # LMBUNDLE_WY_KERNEL=0: prompt chunks walk the GDN's WY chunks in torch ops, not one kernel a layer
-    model.ops = TritonStepOps(pdl, wy_walk=os.environ.get("LMBUNDLE_WY_KERNEL") != "0", kept=kept)
+    pdl = torch.cuda.get_device_capability(device) >= (9, 0)
+    kept = prompt_copies(model, torch.cuda.mem_get_info(device)[0]) if options.prompt_copies else None
+    model.ops = TritonStepOps(pdl, kept=kept)
     return kept
 
 
@@ -90,8 +100,8 @@ def dequantize_for_cpu(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """On the CPU, expand int8 weights to `dtype` once, when that fits in half the free memory.
 
     There is no block-32 int8 GEMV on the CPU: the reference dequantizes every weight on every call,
-    writing and re-reading a full-width copy. Dequantizing once computes the same values (measured on the
-    Qwen3.5-0.8B config, 2 cores: 0.5-0.8 -> 4.7 tok/s) at 4x the weight memory."""
+    writing and re-reading a full-width copy. Dequantizing once computes the same values 6-9x faster (the
+    Qwen3.5-0.8B config on 2 cores: 4.7 tok/s against 0.5-0.8) at 4x the weight memory."""
     linears = _int8_linears(model)
     free = _available_memory()
     if linears and free is not None and _expanded_bytes(linears, dtype) <= free // 2:
@@ -120,13 +130,16 @@ class PendingToken:
 
 
 class TorchBackend:
+    """The engine's `ResumableBackend` (backend.py) on the bundle's PyTorch graph."""
+
     name = "torch"
     resumable = True  # a new prompt that extends what the state holds can skip its known prefix
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, max_context: int, cuda_graphs: bool = True):
+    def __init__(self, model: torch.nn.Module, device: torch.device, max_context: int,
+                 cuda: CudaOptions = CudaOptions()):
         self.model, self.device, self.max_context = model, device, max_context
         self.state: State | None = None
-        self.use_graphs = cuda_graphs and device.type == "cuda"
+        self.use_graphs = device.type == "cuda"
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._prefill_graphs: PrefillGraphs | None = None
         self.writes = 0  # counts what changes the state, so a caller can tell it is as it left it
@@ -134,7 +147,7 @@ class TorchBackend:
         self._position_in = torch.zeros(1, dtype=torch.long, device=device)
         self.prompt_copies: DenseCopies | None = None  # the int8 body expanded for prompt chunks (CUDA)
         if device.type == "cuda":
-            self.prompt_copies = _install_cuda_kernels(model, device)
+            self.prompt_copies = _install_cuda_kernels(model, device, cuda)
         elif device.type == "cpu":
             dequantize_for_cpu(model, model.model.embed_tokens.weight.dtype)
 
@@ -144,7 +157,7 @@ class TorchBackend:
         return self.prompt_copies.nbytes if self.prompt_copies is not None else 0
 
     # -- state ----------------------------------------------------------------------------------
-    def reset(self, length: int) -> None:
+    def reset(self, length: int = 0) -> None:
         """Zero the state and make room for `length` positions (grown in chunks, kept across calls)."""
         self.make_room(length)
         self.state.zero_()
@@ -240,8 +253,7 @@ class TorchBackend:
         copied.record()
         return PendingToken(token, host, copied)
 
-    @staticmethod
-    def read_token(token: torch.Tensor | PendingToken) -> int:
+    def read_token(self, token: torch.Tensor | PendingToken) -> int:
         if isinstance(token, PendingToken):
             token.copied.synchronize()
             return int(token.host.item())
@@ -249,3 +261,6 @@ class TorchBackend:
 
     def logits(self, handle: TorchStep) -> torch.Tensor:
         return handle.logits.reshape(-1).float().cpu()
+
+    def close(self) -> None:
+        """Nothing beyond memory to release."""

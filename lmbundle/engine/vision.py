@@ -129,9 +129,9 @@ class ImagePrompts:
         return result
 
     # -- prompts ----------------------------------------------------------------------------------
-    def image_prompt(self, ids: Sequence[int], images: Sequence[Any]) -> list[int]:
+    def image_prompt(self, ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], ImageContext | None]:
         """Template ids with one image placeholder per image -> the decoder's ids (image tokens
-        rewritten to vocab + slot); the prompt's image context is kept for `activate`."""
+        rewritten to vocab + slot) and the prompt's image context (also kept for `activate`)."""
         info = self.info
         per_image = info.tokens_per_image
         found = sum(1 for t in ids if t == info.image_token_id)
@@ -156,17 +156,20 @@ class ImagePrompts:
                                                 info.merged_grid, info.max_images)
         new_ids = new_ids.tolist()
         self._pending = (tuple(new_ids), context) if context is not None else None
-        return new_ids
+        return new_ids, context
 
-    def activate(self, ids: Sequence[int]) -> None:
-        """Before a prefill: the persistent context gets this prompt's images (or none), in place."""
+    def activate(self, ids: Sequence[int], context: ImageContext | None = None) -> None:
+        """Before a prefill: the persistent context gets this prompt's images (`context`, else those of the
+        last image prompt made for these ids), or none, in place."""
         if not ids or max(ids) < self.vocab_size:
             self._write(None)
             return
-        if self._pending is None or self._pending[0] != tuple(ids):
+        if context is None and self._pending is not None and self._pending[0] == tuple(ids):
+            context = self._pending[1]
+        if context is None:
             raise LmbundleError("the prompt holds image tokens but not the images they belong to "
                                 "(build image prompts with chat_ids)")
-        self._write(self._pending[1])
+        self._write(context)
 
     def _write(self, source: ImageContext | None) -> None:
         if source is self._active:

@@ -34,7 +34,7 @@ import torch
 
 from ..bundle.load import state_spec
 from ..engine.engine import Engine
-from ..engine.sampling import Sampling
+from ..engine.request import Request
 from .oracle import Oracle, quantized_like_bundle, state_from_cache
 
 ROLLOUT = 32
@@ -506,7 +506,7 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
     matched = 0
     steps = ROLLOUT if rollouts is None else rollouts
     for ids in texts:
-        mine = list(engine.generate(ids, steps, Sampling(), stop=False))
+        mine = engine.complete(Request(ids, max_tokens=steps, ignore_eos=True)).tokens
         reference, logits = simulated.greedy_with_logits(ids, steps)
         matched += sum(a == b for a, b in zip(mine, reference))
         if mine == reference:
@@ -532,8 +532,8 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
     if against is not None:
         report.against = against.bundle.name
         for ids in texts:
-            mine = list(engine.generate(ids, steps, Sampling(), stop=False))
-            theirs = list(against.generate(ids, steps, Sampling(), stop=False))
+            rollout = Request(ids, max_tokens=steps, ignore_eos=True)
+            mine, theirs = engine.complete(rollout).tokens, against.complete(rollout).tokens
             if mine == theirs:
                 report.against_identical += 1
             elif forks_at_tie(oracle, ids, mine, theirs) or forks_at_tie(oracle, ids, theirs, mine):

@@ -141,7 +141,7 @@ class Oracle:
     @torch.inference_mode()
     def greedy(self, ids: list[int], steps: int) -> list[int]:
         """Plain argmax decoding (no generation-config processors: min-length EOS suppression would
-        change the path), through the eos tokens, like `Engine.generate(..., stop=False)`."""
+        change the path), through the eos tokens, like the engine's requests with `ignore_eos`."""
         return self.greedy_with_logits(ids, steps)[0]
 
     @torch.inference_mode()

@@ -7,21 +7,12 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..engine.engine import Engine
 from .worker import Worker
 
 
-def engine_counts(engine) -> dict:
-    """Requests and tokens the engine has served, the batch it is stepping now and its prefix cache."""
-    totals = dict(getattr(engine, "totals", {}) or {})
-    cache = getattr(engine, "prefix_cache", None)
-    scheduler = getattr(engine, "scheduler", None)
-    return {"batch_size": int(getattr(engine, "batch_size", 0)), "totals": totals,
-            "cache": cache.stats() if cache is not None and cache.enabled else None,
-            "scheduler": None if scheduler is None else {"seconds": dict(scheduler.seconds), "steps": scheduler.steps}}
-
-
-def health(engine, worker: Worker) -> dict:
-    counts = engine_counts(engine)
+def health(engine: Engine, worker: Worker) -> dict:
+    counts = engine.counts()
     cache = counts["cache"]
     return {"status": "ok", "model": engine.name, "running": worker.running, "waiting": worker.waiting,
             "max_batch": worker.max_batch, "queue_size": worker.queue_size, "batch_size": counts["batch_size"],
@@ -35,11 +26,11 @@ def health(engine, worker: Worker) -> dict:
 
 
 class _Collector:
-    def __init__(self, engine, worker: Worker):
+    def __init__(self, engine: Engine, worker: Worker):
         self.engine, self.worker = engine, worker
 
     def collect(self):
-        worker, counts = self.worker, engine_counts(self.engine)
+        worker, counts = self.worker, self.engine.counts()
         gauges = {"requests_running": ("requests being decoded", worker.running),
                   "requests_waiting": ("requests queued for a slot", worker.waiting),
                   "max_batch": ("slots (--max-batch)", worker.max_batch),
@@ -58,7 +49,7 @@ class _Collector:
             yield CounterMetricFamily(f"lmbundle_{name}", doc, value=totals.get(name, 0))
         if (scheduler := counts["scheduler"]) is not None:
             yield CounterMetricFamily("lmbundle_batch_steps", "batched decode steps", value=scheduler["steps"])
-            seconds = CounterMetricFamily("lmbundle_scheduler_seconds", "the batch scheduler thread's time by what it "
+            seconds = CounterMetricFamily("lmbundle_scheduler_seconds", "the batch loop thread's time by what it "
                                           "did: admit (restore cached prefixes), prefill (prompt pieces), cache "
                                           "(snapshots), decode (batched steps enqueued, tokens handed out), wait "
                                           "(for a step's tokens), idle", labels=["phase"])
@@ -91,7 +82,7 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, engine, worker: Worker):
+    def __init__(self, engine: Engine, worker: Worker):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(engine, worker))
 

@@ -1,4 +1,5 @@
-"""Qwen3.5's output, split the way OpenAI clients read it: `reasoning_content`, `content`, `tool_calls`.
+"""Qwen3.5's output, split the way OpenAI clients read it: `reasoning_content`, `content`, `tool_calls`; and the
+grammar that forces one tool call in that format.
 
 The formats (from Qwen3.5's chat template and the public parsers of vLLM `qwen3` / `qwen3_coder`, SGLang
 `Qwen3CoderDetector` and llama.cpp's Qwen3-Coder format; no code taken from them):
@@ -21,6 +22,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
+
+from ..engine.grammar import lark_grammar
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -213,3 +216,36 @@ def convert_value(value: str, schema: dict):
         return json.loads(text)  # objects, arrays, and values of an undeclared type
     except json.JSONDecodeError:
         return value
+
+
+def tool_call_grammar(tools: list[dict]) -> str:
+    """A Lark grammar for one Qwen3.5 tool call to one of `tools` (tool_choice "required" or a named
+    function): `<tool_call>\\n<function=NAME>\\n` then declared parameters, each
+    `<parameter=ARG>\\nVALUE\\n</parameter>\\n`, values typed by the schema (strings raw, one line,
+    without '<')."""
+    alternatives = []
+    for k, tool in enumerate(tools):
+        function = tool["function"]
+        props = ((function.get("parameters") or {}).get("properties") or {})
+        required = list((function.get("parameters") or {}).get("required") or [])
+        params = []
+        for name in required + [p for p in props if p not in required]:
+            kind = (props.get(name) or {}).get("type")
+            value = {"string": "STR", "integer": "INT", "number": "NUM", "boolean": "BOOL"}.get(kind, "JSONV")
+            piece = f'"<parameter={_lark_text(name)}>\\n" {value} "\\n</parameter>\\n"'
+            params.append(piece if name in required else f"({piece})?")
+        alternatives.append(f'"<function={_lark_text(function["name"])}>\\n" {" ".join(params)} "</function>\\n"')
+    return lark_grammar("\n".join([
+        'start: "<tool_call>\\n" call "</tool_call>"',
+        "call: " + " | ".join(f"call{k}" for k in range(len(alternatives))),
+        *[f"call{k}: {alt}" for k, alt in enumerate(alternatives)],
+        "STR: /[^<\\n]{1,2000}/",
+        "JSONV: /[-0-9a-z\\[\\]{}\",.: ]{1,2000}/",
+        "INT: /-?[0-9]{1,18}/",
+        "NUM: /-?[0-9]{1,18}(\\.[0-9]{1,18})?/",
+        'BOOL: "true" | "false"',
+    ]))
+
+
+def _lark_text(text: str) -> str:
+    return json.dumps(text)[1:-1]

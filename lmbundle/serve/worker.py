@@ -5,7 +5,8 @@ steps them together, one step per token for all; a one-request engine takes them
 waiting fair and the bound turns overload into an immediate "busy" answer (429 once every slot and
 every waiting place is taken) instead of an ever-growing wait. A job talks back to its request (on the
 event loop) through an asyncio queue of events, and the request tells the job to stop (client gone,
-time limit) through a flag the job checks every token.
+time limit) through a flag the job checks every token. The job of a request is `run_request`: its
+prompt, then the engine's Outputs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from ..engine.engine import Engine
+from ..engine.request import Request
 
 
 class QueueFull(Exception):
@@ -28,7 +32,7 @@ class JobStopped(Exception):
 
 @dataclass
 class Event:
-    kind: str  # what the job produced: "prompt", "text", "done", "error"; the worker adds "end" last
+    kind: str  # what the job produced: "prompt", "outputs", "error"; the worker adds "end" last
     value: object = None
 
 
@@ -41,28 +45,27 @@ class Job:
         self.cancelled = threading.Event()
         self.on_cancel: Callable[["Job"], None] | None = None  # the worker drops a queued job at once
         self.state = "queued"  # -> "running" -> "done"; or "dropped" when cancelled while queued
-        self._text: tuple[str, list] | None = None  # text emitted but not yet on the loop
-        self._text_lock = threading.Lock()
+        self._outputs: list | None = None  # engine Outputs emitted but not yet on the loop
+        self._outputs_lock = threading.Lock()
 
     def emit(self, kind: str, value: object = None) -> None:
-        """Called on the worker thread; delivers to the request's event loop. A "text" event ((text,
-        logprob entries)) rides along with the one still on its way when there is one: under load the
-        loop wakes once per batch of tokens, not once per token, and the stream sends fewer, longer chunks."""
-        if kind == "text":
-            with self._text_lock:
-                if self._text is not None:
-                    text, entries = self._text
-                    self._text = (text + value[0], entries + value[1])
+        """Called on the worker thread; delivers to the request's event loop. An "output" (one engine Output)
+        joins the "outputs" event still on its way when there is one: under load the loop wakes once per
+        batch of tokens, not once per token, and the stream sends fewer, longer chunks."""
+        if kind == "output":
+            with self._outputs_lock:
+                if self._outputs is not None:
+                    self._outputs.append(value)
                     return
-                self._text = value
-            self.loop.call_soon_threadsafe(self._deliver_text)
+                self._outputs = [value]
+            self.loop.call_soon_threadsafe(self._deliver_outputs)
             return
         self.loop.call_soon_threadsafe(self.events.put_nowait, Event(kind, value))
 
-    def _deliver_text(self) -> None:
-        with self._text_lock:
-            value, self._text = self._text, None
-        self.events.put_nowait(Event("text", value))
+    def _deliver_outputs(self) -> None:
+        with self._outputs_lock:
+            value, self._outputs = self._outputs, None
+        self.events.put_nowait(Event("outputs", value))
 
     @property
     def timed_out(self) -> bool:
@@ -184,3 +187,17 @@ class Worker:
                     job.state = "done"
                     setattr(self, outcome, getattr(self, outcome) + 1)
                 job.emit("end")
+
+
+def run_request(engine: Engine, request: Request, job: Job) -> None:
+    """A request's job, on a worker thread: its prompt (event "prompt"), then the engine's Outputs as they
+    come (events "outputs"; the last Output has the finish reason)."""
+    prompt = engine.prompt(request)
+    job.emit("prompt", prompt)
+    outputs = engine.generate(request, prompt)
+    try:
+        for output in outputs:
+            job.check()
+            job.emit("output", output)
+    finally:
+        outputs.close()

@@ -24,14 +24,12 @@ matmuls are fp32). Compiled offline for sm_90 (`python -m tests.kernels_compile 
 32: the walk (one stage, 4 warps) takes 16 KB of shared memory, 255 registers and 56 bytes of spills
 (chunks of 64, or fp32 FMA products, spilled 0.2-5.7 KB); the preparation (8 warps) 20 KB and 1.24 KB
 of spills (2.36 KB as one program a chunk). On the H200 (2B int8hu, `benchmarks/profile_step.py
---wy-variants`) the walk took a 2,048-token chunk from 49.7 to 40.2 ms; the preparation is faster than the
-torch ops up to 256 tokens (4.06 against 4.97 ms at 128, 5.43 against 5.76 at 256; one program a chunk:
-4.33 and 5.41) and slower past them (8.81 against 8.60 at 512, 16.3 against 14.8 at 1,024;
-`benchmarks/results/20261202T120500Z-profile-wy.txt`), so `TritonStepOps` walks every prompt chunk here and
-prepares only short ones (`triton_ops.WY_PREPARE_MAX`).
-With these and the input norms as rows kernels, a prompt chunk of the 2B int8hu on the H200 went from 2,050
-to 820 launches at 128 tokens: 9.42 -> 6.39 ms; 2,048 tokens 40.0 -> 29.8 ms
-(`benchmarks/results/20261202T060800Z-profile-prefill.txt`).
+--wy-variants`) a 2,048-token chunk takes 40.2 ms with the walk against 49.7 in torch ops; the preparation
+is faster than the torch ops up to 256 tokens (4.06 against 4.97 ms at 128, 5.43 against 5.76 at 256) and
+slower past them (8.81 against 8.60 at 512, 16.3 against 14.8 at 1,024), so `TritonStepOps` walks every
+prompt chunk here and prepares only short ones (`triton_ops.WY_PREPARE_MAX`).
+These and the input norms as rows kernels make a prompt chunk of the 2B int8hu 820 launches at 128 tokens
+instead of 2,050 in torch ops (6.39 against 9.42 ms on the H200; 29.8 against 40.0 ms at 2,048 tokens).
 """
 from __future__ import annotations
 

@@ -202,10 +202,10 @@ def pick_config(out_features: int, in_features: int, normed: bool = False, swigl
     Plain GEMVs (`bench_int8_gemv.py --sweep`): 8 rows a program; up to 2048 rows 64 groups a step with
     8 warps keep enough bytes in flight from the few programs, above 32 groups with 4 warps.
     With a norm prologue (`sweep_step_kernels.py`) every program re-reads x (and the norm weight),
-    so programs take 16 rows, 32 for SwiGLU and the head: 8224x2048 in_proj 10.9 -> 9.2 us, gate/up
-    16.7 -> 14.6, head 249 -> 215, out_proj with the gated norm 6.3 -> 5.0. The same picks were the
-    best on the H200 (2026-11-28, benchmarks/RESULTS.md), where split-K for the 2048-row GEMVs, int32
-    word tiles (fewer instructions a weight) and tensor-core group dots were measured slower."""
+    so programs take 16 rows, 32 for SwiGLU and the head (against 8: 8224x2048 in_proj 9.2 us against
+    10.9, gate/up 14.6 against 16.7, head 215 against 249, out_proj with the gated norm 5.0 against 6.3).
+    The same picks are the best on the H200, where split-K for the 2048-row GEMVs, int32 word tiles (fewer
+    instructions a weight) and tensor-core group dots measure slower."""
     groups = triton.next_power_of_2(in_features // GROUP)
     if not normed:
         few_rows = out_features <= 2048

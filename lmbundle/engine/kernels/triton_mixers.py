@@ -1,5 +1,6 @@
 """Triton kernels for the core of the two mixers in a one-token decode step (the reference is
-`GatedDeltaNet.mix` and `GatedAttention.attend`; tests/test_step_kernels.py holds them to it).
+`layers.gdn_mix` and `layers.gated_attention`, which `StepOps.gdn_mixer` / `attention_mixer` run;
+tests/test_step_kernels.py holds the kernels to them).
 
 - `gated_delta_step`: per key head (and the value heads that share it) and block of value columns,
   L2-normed q/k, the decay and write strength, the delta-rule update of the fp32 state, and the

@@ -41,16 +41,16 @@ def _weights(linear: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
 
 
 class TritonStepOps(StepOps):
-    def __init__(self, pdl: bool, devices: tuple[str, ...] = ("cuda",), wy_walk: bool = True,
-                 wy_prepare_max: int = WY_PREPARE_MAX, kept: DenseCopies | None = None):
+    def __init__(self, pdl: bool, devices: tuple[str, ...] = ("cuda",), wy_prepare_max: int = WY_PREPARE_MAX,
+                 kept: DenseCopies | None = None):
         self.pdl = pdl  # programmatic dependent launch (Hopper and newer)
         self.kept = kept  # int8 weights kept expanded for prompt chunks' matmuls, where memory allows
         self.devices = devices  # ("cpu",) runs the kernels in Triton's interpreter (tests)
         # prompt chunks: the GDN's WY chunks walked in one kernel a layer (`triton_chunks.wy_recurrence`),
         # over chunks of 32 (what fits the walk's registers; the reference's 128 only saved launches of the
         # walk this replaces), and prepared by one kernel a layer too (`triton_chunks.wy_chunks`) in prompt
-        # chunks of at most `wy_prepare_max` tokens
-        self.wy_chunk = 32 if wy_walk else None
+        # chunks of at most `wy_prepare_max` tokens (None: the reference's torch walk)
+        self.wy_chunk = 32
         self.wy_prepare_max = wy_prepare_max
 
     def _on_device(self, x: torch.Tensor) -> bool:

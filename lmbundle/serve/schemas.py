@@ -1,4 +1,4 @@
-"""OpenAI's wire format: request schemas, response and stream-chunk shapes, the error shape.
+"""OpenAI's wire format, the request side: request schemas and the error shape.
 
 What one local model can honour is accepted (see docs/serve.md); a field we would otherwise ignore in a way
 that changes the answer (n > 1, echo, suffix) is refused with a 400 that says so.
@@ -6,8 +6,6 @@ that changes the answer (n > 1, echo, suffix) is refused with a 400 that says so
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -241,7 +239,7 @@ def parse(schema: type[_Sampled], body: object) -> _Sampled:
     if request.n > 1:
         raise ApiError(400, f"n={request.n}: this server returns one choice per request; send {request.n} requests "
                        "(with different seeds) instead", code="unsupported", param="n")
-    refused = {"echo": getattr(request, "echo", False), "suffix": getattr(request, "suffix", None)}
+    refused = {"echo": request.echo, "suffix": request.suffix} if isinstance(request, CompletionRequest) else {}
     for name, value in refused.items():
         if value:
             raise ApiError(400, f"{name} is not supported by this server", code="unsupported", param=name)
@@ -252,82 +250,3 @@ def _is_type_tag(part) -> bool:
     """Union branch names pydantic puts into error locations ('str', 'list[...]', 'function-...')."""
     return isinstance(part, str) and ("[" in part or part.startswith("function-") or
                                       part in ("str", "int", "float", "bool", "list", "dict", "none"))
-
-
-class StopMatcher:
-    """Cuts streamed text at the first stop string. Text that could still be the start of a stop
-    string is held back until the next piece shows whether it is."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.pending = ""
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """(text safe to send now, whether a stop string was reached)."""
-        text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return text[: min(hits)], True
-        hold = next((k for k in range(min(len(text), max(map(len, self.stops), default=1) - 1), 0, -1)
-                     if any(s.startswith(text[-k:]) for s in self.stops)), 0)
-        self.pending = text[len(text) - hold:]
-        return text[: len(text) - hold], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, stats) -> dict:
-    """OpenAI's usage, with the prompt tokens the engine's state already held (a conversation's earlier
-    turns) as `prompt_tokens_details.cached_tokens`."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": prompt_tokens + stats.generated_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
-
-
-def timings(stats) -> dict:
-    """Speed figures (an extension field; the web page shows decode tok/s)."""
-    return {"prefill_tok_s": round(stats.prefill_tok_s, 2), "decode_tok_s": round(stats.decode_tok_s, 2),
-            "prefill_seconds": round(stats.prefill_seconds, 4), "decode_seconds": round(stats.decode_seconds, 4)}
-
-
-class Shapes:
-    """Response bodies of one request (one id and creation time for all its chunks)."""
-
-    def __init__(self, chat: bool, model: str):
-        self.chat = chat
-        self.model = model
-        self.id = new_id("chatcmpl" if chat else "cmpl")
-        self.created = int(time.time())
-
-    def _envelope(self, kind: str, choices: list, **extra) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": choices, **extra}
-
-    def full(self, answer: dict | str, finish_reason: str, usage_: dict, timings_: dict,
-             logprobs: dict | None = None) -> dict:
-        """`answer`: the chat message's fields (content, reasoning_content, tool_calls) or the completion text."""
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", **answer},
-                      "finish_reason": finish_reason, "logprobs": logprobs}
-            return self._envelope("chat.completion", [choice], usage=usage_, timings=timings_)
-        choice = {"index": 0, "text": answer, "finish_reason": finish_reason, "logprobs": logprobs}
-        return self._envelope("text_completion", [choice], usage=usage_, timings=timings_)
-
-    def chunk(self, delta: dict | str | None = None, finish_reason: str | None = None, first: bool = False,
-              logprobs: dict | None = None, **extra) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if first else (delta or {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
-            return self._envelope("chat.completion.chunk", [choice], **extra)
-        choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": logprobs}
-        return self._envelope("text_completion", [choice], **extra)
-
-    def usage_chunk(self, usage_: dict) -> dict:
-        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage_)
