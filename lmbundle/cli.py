@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "which other local users cannot read from the process list)")
     p.add_argument("--allow-remote", action="store_true", help="needed to listen on a non-loopback address")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for a slot (then 429)")
-    p.add_argument("--max-batch", type=int, default=1, help="requests decoded at once (slots)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded at once (slots): one alone runs the one-request step, more share a "
+                        "batched step")
     p.add_argument("--token-budget", type=int, default=512,
                    help="with --max-batch > 1: tokens per scheduler iteration, decode rows + prompt pieces "
                         "(smaller: steadier decode while prompts arrive; larger: sooner first tokens)")
@@ -116,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request time limit in seconds")
     p.add_argument("--allow-files", action="append", default=[], metavar="DIR",
                    help="let file:// image URLs read images inside this folder (repeatable)")
+    p.add_argument("--served-model-name", metavar="NAME", help="the model's name in the API (default: the bundle's)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages of this origin (https://app.example.com) call the API; repeatable")
+    p.add_argument("--log-requests", action="store_true",
+                   help="one line per request on stderr: method, path, status, tokens, time (also with -v)")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a request's headers, and then its body, may take to arrive (then 408)")
+    p.add_argument("--idle-timeout", type=float, default=5.0,
+                   help="seconds a kept-alive connection may wait for its next request")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections (then 503), lowered to fit the open-file limit")
 
     p = sub.add_parser("info", help="what a bundle holds: config, quant, sizes, bytes per token")
     p.add_argument("bundle")
@@ -313,7 +326,8 @@ def cmd_serve(args) -> None:
 
     _chunk(args)
     try:
-        from .serve.app import options_from, serve
+        from .serve.app import options_from
+        from .serve.server import serve
     except ModuleNotFoundError as exc:  # a broken install: fastapi, uvicorn... are lmbundle's dependencies
         if (exc.name or "lmbundle").startswith("lmbundle"):
             raise

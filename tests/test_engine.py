@@ -76,6 +76,10 @@ def test_sampling_is_seeded_and_topk1_is_greedy(engine):
     greedy = tokens(engine, ids, 16)[0]
     assert a == b
     assert tokens(engine, ids, 16, Sampling(temperature=0.8, top_k=1, seed=3))[0] == greedy
+    for tiny in (1e-6, 1e-40, 5e-324):  # dividing by them overflowed the logits: "probability tensor contains nan"
+        assert tokens(engine, ids, 16, Sampling(temperature=tiny, seed=3))[0] == greedy, tiny
+    # at temperature 1e-4 (sampled) the logits are shifted before the division, so nothing overflows either
+    assert len(tokens(engine, ids, 16, Sampling(temperature=1e-4, top_p=0.9, seed=3))[0]) == 16
     with pytest.raises(LmbundleError, match="top_p"):
         Sampling(top_p=0)
 
