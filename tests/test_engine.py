@@ -100,6 +100,24 @@ def test_context_too_long_before_any_work(engine):
         engine.generate(Request([5] * 4000, max_tokens=200))
 
 
+def test_a_prompt_too_large_to_fit_is_refused_before_it_is_tokenized(engine, monkeypatch):
+    """PromptBound: no token stands for more bytes than the bound says (so nothing that fits is refused), and
+    a text past max_context of the longest tokens is refused on its size, the tokenizer never called."""
+    from lmbundle.engine.outputs import token_bytes
+
+    bound, tokenizer = engine.prompt_bound, engine.tokenizer
+    sizes = {t: len(token_bytes(tokenizer, t)) for t in range(len(tokenizer))}
+    assert bound.token_bytes >= max(sizes.values())
+    text = tokenizer.decode([max(sizes, key=sizes.get)]) * (engine.max_context // 2)
+    assert len(engine.encode(text)) <= engine.max_context  # near the bound, and it fits: not refused
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized"))
+    monkeypatch.setattr(type(engine.tokenizer), "__call__", lambda *a, **k: pytest.fail("tokenized"))
+    huge = "The quick brown fox. " * (bound.limit // 10)
+    for request in (Request(huge, max_tokens=4), Request(messages=[{"role": "user", "content": huge}], max_tokens=4)):
+        with pytest.raises(LmbundleError, match="context too long: a prompt of .* bytes"):
+            engine.generate(request)
+
+
 def test_stream_decoder_matches_full_decode(engine):
     text = "Héllo wörld — a café by the sea 🌊 and more"
     ids = engine.encode(text)

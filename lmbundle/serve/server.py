@@ -4,7 +4,7 @@ uvicorn bounds neither how long a request's headers may take nor how many connec
 that opens connections and sends half a request holds each one forever, and past the process's file
 descriptor limit every accept fails (EMFILE), for everyone. Here:
 - the descriptor limit is raised to the hard limit at start, and connections are capped below it
-  (`--max-connections`, lowered to fit): one past the cap is answered 503 at once and closed;
+  (`--max-connections`, lowered to fit, `Limits`): one past the cap is answered 503 at once and closed;
 - a request's headers must arrive within `--read-timeout` seconds of the connection (or of the previous
   answer on a kept-alive one), else 408 and the connection is closed; its body has as long again
   (`app.read_body`); a kept-alive connection idle for `--idle-timeout` seconds is closed.
@@ -18,6 +18,7 @@ import logging
 import os
 import resource
 import sys
+from dataclasses import dataclass
 
 from ..engine.engine import Engine
 from .app import Options, create_app
@@ -38,14 +39,28 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def connection_cap(requested: int) -> int:
-    """`requested`, lowered to leave RESERVED_FDS descriptors free beside those already open."""
-    soft = raise_fd_limit()
-    try:
-        open_now = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        open_now = 64
-    return max(1, min(requested, soft - open_now - RESERVED_FDS))
+@dataclass(frozen=True)
+class Limits:
+    """How the descriptors left after start are spent. asyncio accepts up to `backlog` connections in one go
+    before any is looked at, so that many must always be free; of the rest, `cap` serve requests and as many
+    again may be refused politely (the 503 written, the socket held until the client has read it); past
+    `refuse_at` open connections the 503 is written and the socket closed at once. So no accept fails."""
+
+    cap: int
+    refuse_at: int
+    backlog: int
+
+    @classmethod
+    def fitting(cls, requested: int) -> "Limits":
+        soft = raise_fd_limit()
+        try:
+            open_now = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            open_now = 64
+        budget = max(8, soft - open_now - RESERVED_FDS)
+        backlog = min(2048, max(4, budget // 4))
+        refuse_at = max(2, budget - backlog)
+        return cls(cap=max(1, min(requested, refuse_at // 2)), refuse_at=refuse_at, backlog=backlog)
 
 
 def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
@@ -55,11 +70,11 @@ def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
             f"connection: close\r\nretry-after: 1\r\n\r\n").encode() + body
 
 
-def bounded_protocol(max_connections: int, read_timeout: float):
+def bounded_protocol(limits: Limits, read_timeout: float):
     """uvicorn's h11 protocol with the connection cap and the header deadline (see the module)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    busy = _raw_response(503, "Service Unavailable", f"server busy: {max_connections} connections open, "
+    busy = _raw_response(503, "Service Unavailable", f"server busy: {limits.cap} connections open, "
                          "retry later", "too_many_connections")
     late = _raw_response(408, "Request Timeout", f"request headers not received within {read_timeout:g} s",
                          "request_timeout")
@@ -70,11 +85,14 @@ def bounded_protocol(max_connections: int, read_timeout: float):
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
+            if len(self.connections) > limits.cap:
                 # answered before its request is read; the write side closes now, the socket once the
                 # client has read (its EOF) or after a second, so the answer is not lost to a reset
                 self.refused = True
                 transport.write(busy)
+                if len(self.connections) > limits.refuse_at:
+                    transport.close()
+                    return
                 if transport.can_write_eof():
                     transport.write_eof()
                 self.loop.call_later(1.0, transport.close)
@@ -132,9 +150,9 @@ def serve(engine: Engine, options: Options) -> None:
         # batch loop waits that long for the GIL after every step (6 ms steps at one row on the H200), so
         # this process switches every 0.2 ms
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
-    cap = connection_cap(options.max_connections)
-    if cap < options.max_connections:
-        print(f"note: at most {cap} connections (the open-file limit, ulimit -n, leaves no room for "
+    limits = Limits.fitting(options.max_connections)
+    if limits.cap < options.max_connections:
+        print(f"note: at most {limits.cap} connections (the open-file limit, ulimit -n, leaves no room for "
               f"{options.max_connections})", file=sys.stderr)
     if options.log_requests:
         handler = logging.StreamHandler(sys.stderr)
@@ -159,5 +177,5 @@ def serve(engine: Engine, options: Options) -> None:
 
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=3, timeout_keep_alive=options.idle_timeout,
-                            http=bounded_protocol(cap, options.read_timeout))
+                            backlog=limits.backlog, http=bounded_protocol(limits, options.read_timeout))
     Server(config).run()
