@@ -37,7 +37,7 @@ from lmbundle.serve.worker import Job, QueueFull, Worker
 from tests.conftest import API_KEY, http_request, wait_idle
 
 QUEUE_SIZE = 4
-MAX_BATCH = 2
+MAX_BATCH = 8  # serve's default
 MAX_CONTEXT = 2048
 
 
@@ -61,8 +61,7 @@ def bundle(tiny_qwen35, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle, serve):
-    return serve(bundle, "--api-key", API_KEY, "--queue-size", str(QUEUE_SIZE), "--timeout", "60",
-                 "--max-batch", str(MAX_BATCH), "--cache-mem", "64M")
+    return serve(bundle, "--api-key", API_KEY, "--queue-size", str(QUEUE_SIZE), "--timeout", "60", "--cache-mem", "64M")
 
 
 def reference(engine, ids: list[int], max_tokens: int) -> tuple[str, int, str]:
@@ -113,6 +112,36 @@ def test_metrics_in_prometheus_text(client, server, engine):
     assert set(phases) == {"admit", "prefill", "cache", "decode", "wait", "idle"}
     assert phases["decode"] > 0 and phases["prefill"] > 0 and phases["cache"] > 0
     assert http_request("GET", server[1], "/metrics", key=None)[0] == 401
+
+
+def batch_steps(host: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = http_request("GET", host, "/metrics")[1]
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "lmbundle_batch_steps_total")
+
+
+def test_eight_users_share_the_steps_and_get_their_solo_answers(server, client, engine):
+    """The default server batches: 8 users at once take far fewer steps than their tokens (one step serves
+    all), and each gets the tokens it gets alone (alone: the one-request step; together: the batched one)."""
+    questions = ["The quick brown fox", "Once upon a time", "A small model", "The little cat",
+                 "lived in a house by the sea", "plain English", "The lazy dog", "by the sea"]
+
+    def ask(question):
+        out = client.chat.completions.create(model=engine.name, max_tokens=16, temperature=0,
+                                             messages=[{"role": "user", "content": question}])
+        return out.choices[0].message.content, out.usage.completion_tokens
+
+    alone = [ask(q) for q in questions]
+    before = batch_steps(server[1])
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, questions))
+    steps = batch_steps(server[1]) - before
+    tokens = sum(n for _, n in together)
+    print(f"\n8 users at once: {tokens} tokens in {steps:.0f} steps")
+    assert together == alone
+    assert steps < tokens / 2
 
 
 def test_interleaved_chats_keep_their_cache(client, engine):
