@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
@@ -185,13 +187,52 @@ def test_cli_run_streams_and_bench_reports(fp16_bundle, engine):
     (["run", "{bundle}", "--prompt", "word " * 5000], "error: context too long"),
     (["run", "{bundle}", "--prompt", "x", "--chunk", "0"], "error: --chunk must be at least 1 (got 0)"),
     (["serve", "{bundle}", "--chunk", "0", "--port", "1"], "error: --chunk must be at least 1 (got 0)"),
+    (["convert", "{ckpt}", "-o", "/proc/lmbundle-test/out"], "error: /proc/lmbundle-test/out: cannot write the bundle"),
+    (["run", "{bundle}", "--prompt", "x", "--device", "tpu"], "error: unknown device 'tpu'"),
+    pytest.param(["run", "{bundle}", "--prompt", "x", "--device", "cuda"], "error: device 'cuda': no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
+    (["run", "{bundle}", "--prompt", "x", "-g", "-5"], "error: -g/--max-new-tokens must be at least 1 (got -5)"),
+    (["gate", "{bundle}", "--oracle", "{vl_ckpt}"], "error: --oracle {vl_ckpt}: a qwen3_vl checkpoint, but the bundle is"),
+    (["convert", "Qwen/No-Such-Model-Here", "-o", "{tmp}/x"], "error: cannot fetch hub model 'Qwen/No-Such-Model-Here'"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(args, message, fp16_bundle, tiny_qwen35, tmp_path):
-    args = [a.format(ckpt=tiny_qwen35, tmp=tmp_path, bundle=fp16_bundle) for a in args]
+def test_cli_bad_input_is_one_line_exit_2(args, message, fp16_bundle, tiny_qwen35, vl_checkpoint, tmp_path, monkeypatch):
+    """Before, the convert into /proc, the devices and the other oracle ended in tracebacks, -g -5 in silence,
+    and the offline hub error was cut mid-word without advice."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = [a.format(ckpt=tiny_qwen35, tmp=tmp_path, bundle=fp16_bundle, vl_ckpt=vl_checkpoint) for a in args]
+    message = message.format(vl_ckpt=vl_checkpoint)
     out = _cli(*args)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(message)
     assert "Traceback" not in out.stderr
+    if "hub" in message:
+        assert "hf download Qwen/No-Such-Model-Here --local-dir DIR" in out.stderr and "HF_HUB_OFFLINE" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def vl_checkpoint(tmp_path_factory):
+    from tests import checkpoints
+
+    folder = tmp_path_factory.mktemp("vl") / "qwen3-vl"
+    checkpoints.make_vlm("qwen3_vl", folder)
+    return folder
+
+
+def test_cli_version_and_every_default_in_the_help():
+    from lmbundle import __version__
+    from lmbundle.cli import _Help, build_parser
+
+    out = _cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"lmbundle {__version__}"
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    help_of = _Help("lmbundle")._get_help_string
+    for name, command in commands.items():
+        for action in command._actions:
+            if action.option_strings and action.nargs != 0 and not action.required and action.dest != "help":
+                assert "default" in help_of(action), (name, action.option_strings)
+    run, serve = (" ".join(commands[c].format_help().split()) for c in ("run", "serve"))
+    assert "at most (default: 128)" in run and "slots): one alone runs" in serve and "(default: 8)" in serve
 
 
 def test_serve_without_its_web_modules_is_one_line(fp16_bundle):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import LmbundleError
 from ..models.linear import DenseCopies, Linear
 from ..models.state import State
 from .graphs import PrefillGraphs, bucket, capture
@@ -24,8 +25,20 @@ from .sampling import Sampling, sample
 
 
 def pick_device(requested: str | None = None) -> torch.device:
+    """The device asked for (checked to be here), else the best present."""
     if requested:
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise LmbundleError(f"unknown device {requested!r} (cpu, cuda, cuda:N or mps)") from None
+        present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if device.type not in present:
+            raise LmbundleError(f"device {requested!r}: lmbundle runs on cpu, cuda or mps")
+        if not present[device.type]:
+            raise LmbundleError(f"device {requested!r}: no {device.type.upper()} device here (choose cpu)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise LmbundleError(f"device {requested!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

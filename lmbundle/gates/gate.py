@@ -454,7 +454,8 @@ def run_gate(engine: Engine, oracle: Oracle, against: Engine | None = None, prom
     report.tokenizer_ok = not tokenizer_failures
     failures += tokenizer_failures
     simulated = simulated or oracle.simulated(info["quant"])
-    report.weights_checked, report.weights_bad = check_weights(engine, oracle)
+    if engine.bundle.info.get("weights"):  # a Core AI-only bundle has its weights in the .aimodel alone
+        report.weights_checked, report.weights_bad = check_weights(engine, oracle)
     if report.weights_bad:
         failures.append("weights differ from the recipe applied to the checkpoint: "
                         f"{', '.join(report.weights_bad[:3])}")
