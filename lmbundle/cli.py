@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="image file (VLM bundles); repeatable")
     p.add_argument("--stats", action="store_true", help="print token counts and speed at the end")
 
-    p = sub.add_parser("chat", help="interactive chat (/image PATH attaches an image, /reset, /quit)")
+    p = sub.add_parser("chat", help="interactive chat (/image PATH attaches an image, /reset, /help, /quit)")
     _add_engine_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", help="system prompt")
@@ -249,23 +249,43 @@ def cmd_run(args) -> None:
               file=sys.stderr)
 
 
+CHAT_HELP = """/image PATH  attach an image to your next message (VLM bundles)
+/reset       start the conversation over (the system prompt stays)
+/help        this list
+/quit        end the chat (also Ctrl-D, or Ctrl-C at the prompt twice)
+Ctrl-C while the model answers stops the answer (what it wrote so far stays in the conversation)"""
+
+
 def cmd_chat(args) -> None:
     model = _load(args)
     engine = model.engine
+    sampling = _sampling(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     pending_images = list(args.image)
     engine.warmup()
-    print(f"{model.name}: chat ({engine.backend_name} on {engine.device}). /image PATH, /reset, /quit")
+    print(f"{model.name}: chat ({engine.backend_name} on {engine.device}). /help for the commands")
+    interrupted = False  # Ctrl-C at the prompt once: a second one ends the chat
     while True:
         try:
             text = input("> ").strip()
         except EOFError:
             print()
             return
+        except KeyboardInterrupt:
+            if interrupted:
+                print()
+                return
+            interrupted = True
+            print("\n(Ctrl-C again or Ctrl-D to quit)")
+            continue
+        interrupted = False
         if not text:
             continue
         if text in ("/quit", "/exit"):
             return
+        if text == "/help":
+            print(CHAT_HELP)
+            continue
         if text == "/reset":
             history, pending_images = history[:1] if args.system else [], []
             continue
@@ -273,17 +293,28 @@ def cmd_chat(args) -> None:
             pending_images.append(text.split(maxsplit=1)[1])
             continue
         try:
-            history.append(model.user(text, pending_images))
+            message = model.user(text, pending_images)
+        except LmbundleError as exc:  # a bad image: said once, then forgotten
             pending_images = []
-            reply = []
-            for piece in model.stream_chat(history, **_sampling(args)):
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        pending_images = []
+        history.append(message)
+        reply = []
+        stream = model.stream_chat(history, **sampling)
+        try:
+            for piece in stream:
                 reply.append(piece)
                 print(piece, end="", flush=True)
             print()
-            history.append({"role": "assistant", "content": "".join(reply)})
+        except KeyboardInterrupt:  # stop this answer, keep the chat
+            stream.close()
+            print("\n(stopped)")
         except LmbundleError as exc:
-            history = history[:-1]
+            history.pop()
             print(f"error: {exc}", file=sys.stderr)
+            continue
+        history.append({"role": "assistant", "content": "".join(reply)})
 
 
 def cmd_bench(args) -> None:

@@ -256,3 +256,30 @@ def test_bench_prompt_is_plain_text(engine):
     assert marker not in ids and not set(ids) & set(engine.tokenizer.all_special_ids) and len(set(ids)) > 200
     block = engine.prefix_cache.block
     assert engine.prefix_cache.cuts(ids, 0) == [p for p in range(1, 300) if p % block == 0]
+
+
+def test_chat_ctrl_c_stops_the_answer_and_a_bad_image_is_said_once(fp16_bundle):
+    """Before: Ctrl-C ended the session, /help was a message to the model, and a failed /image repeated its
+    error on every later message (and took the previous reply out of the history)."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "lmbundle", "chat", str(fp16_bundle), "--device", "cpu",
+                             "-g", "3000", "--temperature", "1", "--seed", "1"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "/help for the commands" in proc.stdout.readline()
+        proc.stdin.write("Once upon a time\n")
+        proc.stdin.flush()
+        started = proc.stdout.read(40)  # the prompt, then the answer streaming
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("/help\n/image /no/such/picture.png\nThe king\n/quit\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    out = started + out
+    assert "(stopped)" in out and "/reset       start the conversation over" in out
+    assert err.count("error:") == 1 and "no vision encoder" in err and "Traceback" not in err
+    assert out.count("\n> ") >= 3  # back at the prompt after the stop, the help and the image's error
