@@ -192,21 +192,22 @@ def test_cli_run_streams_and_bench_reports(fp16_bundle, engine):
     pytest.param(["run", "{bundle}", "--prompt", "x", "--device", "cuda"], "error: device 'cuda': no CUDA device here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
     (["run", "{bundle}", "--prompt", "x", "-g", "-5"], "error: -g/--max-new-tokens must be at least 1 (got -5)"),
-    (["gate", "{bundle}", "--oracle", "{vl_ckpt}"], "error: --oracle {vl_ckpt}: a qwen3_vl checkpoint, but the bundle is"),
-    (["convert", "Qwen/No-Such-Model-Here", "-o", "{tmp}/x"], "error: cannot fetch hub model 'Qwen/No-Such-Model-Here'"),
+    (["gate", "{bundle}", "--oracle", "{vl}"], "error: --oracle {vl}: a qwen3_vl checkpoint, but the bundle is"),
+    (["convert", "Qwen/No-Such-Model", "-o", "{tmp}/x"], "error: cannot fetch hub model 'Qwen/No-Such-Model'"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(args, message, fp16_bundle, tiny_qwen35, vl_checkpoint, tmp_path, monkeypatch):
+def test_cli_bad_input_is_one_line_exit_2(args, message, fp16_bundle, tiny_qwen35, vl_checkpoint, tmp_path,
+                                          monkeypatch):
     """Before, the convert into /proc, the devices and the other oracle ended in tracebacks, -g -5 in silence,
     and the offline hub error was cut mid-word without advice."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    args = [a.format(ckpt=tiny_qwen35, tmp=tmp_path, bundle=fp16_bundle, vl_ckpt=vl_checkpoint) for a in args]
-    message = message.format(vl_ckpt=vl_checkpoint)
+    args = [a.format(ckpt=tiny_qwen35, tmp=tmp_path, bundle=fp16_bundle, vl=vl_checkpoint) for a in args]
+    message = message.format(vl=vl_checkpoint)
     out = _cli(*args)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(message)
     assert "Traceback" not in out.stderr
     if "hub" in message:
-        assert "hf download Qwen/No-Such-Model-Here --local-dir DIR" in out.stderr and "HF_HUB_OFFLINE" in out.stderr
+        assert "hf download Qwen/No-Such-Model --local-dir DIR" in out.stderr and "HF_HUB_OFFLINE" in out.stderr
 
 
 @pytest.fixture(scope="module")

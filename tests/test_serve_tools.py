@@ -142,7 +142,8 @@ TOOLS = [
         "type": "object", "required": ["root"], "additionalProperties": False,
         "$defs": {"node": {"type": "object", "additionalProperties": False, "required": ["v", "kids"],
                            "properties": {"v": {"type": "number"},
-                                          "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}}}},
+                                          "kids": {"type": "array", "items": {"$ref": "#/$defs/node"},
+                                                   "maxItems": 2}}}},
         "properties": {"root": {"$ref": "#/$defs/node"}, "flag": {"type": "boolean"}}}}},
     {"type": "function", "function": {"name": "tag", "parameters": {
         "type": "object", "required": ["label", "color"],

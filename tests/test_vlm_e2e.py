@@ -285,5 +285,5 @@ def test_every_bundle_file_has_one_mode(vlm):
     """vision.safetensors was written 0600 (safetensors' own writer) while the rest is 0644."""
     _, _, engines, _ = vlm
     root = engines["fp16"].bundle.path
-    modes = {path.relative_to(root).as_posix(): path.stat().st_mode & 0o777 for path in root.rglob("*") if path.is_file()}
+    modes = {p.relative_to(root).as_posix(): p.stat().st_mode & 0o777 for p in root.rglob("*") if p.is_file()}
     assert "vision.safetensors" in modes and len(set(modes.values())) == 1, modes
