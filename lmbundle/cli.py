@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (on stderr) while the gate runs")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page")
     _add_engine_args(p)
@@ -254,15 +255,19 @@ def cmd_gate(args) -> None:
     from .gates.gate import run_gate, verdict
     from .gates.oracle import Oracle
 
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    log = None if args.quiet else progress
     engine = Engine(args.bundle, backend=args.backend, device=args.device)
     against = Engine(args.against, backend=args.backend, device=args.device) if args.against else None
     oracle = Oracle(args.oracle)
-    report = run_gate(engine, oracle, against, coverage=args.coverage)
+    report = run_gate(engine, oracle, against, coverage=args.coverage, log=log)
     image = None
     if engine.is_vlm:
         from .gates.image_gate import run_image_gate
 
-        image = run_image_gate(engine, oracle)
+        image = run_image_gate(engine, oracle, log=log)
     line = verdict(report, image)
     if args.json:
         print(json.dumps(report.to_dict() | ({"image": image.to_dict()} if image else {})
@@ -270,6 +275,8 @@ def cmd_gate(args) -> None:
     else:
         print("\n".join(report.lines() + (image.lines() if image else []) + [line]))
     if line != "PASS":
+        del engine, against  # a Core AI engine is freed now, not during interpreter exit (see `main`)
+        gc.collect()
         raise SystemExit(1)
 
 

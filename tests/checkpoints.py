@@ -60,14 +60,17 @@ REAL_CONFIGS = {
 REAL_CONFIGS["Qwen3.5-2B"] = dict(REAL_CONFIGS["Qwen3.5-0.8B"], hidden_size=2048, intermediate_size=6144)
 
 
-def make_qwen35(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> Path:
-    """Save a random-init Qwen3_5ForCausalLM with the given text config; returns the folder."""
+def make_qwen35(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, fresh: bool = False,
+                **config) -> Path:
+    """Save a random-init Qwen3_5ForCausalLM with the given text config; returns the folder. `fresh`:
+    exactly as transformers initialises it (uniform norms, dt_bias = ones), else with spread norms."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     torch.manual_seed(seed)
     cfg = Qwen3_5TextConfig(**config)
     model = Qwen3_5ForCausalLM(cfg).to(dtype)
-    _spread_gdn_params(model)
+    if not fresh:
+        _spread_gdn_params(model)
     model.save_pretrained(folder)
     return folder
 
@@ -91,7 +94,8 @@ _TEXT = (
 )
 
 
-def make_tokenizer(folder: Path, vocab_size: int) -> None:
+def make_tokenizer(folder: Path, vocab_size: int, special: list[str] = SPECIAL_TOKENS,
+                   template: str = CHAT_TEMPLATE) -> None:
     """A byte-level BPE tokenizer with Qwen's chat tokens and template, sized to fit the model's vocab."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -99,15 +103,51 @@ def make_tokenizer(folder: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_TEXT] * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
     fast.save_pretrained(folder)
 
 
-def make_qwen35_with_tokenizer(folder: Path, **config) -> Path:
-    make_qwen35(folder, **config)
+def make_qwen35_with_tokenizer(folder: Path, fresh: bool = False, **config) -> Path:
+    make_qwen35(folder, fresh=fresh, **config)
     make_tokenizer(folder, config["vocab_size"])
+    return folder
+
+
+VL_SPECIAL_TOKENS = [*SPECIAL_TOKENS, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]  # ids 3, 4, 5
+VL_CHAT_TEMPLATE = (  # Qwen3-VL's shape: one <|image_pad|> per image part
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VL_SIDE = 64  # the processor's largest image: the bundle's fixed size, 2 x 2 = 4 tokens an image
+
+
+def make_qwen3vl_with_tokenizer(folder: Path, seed: int = 0, fresh: bool = True) -> Path:
+    """A tiny Qwen3-VL (3 text layers, a 2-block vision tower with 2 DeepStack levels) exactly as
+    transformers initialises it, with its tokenizer and a 64x64 image processor (tiny image prompts)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64, patch_size=16,
+                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=256,
+                  deepstack_visual_indexes=[0, 1])
+    text = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, rope_parameters={
+                    "rope_type": "default", "mrope_interleaved": True, "rope_theta": 5e6, "mrope_section": [4, 2, 2]})
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=5, vision_start_token_id=3,
+                           vision_end_token_id=4, tie_word_embeddings=True)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    if not fresh:
+        _spread_gdn_params(model)
+    model.save_pretrained(folder)
+    make_tokenizer(folder, 320, VL_SPECIAL_TOKENS, VL_CHAT_TEMPLATE)
+    Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.48, 0.46, 0.41],
+                             image_std=[0.27, 0.26, 0.28],
+                             size={"shortest_edge": 32 * 32, "longest_edge": VL_SIDE * VL_SIDE}).save_pretrained(folder)
     return folder
