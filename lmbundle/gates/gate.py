@@ -18,7 +18,8 @@ A. Is the bundle exactly the quantized model it declares? Reference: the *simula
       the bundle's token is under twice the bound (two logits each off by at most d swap only when
       closer than 2d): the same rule on every backend, no count.
 B. Is the quantization good enough? Simulated vs fp32 oracle over the same positions: top-1
-   agreement, mean KL(fp32 || simulated) and top-5 overlap against per-mode thresholds (`QUALITY`).
+   agreement where the fp32 oracle decides, mean KL(fp32 || simulated) and top-5 overlap against
+   per-mode thresholds (`quality.py`).
    With `--against` (e.g. the fp16 bundle) the rollouts must also equal that bundle's.
 """
 
@@ -55,6 +56,7 @@ CHAT_PROMPT = "Tell me about love."  # through the chat template: the rollout en
 # Bound on max_v |bundle - simulated oracle| / std_v(simulated oracle) at any position, and on the states,
 # by the arithmetic the backend computes in (`compute_dtype`); docs/gates.md has the clean figures.
 BOUNDS = {"fp32": 1e-3, "fp16": 0.15, "bf16": 0.5}
+
 
 def compute_dtype(engine: Engine) -> str:
     """The float type a backend computes in: Core AI fp16; PyTorch fp32 on the CPU, bf16 on CUDA, fp16 on MPS."""
@@ -205,10 +207,10 @@ def _excluded_ids(engine: Engine) -> set[int]:
 
 
 def default_coverage(engine: Engine) -> int:
-    """Random-token ids fed by default: the whole vocabulary on PyTorch up to 8192 ids; 256 on Core AI
-    (through its prompt function: the state after them is compared, the `.aimodel` check covers every row)."""
+    """Random-token ids fed by default: the whole vocabulary on PyTorch up to 8192 ids; one prompt on Core
+    AI (through its prompt function: the states after it are compared; the `.aimodel` check reads every row)."""
     vocab = int(engine.bundle.info["config"]["vocab_size"])
-    return min(vocab, 256 if engine.backend_name == "coreai" else 8192)
+    return min(vocab, RANDOM_PROMPT if engine.backend_name == "coreai" else 8192)
 
 
 def gate_sequences(oracle: Oracle, prompts, chat: str | None = CHAT_PROMPT) -> list[list[int]]:

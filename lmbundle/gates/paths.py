@@ -191,37 +191,39 @@ def run_paths(engine: Engine, oracle: Oracle, simulated: Oracle, report, sequenc
         _check_rollout(report, run, reference.logits, len(ids), f"prompt {k}")
         progress(f"prompt {k}/{len(sequences)}: the prompt path, a seeded step")
         _other_paths(engine, simulated, report, tokens, reference)
-        seed = simulated.forward(tokens[:-1]).cache
-        step = seeded_step(engine, seed, tokens[:-1], tokens[-1])
-        _compare(report, "seeded step", step, reference.logits[-1])
-        cosine = torch.nn.functional.cosine_similarity(step, reference.logits[-1], dim=0).item()
-        report.seeded_min_cosine = min(report.seeded_min_cosine, cosine)
+        if len(tokens) > 1:
+            step = seeded_step(engine, simulated.forward(tokens[:-1]).cache, tokens[:-1], tokens[-1])
+            _compare(report, "seeded step", step, reference.logits[-1])
+            cosine = torch.nn.functional.cosine_similarity(step, reference.logits[-1], dim=0).item()
+            report.seeded_min_cosine = min(report.seeded_min_cosine, cosine)
         report.positions += len(tokens)
     for k, ids in enumerate(randoms, 1):
         progress(f"random-token prompt {k}/{len(randoms)} ({len(ids)} tokens)")
         reference = simulated.forward(ids)
         quality.add(reference.logits, oracle.forward(ids).logits)
-        fed.update(ids)
-        _other_paths(engine, simulated, report, ids, reference)
-        report.positions += len(ids)
+        fed_here = _other_paths(engine, simulated, report, ids, reference)
+        fed.update(ids[:fed_here])
+        report.positions += fed_here
     report.vocab_covered = len(fed) / int(engine.bundle.info["config"]["vocab_size"])
     _failures(report)
     return quality
 
 
-def _other_paths(engine: Engine, simulated: Oracle, report, tokens: list[int], reference) -> None:
-    """The chunked forward (all positions) and the prompt path (its states, then its last logits)."""
+def _other_paths(engine: Engine, simulated: Oracle, report, tokens: list[int], reference) -> int:
+    """The chunked forward (all positions) and the prompt path (its states, then its last logits);
+    returns how many of the tokens these paths fed."""
     chunked = chunked_logits(engine, tokens)
     if chunked is not None:
         _compare(report, "chunked", chunked, reference.logits)
     length, chunk = prompt_length(engine, len(tokens)), prompt_chunk(engine)
     if not chunk or length <= chunk:
-        return
+        return len(tokens) if chunked is not None else 0
     cache = reference.cache if length == len(tokens) else simulated.forward(tokens[:length]).cache
     logits, states = prompt_path(engine, tokens[:length])
     _compare(report, "prompt path", logits, reference.logits[length - 1])
     for field, error in state_errors(engine, states, cache, length).items():
         report.states[field] = max(report.states.get(field, 0.0), error)
+    return len(tokens) if chunked is not None else length
 
 
 def _failures(report) -> None:
