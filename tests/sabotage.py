@@ -1,7 +1,8 @@
-"""Breakages made on purpose: a bundle copied, one thing changed, and the
-sha256 entries of metadata.json rewritten so the hash check still passes (unless the breakage is the
-hash itself). Each returns the damaged bundle's folder. `reexport` rebuilds the .aimodel from the
-damaged weights, so the Core AI backend runs the same damage."""
+"""Breakages made on purpose: a bundle copied, one thing changed, and the sha256 entries of metadata.json
+rewritten so the hash check still passes (unless the breakage is the hash itself); each returns the
+damaged bundle's folder. `reexported` rebuilds the .aimodel from (damaged) weights, under whatever graph
+bug is patched in at the time (`prompt_conv_reversed`, `short_triangular_solve`, ...), so only the Core AI
+backend runs the damage. `Model` holds a checkpoint, its oracle and its bundles for the suites."""
 
 from __future__ import annotations
 

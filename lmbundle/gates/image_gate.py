@@ -26,12 +26,13 @@ from PIL import Image, ImageDraw
 from ..bundle.vision import ImageSpec
 from ..convert.vision_export import image_spec_of
 from ..engine.engine import Engine
+from ..errors import LmbundleError
 from .gate import TIE_MARGIN, Progress, Report
 from .oracle import Oracle
 
 SWEEP = 16
 VISION_MIN_COSINE = 0.9997
-VISION_BOUND = 0.05  # max |bundle - oracle| / std(oracle) of the vision embeddings (fp16 weights: clean <= 0.012)
+VISION_BOUND = 0.05  # max |bundle - oracle| / std(oracle), vision embeddings (fp16 weights: clean 0.0015-0.0022)
 PIXEL_TOLERANCE = 1e-5  # the same float32 arithmetic in another order
 _SHAPES = (  # (box on a 448 canvas, colour)
     ((40, 60, 200, 220), (220, 40, 40)), ((240, 200, 420, 400), (40, 90, 220)), ((60, 300, 180, 420), (30, 170, 60)),
@@ -116,7 +117,12 @@ class ProcessorPixels:
     def __init__(self, oracle: Oracle, side: int):
         from transformers import AutoImageProcessor
 
-        self.processor = AutoImageProcessor.from_pretrained(str(oracle.checkpoint.path))
+        path = oracle.checkpoint.path
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(str(path))
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise LmbundleError(f"{path}: cannot load the checkpoint's image processor ({reason})") from None
         self.side = side
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
