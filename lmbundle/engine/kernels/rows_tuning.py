@@ -30,16 +30,23 @@ ROWS = {  # kernel: its launch parameters
 TARGET_PROGRAMS = 396
 
 
+def fits(block_n: int, groups: int, warps: int, columns: int) -> bool:
+    """Whether a tile's fp32 accumulators ([block_n, columns]: the row tile, twice for SwiGLU) leave room in
+    a thread's 255 registers: more than 64 a thread (48 with 4 groups a step) spilled in the sm_90 compile."""
+    return block_n * columns / (32 * warps) <= (48 if groups == 4 else 64)
+
+
 def linear_tiles(out_features: int, in_features: int, rows: int, swiglu: bool = False) -> LinearTiles:
     """The table's tiles for this shape and row count, else 64 outputs a program on mma.sync tiles (2 warps:
-    ~6 SASS instructions a weight on sm_90, against ~8-9.5 for wgmma's 4-warp tiles) with K split until
-    the launch has about TARGET_PROGRAMS programs."""
+    ~6 SASS instructions a weight on sm_90, against ~7.5-9 for wgmma's 4-warp tiles; 4 warps where 2 would
+    spill) with K split until the launch has about TARGET_PROGRAMS programs."""
     hit = LINEAR.get((out_features, in_features, swiglu, row_tile(rows)))
     if hit is not None:
         return LinearTiles(*hit)
     blocks = triton.cdiv(out_features, 64)
     split = max(1, min(round(TARGET_PROGRAMS / blocks), in_features // 256))
-    return LinearTiles(64, 2, split, 2, 4)
+    warps = 2 if fits(64, 2, 2, row_tile(rows) * (2 if swiglu else 1)) else 4
+    return LinearTiles(64, 2, split, warps, 4)
 
 
 def rows_config(kernel: str) -> dict:

@@ -37,7 +37,7 @@ from lmbundle.models.layers import rms_norm
 from lmbundle.models.linear import Linear
 from lmbundle.models.ops import AttentionWeights, GDNWeights, Norm, Rope, StepOps
 
-from . import rows_tuning, triton_rows_linear, whole_tiles
+from . import interpreted, rows_tuning, triton_rows_linear, whole_tiles
 from .triton_gemv import GatedNormInput, _conv_silu
 from .triton_mixers import _attend_split, _combine_splits, _delta_rule_heads
 
@@ -185,10 +185,10 @@ def _attention_rows_split_kernel(proj_ptr, proj_stride, position_ptr, live_ptr, 
                                  sin_ptr, key_ptr, value_ptr, part_ptr, eps, capacity, split_len,
                                  H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                                  GATE: tl.constexpr, ZERO_CENTERED: tl.constexpr, GROUP_BLOCK: tl.constexpr,
-                                 BLOCK_L: tl.constexpr, PDL: tl.constexpr):
+                                 BLOCK_L: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr):
     """Program (kv head, split, row): `triton_mixers._attention_split_kernel` for the row's token against
     its own cache row [KVH, capacity, D], slots [split * split_len, +split_len) up to its position, the
-    dots in the cache's dtype (`_softmax_block`'s NATIVE)."""
+    dots in the cache's dtype (NATIVE, off in the interpreter: `kernels.interpreted`)."""
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     row = tl.program_id(2)
@@ -200,7 +200,7 @@ def _attention_rows_split_kernel(proj_ptr, proj_stride, position_ptr, live_ptr, 
         _attend_split(proj_ptr + row.to(tl.int64) * proj_stride, q_norm_ptr, k_norm_ptr, cos_ptr + row * ROT,
                       sin_ptr + row * ROT, key_ptr, value_ptr, part_ptr + row * H * splits * (D + 2), eps,
                       (row.to(tl.int64) * KVH + kv_head) * capacity * D, position, start, split_len, kv_head, split,
-                      splits, H, KVH, D, ROT, GATE, ZERO_CENTERED, GROUP_BLOCK, BLOCK_L, True)
+                      splits, H, KVH, D, ROT, GATE, ZERO_CENTERED, GROUP_BLOCK, BLOCK_L, NATIVE)
 
 
 @triton.jit
@@ -244,7 +244,7 @@ def attention_rows(projected: torch.Tensor, positions: torch.Tensor, live: torch
         projected, projected.stride(0), positions, live, q_norm, k_norm, cos.contiguous(), sin.contiguous(),
         key_cache, value_cache, parts, eps, capacity, split_len, H=h, KVH=kvh, D=head_dim, ROT=rot, GATE=gate,
         ZERO_CENTERED=zero_centered, GROUP_BLOCK=max(16, triton.next_power_of_2(h // kvh)), BLOCK_L=block_l,
-        PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        NATIVE=not interpreted(), PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     _attention_rows_combine_kernel[(h, rows)](
         parts, projected, projected.stride(0), positions, live, out, split_len, splits, H=h, D=head_dim, GATE=gate,

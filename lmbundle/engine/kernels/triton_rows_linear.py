@@ -45,12 +45,39 @@ class LinearTiles(NamedTuple):
 
 
 @triton.jit
-def _weight_tile(q_ptrs, s_ptrs, ok, dtype: tl.constexpr, FP32_MATH: tl.constexpr):
-    """One group's int8 tile [BLOCK_N, 32] with its scale: q * scale rounded once to `dtype`, the values of
-    `models.linear.dequantize` (a 16-bit product is the exact one rounded; FP32_MATH: made in fp32, and
-    given as fp32)."""
+def _scales(s_ptrs, g, ok, GROUPS: tl.constexpr):
+    """The fp16 scales of a loop step's GROUPS groups (consecutive in each weight row): [BLOCK_N, GROUPS],
+    or [BLOCK_N] for one group."""
+    if GROUPS == 1:
+        scales = tl.load(s_ptrs, mask=ok, other=0.0)
+    else:
+        scales = tl.load(s_ptrs[:, None] + g[None, :], mask=ok[:, None], other=0.0)
+    return scales
+
+
+@triton.jit
+def _column(scales, j: tl.constexpr, GROUPS: tl.constexpr):
+    """Column j of `_scales` (by splits, which keep the tiles' layouts: a masked sum made Triton move the
+    weight tiles through shared memory instead)."""
+    if GROUPS == 1:
+        column = scales
+    elif GROUPS == 2:
+        first, second = tl.split(scales)
+        column = first if j == 0 else second
+    else:
+        even, odd = tl.split(tl.reshape(scales, [scales.shape[0], GROUPS // 2, 2]))
+        column = _column(even if j % 2 == 0 else odd, j // 2, GROUPS // 2)
+    return column
+
+
+@triton.jit
+def _weight_tile(q_ptrs, scales, j: tl.constexpr, ok, dtype: tl.constexpr, GROUPS: tl.constexpr,
+                 FP32_MATH: tl.constexpr):
+    """Group j's int8 tile [BLOCK_N, 32] with its scale (column j of `scales`): q * scale rounded once to
+    `dtype`, the values of `models.linear.dequantize` (a 16-bit product is the exact one rounded;
+    FP32_MATH: made in fp32, and given as fp32)."""
     q = tl.load(q_ptrs, mask=ok[:, None], other=0)
-    s = tl.load(s_ptrs, mask=ok, other=0.0).to(dtype)
+    s = _column(scales, j, GROUPS).to(dtype)
     if FP32_MATH:
         return (q.to(tl.float32) * s.to(tl.float32)[:, None]).to(dtype).to(tl.float32)
     return q.to(dtype) * s[:, None]
@@ -98,19 +125,28 @@ def _rows_linear_kernel(x_ptr, x_stride, q_ptr, s_ptr, q2_ptr, s2_ptr, res_ptr, 
         tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
-    for k0 in range(k_start, k_end, GROUP * GROUPS):
-        for g in tl.static_range(GROUPS):
-            k = k0 + g * GROUP
+    # the scales of each loop step are loaded one step ahead: 2-byte loads that Triton does not stage
+    # through shared memory with the tiles, so their latency would stall every step
+    g = tl.arange(0, GROUPS)
+    step: tl.constexpr = GROUP * GROUPS
+    scales = _scales(s_ptr + s_offsets + k_start // GROUP, g, n_ok, GROUPS)
+    scales2 = _scales(s2_ptr + s_offsets + k_start // GROUP, g, n_ok & SWIGLU, GROUPS)
+    for k0 in range(k_start, k_end, step):
+        ahead = n_ok & (k0 + step < k_end)
+        next_scales = _scales(s_ptr + s_offsets + (k0 + step) // GROUP, g, ahead, GROUPS)
+        next_scales2 = _scales(s2_ptr + s_offsets + (k0 + step) // GROUP, g, ahead & SWIGLU, GROUPS)
+        for j in tl.static_range(GROUPS):
+            k = k0 + j * GROUP
             inside = k < k_end
             x_t = tl.load(x_ptr + x_offsets + k, mask=r_ok[None, :] & inside, other=0.0)
             if FP32_MATH:
                 x_t = x_t.to(tl.float32)
-            w = _weight_tile(q_ptr + q_offsets + k, s_ptr + s_offsets + k // GROUP, n_ok & inside, dtype, FP32_MATH)
+            w = _weight_tile(q_ptr + q_offsets + k, scales, j, n_ok & inside, dtype, GROUPS, FP32_MATH)
             acc = tl.dot(w, x_t, acc, input_precision="ieee")
             if SWIGLU:
-                w2 = _weight_tile(q2_ptr + q_offsets + k, s2_ptr + s_offsets + k // GROUP, n_ok & inside, dtype,
-                                  FP32_MATH)
+                w2 = _weight_tile(q2_ptr + q_offsets + k, scales2, j, n_ok & inside, dtype, GROUPS, FP32_MATH)
                 acc2 = tl.dot(w2, x_t, acc2, input_precision="ieee")
+        scales, scales2 = next_scales, next_scales2
     if not SPLIT:
         _finish(acc, acc2, n, r, n_ok, r_ok, res_ptr, y_ptr, N, SWIGLU, RESIDUAL)
     else:
