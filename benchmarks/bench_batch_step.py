@@ -212,7 +212,8 @@ def main() -> None:
                     traceback.print_exc()
                     results["errors"].append(f"sweep: {exc!r}")
             results["exactness"] = exactness(sched, kept, variants, args.position[-1])
-            summary(results, live_counts, args.position)
+            summary(results, live_counts, args.position,
+                    max([r for r in sweep_rows_kernels.ROWS if r <= args.max_batch], default=1))
         finally:
             engine.close()
             results["seconds"] = time.perf_counter() - clock
@@ -243,8 +244,17 @@ def exactness(sched, kept, variants: list[str], position: int) -> dict:
     return report
 
 
-def summary(results: dict, live_counts: list[int], positions: list[int]) -> None:
-    """The variants side by side: ms/step (tok/s) per live count and position, and the ceiling."""
+def summary(results: dict, live_counts: list[int], positions: list[int], rows: int) -> None:
+    """The sweep's figures at `rows` rows (its full table is in the JSON), then the variants side by side:
+    ms/step (tok/s) per live count and position, and the ceiling."""
+    sweep = [row for row in results.get("sweep", []) if row["rows"] == rows]
+    if sweep:
+        print(f"\n# the sweep at R={rows}: best, the table's before, (int8 linears) cuBLAS on the bf16 copy",
+              flush=True)
+    for row in sweep:
+        cublas = f"; cuBLAS {row['cublas_bf16_us']:.1f} us" if "cublas_bf16_us" in row else ""
+        print(f"  {row['kernel']:18s} {row['shape']:40s} {row['best_us']:8.1f} us ({row['best_tb_s']:.2f} TB/s) "
+              f"{row['best']}, before {row['table_us']:.1f} us{cublas}", flush=True)
     labels = list(dict.fromkeys(row["variant"] for row in results["steps"]))
     print("\n# side by side: ms/step (tok/s); ceiling = bytes a step must move at the copy rate", flush=True)
     print(f"{'live @ position':16s}" + "".join(f"{label:>26s}" for label in labels) + f"{'ceiling':>10s}")

@@ -5,9 +5,13 @@ With R rows one read of the weights serves R tokens, so the step is bound by the
 int8 halves them against the 16-bit copies cuBLAS reads (`BatchOps`). Each program streams a block of
 BLOCK_N weight rows once: the int8 tile of each 32-input group becomes x's dtype in registers and takes
 its group's scale there (q * s rounded once, the values `dequantize` gives), then the tensor cores
-multiply it with x's tile (fp32 sums). The weight tile is the product's first operand (BLOCK_N >= 64
-rows fill the MMA's long side; the rows are its short side, padded to a tile of 16 to 64), and Triton
-pipelines the tiles through shared memory (`num_stages`).
+multiply it with x's tile (fp32 sums). The weight tile is the product's first operand, which the MMA
+takes from registers; x's rows are its narrow second operand (padded to a tile of 16 to 64). Triton
+pipelines the int8 and x tiles through shared memory (`num_stages`); the 2-byte scales, which it does not
+stage there, are loaded a loop step ahead. Compiled for sm_90 the loop takes ~5-6 thread instructions a
+weight on 2-warp mma.sync tiles and ~7.5-9 on 4-warp wgmma tiles; an SM issues 128 a clock, so ~14-25
+weights a clock at best, where a 2.5 TB/s int8 stream needs ~10 on each of 132 SMs. Issue, not bytes, may
+bound it: the sweep times both kinds.
 
 The small in-layer matrices (2,048 outputs of a 2B's out_proj / down) have too few row blocks for 132
 SMs: their K splits over programs, each writing its fp32 partial sums; the split that arrives last at
@@ -130,11 +134,15 @@ def _rows_linear_kernel(x_ptr, x_stride, q_ptr, s_ptr, q2_ptr, s2_ptr, res_ptr, 
     g = tl.arange(0, GROUPS)
     step: tl.constexpr = GROUP * GROUPS
     scales = _scales(s_ptr + s_offsets + k_start // GROUP, g, n_ok, GROUPS)
-    scales2 = _scales(s2_ptr + s_offsets + k_start // GROUP, g, n_ok & SWIGLU, GROUPS)
+    scales2 = scales
+    if SWIGLU:
+        scales2 = _scales(s2_ptr + s_offsets + k_start // GROUP, g, n_ok, GROUPS)
     for k0 in range(k_start, k_end, step):
         ahead = n_ok & (k0 + step < k_end)
         next_scales = _scales(s_ptr + s_offsets + (k0 + step) // GROUP, g, ahead, GROUPS)
-        next_scales2 = _scales(s2_ptr + s_offsets + (k0 + step) // GROUP, g, ahead & SWIGLU, GROUPS)
+        next_scales2 = next_scales
+        if SWIGLU:
+            next_scales2 = _scales(s2_ptr + s_offsets + (k0 + step) // GROUP, g, ahead, GROUPS)
         for j in tl.static_range(GROUPS):
             k = k0 + j * GROUP
             inside = k < k_end
