@@ -134,6 +134,50 @@ def logits_of(sched, live: int, position: int, snapshot: list[torch.Tensor]) -> 
     return out[:live].clone()
 
 
+def time_variants(sched, kept, which: list[str], suffix: str, args, copy_rate: float, results: dict) -> None:
+    """Each variant's step at every live count and position (and its kernels with --profile) into results."""
+    for variant in which:
+        label = variant + suffix
+        try:
+            sched.ops, sched._graph = make_ops(sched, variant, kept), None
+            for live in args.live_counts:
+                for position in args.position:
+                    ms = time_step(sched, live, position, args.steps) * 1e3
+                    need = step_bytes(sched.model, live, position)
+                    ceiling = sum(need.values()) / copy_rate * 1e3
+                    row = {"variant": label, "live": live, "position": position, "ms": ms, "tok_s": live / ms * 1e3,
+                           "ceiling_ms": ceiling, "bytes": need, "of_ceiling": ceiling / ms}
+                    results["steps"].append(row)
+                    print(f"{args.config} {args.quant} {label:22s} {live:2d}/{args.max_batch} live at {position:5d}: "
+                          f"{ms:6.3f} ms/step {row['tok_s']:8.0f} tok/s | ceiling {ceiling:.3f} ms "
+                          f"({sum(need.values()) / 1e9:.2f} GB): {100 * row['of_ceiling']:.0f} %", flush=True)
+            if args.profile:
+                results.setdefault("profile", {})[label] = kernels(sched, args.position[-1], label)
+        except Exception as exc:  # one variant's failure: the others still run
+            traceback.print_exc()
+            results["errors"].append(f"{label}: {exc!r}")
+        sched._graph = None
+
+
+def sweep(args, seconds: float, results: dict) -> bool:
+    """The kernels' sweep, its table applied in this process (and written with --write-table)."""
+    try:
+        linear, rows, log = sweep_rows_kernels.sweep(seconds)
+    except Exception as exc:
+        traceback.print_exc()
+        results["errors"].append(f"sweep: {exc!r}")
+        return False
+    source = f"swept on {results['device']} at {results['date']} by {results['command']}"
+    if args.write_table:
+        sweep_rows_kernels.write_table(linear, rows, source)
+    else:
+        sweep_rows_kernels.apply_table(linear, rows)
+    results["sweep"] = log
+    results["table_after"] = sweep_rows_kernels.table_source(linear, rows, source)
+    print("# the swept table (kernels/rows_tuning.py):\n" + results["table_after"], flush=True)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="Qwen3.5-2B")
@@ -146,20 +190,23 @@ def main() -> None:
     parser.add_argument("--variants", default="dense,int8,int8+pdl", help="of dense, int8, each with +pdl")
     parser.add_argument("--reference", action="store_true", help="also the reference ops alone (BatchOps)")
     parser.add_argument("--profile", action="store_true", help="kernel times of each variant's step, all rows live")
-    parser.add_argument("--sweep", action="store_true", help="tune the kernels' block sizes first (sweep_rows_kernels)")
-    parser.add_argument("--sweep-seconds", type=float, default=200, help="past this, the sweep times the table only")
+    parser.add_argument("--sweep", action="store_true", help="tune the kernels' block sizes (sweep_rows_kernels)")
+    parser.add_argument("--sweep-seconds", type=float, default=180, help="past this, the sweep times the table only")
     parser.add_argument("--write-table", action="store_true", help="rewrite kernels/rows_tuning.py from the sweep")
+    parser.add_argument("--max-seconds", type=float, default=420,
+                        help="the whole run: the sweep shrinks, and later phases are skipped, to end by then")
     parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    live_counts = [min(int(n), args.max_batch) for n in args.live.split(",")]
+    left = lambda: args.max_seconds - (time.perf_counter() - clock)  # noqa: E731
+    args.live_counts = [min(int(n), args.max_batch) for n in args.live.split(",")]
     variants = args.variants.split(",") + (["reference"] if args.reference else [])
     copy_rate = measured_bandwidth(torch.device("cuda"))
     results = {"date": started.isoformat(timespec="seconds"), "config": args.config, "quant": args.quant,
                "command": " ".join(["python3", "benchmarks/bench_batch_step.py", *sys.argv[1:]]),
                "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "max_batch": args.max_batch, "context": args.context, "copy_tb_s": copy_rate / 1e12,
-               "table_before": rows_tuning.SOURCE, "steps": [], "errors": []}
+               "table_before": rows_tuning.SOURCE, "steps": [], "errors": [], "skipped": []}
     print(f"# {results['command']}\n# {results['device']}, torch {torch.__version__}, Triton {triton.__version__}, "
           f"{results['date']}; device copy {copy_rate / 1e12:.2f} TB/s (read + write)", flush=True)
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
@@ -170,54 +217,25 @@ def main() -> None:
         sched, kept = engine.scheduler, engine.backend.prompt_copies
         print(f"# engine ready after {time.perf_counter() - clock:.0f} s", flush=True)
         try:
-            def run_variants(label_suffix: str, which: list[str]) -> None:
-                for variant in which:
-                    label = variant + label_suffix
-                    try:
-                        sched.ops, sched._graph = make_ops(sched, variant, kept), None
-                        for live in live_counts:
-                            for position in args.position:
-                                ms = time_step(sched, live, position, args.steps) * 1e3
-                                need = step_bytes(sched.model, live, position)
-                                ceiling = sum(need.values()) / copy_rate * 1e3
-                                row = {"variant": label, "live": live, "position": position, "ms": ms,
-                                       "tok_s": live / ms * 1e3, "ceiling_ms": ceiling, "bytes": need,
-                                       "of_ceiling": ceiling / ms}
-                                results["steps"].append(row)
-                                print(f"{args.config} {args.quant} {label:22s} {live:2d}/{args.max_batch} live at "
-                                      f"{position:5d}: {ms:6.3f} ms/step {row['tok_s']:8.0f} tok/s | ceiling "
-                                      f"{ceiling:.3f} ms ({sum(need.values()) / 1e9:.2f} GB): "
-                                      f"{100 * row['of_ceiling']:.0f} %", flush=True)
-                        if args.profile:
-                            results.setdefault("profile", {})[label] = kernels(sched, args.position[-1], label)
-                    except Exception as exc:  # one variant's failure: the others still run
-                        traceback.print_exc()
-                        results["errors"].append(f"{label}: {exc!r}")
-                    sched._graph = None
-
-            run_variants(" (table)" if args.sweep else "", variants)
-            if args.sweep:
-                try:
-                    linear, rows, log = sweep_rows_kernels.sweep(args.sweep_seconds)
-                    source = f"swept on {results['device']} at {results['date']} by {results['command']}"
-                    if args.write_table:
-                        sweep_rows_kernels.write_table(linear, rows, source)
-                    else:
-                        sweep_rows_kernels.apply_table(linear, rows)
-                    results["sweep"] = log
-                    results["table_after"] = sweep_rows_kernels.table_source(linear, rows, source)
-                    print("# the swept table (kernels/rows_tuning.py):\n" + results["table_after"], flush=True)
-                    run_variants(" (swept)", [v for v in variants if v.startswith("int8")])
-                except Exception as exc:
-                    traceback.print_exc()
-                    results["errors"].append(f"sweep: {exc!r}")
-            results["exactness"] = exactness(sched, kept, variants, args.position[-1])
-            summary(results, live_counts, args.position,
+            time_variants(sched, kept, variants, " (table)" if args.sweep else "", args, copy_rate, results)
+            if args.sweep and left() < 150:
+                results["skipped"].append("sweep (time)")
+            elif args.sweep:  # leave ~2 minutes for the swept variants, exactness and the summary
+                if sweep(args, min(args.sweep_seconds, left() - 120), results) and left() > 60:
+                    time_variants(sched, kept, [v for v in variants if v.startswith("int8")], " (swept)", args,
+                                  copy_rate, results)
+                elif "sweep" in results:
+                    results["skipped"].append("swept variants (time)")
+            if left() > 15:
+                results["exactness"] = exactness(sched, kept, variants, args.position[-1])
+            else:
+                results["skipped"].append("exactness (time)")
+            summary(results, args.live_counts, args.position,
                     max([r for r in sweep_rows_kernels.ROWS if r <= args.max_batch], default=1))
         finally:
-            engine.close()
             results["seconds"] = time.perf_counter() - clock
             write_results(results, started, args.results_dir, args.write_table and "table_after" in results)
+            engine.close()
 
 
 def exactness(sched, kept, variants: list[str], position: int) -> dict:
