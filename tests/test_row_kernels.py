@@ -221,10 +221,16 @@ def test_whole_batched_steps_match_reference_and_rows_stand_alone(graphs, reques
 
 
 def _int8_linear(out_features: int, in_features: int) -> Linear:
+    """A random int8 linear whose scales end where NaNs begin: a kernel that loads (unmasked) past the last
+    group of the last row shows it."""
     linear = Linear(in_features, out_features)
     linear.weight.data = torch.randn(out_features, in_features) * 0.05
     linear.quantize_()
-    return linear.to(DEVICE)
+    linear = linear.to(DEVICE)
+    padded = torch.full((linear.scales.numel() + 64,), float("nan"), dtype=linear.scales.dtype, device=DEVICE)
+    padded[: linear.scales.numel()] = linear.scales.flatten()
+    linear.scales = padded[: linear.scales.numel()].view_as(linear.scales)
+    return linear
 
 
 ODD = [  # (outputs, inputs, rows, tiles): outputs off the block, K off the loop step (1, 2, 4 groups), K splits

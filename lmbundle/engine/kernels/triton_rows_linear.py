@@ -49,13 +49,14 @@ class LinearTiles(NamedTuple):
 
 
 @triton.jit
-def _scales(s_ptrs, g, ok, GROUPS: tl.constexpr):
+def _scales(s_ptrs, g, ok, groups_left, GROUPS: tl.constexpr):
     """The fp16 scales of a loop step's GROUPS groups (consecutive in each weight row): [BLOCK_N, GROUPS],
-    or [BLOCK_N] for one group."""
+    or [BLOCK_N] for one group; 0 past the split's last group (its weights load as 0, and 0 * 0 stays 0
+    where whatever lies past a row's scales might be a NaN)."""
     if GROUPS == 1:
-        scales = tl.load(s_ptrs, mask=ok, other=0.0)
+        scales = tl.load(s_ptrs, mask=ok & (groups_left > 0), other=0.0)
     else:
-        scales = tl.load(s_ptrs[:, None] + g[None, :], mask=ok[:, None], other=0.0)
+        scales = tl.load(s_ptrs[:, None] + g[None, :], mask=ok[:, None] & (g[None, :] < groups_left), other=0.0)
     return scales
 
 
@@ -133,16 +134,16 @@ def _rows_linear_kernel(x_ptr, x_stride, q_ptr, s_ptr, q2_ptr, s2_ptr, res_ptr, 
     # through shared memory with the tiles, so their latency would stall every step
     g = tl.arange(0, GROUPS)
     step: tl.constexpr = GROUP * GROUPS
-    scales = _scales(s_ptr + s_offsets + k_start // GROUP, g, n_ok, GROUPS)
+    scales = _scales(s_ptr + s_offsets + k_start // GROUP, g, n_ok, (k_end - k_start) // GROUP, GROUPS)
     scales2 = scales
     if SWIGLU:
-        scales2 = _scales(s2_ptr + s_offsets + k_start // GROUP, g, n_ok, GROUPS)
+        scales2 = _scales(s2_ptr + s_offsets + k_start // GROUP, g, n_ok, (k_end - k_start) // GROUP, GROUPS)
     for k0 in range(k_start, k_end, step):
-        ahead = n_ok & (k0 + step < k_end)
-        next_scales = _scales(s_ptr + s_offsets + (k0 + step) // GROUP, g, ahead, GROUPS)
+        left = (k_end - k0 - step) // GROUP  # groups past this step (<= 0: none)
+        next_scales = _scales(s_ptr + s_offsets + (k0 + step) // GROUP, g, n_ok, left, GROUPS)
         next_scales2 = next_scales
         if SWIGLU:
-            next_scales2 = _scales(s2_ptr + s_offsets + (k0 + step) // GROUP, g, ahead, GROUPS)
+            next_scales2 = _scales(s2_ptr + s_offsets + (k0 + step) // GROUP, g, n_ok, left, GROUPS)
         for j in tl.static_range(GROUPS):
             k = k0 + j * GROUP
             inside = k < k_end
