@@ -162,7 +162,7 @@ def time_variants(sched, kept, which: list[str], suffix: str, args, copy_rate: f
 def sweep(args, seconds: float, results: dict) -> bool:
     """The kernels' sweep, its table applied in this process (and written with --write-table)."""
     try:
-        linear, rows, log = sweep_rows_kernels.sweep(seconds)
+        linear, rows, log = sweep_rows_kernels.sweep(seconds, first=args.max_batch)
     except Exception as exc:
         traceback.print_exc()
         results["errors"].append(f"sweep: {exc!r}")

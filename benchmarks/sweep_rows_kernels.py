@@ -116,7 +116,7 @@ def int8_weights(out_features: int, in_features: int) -> tuple[torch.Tensor, tor
             (torch.rand(out_features, in_features // 32, device=DEVICE) * 0.02 + 1e-3).half())
 
 
-def sweep_linear(label: str, rows: int, budget: Budget, log: list) -> dict[tuple, LinearTiles]:
+def sweep_linear(label: str, rows: int, budget: Budget, log: list) -> dict[LinearTiles, float]:
     """One linear at `rows` rows: cuBLAS on its bf16 copy (the batched step's alternative, rows padded to
     16 and the epilogue as torch ops), then every tile and K split of the int8 rows linear; returns
     {(candidate tiles): seconds}."""
@@ -249,50 +249,64 @@ CASES = {"rms_norm_rows": norm_cases, "conv_silu_rows": conv_cases, "gated_delta
          "gated_norm_rows": gated_norm_cases, "attention_rows": attention_cases}
 
 
-def sweep_rows_kernel(kernel: str, budget: Budget, log: list) -> dict:
-    """Every candidate on every case; returns the candidate with the least sum of time / the case's best."""
+def sweep_rows_case(kernel: str, case: Case, log: list) -> dict[int, float]:
+    """Every candidate of a rows kernel on one case: {candidate index (0: the table's): seconds}."""
+    candidates = rows_candidates(kernel)
+    times = {}
+    for i, config in enumerate(candidates):
+        seconds = _try(case.calls(config), case.nbytes)
+        if seconds is not None:
+            times[i] = seconds
+    if times:
+        best = min(times, key=times.get)
+        log.append({"kernel": kernel, "shape": case.label, "rows": case.rows, "best": candidates[best],
+                    "best_us": times[best] * 1e6, "best_tb_s": case.nbytes / times[best] / 1e12,
+                    "table": candidates[0], "table_us": times.get(0, math.nan) * 1e6})
+        print(f"  {kernel:18s} {case.label:14s}: best {times[best] * 1e6:7.1f} us "
+              f"({case.nbytes / times[best] / 1e12:.2f} TB/s) {candidates[best]}; "
+              f"table's {times.get(0, math.nan) * 1e6:7.1f} us", flush=True)
+    return times
+
+
+def rows_candidates(kernel: str) -> list[dict]:
     current = rows_tuning.rows_config(kernel)
-    candidates = [current] + [c for c in ROW_KERNELS[kernel] if c != current]
-    times = []  # per case: {candidate index: seconds}
-    for label, rows, nbytes, calls in (case for rows in ROWS for case in CASES[kernel](rows)):
-        case = {}
-        for i, config in enumerate(candidates):
-            if case and budget.spent:
-                break
-            seconds = _try(calls(config), nbytes)
-            if seconds is not None:
-                case[i] = seconds
-        times.append(case)
-        best = min(case, key=case.get)
-        log.append({"kernel": kernel, "shape": label, "rows": rows, "best": candidates[best],
-                    "best_us": case[best] * 1e6, "best_tb_s": nbytes / case[best] / 1e12, "table": current,
-                    "table_us": case.get(0, math.nan) * 1e6})
-        print(f"  {kernel:18s} {label:14s}: best {case[best] * 1e6:7.1f} us ({nbytes / case[best] / 1e12:.2f} TB/s) "
-              f"{candidates[best]}; table's {case.get(0, math.nan) * 1e6:7.1f} us", flush=True)
-    # a candidate missing from a case (not timed, or failed) counts as 10x that case's best there
-    score = {i: sum(case[i] / min(case.values()) if i in case else 10.0 for case in times)
-             for i in range(len(candidates))}
-    return candidates[min(score, key=score.get)]
+    return [current] + [c for c in ROW_KERNELS[kernel] if c != current]
 
 
-def sweep(budget_seconds: float) -> tuple[dict, dict, list]:
-    """All kernels: (LINEAR table, ROWS table, one row per kernel, shape and rows count)."""
-    budget, log, linear = Budget(budget_seconds), [], dict(rows_tuning.LINEAR)
-    print("int8 rows linear: tiles (block_n, groups, split_k, warps, stages), against cuBLAS on the bf16 copy",
-          flush=True)
-    for label, (out_features, in_features, fused) in LINEARS.items():
-        by_tile = {}
-        for rows in ROWS:
-            by_tile.setdefault(row_tile(rows), []).append(sweep_linear(label, rows, budget, log))
-        for tile, cases in by_tile.items():  # one entry a row tile: R = 1, 8 and 16 share the tile of 16
-            cases = [case for case in cases if case]
-            if not cases:
-                continue
-            timed = set.union(*(set(case) for case in cases))
-            best = min(timed, key=lambda t: sum(case[t] / min(case.values()) if t in case else 10.0 for case in cases))
-            linear[(out_features, in_features, fused == "swiglu", tile)] = tuple(best)
-    print("rows kernels between the GEMMs (launch parameters)", flush=True)
-    rows = {kernel: sweep_rows_kernel(kernel, budget, log) for kernel in ROW_KERNELS}
+def least_relative(cases: list[dict]) -> object:
+    """Of the keys timed in any case, the one with the least sum of time / that case's best (a key missing
+    from a case, not timed or failed there, counts as 10x its best)."""
+    cases = [case for case in cases if case]
+    keys = set().union(*cases)
+    return min(keys, key=lambda k: sum(case[k] / min(case.values()) if k in case else 10.0 for case in cases))
+
+
+def sweep(budget_seconds: float, first: int = 32) -> tuple[dict, dict, list]:
+    """All kernels at each row count of ROWS in turn, `first` (the scheduler's) first, then the larger ones:
+    (LINEAR table, ROWS table, one log row per kernel, shape and rows count). Past the budget the remaining
+    cases are skipped, and their table entries stay as they were."""
+    budget, log = Budget(budget_seconds), []
+    linear_times: dict[tuple, list[dict]] = {}  # (shape label, row tile): per rows count {tiles: seconds}
+    rows_times: dict[str, list[dict]] = {kernel: [] for kernel in ROW_KERNELS}
+    for rows in sorted(ROWS, key=lambda r: (r != first, -r)):
+        if budget.spent:
+            print(f"# sweep budget spent: R={rows} and after not swept", flush=True)
+            break
+        print(f"# R={rows}: int8 rows linear tiles (block_n, groups, split_k, warps, stages) against cuBLAS on the "
+              "bf16 copy, then the rows kernels' launch parameters", flush=True)
+        for label in LINEARS:
+            if not budget.spent:
+                linear_times.setdefault((label, row_tile(rows)), []).append(sweep_linear(label, rows, budget, log))
+        for kernel in ROW_KERNELS:
+            for case in CASES[kernel](rows) if not budget.spent else []:
+                rows_times[kernel].append(sweep_rows_case(kernel, case, log))
+    linear = dict(rows_tuning.LINEAR)
+    for (label, tile), cases in linear_times.items():  # one entry a row tile: R = 1, 8, 16 share the 16
+        if any(cases):
+            out_features, in_features, fused = LINEARS[label]
+            linear[(out_features, in_features, fused == "swiglu", tile)] = tuple(least_relative(cases))
+    rows = {kernel: rows_candidates(kernel)[least_relative(cases)] if any(cases) else rows_tuning.rows_config(kernel)
+            for kernel, cases in rows_times.items()}
     return linear, rows, log
 
 
