@@ -19,7 +19,10 @@ $OUT when set).
 Builds a random-weight checkpoint at a real config (as bench_decode.py), converts it, starts an engine
 with `--max-batch` rows and drives its scheduler's graph directly: B rows live at `--position`, the
 padding rows at position 0.
-  python benchmarks/bench_batch_step.py --config Qwen3.5-2B --quant int8hu --max-batch 32 --sweep --profile
+  python3 benchmarks/bench_batch_step.py --config Qwen3.5-2B --quant int8hu --max-batch 32 --sweep --write-table \
+      --profile --max-seconds 390
+(--max-seconds bounds the run: the sweep gets what the build and the first variants leave, less ~2 minutes for
+the swept variants, exactness and the summary.)
 """
 
 from __future__ import annotations
