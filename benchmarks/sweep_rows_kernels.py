@@ -12,7 +12,6 @@ the least total time relative to each case's best). Run through `bench_batch_ste
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from benchmarks.timing import replayed_seconds
 from lmbundle.engine.kernels import rows_tuning, triton_rows
 from lmbundle.engine.kernels.triton_gemv import GatedNormInput
 from lmbundle.engine.kernels.triton_rows_linear import LinearTiles, row_tile, rows_linear
@@ -68,27 +68,8 @@ def copies(nbytes: int, make: Callable[[], object], most: int = 64) -> list:
 
 
 def seconds_per_call(calls: list[Callable[[], object]], nbytes: int) -> float:
-    """Median seconds of one call when the calls (one per copy) are replayed round-robin in a CUDA graph."""
-    for call in calls:  # compiles outside the capture
-        call()
-    torch.cuda.synchronize()
-    rounds = math.ceil(max(4, min(256, REPLAY_BYTES / max(nbytes, 1))) / len(calls))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(rounds):
-            for call in calls:
-                call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(REPLAYS):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return statistics.median(times) / (rounds * len(calls))
+    """Median seconds of one call (benchmarks/timing.py), replays reading about REPLAY_BYTES."""
+    return replayed_seconds(calls, nbytes, REPLAY_BYTES, 256, REPLAYS)
 
 
 class Budget:

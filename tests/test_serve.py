@@ -21,7 +21,6 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
 from PIL import Image
 
 from lmbundle.convert.convert import convert
