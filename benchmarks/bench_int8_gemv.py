@@ -15,13 +15,17 @@ import datetime
 import itertools
 import json
 import math
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lmbundle.engine.kernels import triton_gemv
-from lmbundle.models.linear import int8_matmul as reference_int8_matmul
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.timing import replayed_seconds  # noqa: E402
+from lmbundle.engine.kernels import triton_gemv  # noqa: E402
+from lmbundle.models.linear import int8_matmul as reference_int8_matmul  # noqa: E402
 
 SHAPES = [  # (label, out_features, in_features)
     ("lm_head", 248320, 2048),
@@ -57,28 +61,8 @@ def _bf16_copies(out_features: int, in_features: int) -> list[torch.Tensor]:
 
 
 def seconds_per_call(calls: list, bytes_per_call: int) -> float:
-    """Median time of one call when `calls` (one per weight copy) are replayed round-robin in a CUDA graph."""
-    for call in calls:  # compile outside the capture
-        call()
-    torch.cuda.synchronize()
-    wanted = max(4, min(MAX_CALLS_PER_GRAPH, math.ceil(GRAPH_BYTES / bytes_per_call)))
-    rounds = math.ceil(wanted / len(calls))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(rounds):
-            for call in calls:
-                call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(TIMED_REPLAYS):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return statistics.median(times) / (rounds * len(calls))
+    """Median seconds of one call (benchmarks/timing.py), replays reading about GRAPH_BYTES."""
+    return replayed_seconds(calls, bytes_per_call, GRAPH_BYTES, MAX_CALLS_PER_GRAPH, TIMED_REPLAYS)
 
 
 def _int8_bytes(q: torch.Tensor, s: torch.Tensor) -> int:

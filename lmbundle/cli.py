@@ -108,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8", "4bit"],
                    help="with --server: the class whose log-prob bound applies (default: the model name's, else "
                         "the tightest the figures fit)")
-    p.add_argument("--quiet", action="store_true", help="with --server: no progress lines")
     p.add_argument("--oracle", required=True, help="the original checkpoint (folder or hub id)")
     p.add_argument("--against", help="another bundle (e.g. fp16) that greedy rollouts must equal")
     p.add_argument("--coverage", type=int, help="token ids fed as random-token prompts (default: the whole "
@@ -116,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, help="default: the fastest present (PyTorch on Linux)")
     p.add_argument("--device", help="torch device (cpu, cuda, mps); default: the best present")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (on stderr) while the gate runs")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page")
     _add_engine_args(p)
@@ -335,16 +335,20 @@ def cmd_gate(args) -> None:
     from .gates.gate import run_gate, verdict
     from .gates.oracle import Oracle
 
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    log = None if args.quiet else progress
     engine = Engine(args.bundle, backend=args.backend, device=args.device)
     against = Engine(args.against, backend=args.backend, device=args.device) if args.against else None
     _check_oracle_architecture(engine, args.oracle)
     oracle = Oracle(args.oracle)
-    report = run_gate(engine, oracle, against, coverage=args.coverage)
+    report = run_gate(engine, oracle, against, coverage=args.coverage, log=log)
     image = None
     if engine.is_vlm:
         from .gates.image_gate import run_image_gate
 
-        image = run_image_gate(engine, oracle)
+        image = run_image_gate(engine, oracle, log=log)
     line = verdict(report, image)
     if args.json:
         print(json.dumps(report.to_dict() | ({"image": image.to_dict()} if image else {})
@@ -352,6 +356,8 @@ def cmd_gate(args) -> None:
     else:
         print("\n".join(report.lines() + (image.lines() if image else []) + [line]))
     if line != "PASS":
+        del engine, against  # a Core AI engine is freed now, not during interpreter exit (see `main`)
+        gc.collect()
         raise SystemExit(1)
 
 

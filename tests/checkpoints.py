@@ -62,14 +62,17 @@ REAL_CONFIGS = {
 REAL_CONFIGS["Qwen3.5-2B"] = dict(REAL_CONFIGS["Qwen3.5-0.8B"], hidden_size=2048, intermediate_size=6144)
 
 
-def make_qwen35(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> Path:
-    """Save a random-init Qwen3_5ForCausalLM with the given text config; returns the folder."""
+def make_qwen35(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, fresh: bool = False,
+                **config) -> Path:
+    """Save a random-init Qwen3_5ForCausalLM with the given text config; returns the folder. `fresh`:
+    exactly as transformers initialises it (uniform norms, dt_bias = ones), else with spread norms."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     torch.manual_seed(seed)
     cfg = Qwen3_5TextConfig(**config)
     model = Qwen3_5ForCausalLM(cfg).to(dtype)
-    _spread_gdn_params(model)
+    if not fresh:
+        _spread_gdn_params(model)
     model.save_pretrained(folder)
     return folder
 
@@ -170,8 +173,8 @@ def make_tokenizer(folder: Path, vocab_size: int, special_tokens: list[str] = SP
     return fast
 
 
-def make_qwen35_with_tokenizer(folder: Path, **config) -> Path:
-    make_qwen35(folder, **config)
+def make_qwen35_with_tokenizer(folder: Path, fresh: bool = False, **config) -> Path:
+    make_qwen35(folder, fresh=fresh, **config)
     make_tokenizer(folder, config["vocab_size"])
     return folder
 
@@ -246,3 +249,28 @@ def image_message(images, text: str = "Describe the image.") -> list[dict]:
     """One user message: the images, then the text."""
     return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
                                          {"type": "text", "text": text}]}]
+
+
+VL_SIDE = 64  # make_qwen3vl_with_tokenizer's largest image: the bundle's fixed size, 2 x 2 = 4 tokens an image
+
+
+def make_qwen3vl_with_tokenizer(folder: Path, seed: int = 0, fresh: bool = True) -> Path:
+    """A tiny Qwen3-VL (3 text layers, a 2-block vision tower with 2 DeepStack levels, tied head) exactly as
+    transformers initialises it, with its tokenizer and a 64x64 image processor (tiny image prompts)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    vision = dict(_VISION, depth=2, patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
+                  num_position_embeddings=256, deepstack_visual_indexes=[0, 1])
+    config = Qwen3VLConfig(vision_config=vision, text_config=VLM_TEXT["qwen3_vl"], image_token_id=IMAGE_PAD,
+                           vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+                           tie_word_embeddings=True)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    if not fresh:
+        _spread_gdn_params(model)
+    model.save_pretrained(folder)
+    make_tokenizer(folder, VLM_VOCAB, VLM_SPECIAL_TOKENS, VLM_TEMPLATE)
+    Qwen2VLImageProcessorPil(**dict(PROCESSOR, size={"shortest_edge": 32 * 32, "longest_edge": VL_SIDE * VL_SIDE})
+                             ).save_pretrained(folder)
+    return folder

@@ -95,6 +95,52 @@ def host_bundles(tmp_path_factory):
     return bundles
 
 
+# Fresh-init checkpoints (exactly as transformers initialises them: uniform norms, dt_bias = ones, zero
+# biases) of several shapes, tied and untied, text and VLM, each with the quant mode its bundle is made in.
+FRESH = {
+    "text-untied": (lambda folder: checkpoints.make_qwen35_with_tokenizer(
+        folder, fresh=True, **checkpoints.TINY_CONFIGS["base"]), "int8hu"),
+    "text-tied": (lambda folder: checkpoints.make_qwen35_with_tokenizer(
+        folder, fresh=True, **checkpoints.TINY_CONFIGS["tied_mha"]), "fp16"),
+    "vlm": (lambda folder: checkpoints.make_qwen3vl_with_tokenizer(folder, fresh=True), "int8hu"),
+}
+
+
+class FreshBundles:
+    """name -> (checkpoint folder, bundle with both graphs, oracle), made on first use (a test worker
+    builds only the ones its tests ask for)."""
+
+    def __init__(self, root: Path):
+        self.root, self._made = root, {}
+
+    def __getitem__(self, name: str):
+        if name not in self._made:
+            from lmbundle.convert.convert import convert
+            from lmbundle.gates.oracle import Oracle
+
+            make, quant = FRESH[name]
+            checkpoint = make(self.root / f"{name}-checkpoint")
+            bundle = convert(str(checkpoint), self.root / name, quant=quant, backend="all", max_context=512, log=None)
+            self._made[name] = (checkpoint, bundle, Oracle(str(checkpoint)))
+        return self._made[name]
+
+
+@pytest.fixture(scope="session")
+def fresh_bundles(tmp_path_factory):
+    return FreshBundles(tmp_path_factory.mktemp("fresh"))
+
+
+@pytest.fixture(scope="session")
+def sabotage_models(tiny_qwen35, tmp_path_factory):
+    """The tiny random checkpoint and the trained demo model, each with its bundles made on first use."""
+    from tests.sabotage import Model
+
+    root = tmp_path_factory.mktemp("sabotage")
+    (root / "tiny").mkdir()
+    (root / "demo").mkdir()
+    return {"tiny": Model(tiny_qwen35, root / "tiny"), "demo": Model(DEMO_QWEN35, root / "demo")}
+
+
 # -- `lmbundle serve` as a process -------------------------------------------------------------------------
 API_KEY = "test-key"  # what the tests' servers take where they take a key
 

@@ -18,7 +18,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lmbundle.engine.kernels import triton_chunks, triton_gemv, triton_mixers, triton_rows
+from lmbundle.engine.kernels import rows_tuning, triton_chunks, triton_gemv, triton_mixers, triton_rows
+from lmbundle.engine.kernels import triton_rows_linear
 from lmbundle.models.ops import Norm
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -128,29 +129,55 @@ def one_token_launches() -> dict[str, list]:
 
 
 def rows_launches() -> dict[str, list]:
-    """The batched step's kernels between its GEMMs (`triton_rows`), at the 2B's shapes."""
+    """The batched step's kernels (`triton_rows`) at the 2B's shapes, as `RowStepOps` launches them: its
+    block sizes (`rows_tuning`), programmatic dependent launches."""
     norm = Norm(meta(HIDDEN), 1e-6, True)
     gated = triton_gemv.GatedNormInput(meta(ROWS, HIDDEN), meta(ROWS, 16, 8, dtype=torch.float32),
                                        meta(ROWS, HIDDEN), meta(128), 1e-6, 128)
-    found = {"rows norm": launches(triton_rows, "_rms_norm_rows_kernel",
-                                   lambda: triton_rows.rms_norm_rows(meta(ROWS, HIDDEN), norm)),
+    config = rows_tuning.rows_config
+    found = {"rows norm": launches(triton_rows, "_rms_norm_rows_kernel", lambda: triton_rows.rms_norm_rows(
+                 meta(ROWS, HIDDEN), norm, **config("rms_norm_rows"), pdl=True)),
              "rows GDN gated norm": launches(triton_rows, "_gated_norm_rows_kernel",
-                                             lambda: triton_rows.gated_norm_rows(gated))}
+                                             lambda: triton_rows.gated_norm_rows(gated, **config("gated_norm_rows"),
+                                                                                 pdl=True))}
     live = meta(ROWS, dtype=torch.int32)
     found["rows GDN conv"] = launches(triton_rows, "_conv_silu_rows_kernel", lambda: triton_rows.conv_silu_rows(
-        meta(ROWS, IN_PROJ), live, meta(ROWS, CONV, 3), meta(CONV, 4)))
+        meta(ROWS, IN_PROJ), live, meta(ROWS, CONV, 3), meta(CONV, 4), **config("conv_silu_rows"), pdl=True))
     found["rows GDN delta rule"] = launches(
         triton_rows, "_gated_delta_rows_kernel", lambda: triton_rows.gated_delta_rows(
             meta(ROWS, IN_PROJ), live, meta(16, dtype=torch.float32), meta(16, dtype=torch.float32),
-            meta(ROWS, 16, 128, 128, dtype=torch.float32), (16, 16), (128, 128)))
+            meta(ROWS, 16, 128, 128, dtype=torch.float32), (16, 16), (128, 128), **config("gated_delta_rows"),
+            pdl=True))
 
     def attention():
         triton_rows.attention_rows(meta(ROWS, 5120), meta(ROWS, dtype=torch.int64), live, meta(256), meta(256),
                                    meta(ROWS, 64, dtype=torch.float32), meta(ROWS, 64, dtype=torch.float32),
-                                   meta(ROWS, 2, 4096, 256), meta(ROWS, 2, 4096, 256), (8, 2), 256, True, True, 1e-6)
+                                   meta(ROWS, 2, 4096, 256), meta(ROWS, 2, 4096, 256), (8, 2), 256, True, True, 1e-6,
+                                   **config("attention_rows"), pdl=True)
 
     found["rows attention split"] = launches(triton_rows, "_attention_rows_split_kernel", attention)
     found["rows attention combine"] = launches(triton_rows, "_attention_rows_combine_kernel", attention)
+    return {**found, **rows_linear_launches()}
+
+
+def rows_linear_launches() -> dict[str, list]:
+    """The batched step's int8 linears (`triton_rows_linear`) at the 2B's shapes and ROWS rows, with the tiles
+    and fused epilogues `RowStepOps` gives them."""
+    counters = meta(4096, dtype=torch.int32)
+    linears = {  # label: (outputs, inputs, fused)
+        "rows int8 in_proj": (IN_PROJ, HIDDEN, ""), "rows int8 attention qkv": (5120, HIDDEN, ""),
+        "rows int8 out_proj + residual": (HIDDEN, HIDDEN, "residual"),
+        "rows int8 gate/up + SwiGLU": (MLP, HIDDEN, "swiglu"), "rows int8 down + residual": (HIDDEN, MLP, "residual"),
+        "rows int8 head": (VOCAB, HIDDEN, ""),
+    }
+    found = {}
+    for label, (rows, columns, fused) in linears.items():
+        tiles = rows_tuning.linear_tiles(rows, columns, ROWS, fused == "swiglu")
+        kwargs = {"residual": meta(ROWS, rows)} if fused == "residual" else {}
+        if fused == "swiglu":
+            kwargs["up"] = int8(rows, columns)
+        found[label] = launches(triton_rows_linear, "_rows_linear_kernel", lambda: triton_rows_linear.rows_linear(
+            meta(ROWS, columns), int8(rows, columns), tiles, counters, pdl=True, **kwargs))
     return found
 
 

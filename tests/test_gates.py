@@ -34,16 +34,21 @@ def fp16_engine(demo_bundles):
 
 
 def test_fp16_gate_passes_with_identical_rollouts(fp16_engine, oracle):
-    report = run_gate(fp16_engine, oracle)
+    """The default gate: 3 long text prompts and a chat prompt (its rollout ends at <|im_end|>), every path."""
+    lines = []
+    report = run_gate(fp16_engine, oracle, log=lines.append)
     assert report.passed, report.lines() + report.failures
-    assert report.oracle_top1_last == 16 and report.vocab_covered == 1.0
-    assert report.rollout_identical == 16 and report.rollout_excused == 0
+    assert report.prompts == 4 and report.oracle_top1_last == 4 and report.vocab_covered == 1.0
+    assert report.rollout_identical == 4 and report.rollout_excused == 0 and report.rollout_tokens < 4 * 32
+    assert set(report.paths) == {"S=1", "chunked", "prompt path", "seeded step"} and set(report.states) == {
+        "conv", "rec", "key", "value"}
+    assert lines[0].startswith("gate [") and "config, recipe" in lines[0] and lines[-1].endswith("done")
 
 
-def test_int8hu_gate_passes_16_of_16(demo_bundles, fp16_engine, oracle):
+def test_int8hu_gate_passes_against_fp16(demo_bundles, fp16_engine, oracle):
     report = run_gate(Engine(demo_bundles["int8hu"], backend="torch", device="cpu"), oracle, against=fp16_engine)
     assert report.passed, report.lines() + report.failures
-    assert report.oracle_top1_last == 16 and report.against_identical == 16 and report.rollout_identical == 16
+    assert report.oracle_top1_last == 4 and report.against_identical == 4 and report.rollout_identical == 4
     assert report.seeded_min_cosine > 0.99999
 
 
@@ -67,14 +72,16 @@ def test_clipping_head_flips_confident_top1_where_absmax_does_not():
         flips = 0
         for text, (ref_top1, ref_margin) in zip(PROMPTS, references):
             with torch.no_grad():
-                top1 = model.forward_tokens(torch.tensor(tokenizer.encode(text)), 0, model.new_state(64)).argmax(-1)
+                ids = tokenizer.encode(text)
+                top1 = model.forward_tokens(torch.tensor(ids), 0, model.new_state(len(ids))).argmax(-1)
             flips += int(((top1 != ref_top1) & (ref_margin >= TIE_MARGIN)).sum())
         return flips
 
     references = []
     for text in PROMPTS:
         with torch.no_grad():
-            logits = model.forward_tokens(torch.tensor(tokenizer.encode(text)), 0, model.new_state(64))
+            ids = tokenizer.encode(text)
+            logits = model.forward_tokens(torch.tensor(ids), 0, model.new_state(len(ids)))
         top2 = logits.topk(2, dim=-1).values
         references.append((logits.argmax(-1), top2[:, 0] - top2[:, 1]))
     assert confident_flips(dequantize(*quantize_absmax(head))) == 0  # block-32 absmax: the int8hu default
@@ -82,26 +89,29 @@ def test_clipping_head_flips_confident_top1_where_absmax_does_not():
 
 
 def test_gate_cli_pass_and_json(demo_bundles):
+    """`--json` prints the report on stdout; `--quiet` leaves stderr without the progress lines."""
     out = subprocess.run([sys.executable, "-m", "lmbundle", "gate", str(demo_bundles["fp16"]), "--oracle",
-                          str(DEMO_QWEN35), "--json", "--backend", "torch", "--device", "cpu"],
+                          str(DEMO_QWEN35), "--json", "--quiet", "--backend", "torch", "--device", "cpu"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["passed"] and result["verdict"] == "PASS" and result["oracle_top1_last"] == 16
-    assert result["prompts"] == 16
+    assert result["passed"] and result["verdict"] == "PASS" and result["oracle_top1_last"] == 4
+    assert result["prompts"] == 4 and "gate [" not in out.stderr
 
 
 @needs_coreai
 def test_coreai_gate_and_24_of_24_identity_with_torch(demo_bundles, oracle):
-    """The shipped .aimodel (fp16 floats, int8 block-32 weights) on the Linux Core AI runtime: the gate,
-    and greedy rollouts equal to the PyTorch CPU backend's (a fork counts only where the oracle
-    itself is at a tie). The runtime is a slow reference interpreter, so rollouts are short."""
+    """The shipped .aimodel (fp16 floats, int8 block-32 weights) on the Linux Core AI runtime: the gate
+    (one long prompt: `main` S=1 and the prompt function with its states, the weights in place), and
+    greedy rollouts equal to the PyTorch CPU backend's (a fork counts only where the oracle itself is at
+    a tie). The runtime is a slow reference interpreter, so rollouts are short."""
     from lmbundle.gates.gate import forks_at_tie
 
     coreai = Engine(demo_bundles["int8hu"], backend="coreai")
-    report = run_gate(coreai, oracle, prompts=PROMPTS[:2], rollouts=8, coverage=64)
+    report = run_gate(coreai, oracle, prompts=PROMPTS[:1], chat=None, rollouts=8, coverage=0)
     assert report.passed, report.lines() + report.failures
-    assert report.exact_worst < 0.1 and report.rollout_identical == 2
+    assert report.exact_worst < 0.1 and report.state_worst < 0.1 and report.rollout_identical == 1
+    assert "prompt path" in report.paths and not report.aimodel_bad and len(report.aimodel_reads) == 2
     torch_engine = Engine(demo_bundles["int8hu"], backend="torch", device="cpu")
     prompts = ["KING HENRY:\nNow, lords,", "ROMEO:\nBut soft,", "To be, or not to be,", "Good morrow,",
                "What news from the court?", "O, my lord,", "Enter a messenger.", "My gracious sovereign,",

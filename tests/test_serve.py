@@ -22,7 +22,6 @@ from pathlib import Path
 import openai
 import psutil
 import pytest
-import torch
 from PIL import Image
 
 from lmbundle.convert.convert import convert

@@ -22,10 +22,9 @@ import uvicorn
 from lmbundle.cli import main
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
-from lmbundle.gates.gate import PROMPTS
 from lmbundle.gates.oracle import Oracle
 from lmbundle.gates.server_client import Completion, Server
-from lmbundle.gates.server_gate import chat_ids, run_server_gate, stop_ids, teacher_forced
+from lmbundle.gates.server_gate import PROMPTS, chat_ids, run_server_gate, stop_ids, teacher_forced
 from lmbundle.gates.server_tokens import Entry, TokenTable
 from lmbundle.models.layers import rope_inv_freq
 from lmbundle.models.linear import dequantize, quantize_absmax

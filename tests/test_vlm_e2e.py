@@ -222,15 +222,16 @@ def test_cli_run_image_prints_the_notice_once(vlm, tmp_path, capsys):
 
 
 def test_image_gate_passes(vlm):
-    """`lmbundle gate`'s image part on one prompt: positions, vision cosine and the S=1 sweep."""
-    from types import SimpleNamespace
-
+    """`lmbundle gate`'s image part on one prompt: pixels vs the checkpoint's processor, the encoder from
+    them, positions and the S=1 sweep."""
     from lmbundle.gates.image_gate import PROMPTS, run_image_gate
+    from lmbundle.gates.oracle import Oracle
 
-    _, ref, engines, _ = vlm
-    report = run_image_gate(engines["fp16"], SimpleNamespace(model=ref), PROMPTS[1:2])
+    _, _, engines, checkpoint = vlm
+    report = run_image_gate(engines["fp16"], Oracle(str(checkpoint)), PROMPTS[1:2])
     assert report.passed, report.lines()
     assert report.positions_exact == 1 and report.sweep_positions == 16 and report.vision_min_cosine >= 0.9997
+    assert report.pictures == 4 and report.pixels_worst <= 1e-5
 
 
 def test_vision_aimodel_runs_on_core_ai(vlm, tmp_path):

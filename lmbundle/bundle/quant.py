@@ -33,30 +33,35 @@ def check_mode(mode: str, head_quant: str = "block32") -> None:
         raise LmbundleError(f"unknown head quant {head_quant!r} (choose one of {', '.join(HEAD_QUANTS)})")
 
 
-def quantize_model(model: nn.Module, mode: str, head_quant: str = "block32") -> dict[str, Any]:
-    """Quantize the graph in place; returns the recipe that `apply_layout` rebuilds it from."""
+def plan_recipe(model: nn.Module, mode: str, head_quant: str = "block32") -> dict[str, Any]:
+    """The recipe `quantize_model` applies to `model` for a mode (what the gates expect of a bundle that
+    declares it): which linears become int8 and over which block, and whether the head stays tied."""
     check_mode(mode, head_quant)
     int8: dict[str, int] = {}
     if mode in ("int8lin", "int8hu"):
         for name, module in model.named_modules():
             if isinstance(module, Linear) and name != "lm_head" and module.in_features % BLOCK == 0:
-                module.quantize_(BLOCK)
                 int8[name] = BLOCK
-    tied = model.cfg.tie_word_embeddings
+    tied = bool(model.cfg.tie_word_embeddings) and mode != "int8hu"  # int8hu unties: the head gets its own copy
     if mode == "int8hu":
-        head = model.lm_head
-        if tied:  # untie: the head gets its own copy of the table before quantization
-            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-            tied = False
-        block = head.in_features if head_quant == "perchan" else BLOCK
-        head.quantize_(block)
-        int8["lm_head"] = block
-    for name, param in model.named_parameters():
-        param.data = param.data.float() if keeps_high_precision(name) else param.data.to(torch.float16)
-    if tied:
-        model.tie_head()
+        int8["lm_head"] = model.lm_head.in_features if head_quant == "perchan" else BLOCK
     head_kind = f"int8-{head_quant}" if mode == "int8hu" else ("tied-fp16" if tied else "fp16")
     return {"mode": mode, "block": BLOCK, "int8_linears": int8, "tied_head": tied, "head": head_kind}
+
+
+def quantize_model(model: nn.Module, mode: str, head_quant: str = "block32") -> dict[str, Any]:
+    """Quantize the graph in place; returns the recipe that `apply_layout` rebuilds it from."""
+    recipe = plan_recipe(model, mode, head_quant)
+    modules = dict(model.named_modules())
+    if not recipe["tied_head"] and model.cfg.tie_word_embeddings:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    for name, block in recipe["int8_linears"].items():
+        modules[name].quantize_(block)
+    for name, param in model.named_parameters():
+        param.data = param.data.float() if keeps_high_precision(name) else param.data.to(torch.float16)
+    if recipe["tied_head"]:
+        model.tie_head()
+    return recipe
 
 
 def apply_layout(model: nn.Module, recipe: dict[str, Any]) -> None:

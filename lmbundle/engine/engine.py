@@ -112,8 +112,7 @@ class Engine:
                                         marker)
         self.scheduler: Scheduler | None = None  # continuous batching of text prompts (torch, max_batch > 1)
         if max_batch > 1 and backend == "torch" and self.vision is None:
-            self.scheduler = Scheduler(self.backend, self.prefix_cache, max_batch, token_budget, cache_block,
-                                       cuda.row_kernels, cuda.solo_step or self.device.type != "cuda")
+            self.scheduler = Scheduler(self.backend, self.prefix_cache, max_batch, token_budget, cache_block, cuda)
             self._batch = BatchLoop(self.scheduler)
 
     def forget(self) -> None:

@@ -52,7 +52,7 @@ from .outputs import TokenStops
 from .prefix_cache import PrefixCache
 from .request import Stats
 from .sampling import Sampling, sample
-from .torch_backend import TorchBackend
+from .torch_backend import CudaOptions, TorchBackend
 
 
 @dataclass(eq=False)
@@ -106,7 +106,7 @@ class Step:
 
 class Scheduler:
     def __init__(self, backend: TorchBackend, cache: PrefixCache, max_batch: int, token_budget: int = 512,
-                 chunk: int = 256, row_kernels: bool = True, solo_step: bool = True):
+                 chunk: int = 256, cuda: CudaOptions = CudaOptions()):
         self.model, self.device, self.cache = backend.model, backend.device, cache
         self.max_batch, self.token_budget, self.chunk = max_batch, token_budget, chunk
         self.capacity = backend.max_context
@@ -120,13 +120,14 @@ class Scheduler:
             self.prefill_graphs = PrefillGraphs(self.model, staging)
         self.padded = self.device.type == "cuda"  # every step on all max_batch rows (the one graph's layout)
         self._graph: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
-        self.solo_step = solo_step  # one sequence decoding alone: the one-request step
+        # one sequence decoding alone: the one-request step (on the CPU always: the same math as the batched)
+        self.solo_step = cuda.solo_step or self.device.type != "cuda"
         self._solo_graph: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
         self.solo_steps = 0
         self._ids_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._positions_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._live_in = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
-        self.ops = self._batch_ops(backend.prompt_copies, row_kernels)
+        self.ops = self._batch_ops(backend.prompt_copies, cuda)
         self._unread: Step | None = None  # the last step enqueued, its tokens not yet handed out
         self._host_tokens = [torch.zeros(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
                              for _ in range(2)]  # the steps' tokens land here, alternately
@@ -145,15 +146,15 @@ class Scheduler:
         self._inner: list[float] = []  # time of the phases timed inside the open ones
         self._emitted: list[Emitted] = []
 
-    def _batch_ops(self, kept, row_kernels: bool) -> StepOps:
+    def _batch_ops(self, kept, cuda: CudaOptions) -> StepOps:
         """The reference math with padded rows (int8 weights from a dense copy off the CPU); on CUDA its
         GEMMs with the rows kernels of `kernels/triton_rows.py` around them (without: a 32-row 2B int8hu
         step 8.9 ms on the H200 against 2.5-2.8 ms)."""
         linears = BatchOps(-(-self.max_batch // ROW_TILE) * ROW_TILE, dense=self.device.type != "cpu", kept=kept)
-        if self.device.type == "cuda" and triton_installed() and row_kernels:
+        if self.device.type == "cuda" and triton_installed() and cuda.row_kernels:
             from .kernels.triton_rows import RowStepOps
 
-            return RowStepOps(self._live_in, linears)
+            return RowStepOps(self._live_in, linears, int8_linears=cuda.int8_rows, pdl=cuda.row_pdl)
         return linears
 
     # -- what the driver calls --------------------------------------------------------------------

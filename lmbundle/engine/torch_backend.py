@@ -53,12 +53,18 @@ class CudaOptions:
     `prompt_copies`: keep the int8 body expanded to 16 bits for prompt chunks' matmuls where the copies take
     at most a quarter of the free GPU memory (+2.7 GB for the 2B; `prompt_copies`); off, every chunk expands
     the weights again and the memory stays free. `row_kernels`: the batched step's Triton kernels between its
-    GEMMs; off, the reference ops alone (what the CPU runs), for comparing the two. `solo_step`: one request
-    decoding alone runs the fused one-request step (faster for one user); off, the batched step at any load
-    (then a request's tokens are bit for bit the same whatever runs beside it: scheduler.py)."""
+    GEMMs; off, the reference ops alone (what the CPU runs), for comparing the two. `int8_rows`: the batched
+    step's int8 linears read as int8 by one Triton kernel each (`kernels/triton_rows_linear.py`, the residual
+    add and SwiGLU fused in) instead of cuBLAS on 16-bit copies; `row_pdl`: its Triton kernels chained by
+    programmatic dependent launch (Hopper). Both off until `benchmarks/bench_batch_step.py` has timed them.
+    `solo_step`: one request decoding alone runs the fused one-request step (faster for one user); off, the
+    batched step at any load (then a request's tokens are bit for bit the same whatever runs beside it:
+    scheduler.py)."""
 
     prompt_copies: bool = True
     row_kernels: bool = True
+    int8_rows: bool = False
+    row_pdl: bool = False
     solo_step: bool = True
 
 

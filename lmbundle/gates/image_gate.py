@@ -1,35 +1,48 @@
-"""The image-prompt gate of VLM bundles (the seed's Qwen3-VL sweep), against the fp32 transformers oracle.
+"""The image-prompt gate of VLM bundles (the seed's Qwen3-VL sweep), against the fp32 transformers oracle
+and the checkpoint's own image processor.
 
-Fixed image prompts with pictures drawn here (so the gate needs no files): one at the encoder's size,
-one stretched to it, two images in one prompt. For each:
-1. positions: the graph's in-graph M-RoPE (t, h, w) equals transformers' `get_rope_index` everywhere;
-2. vision: the bundle's encoder vs the oracle's vision tower on the same patches, per-token cosine of
-   image (and DeepStack) embeddings >= 0.9997 (the seed's porting bound);
-3. sweep: the bundle fed the prompt S=1 from a zero state, top-1 equal to the oracle's at the last 16
-   positions (a flip where the oracle's top-2 margin is < 0.1 counts as a tie); min logits cosine.
+1. preprocessing: the bundle's recorded constants (size, mean/std, rescale, resampling filter, patch and
+   merge sizes) equal the ones the checkpoint's processor config implies;
+2. pixels: pictures of several sizes and modes through the bundle's image path (stretch to the fixed
+   size, RGB, rescale, normalize, patchify) equal the checkpoint's image processor on the same picture
+   stretched with the processor's own filter (its aspect-preserving resize is the one documented
+   difference), then through the encoders: the bundle's on its patches vs the oracle's vision tower on
+   the processor's, every level (DeepStack too) within `VISION_BOUND` of the oracle's spread;
+3. positions: the graph's in-graph M-RoPE (t, h, w) equals transformers' `get_rope_index`;
+4. sweep: fixed image prompts (pictures drawn here, so the gate needs no files) fed S=1 from a zero
+   state, top-1 equal to the oracle's (fed the processor's pixels) at the last 16 positions (a flip where
+   the oracle's top-2 margin is < 0.1 counts as a tie).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..bundle.vision import ImageSpec
+from ..convert.vision_export import image_spec_of
 from ..engine.engine import Engine
-from .gate import TIE_MARGIN, Report
+from ..errors import LmbundleError
+from .gate import TIE_MARGIN, Progress, Report
 from .oracle import Oracle
 
 SWEEP = 16
 VISION_MIN_COSINE = 0.9997
+VISION_BOUND = 0.05  # max |bundle - oracle| / std(oracle), vision embeddings (fp16 weights: clean 0.0015-0.0022)
+PIXEL_TOLERANCE = 1e-5  # the same float32 arithmetic in another order
 _SHAPES = (  # (box on a 448 canvas, colour)
     ((40, 60, 200, 220), (220, 40, 40)), ((240, 200, 420, 400), (40, 90, 220)), ((60, 300, 180, 420), (30, 170, 60)),
 )
+PICTURES = ((0, None, "RGB"), (1, (640, 480), "RGB"), (2, (300, 500), "RGBA"), (3, (97, 61), "RGB"))  # None: the fixed size
 
 
-def picture(seed: int, size: tuple[int, int]) -> Image.Image:
-    """A deterministic picture: a colour gradient with a few filled shapes (scaled to `size`)."""
+def picture(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    """A deterministic picture: a colour gradient with a few filled shapes (scaled to `size`); RGBA ones
+    get a transparent corner."""
     rng = np.random.default_rng(seed)
     width, height = size
     across = np.linspace(0, 1, width)[None, :, None] * rng.uniform(60, 255, 3)
@@ -39,6 +52,11 @@ def picture(seed: int, size: tuple[int, int]) -> Image.Image:
     for k, (box, colour) in enumerate(_SHAPES):
         box = [int(v * (width if i % 2 == 0 else height) / 448) for i, v in enumerate(box)]
         (draw.ellipse if (k + seed) % 2 else draw.rectangle)(box, fill=tuple(int(c) for c in np.roll(colour, seed)))
+    if mode == "RGBA":
+        image = image.convert("RGBA")
+        alpha = np.full((height, width), 255, np.uint8)
+        alpha[: height // 3, : width // 3] = 40
+        image.putalpha(Image.fromarray(alpha))
     return image
 
 
@@ -52,8 +70,12 @@ PROMPTS = (  # ((picture seed, size), ...), question
 @dataclass
 class ImageGateReport(Report):
     prompts: int = 0
-    positions_exact: int = 0
+    preprocessing_ok: bool = True
+    pictures: int = 0
+    pixels_worst: float = 0.0  # max |bundle patches - processor's pixel_values|
+    vision_worst: float = 0.0  # max |diff| / std of the embeddings, every level
     vision_min_cosine: float = 1.0
+    positions_exact: int = 0
     sweep_top1: int = 0  # positions, over all prompts
     sweep_ties: int = 0
     sweep_positions: int = 0
@@ -76,14 +98,72 @@ class ImageGateReport(Report):
     def lines(self) -> list[str]:
         ties = f" ({self.sweep_ties} ties)" if self.sweep_ties else ""
         return [
-            f"  image prompts ({self.prompts}): M-RoPE positions == get_rope_index "
-            f"{self.positions_exact}/{self.prompts}"
-            f"   vision embeddings min cosine {self.vision_min_cosine:.6f}",
-            f"  image sweep top-1 (last {SWEEP}, S=1) {self.sweep_top1}/{self.sweep_positions}{ties}"
+            f"  image preprocessing {'== the checkpoint processor' if self.preprocessing_ok else 'DIFFERS'}: "
+            f"{self.pictures} pictures, patches max|diff| {self.pixels_worst:.2g} (max {PIXEL_TOLERANCE:g}); "
+            f"vision embeddings max|diff|/std {self.vision_worst:.3g} (bound {VISION_BOUND:g}), "
+            f"min cosine {self.vision_min_cosine:.6f}",
+            f"  image prompts ({self.prompts}): M-RoPE positions == get_rope_index {self.positions_exact}/{self.prompts}"
+            f"   sweep top-1 (last {SWEEP}, S=1) {self.sweep_top1}/{self.sweep_positions}{ties}"
             f"   min logits cosine {self.sweep_min_cosine:.6f}",
             f"  oracle top-2 margin at those positions: min {self.margin_min:.3f}, median {self.margin_median:.3f}, "
             f"{self.margin_decided:.0%} >= {TIE_MARGIN}",
         ]  # the verdict is the one line `gate.verdict` prints for text and image parts together
+
+
+class ProcessorPixels:
+    """The checkpoint's image processor on a picture stretched to the bundle's fixed size with the
+    processor's own resampling filter."""
+
+    def __init__(self, oracle: Oracle, side: int):
+        from transformers import AutoImageProcessor
+
+        path = oracle.checkpoint.path
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(str(path))
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise LmbundleError(f"{path}: cannot load the checkpoint's image processor ({reason})") from None
+        self.side = side
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        from transformers.image_transforms import convert_to_rgb
+
+        rgb = Image.fromarray(convert_to_rgb(image, return_numpy=True))
+        if rgb.size != (self.side, self.side):
+            rgb = rgb.resize((self.side, self.side), resample=self.processor.resample)
+        out = self.processor(images=rgb, do_resize=False, return_tensors="pt")
+        return out["pixel_values"].float(), out["image_grid_thw"]
+
+
+def _check_spec(engine: Engine, expected: ImageSpec) -> list[str]:
+    ours = dataclasses.asdict(engine.vision.info.spec)
+    differ = [f"{key} {ours[key]} (checkpoint {value})" for key, value in dataclasses.asdict(expected).items()
+              if not np.allclose(ours[key], value, rtol=1e-6, atol=0)]
+    return [f"image: preprocessing differs from the checkpoint's processor: {', '.join(differ)}"] if differ else []
+
+
+@torch.inference_mode()
+def _check_pixels(engine: Engine, oracle: Oracle, reference: ProcessorPixels, report: ImageGateReport) -> None:
+    """Pictures through the bundle's image path and encoder vs the processor's pixels and the oracle's tower."""
+    vision = engine.vision
+    for seed, size, mode in PICTURES:
+        image = picture(seed, size or (reference.side, reference.side), mode)
+        report.pictures += 1
+        patches, grid_thw = reference(image)
+        prepared = vision.prepare(image)
+        if prepared.patches.shape != patches.shape:
+            report.pixels_worst = float("inf")
+            continue
+        report.pixels_worst = max(report.pixels_worst, (prepared.patches - patches).abs().max().item())
+        embeds, deepstack = vision.encode(prepared)
+        expected = oracle.model.model.visual(patches, grid_thw=grid_thw)
+        levels = zip([embeds, *deepstack.split(embeds.shape[0])],
+                     [expected.pooler_output, *(getattr(expected, "deepstack_features", None) or [])])
+        for ours, theirs in levels:
+            ours, theirs = ours.cpu().float(), theirs.float()
+            report.vision_worst = max(report.vision_worst, (ours - theirs).abs().max().item() / theirs.std().item())
+            cosine = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).min().item()
+            report.vision_min_cosine = min(report.vision_min_cosine, cosine)
 
 
 def _rope_positions(engine: Engine, ids: list[int]) -> torch.Tensor:
@@ -101,48 +181,46 @@ def _rope_positions(engine: Engine, ids: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_image_gate(engine: Engine, oracle: Oracle, prompts=PROMPTS) -> ImageGateReport:
+def run_image_gate(engine: Engine, oracle: Oracle, prompts=PROMPTS, log=None) -> ImageGateReport:
+    progress = Progress(log)
     vision = engine.vision
     info = vision.info
     prompts = [p for p in prompts if len(p[0]) <= info.max_images]  # a one-image bundle skips the two-image one
     report = ImageGateReport(prompts=len(prompts))
     hf = oracle.model
-    for pictures, question in prompts:
+    progress("image: preprocessing and the vision encoder from pixels")
+    expected = image_spec_of(oracle.checkpoint.path)  # the fixed size our convert derives from the processor's
+    spec_failures = _check_spec(engine, expected)
+    report.preprocessing_ok = not spec_failures
+    reference = ProcessorPixels(oracle, expected.image_size)
+    _check_pixels(engine, oracle, reference, report)
+    for k, (pictures, question) in enumerate(prompts, 1):
+        progress(f"image prompt {k}/{len(prompts)}: positions and the S=1 sweep")
         images = [picture(seed, size) for seed, size in pictures]
         parts = vision.attach(images, notify=None)
         ids = engine.chat_ids([{"role": "user", "content": [*parts, {"type": "text", "text": question}]}])
         raw = torch.tensor([info.image_token_id if t >= vision.vocab_size else t for t in ids])
-        patches = torch.cat([part["image"].patches for part in parts])
-        grid_thw = torch.tensor([list(info.spec.grid_thw)] * len(parts))
+        processed = [reference(image) for image in images]
+        patches = torch.cat([p for p, _ in processed])
+        grid_thw = torch.cat([g for _, g in processed])
         token_types = (raw == info.image_token_id).int()[None]
+        if int(token_types.sum()) * info.spec.merge_size**2 != int(grid_thw.prod(-1).sum()):
+            report.failures.append(f"image: the bundle's image tokens do not match the checkpoint processor's "
+                                   f"grid {grid_thw[0].tolist()}")
+            report.prompts = k - 1  # the prompts after it cannot be compared either
+            break
 
-        # 1. positions
         vision.activate(ids)
         expected_positions, _ = hf.model.get_rope_index(raw[None], token_types, grid_thw)
-        device = engine.device
-        ours_positions = _rope_positions(engine, ids)
-        report.positions_exact += int(torch.equal(ours_positions.cpu(), expected_positions[:, 0]))
+        report.positions_exact += int(torch.equal(_rope_positions(engine, ids).cpu(), expected_positions[:, 0]))
 
-        # 2. vision tower
-        reference = hf.model.visual(patches, grid_thw=grid_thw)
-        expected_embeds = [reference.pooler_output] + list(getattr(reference, "deepstack_features", None) or [])
-        per_image = info.tokens_per_image
-        for k, part in enumerate(parts):
-            embeds, deepstack = vision.encode(part["image"])
-            ours_levels = [embeds] + list(deepstack.split(per_image))
-            for ours, theirs in zip(ours_levels, expected_embeds):
-                theirs = theirs[k * per_image : (k + 1) * per_image]
-                cosine = torch.nn.functional.cosine_similarity(ours.cpu(), theirs.float(), dim=-1).min().item()
-                report.vision_min_cosine = min(report.vision_min_cosine, cosine)
-
-        # 3. sweep
         logits = hf(input_ids=raw[None], pixel_values=patches, image_grid_thw=grid_thw,
                     mm_token_type_ids=token_types).logits[0, -SWEEP:].float()
         backend = engine.backend
         backend.reset(len(ids) + 1)
         ours = []
         for pos, token in enumerate(ids):
-            handle = backend.step(torch.tensor([[token]], device=device), pos)
+            handle = backend.step(torch.tensor([[token]], device=engine.device), pos)
             if pos >= len(ids) - SWEEP:
                 ours.append(backend.logits(handle))
         ours = torch.stack(ours)
@@ -156,10 +234,16 @@ def run_image_gate(engine: Engine, oracle: Oracle, prompts=PROMPTS) -> ImageGate
         cosine = torch.nn.functional.cosine_similarity(ours, logits, dim=-1).min().item()
         report.sweep_min_cosine = min(report.sweep_min_cosine, cosine)
 
+    report.failures += spec_failures
+    if not report.pixels_worst <= PIXEL_TOLERANCE:
+        report.failures.append(f"image: the bundle's patches differ from the checkpoint's processor by "
+                               f"{report.pixels_worst:.3g} (max {PIXEL_TOLERANCE:g})")
+    if not report.vision_worst <= VISION_BOUND or report.vision_min_cosine < VISION_MIN_COSINE:
+        report.failures.append(f"image: vision embeddings from pixels max|diff|/std {report.vision_worst:.3g} "
+                               f"(bound {VISION_BOUND:g}), cosine {report.vision_min_cosine:.6f} (min {VISION_MIN_COSINE})")
     if report.positions_exact < report.prompts:
         report.failures.append(f"image: M-RoPE positions {report.positions_exact}/{report.prompts}")
-    if report.vision_min_cosine < VISION_MIN_COSINE:
-        report.failures.append(f"image: vision embeddings cosine {report.vision_min_cosine:.6f} < {VISION_MIN_COSINE}")
     if report.sweep_top1 < report.sweep_positions:
         report.failures.append(f"image: sweep top-1 {report.sweep_top1}/{report.sweep_positions}")
+    progress("image: done")
     return report

@@ -103,6 +103,13 @@ class Oracle:
                 out[graph] = param
         return out
 
+    def rope_inv_freq(self) -> torch.Tensor:
+        """The text decoder's RoPE inverse frequencies as transformers derives them from the config."""
+        for name, buffer in self.model.named_buffers():
+            if name.endswith("rotary_emb.inv_freq") and "visual" not in name:
+                return buffer
+        raise LmbundleError(f"{self.checkpoint.path}: the oracle has no text rotary embedding")
+
     def simulated(self, recipe: dict[str, Any]) -> "Oracle":
         """A copy of this oracle whose decoder weights are what the recipe makes of them (fp32 values)."""
         model = copy.deepcopy(self.model)

@@ -28,13 +28,34 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LmbundleError
-from .gate import PROMPTS, RANDOM_PROMPT, Report, random_prompts
+from .gate import RANDOM_PROMPT, Report, random_prompts
 from .oracle import Oracle
 from .server_client import Completion, Server
 from .server_tokens import TokenTable
 
 ROLLOUT = 32
 RANDOM_PROMPTS = 4
+# Many short chat prompts: each rollout is checked at every generated position, and a server costs an HTTP
+# call a prompt (the bundle gate's few long prompts exist for its chunked paths). The bounds below were
+# measured over these.
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog, and then",
+    "Once upon a time, in a small village by the sea, there lived",
+    "The capital of France is Paris. The capital of Italy is",
+    "To make a cup of tea, first boil the water, then",
+    "In the beginning of the story, the young girl",
+    "She opened the door and saw that the garden",
+    "The old man looked at the sky and said that",
+    "It was a cold winter morning when the children",
+    "He walked into the room, sat down by the fire, and",
+    "The ship sailed across the ocean for many days until",
+    "My favourite book is the one about a little cat who",
+    "After dinner the family gathered around the table to",
+    "The king called his three sons and told them that",
+    "When the rain stopped, the birds began to sing and",
+    "There was once a poor farmer who had nothing but",
+    "The river ran through the forest, past the old mill, and",
+)
 LOGPROB_FLOOR = -1000.0  # servers clamp -inf (ours at -9999): such entries say nothing about the model
 
 # Bounds on the deviation (std of the oracle's logits), worst position and mean over positions, by the class

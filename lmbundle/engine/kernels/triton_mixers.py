@@ -133,21 +133,28 @@ def _norm_rope(x_ptr, norm_ptr, cos_ptr, sin_ptr, eps, dims, D: tl.constexpr, RO
 
 @triton.jit
 def _softmax_block(q, key_ptr, value_ptr, slots, held, visible, m, total, acc, D: tl.constexpr,
-                   PRECISION: tl.constexpr, ROUND_P: tl.constexpr):
+                   PRECISION: tl.constexpr, ROUND_P: tl.constexpr, NATIVE: tl.constexpr = False):
     """One block of cache slots [N] (rows of [capacity, D] at key/value_ptr; `held` [N] are loaded) in an
-    online softmax of q [M, D] (fp32): scores where `visible` [M, N], then the running (max [M], sum [M],
-    acc [M, D]) updated. ROUND_P rounds the probabilities to the values' dtype before the product, as the
-    reference does for prompt chunks."""
+    online softmax of q [M, D]: scores where `visible` [M, N], then the running (max [M], sum [M],
+    acc [M, D]) updated. q is fp32 and the dots take fp32 operands, or with NATIVE q and the cache stay in
+    the cache's dtype (exact products of 16-bit values, half the bytes through shared memory) and the
+    probabilities are rounded to it, as the reference rounds them. ROUND_P rounds the probabilities to
+    the values' dtype before an fp32 product, as the reference does for prompt chunks."""
     d = tl.arange(0, D)
-    keys = tl.load(key_ptr + slots[:, None] * D + d[None, :], mask=held[:, None], other=0.0).to(tl.float32)
+    keys = tl.load(key_ptr + slots[:, None] * D + d[None, :], mask=held[:, None], other=0.0)
+    if not NATIVE:
+        keys = keys.to(tl.float32)
     scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * (1.0 / tl.sqrt(D * 1.0))
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=1))
     p = tl.exp(scores - m_new[:, None])
     correction = tl.exp(m - m_new)
     values = tl.load(value_ptr + slots[:, None] * D + d[None, :], mask=held[:, None], other=0.0)
-    weights = p.to(values.dtype).to(tl.float32) if ROUND_P else p
-    acc = acc * correction[:, None] + tl.dot(weights, values.to(tl.float32), input_precision=PRECISION)
+    if NATIVE:
+        acc = acc * correction[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
+    else:
+        weights = p.to(values.dtype).to(tl.float32) if ROUND_P else p
+        acc = acc * correction[:, None] + tl.dot(weights, values.to(tl.float32), input_precision=PRECISION)
     return m_new, total * correction + tl.sum(p, axis=1), acc
 
 
@@ -155,7 +162,8 @@ def _softmax_block(q, key_ptr, value_ptr, slots, held, visible, m, total, acc, D
 def _attend_split(proj_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, key_ptr, value_ptr, part_ptr, eps, cache,
                   position, start, split_len, kv_head, split, splits,
                   H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, GATE: tl.constexpr,
-                  ZERO_CENTERED: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
+                  ZERO_CENTERED: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr,
+                  NATIVE: tl.constexpr = False):
     """One split of one token's attention (the split holds slots [start, +split_len), start <= position):
     the new k/v written where the split holds the position, then the GQA group's q (normed, rotated)
     against the visible keys, online softmax; writes (acc[D], max, sum) per head to part [H, splits, D + 2].
@@ -175,8 +183,11 @@ def _attend_split(proj_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, key_ptr, v
         tl.debug_barrier()
     q_dims = tl.where(head_ok[:, None], heads[:, None], 0) * q_width + d[None, :]
     q = _norm_rope(proj_ptr, q_norm_ptr, cos_ptr, sin_ptr, eps, q_dims, D, ROT, ZERO_CENTERED)
-    # dots in fp32 operands (tf32 on the tensor cores): exact for the bf16/fp16 q, keys and values
-    q = tl.where(head_ok[:, None], q, 0.0).to(key_ptr.dtype.element_ty).to(tl.float32)
+    # dots in fp32 operands (tf32 on the tensor cores): exact for the bf16/fp16 q, keys and values; NATIVE:
+    # in the cache's dtype (`_softmax_block`)
+    q = tl.where(head_ok[:, None], q, 0.0).to(key_ptr.dtype.element_ty)
+    if not NATIVE:
+        q = q.to(tl.float32)
     m = tl.full([GROUP_BLOCK], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_BLOCK], tl.float32)
     acc = tl.zeros([GROUP_BLOCK, D], tl.float32)
@@ -185,7 +196,7 @@ def _attend_split(proj_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, key_ptr, v
         slots = block + tl.arange(0, BLOCK_L)
         visible = slots < end
         m, total, acc = _softmax_block(q, key_ptr + cache, value_ptr + cache, slots, visible, visible[None, :],
-                                       m, total, acc, D, "tf32", False)
+                                       m, total, acc, D, "tf32", False, NATIVE)
     part = part_ptr + (heads[:, None] * splits + split) * (D + 2)
     tl.store(part + d[None, :], acc, mask=head_ok[:, None])
     tl.store(part + D + tl.zeros_like(g)[:, None], m[:, None], mask=head_ok[:, None])
