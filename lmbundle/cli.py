@@ -10,10 +10,28 @@ import gc
 import json
 import sys
 
+from . import __version__
 from .bundle.hosts import HOSTS
 from .engine import BACKENDS
 from .errors import LmbundleError
 from .quiet import quiet
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default ("none": off unless given), unless the help already says it or
+    it is a switch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.required or action.default == argparse.SUPPRESS:
+            return text
+        default = "none" if action.default in (None, []) else "%(default)s"
+        return f"{text} (default: {default})"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=_Help, **kwargs)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -22,7 +40,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, help="default: the fastest present (PyTorch on Linux)")
     p.add_argument("--device", help="torch device (cpu, cuda, mps); default: the best present")
     p.add_argument("--prefill", choices=["s1", "chunked"], default="chunked",
-                   help="feed the prompt in chunks (default; on the PyTorch backend 13x faster for a 0.8B on "
+                   help="feed the prompt in chunks (on the PyTorch backend 13x faster for a 0.8B on "
                         "2 CPU cores, ~20x on an H100) or as S=1 steps (one token a step, the contract of the "
                         "engine the seed bundles run on: README). The Core AI backend chunks through the asset's "
                         "`prefill` function, in its own chunk size (64)")
@@ -35,27 +53,28 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-g", "--max-new-tokens", type=int, default=128)
+    p.add_argument("-g", "--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens this likely")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, help="seed of the sampling (default: a random one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmbundle", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="lmbundle", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lmbundle {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)  # its parsers are _Parsers too
 
     p = sub.add_parser("convert", help="checkpoint folder or hub id -> bundle")
     p.add_argument("source", help="checkpoint folder or hub id (e.g. Qwen/Qwen3.5-2B)")
     p.add_argument("-o", "--out", required=True, help="output bundle folder (must not exist)")
-    p.add_argument("--quant", default="int8hu", help="fp16 | int8lin | int8hu (default int8hu)")
+    p.add_argument("--quant", default="int8hu", help="fp16 | int8lin | int8hu")
     p.add_argument("--head-quant", default="block32", help="block32 | perchan (int8hu's head)")
     p.add_argument("--backend", default="all", help="all | torch | coreai: which graphs the bundle carries")
     p.add_argument("--max-context", type=int, default=4096, help="largest prompt + output, in tokens")
     p.add_argument("--name", help="bundle name (default: from the source and quant mode)")
     p.add_argument("--max-images", type=int, default=1,
-                   help="image-text checkpoints: images per prompt (default 1, the hosts' contract; more runs "
+                   help="image-text checkpoints: images per prompt (1: the hosts' contract; more runs "
                         "on lmbundle's own engines only)")
 
     p = sub.add_parser("run", help="generate from a prompt, streaming")
@@ -66,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="image file (VLM bundles); repeatable")
     p.add_argument("--stats", action="store_true", help="print token counts and speed at the end")
 
-    p = sub.add_parser("chat", help="interactive chat (/image PATH attaches an image, /reset, /quit)")
+    p = sub.add_parser("chat", help="interactive chat (/image PATH attaches an image, /reset, /help, /quit)")
     _add_engine_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", help="system prompt")
@@ -74,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="prefill and decode speed, and %% of the memory-bandwidth ceiling")
     _add_engine_args(p)
-    p.add_argument("-p", "--prompt-tokens", type=int, default=128)
-    p.add_argument("-g", "--gen-tokens", type=int, default=256)
-    p.add_argument("-n", "--trials", type=int, default=3)
+    p.add_argument("-p", "--prompt-tokens", type=int, default=128, help="prompt length")
+    p.add_argument("-g", "--gen-tokens", type=int, default=256, help="tokens generated per trial")
+    p.add_argument("-n", "--trials", type=int, default=3, help="trials (the best is reported)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(prefill="s1")  # the seed's llm-benchmark protocol: prefill tok/s of S=1 steps
 
@@ -93,20 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", help="another bundle (e.g. fp16) that greedy rollouts must equal")
     p.add_argument("--coverage", type=int, help="token ids fed as random-token prompts (default: the whole "
                    "vocabulary up to 8192 on PyTorch, 256 on Core AI)")
-    p.add_argument("--backend", choices=BACKENDS)
-    p.add_argument("--device")
+    p.add_argument("--backend", choices=BACKENDS, help="default: the fastest present (PyTorch on Linux)")
+    p.add_argument("--device", help="torch device (cpu, cuda, mps); default: the best present")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress lines (on stderr) while the gate runs")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page")
     _add_engine_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this bearer token on every request (better: set LMBUNDLE_API_KEY, "
-                   "which other local users cannot read from the process list)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", help="require this bearer token on every request but /health and the page (better: "
+                   "set LMBUNDLE_API_KEY, which other local users cannot read from the process list; default: none)")
     p.add_argument("--allow-remote", action="store_true", help="needed to listen on a non-loopback address")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for a slot (then 429)")
-    p.add_argument("--max-batch", type=int, default=1, help="requests decoded at once (slots)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded at once (slots): one alone runs the one-request step, more share a "
+                        "batched step")
     p.add_argument("--token-budget", type=int, default=512,
                    help="with --max-batch > 1: tokens per scheduler iteration, decode rows + prompt pieces "
                         "(smaller: steadier decode while prompts arrive; larger: sooner first tokens)")
@@ -116,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request time limit in seconds")
     p.add_argument("--allow-files", action="append", default=[], metavar="DIR",
                    help="let file:// image URLs read images inside this folder (repeatable)")
+    p.add_argument("--served-model-name", metavar="NAME", help="the model's name in the API (default: the bundle's)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages of this origin (https://app.example.com) call the API; repeatable")
+    p.add_argument("--log-requests", action="store_true",
+                   help="one line per request on stderr: method, path, status, tokens, time (also with -v)")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a request's headers, and then its body, may take to arrive (then 408)")
+    p.add_argument("--idle-timeout", type=float, default=5.0,
+                   help="seconds a kept-alive connection may wait for its next request")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections (then 503), lowered to fit the open-file limit")
 
     p = sub.add_parser("info", help="what a bundle holds: config, quant, sizes, bytes per token")
     p.add_argument("bundle")
@@ -151,6 +183,8 @@ def _chunk(args) -> int:
 
 
 def _sampling(args) -> dict:
+    if args.max_new_tokens < 1:
+        raise LmbundleError(f"-g/--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     return {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "seed": args.seed}
 
@@ -159,8 +193,11 @@ def cmd_convert(args) -> None:
     from .bundle.format import open_bundle
     from .convert.convert import convert
 
-    out = convert(args.source, args.out, quant=args.quant, head_quant=args.head_quant, backend=args.backend,
-                  max_context=args.max_context, name=args.name, max_images=args.max_images)
+    try:
+        out = convert(args.source, args.out, quant=args.quant, head_quant=args.head_quant, backend=args.backend,
+                      max_context=args.max_context, name=args.name, max_images=args.max_images)
+    except OSError as exc:  # nothing is left half-made: the bundle is written beside -o and renamed at the end
+        raise LmbundleError(f"{args.out}: cannot write the bundle there ({exc.strerror or exc})") from None
     _print_info(open_bundle(out))
 
 
@@ -212,23 +249,43 @@ def cmd_run(args) -> None:
               file=sys.stderr)
 
 
+CHAT_HELP = """/image PATH  attach an image to your next message (VLM bundles)
+/reset       start the conversation over (the system prompt stays)
+/help        this list
+/quit        end the chat (also Ctrl-D, or Ctrl-C at the prompt twice)
+Ctrl-C while the model answers stops the answer (what it wrote so far stays in the conversation)"""
+
+
 def cmd_chat(args) -> None:
     model = _load(args)
     engine = model.engine
+    sampling = _sampling(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     pending_images = list(args.image)
     engine.warmup()
-    print(f"{model.name}: chat ({engine.backend_name} on {engine.device}). /image PATH, /reset, /quit")
+    print(f"{model.name}: chat ({engine.backend_name} on {engine.device}). /help for the commands")
+    interrupted = False  # Ctrl-C at the prompt once: a second one ends the chat
     while True:
         try:
             text = input("> ").strip()
         except EOFError:
             print()
             return
+        except KeyboardInterrupt:
+            if interrupted:
+                print()
+                return
+            interrupted = True
+            print("\n(Ctrl-C again or Ctrl-D to quit)")
+            continue
+        interrupted = False
         if not text:
             continue
         if text in ("/quit", "/exit"):
             return
+        if text == "/help":
+            print(CHAT_HELP)
+            continue
         if text == "/reset":
             history, pending_images = history[:1] if args.system else [], []
             continue
@@ -236,17 +293,28 @@ def cmd_chat(args) -> None:
             pending_images.append(text.split(maxsplit=1)[1])
             continue
         try:
-            history.append(model.user(text, pending_images))
+            message = model.user(text, pending_images)
+        except LmbundleError as exc:  # a bad image: said once, then forgotten
             pending_images = []
-            reply = []
-            for piece in model.stream_chat(history, **_sampling(args)):
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        pending_images = []
+        history.append(message)
+        reply = []
+        stream = model.stream_chat(history, **sampling)
+        try:
+            for piece in stream:
                 reply.append(piece)
                 print(piece, end="", flush=True)
             print()
-            history.append({"role": "assistant", "content": "".join(reply)})
+        except KeyboardInterrupt:  # stop this answer, keep the chat
+            stream.close()
+            print("\n(stopped)")
         except LmbundleError as exc:
-            history = history[:-1]
+            history.pop()
             print(f"error: {exc}", file=sys.stderr)
+            continue
+        history.append({"role": "assistant", "content": "".join(reply)})
 
 
 def cmd_bench(args) -> None:
@@ -273,6 +341,7 @@ def cmd_gate(args) -> None:
     log = None if args.quiet else progress
     engine = Engine(args.bundle, backend=args.backend, device=args.device)
     against = Engine(args.against, backend=args.backend, device=args.device) if args.against else None
+    _check_oracle_architecture(engine, args.oracle)
     oracle = Oracle(args.oracle)
     report = run_gate(engine, oracle, against, coverage=args.coverage, log=log)
     image = None
@@ -290,6 +359,16 @@ def cmd_gate(args) -> None:
         del engine, against  # a Core AI engine is freed now, not during interpreter exit (see `main`)
         gc.collect()
         raise SystemExit(1)
+
+
+def _check_oracle_architecture(engine, oracle: str) -> None:
+    """The oracle must be a checkpoint of the bundle's architecture (else the gate has nothing to compare)."""
+    from .convert.checkpoint import open_checkpoint
+
+    theirs, ours = open_checkpoint(oracle).architecture.name, engine.bundle.info["architecture"]
+    if theirs != ours:
+        raise LmbundleError(f"--oracle {oracle}: a {theirs} checkpoint, but the bundle is {ours} "
+                            f"(pass the checkpoint {engine.name} was converted from)")
 
 
 def _gate_server(args) -> None:
@@ -319,7 +398,8 @@ def cmd_serve(args) -> None:
 
     _chunk(args)
     try:
-        from .serve.app import options_from, serve
+        from .serve.app import options_from
+        from .serve.server import serve
     except ModuleNotFoundError as exc:  # a broken install: fastapi, uvicorn... are lmbundle's dependencies
         if (exc.name or "lmbundle").startswith("lmbundle"):
             raise

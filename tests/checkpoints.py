@@ -96,6 +96,64 @@ _TEXT = (
 )
 
 
+# A template with Qwen3.5's conventions (written for these tests from the documented format): tools in
+# the system turn, assistant tool calls as <tool_call><function=...><parameter=...> blocks, tool results in
+# a user turn as <tool_response>, and the generation prompt opening <think> unless enable_thinking is false.
+QWEN35_STYLE_TEMPLATE = """{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}# Tools
+
+<tools>
+{%- for tool in tools %}
+{{- '\n' + (tool | tojson) }}
+{%- endfor %}
+{{- '\n' }}</tools>
+
+To call a function reply with
+<tool_call>
+<function=NAME>
+<parameter=ARG>
+VALUE
+</parameter>
+</function>
+</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'system' and not loop.first %}{{ raise_exception('System message must be at the beginning.') }}
+{%- elif m.role == 'system' %}
+{%- elif m.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% elif m.role == 'assistant' %}<|im_start|>assistant
+{% if m.reasoning_content %}<think>
+{{ m.reasoning_content }}
+</think>
+
+{% endif %}{{ m.content or '' }}
+{%- for c in m.tool_calls or [] %}
+{{- '\n<tool_call>\n<function=' + c.function.name + '>\n' }}
+{%- for k, v in c.function.arguments.items() %}
+{{- '<parameter=' + k + '>\n' + (v if v is string else (v | tojson)) + '\n</parameter>\n' }}
+{%- endfor %}
+{{- '</function>\n</tool_call>' }}
+{%- endfor %}<|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% else %}<think>
+{% endif %}{% endif %}"""
+
+
 def make_tokenizer(folder: Path, vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS,
                    template: str = CHAT_TEMPLATE, text: str = _TEXT):
     """A byte-level BPE tokenizer with Qwen's chat tokens and a chat template, trained on `text` to fit the

@@ -202,14 +202,20 @@ def client(server):
 @pytest.fixture(scope="module")
 def serve():
     """`serve(bundle, *options)`: `python -m lmbundle serve` on a free loopback port (PyTorch on the CPU),
-    returned as (process, host) once /health answers; every server a module started stops when its tests end."""
+    returned as (process, host) once /health answers; every server a module started stops when its tests end.
+    `open_files`: the process's open-file limit (soft and hard), as `ulimit -n` would set it."""
     started = []
 
-    def start(bundle, *extra: str, timeout: float = 90) -> tuple[subprocess.Popen, str]:
+    def start(bundle, *extra: str, timeout: float = 90, open_files: int | None = None) -> tuple[subprocess.Popen, str]:
+        import resource
+
         port = free_port()
+        limit = None if open_files is None else (
+            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files)))
         proc = subprocess.Popen([sys.executable, "-m", "lmbundle", "serve", str(bundle), "--port", str(port),
                                  "--backend", "torch", "--device", "cpu", *extra],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=limit)
         started.append(proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

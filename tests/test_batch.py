@@ -2,7 +2,9 @@
 the rows, with the rows kernels between the GEMMs, and with the reference ops alone): a greedy request's
 tokens are the same alone or among 8 others that join and leave at different times, seeded sampling
 repeats per request, a request that stops mid-batch frees its slot without touching the others' tokens,
-and the prefix cache works through the batch slots."""
+and the prefix cache works through the batch slots. A request decoding alone runs the one-request step:
+on the CPU its tokens still equal those it gets among others (the same fp32 math); on CUDA the two steps
+agree within bf16 rounding, and with the solo step off every step is batched and exact."""
 
 from __future__ import annotations
 
@@ -65,14 +67,17 @@ CUDA = [("tiny", "cuda"), ("demo", "cuda"), ("tiny", "cuda-reference"), ("demo",
 
 @pytest.mark.parametrize("which,device", [("tiny", "cpu"), ("demo", "cpu"), ("tiny", "cpu-padded"), *CUDA])
 def test_greedy_alone_equals_among_eight_others(which, device, bundles, one_thread):
+    """On CUDA with every step batched (`solo_step=False`): there the one-request step's kernels round
+    otherwise (test_solo_and_batched_steps_agree)."""
     engine = Engine(bundles[which], backend="torch", device=device.split("-")[0], max_batch=9, cache_bytes=0,
-                    cache_block=16, cuda=CudaOptions(row_kernels=not device.endswith("-reference")))
+                    cache_block=16, cuda=CudaOptions(row_kernels=not device.endswith("-reference"), solo_step=False))
     if device == "cpu-padded":
         engine.scheduler.padded = True  # CUDA's layout: all max_batch rows every step, padding in free slots
     try:
         prompts = [engine.encode(t) for t in TEXTS]
         alone = [tokens(engine, p, n) for p, n in zip(prompts, LENGTHS)]
         assert engine.scheduler.peak_batch == 1
+        assert (engine.scheduler.solo_steps > 0) == (engine.device.type == "cpu")  # alone: the one-request step
         assert together(engine, prompts, LENGTHS) == alone
         assert engine.scheduler.peak_batch >= 5
         assert together(engine, prompts, LENGTHS, stagger=0.01) == alone  # joining mid-way
@@ -80,6 +85,33 @@ def test_greedy_alone_equals_among_eight_others(which, device, bundles, one_thre
         if which == "demo" and device == "cpu":  # the one-request engine (the same reference ops) agrees
             single = Engine(bundles[which], backend="torch", device=engine.device, cache_bytes=0)
             assert [tokens(single, p, n) for p, n in zip(prompts, LENGTHS)] == alone
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_solo_and_batched_steps_agree(bundles, device, one_thread):
+    """The one-request step (one sequence alone) and the batched step, on the same slot state, give the same
+    logits within the backend's arithmetic bound (max|diff| / std: fp32 CPU 1e-3, bf16 CUDA 0.5, the gate's)."""
+    engine = Engine(bundles["demo"], backend="torch", device=device, max_batch=4, cache_bytes=0, cache_block=16)
+    try:
+        scheduler = engine.scheduler
+        solo = answer(engine, engine.encode(TEXTS[0]), 12)  # leaves its prompt and reply in slot 0's place
+        ids = engine.encode(TEXTS[0]) + solo.tokens
+        state = scheduler.pool.slot(0)
+        scheduler.model.forward_tokens(torch.tensor(ids[:-1], device=engine.device), 0, state)
+        saved = state.prefix(len(ids))
+        token = torch.tensor([ids[-1]], device=engine.device)
+        position = torch.tensor([len(ids) - 1], device=engine.device)
+        with torch.inference_mode():
+            alone = scheduler._solo(token, position, len(ids) - 1).float()
+            state.load_prefix(saved, len(ids) - 1)
+            rows = scheduler.pool.rows_of(1)
+            batched = scheduler.model.step_rows(token, position, rows, scheduler.capacity, scheduler.ops).float()
+        bound = 1e-3 if device == "cpu" else 0.5
+        assert ((alone - batched).abs().max() / batched.std()).item() <= bound
+        assert scheduler.solo_steps > 0
     finally:
         engine.close()
 

@@ -100,3 +100,14 @@ def test_convert_refuses_a_bundle_that_fails_the_check(monkeypatch, tmp_path):
     with pytest.raises(LmbundleError, match="would not run on the zoo host.*state order"):
         convert(str(DEMO_QWEN35), tmp_path / "b", quant="int8hu", backend="all", max_context=512, log=None)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_coreai_only_bundle_carries_no_pytorch_weights(tmp_path):
+    """`convert --backend coreai` wrote weights.safetensors too; now the .aimodel alone, and the PyTorch
+    backend says what the bundle is instead of failing on a missing file."""
+    bundle = convert(str(DEMO_QWEN35), tmp_path / "b", quant="int8hu", backend="coreai", max_context=256, log=None)
+    assert not (bundle / "weights.safetensors").exists() and any(bundle.glob("*.aimodel"))
+    with pytest.raises(LmbundleError, match="no PyTorch weights .* --backend coreai"):
+        Engine(bundle, backend="torch", device="cpu")
+    reply = Engine(bundle, backend="coreai").complete(Request("Once upon a time", max_tokens=4))
+    assert len(reply.tokens) == 4

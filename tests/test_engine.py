@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
@@ -76,6 +78,10 @@ def test_sampling_is_seeded_and_topk1_is_greedy(engine):
     greedy = tokens(engine, ids, 16)[0]
     assert a == b
     assert tokens(engine, ids, 16, Sampling(temperature=0.8, top_k=1, seed=3))[0] == greedy
+    for tiny in (1e-6, 1e-40, 5e-324):  # dividing by them overflowed the logits: "probability tensor contains nan"
+        assert tokens(engine, ids, 16, Sampling(temperature=tiny, seed=3))[0] == greedy, tiny
+    # at temperature 1e-4 (sampled) the logits are shifted before the division, so nothing overflows either
+    assert len(tokens(engine, ids, 16, Sampling(temperature=1e-4, top_p=0.9, seed=3))[0]) == 16
     with pytest.raises(LmbundleError, match="top_p"):
         Sampling(top_p=0)
 
@@ -94,6 +100,24 @@ def test_stop_tokens_end_generation(engine):
 def test_context_too_long_before_any_work(engine):
     with pytest.raises(LmbundleError, match="context too long: 4000 prompt tokens \\+ 200 new tokens"):
         engine.generate(Request([5] * 4000, max_tokens=200))
+
+
+def test_a_prompt_too_large_to_fit_is_refused_before_it_is_tokenized(engine, monkeypatch):
+    """PromptBound: no token stands for more bytes than the bound says (so nothing that fits is refused), and
+    a text past max_context of the longest tokens is refused on its size, the tokenizer never called."""
+    from lmbundle.engine.outputs import token_bytes
+
+    bound, tokenizer = engine.prompt_bound, engine.tokenizer
+    sizes = {t: len(token_bytes(tokenizer, t)) for t in range(len(tokenizer))}
+    assert bound.token_bytes >= max(sizes.values())
+    text = tokenizer.decode([max(sizes, key=sizes.get)]) * (engine.max_context // 2)
+    assert len(engine.encode(text)) <= engine.max_context  # near the bound, and it fits: not refused
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized"))
+    monkeypatch.setattr(type(engine.tokenizer), "__call__", lambda *a, **k: pytest.fail("tokenized"))
+    huge = "The quick brown fox. " * (bound.limit // 10)
+    for request in (Request(huge, max_tokens=4), Request(messages=[{"role": "user", "content": huge}], max_tokens=4)):
+        with pytest.raises(LmbundleError, match="context too long: a prompt of .* bytes"):
+            engine.generate(request)
 
 
 def test_stream_decoder_matches_full_decode(engine):
@@ -163,13 +187,53 @@ def test_cli_run_streams_and_bench_reports(fp16_bundle, engine):
     (["run", "{bundle}", "--prompt", "word " * 5000], "error: context too long"),
     (["run", "{bundle}", "--prompt", "x", "--chunk", "0"], "error: --chunk must be at least 1 (got 0)"),
     (["serve", "{bundle}", "--chunk", "0", "--port", "1"], "error: --chunk must be at least 1 (got 0)"),
+    (["convert", "{ckpt}", "-o", "/proc/lmbundle-test/out"], "error: /proc/lmbundle-test/out: cannot write the bundle"),
+    (["run", "{bundle}", "--prompt", "x", "--device", "tpu"], "error: unknown device 'tpu'"),
+    pytest.param(["run", "{bundle}", "--prompt", "x", "--device", "cuda"], "error: device 'cuda': no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
+    (["run", "{bundle}", "--prompt", "x", "-g", "-5"], "error: -g/--max-new-tokens must be at least 1 (got -5)"),
+    (["gate", "{bundle}", "--oracle", "{vl}"], "error: --oracle {vl}: a qwen3_vl checkpoint, but the bundle is"),
+    (["convert", "Qwen/No-Such-Model", "-o", "{tmp}/x"], "error: cannot fetch hub model 'Qwen/No-Such-Model'"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(args, message, fp16_bundle, tiny_qwen35, tmp_path):
-    args = [a.format(ckpt=tiny_qwen35, tmp=tmp_path, bundle=fp16_bundle) for a in args]
+def test_cli_bad_input_is_one_line_exit_2(args, message, fp16_bundle, tiny_qwen35, vl_checkpoint, tmp_path,
+                                          monkeypatch):
+    """Before, the convert into /proc, the devices and the other oracle ended in tracebacks, -g -5 in silence,
+    and the offline hub error was cut mid-word without advice."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = [a.format(ckpt=tiny_qwen35, tmp=tmp_path, bundle=fp16_bundle, vl=vl_checkpoint) for a in args]
+    message = message.format(vl=vl_checkpoint)
     out = _cli(*args)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(message)
     assert "Traceback" not in out.stderr
+    if "hub" in message:
+        assert "hf download Qwen/No-Such-Model --local-dir DIR" in out.stderr and "HF_HUB_OFFLINE" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def vl_checkpoint(tmp_path_factory):
+    from tests import checkpoints
+
+    folder = tmp_path_factory.mktemp("vl") / "qwen3-vl"
+    checkpoints.make_vlm("qwen3_vl", folder)
+    return folder
+
+
+def test_cli_version_and_every_default_in_the_help():
+    from lmbundle import __version__
+    from lmbundle.cli import _Help, build_parser
+
+    out = _cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"lmbundle {__version__}"
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    help_of = _Help("lmbundle")._get_help_string
+    for name, command in commands.items():
+        for action in command._actions:
+            if action.option_strings and action.nargs != 0 and not action.required and action.dest != "help":
+                assert "default" in help_of(action), (name, action.option_strings)
+    run, serve = (" ".join(commands[c].format_help().split()) for c in ("run", "serve"))
+    assert "at most (default: 128)" in run and "slots): one alone runs" in serve and "(default: 8)" in serve
 
 
 def test_serve_without_its_web_modules_is_one_line(fp16_bundle):
@@ -193,3 +257,30 @@ def test_bench_prompt_is_plain_text(engine):
     assert marker not in ids and not set(ids) & set(engine.tokenizer.all_special_ids) and len(set(ids)) > 200
     block = engine.prefix_cache.block
     assert engine.prefix_cache.cuts(ids, 0) == [p for p in range(1, 300) if p % block == 0]
+
+
+def test_chat_ctrl_c_stops_the_answer_and_a_bad_image_is_said_once(fp16_bundle):
+    """Before: Ctrl-C ended the session, /help was a message to the model, and a failed /image repeated its
+    error on every later message (and took the previous reply out of the history)."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "lmbundle", "chat", str(fp16_bundle), "--device", "cpu",
+                             "-g", "3000", "--temperature", "1", "--seed", "1"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "/help for the commands" in proc.stdout.readline()
+        proc.stdin.write("Once upon a time\n")
+        proc.stdin.flush()
+        started = proc.stdout.read(40)  # the prompt, then the answer streaming
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("/help\n/image /no/such/picture.png\nThe king\n/quit\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    out = started + out
+    assert "(stopped)" in out and "/reset       start the conversation over" in out
+    assert err.count("error:") == 1 and "no vision encoder" in err and "Traceback" not in err
+    assert out.split("(stopped)")[1].count("> ") >= 3  # the prompt again after the stop, the help, the error

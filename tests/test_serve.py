@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 from PIL import Image
 
@@ -35,7 +36,7 @@ from lmbundle.serve.worker import Job, QueueFull, Worker
 from tests.conftest import API_KEY, http_request, wait_idle
 
 QUEUE_SIZE = 4
-MAX_BATCH = 2
+MAX_BATCH = 8  # serve's default
 MAX_CONTEXT = 2048
 
 
@@ -59,8 +60,7 @@ def bundle(tiny_qwen35, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle, serve):
-    return serve(bundle, "--api-key", API_KEY, "--queue-size", str(QUEUE_SIZE), "--timeout", "60",
-                 "--max-batch", str(MAX_BATCH), "--cache-mem", "64M")
+    return serve(bundle, "--api-key", API_KEY, "--queue-size", str(QUEUE_SIZE), "--timeout", "60", "--cache-mem", "64M")
 
 
 def reference(engine, ids: list[int], max_tokens: int) -> tuple[str, int, str]:
@@ -111,6 +111,36 @@ def test_metrics_in_prometheus_text(client, server, engine):
     assert set(phases) == {"admit", "prefill", "cache", "decode", "wait", "idle"}
     assert phases["decode"] > 0 and phases["prefill"] > 0 and phases["cache"] > 0
     assert http_request("GET", server[1], "/metrics", key=None)[0] == 401
+
+
+def batch_steps(host: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = http_request("GET", host, "/metrics")[1]
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "lmbundle_batch_steps_total")
+
+
+def test_eight_users_share_the_steps_and_get_their_solo_answers(server, client, engine):
+    """The default server batches: 8 users at once take far fewer steps than their tokens (one step serves
+    all), and each gets the tokens it gets alone (alone: the one-request step; together: the batched one)."""
+    questions = ["The quick brown fox", "Once upon a time", "A small model", "The little cat",
+                 "lived in a house by the sea", "plain English", "The lazy dog", "by the sea"]
+
+    def ask(question):
+        out = client.chat.completions.create(model=engine.name, max_tokens=16, temperature=0,
+                                             messages=[{"role": "user", "content": question}])
+        return out.choices[0].message.content, out.usage.completion_tokens
+
+    alone = [ask(q) for q in questions]
+    before = batch_steps(server[1])
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, questions))
+    steps = batch_steps(server[1]) - before
+    tokens = sum(n for _, n in together)
+    print(f"\n8 users at once: {tokens} tokens in {steps:.0f} steps")
+    assert together == alone
+    assert steps < tokens / 2
 
 
 def test_interleaved_chats_keep_their_cache(client, engine):
@@ -232,7 +262,7 @@ def test_foreign_host_and_non_json_posts_are_refused(server):
 def test_api_key_required_but_page_public(server):
     status, body = http_request("GET", server[1], "/v1/models", key=None)
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
-    assert http_request("GET", server[1], "/health", key="wrong")[0] == 401
+    assert http_request("GET", server[1], "/health", key="wrong") == (200, {"status": "ok"})  # load balancers
     status, page = http_request("GET", server[1], "/", key=None)
     assert status == 200 and "<title>lmbundle chat</title>" in page
     assert http_request("GET", server[1], "/static/app.js", key=None)[0] == 200
@@ -354,6 +384,41 @@ def test_100_concurrent_requests_bounded_queue_and_memory(server, engine):
     assert rss_mb(proc.pid) < rss_before + 40
 
 
+def test_an_oversized_prompt_is_refused_at_once_and_stalls_no_one(server, engine):
+    """A 30 MB message (under the 32 MB body limit) while another user asks a small question, three times.
+    Before: the 30 MB were tokenized in full before the context check (63 s to its 400, RSS 4.7 GB, 2.4 GB
+    kept) on a decode worker, and the small request waited behind it. Now the prompt's size is bounded
+    before it is tokenized (engine/prompt.py, PromptBound), prompts are built off the decode workers, and
+    a large body's memory is given back."""
+    proc, host = server
+    process = psutil.Process(proc.pid)
+    small = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0}
+    expected = http_request("POST", host, "/v1/chat/completions", body=small)[1]["choices"][0]["message"]
+    before = process.memory_info().rss
+    text = "The quick brown fox jumps over the lazy dog. " * (30 * 2**20 // 45)
+    payload = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 4}).encode()
+
+    def timed(body):
+        start = time.monotonic()
+        return *http_request("POST", host, "/v1/chat/completions", body=body), time.monotonic() - start
+
+    for _ in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            big = pool.submit(timed, payload)
+            time.sleep(0.05)
+            other = pool.submit(timed, small)
+            (status, body, big_seconds), (other_status, other_body, other_seconds) = big.result(), other.result()
+        wait_idle(host)
+        after = process.memory_info().rss
+        print(f"\n{len(payload) / 2**20:.0f} MB message: HTTP {status} in {big_seconds:.2f} s, RSS "
+              f"{before / 2**20:.0f} -> {after / 2**20:.0f} MB; the other user's request: {other_seconds:.2f} s")
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+        assert "bytes" in body["error"]["message"]  # refused on its size, before any tokenizing
+        assert other_status == 200 and other_body["choices"][0]["message"] == expected
+        assert big_seconds < 5 and other_seconds < 5  # before: 63 s and 61.6 s
+        assert after - before < 150 * 2**20  # a few copies of the body at most, given back: no growth
+
+
 # -- parts, in process ----------------------------------------------------------------------------
 @pytest.mark.parametrize("pieces", [["ab", "cST", "OPde"], ["abcS", "T", "O", "Pde"], ["abcSTOPde"]])
 def test_stop_matcher_cuts_at_first_stop_over_any_split(pieces):
@@ -462,3 +527,63 @@ def test_remote_host_needs_allow_remote():
     args = Namespace(host="192.168.1.20", allow_remote=False, bundle="unused", port=1)
     with pytest.raises(LmbundleError, match="refusing to listen on 192.168.1.20"):
         options_from(args)  # `lmbundle serve` checks its options before it opens the bundle
+
+
+# -- connections: read timeouts, the connection cap, the open-file limit -----------------------------------
+def first_line(sock: socket.socket) -> bytes:
+    """The first line the server sends on `sock` (b"" if it closes without answering)."""
+    data = b""
+    while b"\r\n" not in data:
+        piece = sock.recv(4096)
+        if not piece:
+            break
+        data += piece
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_half_sent_requests_are_dropped_and_connections_capped(bundle, serve):
+    """Its own server, with a 1 s read timeout, 20 connections at most, and an open-file limit of 256 (as
+    `ulimit -n 256` would set). Before: a half-sent request held its connection for as long as the client
+    liked, and ~1,000 of them exhausted the descriptors (EMFILE tracebacks, everyone locked out)."""
+    proc, host = serve(bundle, "--api-key", API_KEY, "--read-timeout", "1", "--max-connections", "20",
+                       open_files=256)
+    address = (host.rsplit(":", 1)[0], int(host.rsplit(":", 1)[1]))
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n".encode()
+    with socket.create_connection(address, timeout=10) as headers_only:  # the headers never end
+        headers_only.sendall(head)
+        assert first_line(headers_only) == b"HTTP/1.1 408 Request Timeout" and headers_only.recv(4096) == b""
+    with socket.create_connection(address, timeout=10) as short_body:  # 10 of the 100 bytes it announced
+        short_body.sendall(head + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"prompt":')
+        assert first_line(short_body) == b"HTTP/1.1 408 Request Timeout"
+    sockets = [socket.create_connection(address, timeout=10) for _ in range(300)]  # more than 256 descriptors
+    try:
+        answers = [first_line(s) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+    busy, late = answers.count(b"HTTP/1.1 503 Service Unavailable"), answers.count(b"HTTP/1.1 408 Request Timeout")
+    print(f"\n300 idle connections, an open-file limit of 256: {busy} refused at once (503), {late} dropped after "
+          "the read timeout (408)")
+    assert busy and busy + late == 300  # every one answered, none reset or left hanging
+    status, _ = http_request("POST", host, "/v1/completions", body={"prompt": "Once", "max_tokens": 2})
+    assert status == 200  # still serving
+    proc.terminate()
+    output = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in output and "Too many open files" not in output, output
+
+
+def test_connection_limits_fit_the_open_file_limit(monkeypatch):
+    """The cap is lowered to what the descriptors left allow: a batch of accepts, the connections served
+    and as many again refused politely all fit at once (with a soft limit of 256 raised to a hard 4096)."""
+    import resource
+
+    from lmbundle.serve import server
+
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (256, 4096))
+    raised = []
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, limits: raised.append(limits))
+    monkeypatch.setattr(server.os, "listdir", lambda path: ["fd"] * 40)
+    limits = server.Limits.fitting(10_000)
+    assert raised == [(4096, 4096)]
+    assert limits.cap <= limits.refuse_at // 2 and limits.refuse_at + limits.backlog <= 4096 - 40 - server.RESERVED_FDS
+    assert limits.cap > 1000 and server.Limits.fitting(50).cap == 50

@@ -25,67 +25,11 @@ from lmbundle.convert.convert import convert
 from lmbundle.engine.engine import Engine
 from lmbundle.engine.request import Request
 from lmbundle.engine.sampling import Sampling
+from tests.checkpoints import QWEN35_STYLE_TEMPLATE as TEMPLATE
 from tests.conftest import API_KEY, DEMO_QWEN35, http_request, wait_idle
 
 MAX_CONTEXT = 1024
 QUEUE_SIZE = 2
-
-# A template with Qwen3.5's conventions (written for these tests from the documented format): tools in
-# the system turn, assistant tool calls as <tool_call><function=...><parameter=...> blocks, tool results in
-# a user turn as <tool_response>, and the generation prompt opening <think> unless enable_thinking is false.
-TEMPLATE = """{%- if tools %}<|im_start|>system
-{% if messages[0].role == 'system' %}{{ messages[0].content }}
-
-{% endif %}# Tools
-
-<tools>
-{%- for tool in tools %}
-{{- '\n' + (tool | tojson) }}
-{%- endfor %}
-{{- '\n' }}</tools>
-
-To call a function reply with
-<tool_call>
-<function=NAME>
-<parameter=ARG>
-VALUE
-</parameter>
-</function>
-</tool_call><|im_end|>
-{% elif messages[0].role == 'system' %}<|im_start|>system
-{{ messages[0].content }}<|im_end|>
-{% endif %}
-{%- for m in messages %}
-{%- if m.role == 'system' and not loop.first %}{{ raise_exception('System message must be at the beginning.') }}
-{%- elif m.role == 'system' %}
-{%- elif m.role == 'tool' %}<|im_start|>user
-<tool_response>
-{{ m.content }}
-</tool_response><|im_end|>
-{% elif m.role == 'assistant' %}<|im_start|>assistant
-{% if m.reasoning_content %}<think>
-{{ m.reasoning_content }}
-</think>
-
-{% endif %}{{ m.content or '' }}
-{%- for c in m.tool_calls or [] %}
-{{- '\n<tool_call>\n<function=' + c.function.name + '>\n' }}
-{%- for k, v in c.function.arguments.items() %}
-{{- '<parameter=' + k + '>\n' + (v if v is string else (v | tojson)) + '\n</parameter>\n' }}
-{%- endfor %}
-{{- '</function>\n</tool_call>' }}
-{%- endfor %}<|im_end|>
-{% else %}<|im_start|>{{ m.role }}
-{{ m.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% if enable_thinking is defined and enable_thinking is false %}<think>
-
-</think>
-
-{% else %}<think>
-{% endif %}{% endif %}"""
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -115,7 +59,7 @@ def bundle(tiny_qwen35, tmp_path_factory):
 def server(bundle, serve):
     os.environ["LMBUNDLE_API_KEY"] = API_KEY  # the key from the environment, not the command line
     try:
-        proc, host = serve(bundle, "--queue-size", str(QUEUE_SIZE), "--timeout", "60")
+        proc, host = serve(bundle, "--queue-size", str(QUEUE_SIZE), "--timeout", "60", "--max-batch", "1")
     finally:
         del os.environ["LMBUNDLE_API_KEY"]
     assert API_KEY not in " ".join(psutil.Process(proc.pid).cmdline())

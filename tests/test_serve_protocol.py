@@ -6,6 +6,7 @@ routes: test_serve.py, test_serve_api.py."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from fastapi.testclient import TestClient
@@ -186,3 +187,114 @@ def test_the_guard(served):
     assert client.post("/v1/completions", content=b"{}", headers={"Content-Type": "text/plain"}).status_code == 415
     assert client.get("/", headers={"Authorization": ""}).status_code == 200
     assert client.get("/v1/models").json()["data"][0]["id"] == "scripted"
+
+
+def client_of(engine, **options) -> TestClient:
+    app = create_app(engine, Options(api_key=KEY, hosts=loopback_hosts(8000), timeout=30, **options))
+    return TestClient(app, base_url="http://127.0.0.1:8000", headers={"Authorization": f"Bearer {KEY}"})
+
+
+@pytest.mark.parametrize("field, value", [("stream", "yes"), ("max_tokens", "10"), ("temperature", True),
+                                          ("top_p", "0.5"), ("seed", 1.5), ("logprobs", 1)])
+def test_fields_of_the_wrong_type_are_refused_not_coerced(served, field, value):
+    engine, client = served
+    response = client.post("/v1/chat/completions", json={"messages": MESSAGES, field: value})
+    assert response.status_code == 400 and response.json()["error"]["param"] == field, response.json()
+    assert engine.requests == []
+    assert post(client, "/v1/chat/completions", {"messages": MESSAGES, "temperature": 1, "max_tokens": 5})[0] == 200
+
+
+def test_an_integer_of_5000_digits_is_400(served):
+    _, client = served
+    raw = b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": ' + b"9" * 5000 + b"}"
+    response = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    assert "5000 digits" in response.json()["error"]["message"]
+
+
+def test_models_by_id_and_a_served_name():
+    engine = ScriptedEngine()
+    with client_of(engine) as client:
+        assert client.get("/v1/models/scripted").json()["id"] == "scripted"
+        assert client.get("/v1/models/other").status_code == 404
+    with client_of(engine, model_name="org/alias") as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["org/alias"]
+        assert client.get("/v1/models/org/alias").json()["id"] == "org/alias"
+        status, body = post(client, "/v1/chat/completions", {"messages": MESSAGES, "model": "org/alias"})
+        assert status == 200 and body["model"] == "org/alias"
+        assert post(client, "/v1/chat/completions", {"messages": MESSAGES, "model": "scripted"})[0] == 404
+        assert client.get("/health").json()["model"] == "org/alias"
+
+
+def test_health_is_open_without_the_key_and_says_only_ok():
+    with client_of(ScriptedEngine()) as client:
+        assert client.get("/health", headers={"Authorization": ""}).json() == {"status": "ok"}
+        assert client.get("/health", headers={"Authorization": "Bearer wrong"}).json() == {"status": "ok"}
+        assert client.get("/health").json()["queue_size"] == 16  # with the key: the whole report
+        for path in ("/metrics", "/v1/models", "/api/info"):  # everything else keeps the key
+            assert client.get(path, headers={"Authorization": ""}).status_code == 401, path
+
+
+def test_cors_only_for_the_origins_allowed():
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type", "Authorization": ""}
+    with client_of(ScriptedEngine()) as client:  # off by default
+        assert "access-control-allow-origin" not in client.options("/v1/chat/completions", headers=preflight).headers
+    with client_of(ScriptedEngine(), cors_origins=["https://app.example"]) as client:
+        answer = client.options("/v1/chat/completions", headers=preflight)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://app.example"
+        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        got = client.get("/v1/models", headers={"Origin": "https://app.example"})
+        assert got.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.options("/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        assert client.get("/v1/models", headers={"Origin": "https://evil.example"}).headers.get(
+            "access-control-allow-origin") is None
+
+
+def test_the_page_forbids_framing_and_foreign_scripts(served):
+    _, client = served
+    page = client.get("/", headers={"Authorization": ""})
+    assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY"
+    policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert policy["script-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+    for response in (page, client.get("/static/app.js"), client.get("/v1/models")):
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_one_log_line_per_request_when_asked(caplog):
+    caplog.set_level("INFO", logger="lmbundle.serve")
+    with client_of(ScriptedEngine()) as client:
+        post(client, "/v1/chat/completions", {"messages": MESSAGES})
+    assert not [r for r in caplog.records if r.name == "lmbundle.serve"]  # quiet by default
+    with client_of(ScriptedEngine(), log_requests=True) as client:
+        post(client, "/v1/chat/completions", {"messages": MESSAGES})
+        post(client, "/v1/chat/completions", {"messages": MESSAGES, "stream": True})
+        client.get("/v1/models", headers={"Authorization": ""})
+        post(client, "/v1/completions", {"prompt": "x", "max_tokens": "2"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "lmbundle.serve"]
+    assert len(lines) == 4, lines
+    assert re.fullmatch(r"POST /v1/chat/completions 200 3\+2 tokens \d+\.\d{3} s", lines[0]), lines[0]
+    assert re.fullmatch(r"POST /v1/chat/completions 200 3\+2 tokens \d+\.\d{3} s", lines[1]), lines[1]
+    assert re.fullmatch(r"GET /v1/models 401 \d+\.\d{3} s", lines[2])
+    assert lines[3].startswith("POST /v1/completions 400")
+
+
+def test_a_strict_tool_the_grammar_cannot_enforce_is_400_and_a_cut_call_stays_out_of_the_content(served):
+    engine, client = served
+    strict = {"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"ids": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}}}
+    status, body = post(client, "/v1/chat/completions", {"messages": MESSAGES, "tools": [strict],
+                                                         "tool_choice": "required"})
+    assert status == 400 and body["error"]["param"] == "tools" and "uniqueItems" in body["error"]["message"]
+    strict["function"]["strict"] = False  # left out of the constraint instead
+    loose = {"messages": MESSAGES, "tools": [strict], "tool_choice": "required"}
+    assert post(client, "/v1/chat/completions", loose)[0] == 200
+    engine.pieces, engine.finish = ["Sure.", "\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOs"], "length"
+    status, whole = post(client, "/v1/chat/completions", {"messages": MESSAGES, "tools": [WEATHER]})
+    message = whole["choices"][0]["message"]
+    assert message["content"] == "Sure." and "tool_calls" not in message
+    assert whole["choices"][0]["finish_reason"] == "length"
+    status, chunks = post(client, "/v1/chat/completions", {"messages": MESSAGES, "tools": [WEATHER], "stream": True})
+    assert joined(chunks, "content") == "Sure."

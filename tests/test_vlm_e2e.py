@@ -280,3 +280,11 @@ def test_demo_vlm_image_gate(tmp_path):
     bundle = convert(str(demo), tmp_path / "demo", quant="int8hu", backend="torch", max_context=1024, log=None)
     report = run_image_gate(Engine(bundle, backend="torch", device="cpu"), Oracle(str(demo)))
     assert report.passed, report.lines()
+
+
+def test_every_bundle_file_has_one_mode(vlm):
+    """vision.safetensors was written 0600 (safetensors' own writer) while the rest is 0644."""
+    _, _, engines, _ = vlm
+    root = engines["fp16"].bundle.path
+    modes = {p.relative_to(root).as_posix(): p.stat().st_mode & 0o777 for p in root.rglob("*") if p.is_file()}
+    assert "vision.safetensors" in modes and len(set(modes.values())) == 1, modes

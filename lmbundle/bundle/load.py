@@ -100,6 +100,9 @@ def load_graph(bundle: Bundle, device: str | torch.device = "cpu", dtype: torch.
                verify: bool = True) -> DecoderForStep:
     """Build the bundle's graph from its metadata and load its weights (checked against their sha256)."""
     info = bundle.info
+    if not info.get("weights"):
+        raise LmbundleError(f"{bundle.path}: this bundle has no PyTorch weights (converted with --backend coreai): "
+                            "run it with --backend coreai")
     weights = bundle.path / info["weights"]
     if verify:
         bundle.verify([info["weights"]])

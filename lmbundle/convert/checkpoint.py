@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,13 @@ def resolve_source(source: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
     except Exception as exc:  # offline, unknown repo, gated: all end the same way for the user
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = textwrap.shorten(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 200,
+                                  placeholder=" ...")
+        offline = "HF_HUB_OFFLINE is set: only the cache is read" if constants.HF_HUB_OFFLINE else \
+            "HF_HUB_OFFLINE=1 reads only the cache"
         raise LmbundleError(
-            f"cannot fetch hub model {source!r} (cache folder {constants.HF_HUB_CACHE}): {reason[:200]}"
+            f"cannot fetch hub model {source!r} (cache folder {constants.HF_HUB_CACHE}): {reason}; download it "
+            f"where the hub is reachable (`hf download {source} --local-dir DIR`) and pass DIR instead ({offline})"
         ) from None
 
 

@@ -102,9 +102,8 @@ def convert(
     if backend == "coreai" and coreai_reason:
         raise LmbundleError(f"cannot export .aimodel: {coreai_reason}")
     steps = ["load", "quantize", "write weights", "tokenizer"] + ([] if coreai_reason else ["export .aimodel"])
-    progress = tqdm(total=len(steps), desc=f"convert {name}", unit="step", disable=log is None)
-
     with atomic_folder(out) as tmp:
+        progress = tqdm(total=len(steps), desc=f"convert {name}", unit="step", disable=log is None)
         progress.set_postfix_str("load")
         model = load_checkpoint_graph(ckpt, _checkpoint_dtype(ckpt.config))
         cfg = model.cfg
@@ -116,11 +115,12 @@ def convert(
         progress.update()
 
         progress.set_postfix_str("write weights")
-        tensors = dict(model.state_dict())
-        if recipe["tied_head"]:
-            tensors.pop("lm_head.weight", None)
-        write_safetensors(tmp / WEIGHTS, tensors, metadata={"format": "pt", "lmbundle": __version__})
-        del tensors
+        if backend != "coreai":  # a Core AI-only bundle carries its weights in the .aimodel alone
+            tensors = dict(model.state_dict())
+            if recipe["tied_head"]:
+                tensors.pop("lm_head.weight", None)
+            write_safetensors(tmp / WEIGHTS, tensors, metadata={"format": "pt", "lmbundle": __version__})
+            del tensors
         progress.update()
 
         progress.set_postfix_str("tokenizer")
@@ -153,7 +153,7 @@ def convert(
             "config": dataclasses.asdict(cfg),
             "hf_config": {k: v for k, v in ckpt.config.items() if k != "_name_or_path"},  # no build paths
             "quant": recipe,
-            "weights": WEIGHTS,
+            "weights": None if backend == "coreai" else WEIGHTS,
             "state": state_layout(model, max_context),
             "inputs": {"input_ids": [1, 1], "position": [1]} | (image_inputs(vision) if vision else {}),
             "outputs": {"logits": [1, 1, cfg.vocab_size], "next_token": [1, 1]},

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 
 from .. import __version__
 from ..bundle.coreai import import_coreai_torch
+from ..bundle.format import write_safetensors
 from ..bundle.load import load_weights
 from ..bundle.vision import DEFAULT_IMAGE_SIZE, VISION_WEIGHTS, ImageSpec
 from ..errors import LmbundleError
@@ -54,7 +54,7 @@ def write_vision(
             f"{checkpoint.path}: vision out_hidden_size {config.out_hidden_size} != text hidden_size {text_hidden}"
         )
     tensors = {name: t.contiguous() for name, t in encoder.state_dict().items()}
-    save_file(tensors, str(folder / VISION_WEIGHTS), metadata={"format": "pt", "lmbundle": __version__})
+    write_safetensors(folder / VISION_WEIGHTS, tensors, metadata={"format": "pt", "lmbundle": __version__})
     if asset:
         export_vision_aimodel(encoder, folder / asset)
     per_image = spec.num_tokens

@@ -33,7 +33,7 @@ from .batching import BatchLoop
 from .grammar import GrammarConstraint
 from .outputs import OutputStream, TokenStops, token_bytes
 from .prefix_cache import PrefixCache
-from .prompt import Prompt, render_chat
+from .prompt import Prompt, PromptBound, render_chat
 from .request import Completion, Output, Request, Stats, TokenLogprobs
 from .sampling import Logprobs, Penalties, Sampling
 from .scheduler import Scheduler
@@ -74,6 +74,7 @@ class Engine:
             raise LmbundleError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})")
         self.tokenizer = self.bundle.load_tokenizer(verify=verify)
         self.max_context = self.bundle.max_context
+        self.prompt_bound = PromptBound(self.tokenizer, self.max_context)
         self.vocab_size = int(self.bundle.info["config"]["vocab_size"])
         self.generation_config = self._generation_config()
         self.stop_ids = self._stop_ids()
@@ -197,6 +198,7 @@ class Engine:
 
     # -- prompts --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        self.prompt_bound.check(text)
         with self._prompt_lock:
             return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -226,7 +228,8 @@ class Engine:
         if images:
             self._check_vision()
         with self._prompt_lock:
-            prompt = render_chat(self.tokenizer, messages, list(tools) if tools else None, template_kwargs)
+            prompt = render_chat(self.tokenizer, messages, list(tools) if tools else None, template_kwargs,
+                                 bound=self.prompt_bound)
             if images:
                 prompt.ids, prompt.images = self.vision.image_prompt(prompt.ids, images)
         return prompt

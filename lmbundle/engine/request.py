@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import LmbundleError
+from .grammar import Grammar
 from .sampling import Sampling
 
 FINISH_REASONS = ("stop", "length")  # a stop token or stop string; the token limit (or the context)
@@ -28,7 +29,8 @@ class Request:
     at the first of the `stop` strings (the text ends before it), or after `max_tokens`.
     `logprobs` k: each output carries its token's log-probability and the k most likely tokens' (0: the
     token's only). `presence_penalty`, `frequency_penalty` and `logit_bias` ({token id: bias}) change the
-    logits as OpenAI defines them; `grammar` (llguidance's, `engine.grammar`) constrains the output.
+    logits as OpenAI defines them; `grammar` (llguidance's, or an `engine.grammar.Grammar`) constrains the
+    output.
     `prefill_chunk`: how the prompt is fed, None as the engine was set up, 0 as single-token steps, n in
     chunks of n tokens."""
 
@@ -44,7 +46,7 @@ class Request:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
-    grammar: str | None = None
+    grammar: str | Grammar | None = None
     prefill_chunk: int | None = None
 
     def __post_init__(self):

@@ -8,10 +8,15 @@ import torch
 
 from ..errors import LmbundleError
 
+# Temperatures below this choose greedily (vLLM's threshold too): dividing by them would overflow the logits
+# (5e-324 is 0 in fp32), and the distribution they describe is the argmax's up to logit differences below
+# what the model's arithmetic resolves.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class Sampling:
-    """temperature 0 is greedy (argmax); top_k 0, top_p 1 and min_p 0 disable those filters.
+    """temperature 0 (below GREEDY_BELOW) is greedy (argmax); top_k 0, top_p 1 and min_p 0 disable those filters.
 
     `processors` change the logits before the choice, in order, on the logits' device (penalties, a
     logit bias, a grammar's mask, a logprob recorder): each is called as `p(logits) -> logits` and
@@ -48,7 +53,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.greedy:
@@ -73,7 +78,7 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
 def _choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     if sampling.greedy:
         return logits.argmax().view(1, 1)
-    logits = logits / sampling.temperature
+    logits = (logits - logits.max()) / sampling.temperature  # at most 0: no overflow to inf - inf
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

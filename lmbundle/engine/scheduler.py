@@ -17,12 +17,22 @@ On CUDA the step runs on all `max_batch` rows at every load, as one CUDA graph (
 the rows kernels of `kernels/triton_rows.py` between them): the padding rows step free decode slots. Prompt pieces
 replay the prompt graphs (`graphs.PrefillGraphs`) on a staging slot.
 
-Exact: a request's tokens do not depend on what else runs. Its prompt is cut into pieces at fixed
-absolute positions (chunk multiples and the prefix cache's cut points), whatever the load; the batched
-step always has the same row count, so every kernel runs the same configuration, and no row's result
-reads another row's (the rows kernels attend over each row's own prefix; the reference ops pad each
-linear's rows to a fixed count and attend over each slot's whole KV row). Each request samples with its
-own generator, so a seeded request repeats whatever runs beside it.
+One sequence decoding alone runs the engine's one-request step instead (`solo`, on slot 0: on CUDA the
+fused Triton kernels of `kernels/triton_ops.py` in a CUDA graph, elsewhere the model's own ops), which for one
+user is the faster step (1.2 against 2.0 ms for the 2B on the H200); from the second sequence on, the
+batched step. A sequence may cross from one to the other between two of its tokens.
+
+Exact: a request's tokens do not depend on what else runs, within what the two steps' arithmetic allows. Its
+prompt is cut into pieces at fixed absolute positions (chunk multiples and the prefix cache's cut points),
+whatever the load; the batched step always has the same row count, so every kernel runs the same
+configuration, and no row's result reads another row's (the rows kernels attend over each row's own prefix;
+the reference ops pad each linear's rows to a fixed count and attend over each slot's whole KV row). On the
+CPU the one-request step is the same fp32 reference math as the batched step's, so the two agree to fp32
+rounding (greedy tokens equal unless two logits tie that closely). On CUDA they are different kernels in
+bf16 (a GEMV on int8 weights against cuBLAS on dense copies), so a greedy request that crosses between them
+may part from its solo answer where its top two logits are within bf16 rounding; `CudaOptions(solo_step=
+False)` keeps every step batched, and then a request's tokens are the same at any load, bit for bit. Each
+request samples with its own generator, so a seeded request repeats whatever runs beside it.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ import torch
 
 from ..models.ops import StepOps
 from .batch_ops import ROW_TILE, BatchOps, HostInts
-from .graphs import MAX_PIECE, PrefillGraphs, capture
+from .graphs import MAX_PIECE, PrefillGraphs, bucket, capture
 from .kernels import triton_installed
 from .outputs import TokenStops
 from .prefix_cache import PrefixCache
@@ -110,6 +120,10 @@ class Scheduler:
             self.prefill_graphs = PrefillGraphs(self.model, staging)
         self.padded = self.device.type == "cuda"  # every step on all max_batch rows (the one graph's layout)
         self._graph: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
+        # one sequence decoding alone: the one-request step (on the CPU always: the same math as the batched)
+        self.solo_step = cuda.solo_step or self.device.type != "cuda"
+        self._solo_graph: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
+        self.solo_steps = 0
         self._ids_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._positions_in = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._live_in = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
@@ -322,7 +336,9 @@ class Scheduler:
         self.peak_batch = max(self.peak_batch, count)
         window = self.capacity  # each slot's whole KV row: the same softmax sums whatever the others' lengths
         ids, positions = self._feed(rows)
-        if self.padded:
+        if count == 1 and self.solo_step:
+            logits = self._solo(ids, positions, rows[0].pos)
+        elif self.padded:
             for t in (self._ids_in, self._positions_in, self._live_in):
                 t.zero_()  # padding rows: token 0 at position 0 of a free decode slot, not live
             self._ids_in[:count].copy_(ids)
@@ -365,6 +381,24 @@ class Scheduler:
         for seq in rows:
             seq.first_token = None
         return ids, positions
+
+    def _solo(self, ids: torch.Tensor, positions: torch.Tensor, position: int) -> torch.Tensor:
+        """The one-request step for the sequence in slot 0, its token at `position`: logits [1, V]. On CUDA the
+        fused step as a CUDA graph over the pool's whole KV row (the engine's own step on a state of that
+        capacity); elsewhere over the attention window the position needs."""
+        self.solo_steps += 1
+        slot = self.pool.slot(0)
+        if not self.use_graphs:
+            window = bucket(position + 1, self.capacity)
+            return self.model.step(ids.view(1, 1), positions.view(1), slot, window).view(1, -1)
+        self._ids_in[:1].copy_(ids)
+        self._positions_in[:1].copy_(positions)
+        if self._solo_graph is None:
+            self._solo_graph = capture(lambda: self.model.step(self._ids_in[:1].view(1, 1), self._positions_in[:1],
+                                                               slot, self.capacity), slot)
+        graph, out = self._solo_graph
+        graph.replay()
+        return out.view(1, -1)
 
     def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The batched step on all max_batch rows, as a CUDA graph (the warm-up run, which also makes the

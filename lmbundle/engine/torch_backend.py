@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import LmbundleError
 from ..models.linear import DenseCopies, Linear
 from ..models.state import State
 from .graphs import PrefillGraphs, bucket, capture
@@ -24,8 +25,20 @@ from .sampling import Sampling, sample
 
 
 def pick_device(requested: str | None = None) -> torch.device:
+    """The device asked for (checked to be here), else the best present."""
     if requested:
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise LmbundleError(f"unknown device {requested!r} (cpu, cuda, cuda:N or mps)") from None
+        present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if device.type not in present:
+            raise LmbundleError(f"device {requested!r}: lmbundle runs on cpu, cuda or mps")
+        if not present[device.type]:
+            raise LmbundleError(f"device {requested!r}: no {device.type.upper()} device here (choose cpu)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise LmbundleError(f"device {requested!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -43,12 +56,16 @@ class CudaOptions:
     GEMMs; off, the reference ops alone (what the CPU runs), for comparing the two. `int8_rows`: the batched
     step's int8 linears read as int8 by one Triton kernel each (`kernels/triton_rows_linear.py`, the residual
     add and SwiGLU fused in) instead of cuBLAS on 16-bit copies; `row_pdl`: its Triton kernels chained by
-    programmatic dependent launch (Hopper). Both off until `benchmarks/bench_batch_step.py` has timed them."""
+    programmatic dependent launch (Hopper). Both off until `benchmarks/bench_batch_step.py` has timed them.
+    `solo_step`: one request decoding alone runs the fused one-request step (faster for one user); off, the
+    batched step at any load (then a request's tokens are bit for bit the same whatever runs beside it:
+    scheduler.py)."""
 
     prompt_copies: bool = True
     row_kernels: bool = True
     int8_rows: bool = False
     row_pdl: bool = False
+    solo_step: bool = True
 
 
 def _install_cuda_kernels(model: torch.nn.Module, device: torch.device, options: CudaOptions) -> DenseCopies | None:

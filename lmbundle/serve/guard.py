@@ -10,12 +10,15 @@ from fastapi.responses import JSONResponse
 from ..errors import LmbundleError
 from .schemas import ApiError
 
-PUBLIC_PATHS = ("/", "/favicon.ico")  # the page itself; it asks for the key when the API answers 401
+# the page itself (it asks for the key when the API answers 401), and the health check load balancers probe
+# (without the key it says only {"status": "ok"}: app.py)
+PUBLIC_PATHS = ("/", "/favicon.ico", "/health")
 
 
 class Guard:
     """ASGI middleware for what every request must pass, before any route runs:
-    - the API key (when set), on everything but the page itself, which asks for it on a 401;
+    - the API key (when set), on everything but the page and /health; whether the request carried it is
+      left in the request's state (`authorized`) for the routes that answer both;
     - a Host header naming this server when it listens on loopback, so a web page elsewhere cannot
       reach the model through DNS rebinding;
     - JSON bodies declared as such: a cross-site form or text/plain POST is refused, never run."""
@@ -37,7 +40,9 @@ class Guard:
             return ApiError(403, "Host header does not name this server", code="forbidden_host")
         path = scope["path"]
         public = path in PUBLIC_PATHS or path.startswith("/static/")
-        if self.key and not public and not self.authorized(headers.get(b"authorization", b"")):
+        authorized = not self.key or self.authorized(headers.get(b"authorization", b""))
+        scope.setdefault("state", {})["authorized"] = authorized
+        if not public and not authorized:
             return ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                             code="invalid_api_key")
         media_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()

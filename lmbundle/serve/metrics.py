@@ -11,10 +11,10 @@ from ..engine.engine import Engine
 from .worker import Worker
 
 
-def health(engine: Engine, worker: Worker) -> dict:
+def health(name: str, engine: Engine, worker: Worker) -> dict:
     counts = engine.counts()
     cache = counts["cache"]
-    return {"status": "ok", "model": engine.name, "running": worker.running, "waiting": worker.waiting,
+    return {"status": "ok", "model": name, "running": worker.running, "waiting": worker.waiting,
             "max_batch": worker.max_batch, "queue_size": worker.queue_size, "batch_size": counts["batch_size"],
             "served": worker.served, "stopped": worker.stopped, "failed": worker.failed,
             "tokens": counts["totals"],

@@ -13,13 +13,13 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 
 from ..engine.engine import Engine
-from ..engine.grammar import GrammarError, json_grammar
+from ..engine.grammar import Grammar, GrammarError, json_grammar
 from ..engine.request import Request
 from ..engine.sampling import Sampling
 from ..errors import LmbundleError
 from .images import ImageError, check_header, decode_bytes, give_back_memory, image_bytes
 from .schemas import ApiError, ChatRequest, CompletionRequest, ImagePart
-from .tools import tool_call_grammar
+from .tool_grammar import forced_call_grammar, uses_xml_calls
 
 RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tools", "documents", "chat_template", "tokenize", "padding",
                             "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
@@ -34,7 +34,7 @@ class ChatPlan:
     template_tools: list[dict] | None
     template_kwargs: dict
     parse_tools: list[dict] | None
-    grammar: str | None
+    grammar: Grammar | str | None
 
 
 class Protocol:
@@ -101,7 +101,7 @@ class Protocol:
         if choice == "required" or not isinstance(choice, str):
             names = [t["function"]["name"] for t in tools] if choice == "required" else [choice.function.name]
             forced = [t for t in tools if t["function"]["name"] in names]
-            compile_grammar = lambda: tool_call_grammar(forced)  # noqa: E731
+            compile_grammar = lambda: forced_call_grammar(forced, uses_xml_calls(self.engine.chat_template))  # noqa: E731
             kwargs.setdefault("enable_thinking", False)  # the constraint starts at the first token
         form = req.response_format
         if form is not None and form.type != "text":
@@ -114,14 +114,17 @@ class Protocol:
                     raise ApiError(400, "response_format json_schema needs json_schema.schema",
                                    param="response_format")
                 schema = form.json_schema.schema_
-            compile_grammar = lambda: json_grammar(schema)  # noqa: E731
+            strict = bool(form.json_schema and form.json_schema.strict)
+            compile_grammar = lambda: json_grammar(schema, strict)  # noqa: E731
             kwargs.setdefault("enable_thinking", False)  # JSON from the first token
         grammar = None
         if compile_grammar is not None:
             try:
                 grammar = compile_grammar()
             except GrammarError as exc:
-                raise ApiError(400, str(exc), code="invalid_response_format", param="response_format") from None
+                param = "tools" if form is None or form.type == "text" else "response_format"
+                code = "invalid_tools" if param == "tools" else "invalid_response_format"
+                raise ApiError(400, str(exc), code=code, param=param) from None
         in_use = tools if choice != "none" else None
         return ChatPlan(in_use, kwargs, in_use, grammar)
 

@@ -6,12 +6,14 @@ that changes the answer (n > 1, echo, suffix) is refused with a 400 that says so
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_STOP_STRINGS = 8
 MAX_JSON_DEPTH = 64  # far past any real request (a JSON schema in response_format or tools included)
+MAX_INT_DIGITS = 40  # past any id, seed or count (Python's own limit, 4300 digits, would be a ValueError)
 
 
 class ApiError(Exception):
@@ -27,6 +29,30 @@ class ApiError(Exception):
     def body(self) -> dict:
         kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def decode_json(raw: bytes) -> object:
+    """A request body as JSON, or a 400 naming what is wrong (not JSON, nested past MAX_JSON_DEPTH, an integer
+    of more than MAX_INT_DIGITS digits), then `check_json`'s checks."""
+    try:
+        body = json.loads(raw, parse_int=_bounded_int)
+    except ApiError:
+        raise
+    except RecursionError:
+        raise ApiError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels",
+                       code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, f"request body is not valid JSON ({exc})", code="invalid_json") from None
+    check_json(body)
+    return body
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise ApiError(400, f"request body holds an integer of {digits} digits (at most {MAX_INT_DIGITS})",
+                       code="invalid_json")
+    return int(text)
 
 
 def check_json(body: object) -> None:
@@ -58,7 +84,10 @@ def _check_text(text: str, where: str) -> None:
 
 
 class _Schema(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Strict types, as OpenAI's API takes them: `"stream": "yes"`, `"max_tokens": "10"` or `"temperature": true`
+    are refused, not coerced (an integer where a number goes is a number)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ImageUrl(_Schema):

@@ -1,5 +1,5 @@
-"""Qwen3.5's output, split the way OpenAI clients read it: `reasoning_content`, `content`, `tool_calls`; and the
-grammar that forces one tool call in that format.
+"""Qwen3.5's output, split the way OpenAI clients read it: `reasoning_content`, `content`, `tool_calls`, the
+call's arguments typed by the tool's JSON schema (the grammar that forces a call: tool_grammar.py).
 
 The formats (from Qwen3.5's chat template and the public parsers of vLLM `qwen3` / `qwen3_coder`, SGLang
 `Qwen3CoderDetector` and llama.cpp's Qwen3-Coder format; no code taken from them):
@@ -14,7 +14,8 @@ Failures seen elsewhere and avoided here: a tool call written inside the reasoni
 (vLLM #39056); a `<tool_call>` with `</think>` never written ends the reasoning (the tag is omitted when
 tools are present); a reply that ends while still "thinking" without ever closing it (small models) is
 given back as content, never as `content: null`. A block that cannot be read as a call to a declared
-tool is given back as content text, never dropped.
+tool is given back as content text; one cut off by the token limit (no `</function>` yet) is dropped, so
+no half-written `<tool_call>` ends up in the content.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-
-from ..engine.grammar import lark_grammar
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -99,9 +98,10 @@ class OutputParser:
     def finish(self, stopped: bool) -> list[dict]:
         """The rest once generation ended (`stopped`: at the model's stop token, not the length limit)."""
         out: list[dict] = []
-        if self.mode == "call":  # an unclosed block: a call if it reads as one, else text
+        if self.mode == "call":  # an unclosed block: a call if it reads as one, else text; cut off, dropped
             block, self.buffer = self.buffer, ""
-            out += self._call(block, closed=False)
+            if stopped or "</function>" in block:
+                out += self._call(block, closed=False)
             self.mode = "content"
         else:
             rest, self.buffer = self.buffer, ""
@@ -172,7 +172,7 @@ class OutputParser:
             arguments = {}
             for param in _PARAMETER.finditer(match.group(2)):
                 key = param.group(1).strip()
-                arguments[key] = convert_value(_unwrap(param.group(2)), (properties.get(key) or {}))
+                arguments[key] = convert_value(_unwrap(param.group(2)), properties.get(key) or {}, schema)
         if not isinstance(name, str) or name not in self.tools:
             return None
         return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -188,64 +188,71 @@ def _unwrap(value: str) -> str:
     return value
 
 
-def convert_value(value: str, schema: dict):
-    """A raw parameter value as the type its JSON schema declares (strings stay as written)."""
-    kinds = schema.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
-    if not kinds and "enum" in schema:
-        kinds = sorted({type(v).__name__ for v in schema["enum"]})
-    if kinds == ["string"] or (kinds and "string" in kinds and value.strip()[:1] not in "{[0123456789-tfn"):
+def convert_value(value: str, schema: dict, root: dict | None = None):
+    """A raw parameter value as the type its JSON schema declares: JSON of a kind the schema takes (`root`: the
+    parameters schema its $refs point into), true / false / none as Python writes them, else the text as
+    written (a string)."""
+    kinds = schema_kinds(schema, root)
+    if kinds is not None and kinds <= {"string"}:
         return value
     text = value.strip()
-    if "integer" in kinds:
-        try:
-            return int(text)
-        except ValueError:
-            pass
-    if "number" in kinds:
-        try:
-            number = float(text)
-            return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
-        except ValueError:
-            pass
-    if "boolean" in kinds and text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if "null" in kinds and text.lower() in ("null", "none"):
-        return None
     try:
-        return json.loads(text)  # objects, arrays, and values of an undeclared type
+        parsed = json.loads(text)
     except json.JSONDecodeError:
-        return value
+        parsed = value
+    else:
+        if kinds is None or _kind(parsed) in kinds:
+            return parsed
+    lowered = text.lower()
+    if kinds is not None and "boolean" in kinds and lowered in ("true", "false"):
+        return lowered == "true"
+    if kinds is not None and "null" in kinds and lowered in ("null", "none"):
+        return None
+    return value
 
 
-def tool_call_grammar(tools: list[dict]) -> str:
-    """A Lark grammar for one Qwen3.5 tool call to one of `tools` (tool_choice "required" or a named
-    function): `<tool_call>\\n<function=NAME>\\n` then declared parameters, each
-    `<parameter=ARG>\\nVALUE\\n</parameter>\\n`, values typed by the schema (strings raw, one line,
-    without '<')."""
-    alternatives = []
-    for k, tool in enumerate(tools):
-        function = tool["function"]
-        props = ((function.get("parameters") or {}).get("properties") or {})
-        required = list((function.get("parameters") or {}).get("required") or [])
-        params = []
-        for name in required + [p for p in props if p not in required]:
-            kind = (props.get(name) or {}).get("type")
-            value = {"string": "STR", "integer": "INT", "number": "NUM", "boolean": "BOOL"}.get(kind, "JSONV")
-            piece = f'"<parameter={_lark_text(name)}>\\n" {value} "\\n</parameter>\\n"'
-            params.append(piece if name in required else f"({piece})?")
-        alternatives.append(f'"<function={_lark_text(function["name"])}>\\n" {" ".join(params)} "</function>\\n"')
-    return lark_grammar("\n".join([
-        'start: "<tool_call>\\n" call "</tool_call>"',
-        "call: " + " | ".join(f"call{k}" for k in range(len(alternatives))),
-        *[f"call{k}: {alt}" for k, alt in enumerate(alternatives)],
-        "STR: /[^<\\n]{1,2000}/",
-        "JSONV: /[-0-9a-z\\[\\]{}\",.: ]{1,2000}/",
-        "INT: /-?[0-9]{1,18}/",
-        "NUM: /-?[0-9]{1,18}(\\.[0-9]{1,18})?/",
-        'BOOL: "true" | "false"',
-    ]))
+JSON_KINDS = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
 
 
-def _lark_text(text: str) -> str:
-    return json.dumps(text)[1:-1]
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    return {int: "integer", float: "number", str: "string", type(None): "null", list: "array",
+            dict: "object"}.get(type(value), "string")
+
+
+def schema_kinds(schema, root: dict | None = None, depth: int = 0) -> set[str] | None:
+    """The JSON types a schema lets a value have (None: any), read from `type`, `enum` / `const`, `anyOf` /
+    `oneOf`, `allOf` and local $refs into `root` ("#/$defs/X"); "number" takes integers too."""
+    if not isinstance(schema, dict) or depth > 16:
+        return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/") and root is not None:
+        target = root
+        for part in ref[2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        return _meet(schema_kinds(target, root, depth + 1), schema_kinds({k: v for k, v in schema.items()
+                                                                          if k != "$ref"}, root, depth + 1))
+    kinds = None
+    if "type" in schema:
+        declared = schema["type"]
+        kinds = {declared} if isinstance(declared, str) else set(declared)
+        kinds = (kinds | ({"integer"} if "number" in kinds else set())) & JSON_KINDS
+    if "enum" in schema or "const" in schema:
+        values = schema["enum"] if "enum" in schema else [schema["const"]]
+        kinds = _meet(kinds, {_kind(v) for v in values} if isinstance(values, list) else None)
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            branches = [schema_kinds(b, root, depth + 1) for b in schema[key]]
+            kinds = _meet(kinds, None if any(b is None for b in branches) else set().union(*branches))
+    for branch in schema.get("allOf") or []:
+        kinds = _meet(kinds, schema_kinds(branch, root, depth + 1))
+    return kinds
+
+
+def _meet(a: set[str] | None, b: set[str] | None) -> set[str] | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return (a | ({"integer"} if "number" in a else set())) & (b | ({"integer"} if "number" in b else set()))

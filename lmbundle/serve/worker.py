@@ -5,8 +5,8 @@ steps them together, one step per token for all; a one-request engine takes them
 waiting fair and the bound turns overload into an immediate "busy" answer (429 once every slot and
 every waiting place is taken) instead of an ever-growing wait. A job talks back to its request (on the
 event loop) through an asyncio queue of events, and the request tells the job to stop (client gone,
-time limit) through a flag the job checks every token. The job of a request is `run_request`: its
-prompt, then the engine's Outputs.
+time limit) through a flag the job checks every token. The job of a request is `run_request`: the
+engine's Outputs for its prompt (built before the job is queued, so a decode worker never tokenizes).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..engine.engine import Engine
+from ..engine.prompt import Prompt
 from ..engine.request import Request
 
 
@@ -32,7 +33,7 @@ class JobStopped(Exception):
 
 @dataclass
 class Event:
-    kind: str  # what the job produced: "prompt", "outputs", "error"; the worker adds "end" last
+    kind: str  # what the job produced: "outputs", "error"; the worker adds "end" last
     value: object = None
 
 
@@ -189,11 +190,9 @@ class Worker:
                 job.emit("end")
 
 
-def run_request(engine: Engine, request: Request, job: Job) -> None:
-    """A request's job, on a worker thread: its prompt (event "prompt"), then the engine's Outputs as they
-    come (events "outputs"; the last Output has the finish reason)."""
-    prompt = engine.prompt(request)
-    job.emit("prompt", prompt)
+def run_request(engine: Engine, request: Request, prompt: Prompt, job: Job) -> None:
+    """A request's job, on a worker thread: the engine's Outputs for its prompt as they come (events "outputs";
+    the last Output has the finish reason)."""
     outputs = engine.generate(request, prompt)
     try:
         for output in outputs:
