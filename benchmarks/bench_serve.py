@@ -339,14 +339,17 @@ def run(args, tmp: Path) -> None:
     tokenizer = Path(bundle) / "tokenizer"
     vocab = min(len(AutoTokenizer.from_pretrained(str(tokenizer))) if tokenizer.exists() else 512, 200000)
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python3", *sys.argv]), "config": args.config,
-              "quant": args.quant, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "command": " ".join(["python3", *sys.argv]), "config": args.config if args.bundle is None else None,
+              "bundle": Path(bundle).name,
+              "quant": args.quant if args.bundle is None else json.loads((Path(bundle) / "metadata.json").read_text())[
+                  "lmbundle"]["quant"]["mode"], "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "prompt_tokens": args.prompt, "max_tokens": args.max_tokens, "per_client": args.per_client,
               "max_batch": args.max_batch, "cache_mem": args.cache_mem, "chunk": args.chunk,
               "batched": [], "batch1": []}
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
-    path = args.out / f"serve-{args.config}-{args.quant}-{stamp}.json"
+    model = f"{args.config}-{args.quant}" if args.bundle is None else Path(bundle).name  # a bundle: its own name
+    path = args.out / f"serve-{model}-{stamp}.json"
 
     def save() -> None:  # after every measurement: a run cut short keeps what it measured
         base = report["batch1"][0]["aggregate_tok_s"] if report["batch1"] else None
