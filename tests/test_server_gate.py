@@ -213,7 +213,7 @@ class HeldBack:
     """Our app answering its completions as llama-server does: logprob entries in the chat shape with `id` and
     `bytes`, none for a token after which the text ends inside a UTF-8 character (its bytes go to the next entry),
     no `token_ids`. `token_ids` False: refuses a prompt of token ids; `bias` "ignored": drops logit_bias; "applied":
-    reports log-probs after it (the pushed token's near 0, the others 100 lower)."""
+    reports log-probs after it (the pushed token's 0, the others 100 lower)."""
 
     def __init__(self, app, table: TokenTable, token_ids: bool = True, bias: str = "before"):
         self.app, self.table, self.token_ids, self.bias = app, table, token_ids, bias
@@ -245,7 +245,8 @@ class HeldBack:
         await self.app(scope, replay, keep)
         answer = b"".join(m.get("body", b"") for m in chunks)
         if start["status"] == 200:
-            answer = json.dumps(self.hold_back(json.loads(answer), pushed if self.bias == "applied" else None))
+            biased = {int(k) for k in pushed or {}} if self.bias == "applied" else set()
+            answer = json.dumps(self.hold_back(json.loads(answer), biased))
         await self.reply(send, start["status"], start["headers"], answer)
 
     @staticmethod
@@ -256,15 +257,14 @@ class HeldBack:
                     "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    def hold_back(self, response: dict, bias: dict | None) -> dict:
+    def hold_back(self, response: dict, biased: set[int]) -> dict:
         choice = response["choices"][0]
         choice.pop("token_ids", None)
-        shift = {int(k): v for k, v in (bias or {}).items()}
 
         def entry(name: str, value: float, held: bytes = b"") -> dict:
             token = int(name.removeprefix("token_id:"))
             return {"id": token, "token": "", "bytes": list(held + self.table.bytes[token]),
-                    "logprob": 0.0 if token in shift else value - 100 * bool(shift)}
+                    "logprob": 0.0 if token in biased else value - 100 * bool(biased)}
 
         listed, text, held = [], b"", b""
         for e in entries(choice.get("logprobs")):
@@ -283,7 +283,7 @@ class HeldBack:
 @pytest.mark.parametrize("token_ids, bias, refusal", [
     (True, "before", ""),
     (False, "before", "takes no token-id prompts (400: prompt must be a string)"),
-    (True, "ignored", "does not choose the token logit_bias pushes"),
+    (True, "ignored", "does not list the token logit_bias pushes"),
     (True, "applied", "reports log-probs after logit_bias"),
 ])
 def test_left_out_entries_are_asked_for_again(fresh_engine, tiny_oracle, token_ids, bias, refusal):

@@ -97,7 +97,7 @@ class GapFiller:
             if why:
                 self.refusal = f"takes no token-id prompts ({why})"
             elif len(self.push) < 2:
-                self.refusal = "the vocabulary has no two single-character tokens to push with logit_bias"
+                self.refusal = "has no two single-character tokens to push with logit_bias"
             else:
                 self.refusal = self._pushed_distributions_agree(ids)
         return not self.refusal
@@ -114,11 +114,11 @@ class GapFiller:
                     raise
                 return f"takes no logit_bias ({self.server.refusal(exc)})"
             if answer is None or self.table.resolve(answer) != token:
-                return "does not choose the token logit_bias pushes"
+                return "does not list the token logit_bias pushes"
+            if not answer.top:
+                return "lists no top_logprobs with the token logit_bias pushes"
             answers.append({self.table.resolve(e): e.logprob for e in [*answer.top, answer]})
         first, second = answers
-        if not first or not second:
-            return "lists no top_logprobs"
         common = first.keys() & second.keys()
         if max(first, key=first.get) != max(second, key=second.get) or \
                 any(abs(first[i] - second[i]) > SAME_DISTRIBUTION for i in common if i is not None):
