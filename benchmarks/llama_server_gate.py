@@ -36,7 +36,7 @@ from benchmarks import llama_cpp  # noqa: E402
 
 FIGURES = ("precision", "precision_source", "worst", "mean", "bound", "mean_bound", "positions", "agreed",
            "forks_excused", "forks_clear", "template_matched", "template_checked", "generated", "unchecked",
-           "random_prompts", "token_prompts", "top_logprobs", "failures")
+           "left_out", "filled", "fill_refused", "random_prompts", "token_prompts", "top_logprobs", "failures")
 
 
 def free_port() -> int:
@@ -112,7 +112,8 @@ def run(args) -> dict:
                     result = {"error": str(exc)[-2000:]}
                 results["runs"][name] = result
                 brief = {k: result.get(k) for k in ("verdict", "precision", "worst", "mean", "agreed", "positions",
-                                                    "unchecked", "error") if result.get(k) is not None}
+                                                    "unchecked", "left_out", "filled", "error")
+                         if result.get(k) is not None}
                 print(f"{name}: {json.dumps(brief)}", flush=True)
     return results
 

@@ -3,8 +3,8 @@ OpenAI-compatible server, through the official `openai` client.
 
 What a server allows is found by asking: the most alternatives per token (`top_logprobs`, 20 down to 1,
 stepping down on a 400 that names logprobs), whether `/v1/completions` takes a list of token ids as its
-prompt. Problems the user must fix (no connection, a refused key, a model the server does not have, no
-logprobs at all) are one-line `LmbundleError`s.
+prompt (asked once). Problems the user must fix (no connection, a refused key, a model the server does not
+have, no logprobs at all) are one-line `LmbundleError`s.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ TOP_LOGPROBS = (20, 10, 5, 1)
 # takes the first; servers that know neither ignore them)
 TOKEN_ID_FIELDS = {"return_tokens_as_token_ids": True, "return_token_ids": True}
 TIMEOUT = 300.0
+PUSH = 100  # the largest logit_bias OpenAI's API takes
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Server:
             raise LmbundleError("gate --server needs the 'openai' package (pip install openai)") from None
         self._openai = openai
         self.api_error = openai.APIError  # what a request can raise that is the server's doing
+        self.status_error = openai.APIStatusError  # of those, an answer with an HTTP error status
         base = self.url.rstrip("/")
         if not base.startswith(("http://", "https://")):
             raise LmbundleError(f"--server {self.url!r}: give an http:// or https:// URL")
@@ -56,6 +58,8 @@ class Server:
         self.client = openai.OpenAI(base_url=self.base, api_key=key or "none", max_retries=0, timeout=TIMEOUT)
         self.keyed = bool(key)
         self.card: dict = {}
+        self.listed = False  # whether an answer has listed logprobs
+        self.token_prompts: str | None = None  # "" where /v1/completions takes token ids, else why not; None: unasked
 
     # -- what the server is --------------------------------------------------------------------------
     def connect(self) -> str:
@@ -86,26 +90,43 @@ class Server:
         return Completion(_path(choice), (choice.get("message") or {}).get("content"), choice.get("finish_reason"),
                           usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
-    def complete(self, ids: list[int], max_tokens: int) -> Completion:
+    def complete(self, ids: list[int], max_tokens: int, required: bool = True) -> Completion:
         def send(k: int, extra: dict):
             return self.client.completions.create(model=self.model, prompt=ids, max_tokens=max_tokens,
                                                   temperature=0, seed=0, logprobs=k, extra_body=extra)
-        choice, usage = self._greedy("completions", send)
+        return self._completion(send, required)
+
+    def pushed(self, ids: list[int], token: int) -> Entry | None:
+        """The entry of one token generated after the token ids `ids` with `token` pushed to be chosen
+        (logit_bias +100): a server that reports log-probs before its bias lists the model's own distribution at
+        that position whatever token it would have chosen. None where it lists no entry."""
+        def send(k: int, extra: dict):
+            return self.client.completions.create(model=self.model, prompt=ids, max_tokens=1, temperature=0, seed=0,
+                                                  logprobs=k, logit_bias={str(token): PUSH}, extra_body=extra)
+        path = self._completion(send, required=False).path
+        return path[0] if path else None
+
+    def refuses_token_ids(self, ids: list[int]) -> str:
+        """"" when /v1/completions takes `ids` as its prompt, else the server's reason (asked once)."""
+        if self.token_prompts is None:
+            try:
+                self.complete(ids, 1, required=False)
+                self.token_prompts = ""
+            except self._openai.APIStatusError as exc:
+                if exc.status_code not in (400, 404, 405, 422, 501):
+                    raise
+                self.token_prompts = self.refusal(exc)
+        return self.token_prompts
+
+    def _completion(self, send, required: bool) -> Completion:
+        choice, usage = self._greedy("completions", send, required)
         return Completion(_path(choice), choice.get("text"), choice.get("finish_reason"), usage.get("prompt_tokens"),
                           usage.get("completion_tokens"))
 
-    def takes_token_ids(self, ids: list[int]) -> str | None:
-        """None when /v1/completions takes `ids` as its prompt, else the server's reason."""
-        try:
-            self.complete(ids, 1)
-        except self._openai.APIStatusError as exc:
-            if exc.status_code in (400, 404, 405, 422, 501):
-                return f"{exc.status_code}: {_message(exc)}"
-            raise
-        return None
-
-    def _greedy(self, endpoint: str, send) -> tuple[dict, dict]:
-        """One request at the most top_logprobs the endpoint accepts (found on the first request)."""
+    def _greedy(self, endpoint: str, send, required: bool = True) -> tuple[dict, dict]:
+        """One request at the most top_logprobs the endpoint accepts (found on the first request). An answer
+        without logprobs is an error where `required` and no answer before listed any (a server that holds
+        back the entries of tokens ending inside a UTF-8 character may list none for a short rollout)."""
         options = [self.top[endpoint]] if endpoint in self.top else list(TOP_LOGPROBS)
         for k in options:
             try:
@@ -114,13 +135,14 @@ class Server:
                 text = _message(exc).lower()
                 if exc.status_code in (400, 422) and self.extra and any(name in text for name in self.extra):
                     self.extra = {}
-                    return self._greedy(endpoint, send)
+                    return self._greedy(endpoint, send, required)
                 if exc.status_code in (400, 422) and "logprob" in text and k != options[-1]:
                     continue
                 raise
             self.top[endpoint] = k
             choice = (response.get("choices") or [{}])[0]
-            if not choice.get("logprobs"):
+            self.listed |= bool(choice.get("logprobs"))
+            if required and not self.listed and not choice.get("logprobs"):
                 raise LmbundleError(f"{self.base}: {endpoint} answered without logprobs; the gate compares them")
             return choice, response.get("usage") or {}
         raise AssertionError("unreachable")
@@ -147,6 +169,11 @@ class Server:
             if "model" in _message(exc).lower():
                 raise LmbundleError(f"{self.base} has no model {self.model!r} (404: {_message(exc)})") from None
             raise
+
+    @staticmethod
+    def refusal(exc) -> str:
+        """An HTTP error answer in a few words: its status and the server's message."""
+        return f"{exc.status_code}: {_message(exc)}"
 
     def describe_error(self, exc: Exception) -> str:
         """A request the gate needed failed in a way no flag fixes: what the server said, in one line."""

@@ -5,8 +5,10 @@ No bundle is read: the server is asked for greedy rollouts with the log-probabil
 and of its top alternatives (chat text through /v1/chat/completions, random-token prompts through
 /v1/completions where the server takes token ids), and the fp32 oracle is run once over each prompt plus the
 server's own tokens (teacher-forced along the server's path), so every generated position is checked, also
-after the server's path parts from the oracle's. Per position, in units of the std of the oracle's logits
-there (the bundle gate's unit, so a bound means the same on a tiny model and a real one):
+after the server's path parts from the oracle's; positions whose entries the server left out (llama-server's,
+for tokens that end inside a UTF-8 character) are asked for again one at a time (`server_gaps`). Per position,
+in units of the std of the oracle's logits there (the bundle gate's unit, so a bound means the same on a tiny
+model and a real one):
   error     max |server log-prob - oracle log-prob| over the entries the server returned;
   gap       the oracle's top-1 log-prob minus that of the server's token (0 where they agree).
 Two log-probabilities each within a bound b can swap only where their gap is under 2b, so a position's
@@ -31,6 +33,7 @@ from ..errors import LmbundleError
 from .gate import RANDOM_PROMPT, Report, random_prompts
 from .oracle import Oracle
 from .server_client import Completion, Server
+from .server_gaps import GapFiller
 from .server_tokens import TokenTable
 
 ROLLOUT = 32
@@ -118,7 +121,10 @@ class ServerGateReport(Report):
     mean: float = 0.0
     generated: int = 0  # tokens the server generated
     unchecked: int = 0  # of them, those past an entry the gate could not place (an unknown id, an entry left out)
+    left_out: int = 0  # of them, those the server listed no logprob entry for
     left_out_rollouts: int = 0  # rollouts with fewer logprob entries than generated tokens
+    filled: int = 0  # positions left out that the gate asked for again (and checks)
+    fill_refused: str = ""  # why the server cannot fill them, where it left entries out
     template_checked: int = 0
     template_matched: int = 0
     template_mismatch: str = ""
@@ -128,12 +134,16 @@ class ServerGateReport(Report):
         top = ", ".join(f"{k} {v}" for k, v in self.top_logprobs.items())
         token_prompts = (f"{self.random_prompts} random-token prompts of {RANDOM_PROMPT}" if not self.token_prompts
                          else f"no token-id prompts ({self.token_prompts})")
-        unchecked = (f"; {self.unchecked} of {self.generated} generated tokens not checked "
-                     f"({self.left_out_rollouts} rollouts with entries left out)" if self.unchecked else "")
+        unchecked = (f"; {self.unchecked} of {self.generated} generated tokens not checked" if self.unchecked
+                     else "")
+        refused = f": the server {self.fill_refused}" if self.fill_refused else ""
+        left_out = (f"  logprobs left out for {self.left_out} of {self.generated} generated tokens (in "
+                    f"{self.left_out_rollouts} rollouts); {self.filled} asked for again one at a time{refused}")
         return [
             f"gate --server {self.server}  model {self.model!r}  [{self.precision}: {self.precision_source}]",
             f"  {self.chat_prompts} chat prompts + {token_prompts}; top_logprobs {top}; {self.positions} positions, "
             f"{self.entries} log-probs compared{unchecked}",
+            *([left_out] if self.left_out else []),
             f"  chat template: prompt tokens == oracle's {self.template_matched}/{self.template_checked}"
             + (f" (first: {self.template_mismatch})" if self.template_mismatch else ""),
             f"  greedy tokens == oracle top-1 {self.agreed}/{self.positions}; forks at near-ties {self.forks_excused}, "
@@ -150,18 +160,24 @@ def run_server_gate(server: Server, oracle: Oracle, precision: str | None = None
     report = ServerGateReport(server.base, server.model or "", chat_prompts=len(prompts))
     tokenizer = oracle.tokenizer
     table = TokenTable(tokenizer)
+    filler = GapFiller(server, table)
     stops = stop_ids(oracle)
     positions: list[Position] = []
 
     def check(label: str, ids: list[int], completion: Completion) -> None:
-        found, unchecked, left_out = teacher_forced(oracle, table, ids, completion, stops, label)
+        left_out, filled = max((completion.generated or 0) - len(completion.path), 0), filler.filled
+        if left_out:
+            table.resolve_path(completion.path, completion.text)
+            completion = _ask(server, lambda: filler.fill(ids, completion))
+            report.left_out, report.left_out_rollouts = report.left_out + left_out, report.left_out_rollouts + 1
+        found, unchecked = teacher_forced(oracle, table, ids, completion, stops, label)
         positions.extend(found)
         report.unchecked += unchecked
-        report.left_out_rollouts += left_out
         report.generated += max(completion.generated or 0, len(completion.path))
         worst = max((max(p.error, p.gap / 2) for p in found), default=0.0)
         forks = sum(p.gap > 0 for p in found)
-        progress(f"  {label}: {len(found)} positions, {forks} forks, worst {worst:.3g} std")
+        holes = f" ({filler.filled - filled} of {left_out} left out asked for again)" if left_out else ""
+        progress(f"  {label}: {len(found)} positions{holes}, {forks} forks, worst {worst:.3g} std")
 
     for k, text in enumerate(prompts):
         ids = chat_ids(tokenizer, text)
@@ -178,7 +194,7 @@ def run_server_gate(server: Server, oracle: Oracle, precision: str | None = None
     vocab = min(len(tokenizer), int(oracle.model.get_output_embeddings().weight.shape[0]))
     randoms = random_prompts(vocab, random * RANDOM_PROMPT, table.added) if random else []
     if randoms:
-        report.token_prompts = _ask(server, lambda: server.takes_token_ids(randoms[0][:8])) or ""
+        report.token_prompts = _ask(server, lambda: server.refuses_token_ids(randoms[0][:8]))
     if randoms and not report.token_prompts:
         report.random_prompts = len(randoms)
         for k, ids in enumerate(randoms):
@@ -188,6 +204,7 @@ def run_server_gate(server: Server, oracle: Oracle, precision: str | None = None
                                                 f"{len(ids)} token ids")
             check(f"random {k + 1}/{len(randoms)}", ids, completion)
     report.top_logprobs = dict(server.top)
+    report.filled, report.fill_refused = filler.filled, filler.refusal or ""
     return decide(report, positions, precision, declared_precision(server.model or "", server.card))
 
 
@@ -216,9 +233,9 @@ def stop_ids(oracle: Oracle) -> set[int]:
 
 @torch.inference_mode()
 def teacher_forced(oracle: Oracle, table: TokenTable, ids: list[int], completion: Completion, stops: set[int],
-                   label: str) -> tuple[list[Position], int, bool]:
-    """The positions of one rollout, the oracle run once over the prompt and the server's tokens; the count of
-    generated tokens past the last one the server's entries place; whether the server left entries out."""
+                   label: str) -> tuple[list[Position], int]:
+    """The positions of one rollout, the oracle run once over the prompt and the server's tokens, and the count
+    of generated tokens past the last one the server's entries place."""
     path = completion.path
     table.resolve_path(path, completion.text)
     left_out = max((completion.generated or 0) - len(path), 0)
@@ -226,15 +243,14 @@ def teacher_forced(oracle: Oracle, table: TokenTable, ids: list[int], completion
     for entry in path:
         if entry.id is None:
             break
-        # llama-server lists no entry for a token that ends inside a UTF-8 character, and gives the next
-        # entry the whole character's bytes: the path is known up to there
+        # a hole left unfilled: the next entry carries the held-back bytes, and the path is known up to there
         if left_out and entry.raw is not None and entry.raw != table.bytes[entry.id]:
             break
         tokens.append(entry.id)
     unchecked = len(path) + left_out - len(tokens)
     stopped = completion.finish == "stop" and stops and not unchecked and not (tokens and tokens[-1] in stops)
     if not tokens and not stopped:
-        return [], unchecked, bool(left_out)
+        return [], unchecked
     logits = oracle.forward(ids + tokens).logits[len(ids) - 1:].double()
     logprobs, spread = logits.log_softmax(-1), logits.std(-1).clamp_min(1e-6)
     out = []
@@ -249,7 +265,7 @@ def teacher_forced(oracle: Oracle, table: TokenTable, ids: list[int], completion
         row, std = logprobs[len(tokens)], float(spread[len(tokens)])
         best = max(float(row[i]) for i in stops if i < row.numel())
         out.append(Position(0.0, 0.0, float(row.max() - best) / std, 0, f"{label} stop after {len(tokens)} tokens"))
-    return out, unchecked, bool(left_out)
+    return out, unchecked
 
 
 def decide(report: ServerGateReport, positions: list[Position], precision: str | None,
@@ -278,13 +294,8 @@ def decide(report: ServerGateReport, positions: list[Position], precision: str |
         report.worst, report.mean, report.worst_at = worst, mean, positions[deviation.index(worst)].where
         report.worst_abs = max(p.error_abs for p in positions)
     failures = report.failures
-    if not positions:
-        failures.append("no generated position could be checked")
-    elif 2 * report.unchecked > report.generated:
-        why = (f"{report.left_out_rollouts} rollouts list fewer logprob entries than tokens generated"
-               if report.left_out_rollouts else "the logprob entries name tokens the oracle's tokenizer does not have")
-        failures.append(f"only {report.generated - report.unchecked} of {report.generated} generated tokens could be "
-                        f"checked ({why})")
+    if not positions or 2 * report.unchecked > report.generated:
+        failures.append(cannot_check(report))
     if report.template_mismatch:
         differ = report.template_checked - report.template_matched
         failures.append(f"chat template: {differ} of {report.template_checked} prompts differ in length from the "
@@ -301,3 +312,18 @@ def decide(report: ServerGateReport, positions: list[Position], precision: str |
     if mean > mean_bound:
         failures.append(f"mean deviation {mean:.3g} std > {mean_bound:g} ({report.precision})")
     return report
+
+
+def cannot_check(report: ServerGateReport) -> str:
+    """Why the gate cannot vouch for a server whose answers let it check fewer than half its tokens."""
+    checked = f"{report.generated - report.unchecked} of {report.generated} generated tokens could be checked"
+    if report.fill_refused:
+        return (f"cannot check: the server lists no logprobs for {report.left_out} of {report.generated} generated "
+                f"tokens and {report.fill_refused}; {checked}")
+    if report.left_out:
+        why = f"the server lists no logprobs for {report.left_out} of them, and its answers did not fill the holes"
+    elif report.unchecked:
+        why = "the logprob entries name tokens the oracle's tokenizer does not have"
+    else:
+        why = "the server generated none"
+    return f"cannot check: only {checked} ({why})"
