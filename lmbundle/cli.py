@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded at once (slots): one alone runs the one-request step, more share a "
                         "batched step")
+    p.add_argument("--always-batched", action="store_true",
+                   help="CUDA: run the batched step even for one request alone, so a greedy answer is bit for bit "
+                        "the same at any load (the one-request step is faster but its bf16 arithmetic differs)")
     p.add_argument("--token-budget", type=int, default=512,
                    help="with --max-batch > 1: tokens per scheduler iteration, decode rows + prompt pieces "
                         "(smaller: steadier decode while prompts arrive; larger: sooner first tokens)")
@@ -165,15 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args, **engine):
-    """The Python API's Model for the command's bundle (`engine`: more of the Engine's options)."""
+def _load(args, solo_step: bool = True, **engine):
+    """The Python API's Model for the command's bundle (`engine`: more of the Engine's options; `solo_step`:
+    CudaOptions')."""
     from .api import load
     from .engine.torch_backend import CudaOptions
 
     chunk = _chunk(args)
     return load(args.bundle, backend=args.backend, device=args.device, cache_block=chunk,
                 prefill_chunk=chunk if args.prefill == "chunked" else 0,
-                cuda=CudaOptions(prompt_copies=not args.no_prompt_copies), **engine)
+                cuda=CudaOptions(prompt_copies=not args.no_prompt_copies,
+                                 solo_step=solo_step), **engine)
 
 
 def _chunk(args) -> int:
@@ -411,8 +416,8 @@ def cmd_serve(args) -> None:
         host_bytes = None if args.cache_host_mem is None else parse_size(args.cache_host_mem)
     except ValueError as exc:
         raise LmbundleError(f"--cache-mem / --cache-host-mem: {exc}") from None
-    model = _load(args, cache_bytes=cache_bytes, cache_host_bytes=host_bytes, max_batch=args.max_batch,
-                  token_budget=args.token_budget)
+    model = _load(args, solo_step=not args.always_batched, cache_bytes=cache_bytes, cache_host_bytes=host_bytes,
+                  max_batch=args.max_batch, token_budget=args.token_budget)
     model.engine.warmup()
     serve(model.engine, options)
 

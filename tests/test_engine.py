@@ -246,6 +246,30 @@ def test_serve_without_its_web_modules_is_one_line(fp16_bundle):
                                   "(pip install lmbundle's dependencies)")
 
 
+@pytest.mark.parametrize("flag, solo", [((), True), (("--always-batched",), False)])
+def test_serve_always_batched_reaches_the_cuda_options(flag, solo, fp16_bundle, monkeypatch):
+    """`serve --always-batched` is CudaOptions(solo_step=False): every step batched on CUDA (bit-exact at any
+    load); without it one request alone runs the one-request step."""
+    import lmbundle.api
+    import lmbundle.serve.server
+    from lmbundle.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def load(source, **engine):
+        seen.update(engine)
+        raise Stop
+
+    monkeypatch.setattr(lmbundle.api, "load", load)
+    monkeypatch.setattr(lmbundle.serve.server, "serve", lambda *a: None)
+    with pytest.raises(Stop):
+        main(["serve", str(fp16_bundle), *flag])
+    assert seen["cuda"].solo_step is solo and seen["max_batch"] == 8
+
+
 def test_bench_prompt_is_plain_text(engine):
     """bench's synthetic prompt holds no special token: a chat marker would cut it into pieces for the
     prefix cache (the old `(17 + 31 i) mod 1000` ids held <|im_start|> and timed two pieces, not one)."""
