@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,16 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import llama_cpp  # noqa: E402
+from benchmarks.bench_serve import free_port  # noqa: E402
 
 FIGURES = ("precision", "precision_source", "worst", "mean", "bound", "mean_bound", "positions", "agreed",
            "forks_excused", "forks_clear", "template_matched", "template_checked", "generated", "unchecked",
            "left_out", "filled", "fill_refused", "random_prompts", "token_prompts", "top_logprobs", "failures")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fresh_checkpoint(folder: Path) -> Path:

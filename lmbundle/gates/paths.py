@@ -70,18 +70,18 @@ def rollout(engine: Engine, ids: list[int], steps: int) -> Rollout:
 def chunked_logits(engine: Engine, ids: list[int]) -> torch.Tensor | None:
     """Logits at every position of one chunked forward (the PyTorch prefill's graph); None on a backend
     without one (Core AI's prompt function has no head: `prompt_path` covers it)."""
-    model = getattr(engine.backend, "model", None)
-    if model is None or not hasattr(model, "forward_tokens"):
+    backend = engine.backend
+    if not backend.resumable:  # the PyTorch backend is the one whose model and state the gate can reach
         return None
-    engine.backend.reset(len(ids) + 1)
+    backend.reset(len(ids) + 1)
     with torch.inference_mode():
-        logits = model.forward_tokens(torch.tensor(ids, device=engine.device), 0, engine.backend.state)
+        logits = backend.model.forward_tokens(torch.tensor(ids, device=engine.device), 0, backend.state)
     return logits.float().cpu()
 
 
 def prompt_chunk(engine: Engine) -> int:
     """The prompt path's chunk: Core AI's prompt function's length (0: the asset has none)."""
-    return int(getattr(engine.backend, "prefill_chunk", 0)) if engine.backend_name == "coreai" else PROMPT_CHUNK
+    return engine.backend.prefill_chunk if engine.backend_name == "coreai" else PROMPT_CHUNK
 
 
 def prompt_length(engine: Engine, length: int) -> int:
@@ -106,7 +106,7 @@ def prompt_path(engine: Engine, ids: list[int]) -> tuple[torch.Tensor, dict[str,
 def read_states(engine: Engine, length: int) -> dict[str, torch.Tensor]:
     """The backend's states after `length` positions, as float tensors in `State`'s layout."""
     backend = engine.backend
-    if hasattr(backend, "snapshot_prefix"):
+    if backend.resumable:
         return {name: t.float().cpu() for name, t in backend.snapshot_prefix(length).items() if t.numel()}
     states = {}
     for field, name in STATE_NAMES.items():
